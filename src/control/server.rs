@@ -1,0 +1,193 @@
+//! The daemon side of the control socket. It only reads the published state (a
+//! `watch::Receiver` borrow, copied out before any await), so a slow or hostile client can
+//! never stall the workers; each connection has its own task and its own time limits.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{MAX_REQUEST_BYTES, Request, Response, parse_request};
+use crate::config::ControlConfig;
+use crate::status::{DaemonState, StatusReport};
+
+/// How long a connection may sit without sending a complete request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: another immich-guard daemon is already listening there")]
+    InUse { path: PathBuf },
+    #[error("control socket {path}: a file that is not a socket is in the way; remove it or set control.socket")]
+    NotASocket { path: PathBuf },
+    #[error("control socket {path}: {action}: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
+    #[error("control.group = {group:?}: no such group on this system")]
+    NoSuchGroup { group: String },
+}
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket, replacing a stale one left by a crashed daemon.
+    pub fn bind(config: &ControlConfig) -> Result<ControlServer, ControlError> {
+        let path = config.socket.clone();
+        let io = |action: &'static str| {
+            let path = path.clone();
+            move |source| ControlError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        let gid = match &config.group {
+            Some(group) => Some(
+                nix::unistd::Group::from_name(group)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| ControlError::NoSuchGroup {
+                        group: group.clone(),
+                    })?
+                    .gid,
+            ),
+            None => None,
+        };
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
+            // The directory must be traversable for the socket's group to reach the socket.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io("setting its directory's mode"))?;
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(ControlError::InUse { path });
+                }
+                std::fs::remove_file(&path).map_err(io("removing the stale socket"))?;
+            }
+            Ok(_) => return Err(ControlError::NotASocket { path }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("checking for an old socket")(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(io("binding"))?;
+        // The daemon runs as root and can pause or stop containers; only root, and the
+        // configured group for read-only verbs, may talk to it. Set explicitly: the umask
+        // of whoever started us is not a security policy.
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        if let Some(gid) = gid {
+            nix::unistd::chown(&path, None, Some(gid))
+                .map_err(|e| io("setting its group")(std::io::Error::from(e)))?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(io("setting its mode"))?;
+        Ok(ControlServer { listener, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until the task is dropped; dropping it also ends every open connection.
+    pub async fn serve(self, state: watch::Receiver<DaemonState>) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        connections.spawn(serve_connection(stream, state.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    }
+
+    /// Removes the socket file; called on a clean shutdown.
+    pub fn remove(&self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove control socket");
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, state: watch::Receiver<DaemonState>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        // One byte more than allowed tells "exactly at the limit" from "over it".
+        let limit = (MAX_REQUEST_BYTES + 1) as u64;
+        let read = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            (&mut reader).take(limit).read_until(b'\n', &mut line),
+        )
+        .await;
+        let n = match read {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let complete = line.last() == Some(&b'\n');
+        if complete {
+            line.pop();
+        }
+        let (response, keep_going) = if !complete && line.len() > MAX_REQUEST_BYTES {
+            // The rest of the line is unread: there is no way to find the next request.
+            (
+                Response::error(format!(
+                    "request too large: more than {MAX_REQUEST_BYTES} bytes without a newline"
+                )),
+                false,
+            )
+        } else {
+            let response = match parse_request(&line) {
+                Ok(request) => respond(request, &state),
+                Err(message) => Response::error(message),
+            };
+            (response, complete)
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
+            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
+        });
+        out.push(b'\n');
+        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+fn respond(request: Request, state: &watch::Receiver<DaemonState>) -> Response {
+    match request {
+        Request::Status {} => {
+            // Copy out under the borrow; never hold it across an await.
+            let report = StatusReport::from_state(&state.borrow());
+            Response::Status(Box::new(report))
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! `immich-guard run`: connects to Docker (and keeps reconnecting), discovers the stack,
+//! follows Docker events to re-discover when containers or images change, serves the control
+//! socket and keeps systemd informed. It never gives up on Docker: an unreachable engine is a
+//! state to report, not a reason to exit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::EventMessage;
+use bollard::query_parameters::EventsOptionsBuilder;
+use chrono::Utc;
+use futures_util::StreamExt;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::control::server::{ControlError, ControlServer};
+use crate::discover::{self, DiscoverError};
+use crate::docker::{self, DockerError};
+use crate::status::{DaemonState, EventSeen};
+use crate::systemd::Notifier;
+
+/// Events arrive in bursts (a recreate is destroy+create+start+...): one discovery per burst.
+const DISCOVERY_DEBOUNCE: Duration = Duration::from_millis(250);
+/// READY=1 waits at most this long for the first discovery attempt.
+const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+
+const CONTAINER_ACTIONS: &[&str] = &[
+    "create", "start", "restart", "die", "stop", "kill", "destroy", "rename", "pause", "unpause",
+    "update",
+];
+const IMAGE_ACTIONS: &[&str] = &["pull", "tag", "untag", "delete", "import", "load"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+type State = Arc<watch::Sender<DaemonState>>;
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env();
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let (tx, rx) = watch::channel(DaemonState::new(host.clone()));
+    let state: State = Arc::new(tx);
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+
+    let control = ControlServer::bind(&config.control)?;
+    tracing::info!(socket = %control.path().display(), "control socket listening");
+    let socket_path = control.path().to_path_buf();
+    let control_task = tokio::spawn(control.serve(rx.clone()));
+
+    let supervisor = tokio::spawn(supervise_docker(config.clone(), host, state.clone()));
+
+    // READY once the socket listens and the first discovery attempt has an outcome, whether
+    // a stack or a reason why not.
+    let mut first = rx.clone();
+    let attempted = tokio::time::timeout(
+        FIRST_DISCOVERY_WAIT,
+        first.wait_for(|s| {
+            s.docker.error.is_some() || s.discovered_at.is_some() || s.discovery_error.is_some()
+        }),
+    )
+    .await;
+    if attempted.is_err() {
+        tracing::warn!("first discovery is taking long; reporting ready anyway");
+    }
+    let line = rx.borrow().status_line();
+    notifier.ready(&line);
+    tracing::info!(status = %line, "ready");
+
+    let mut changes = rx.clone();
+    let mut last_line = line;
+    let mut watchdog = notifier.watchdog_interval().map(|period| {
+        tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+        tokio::time::interval(period)
+    });
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            // The ping comes from this loop, so a wedged runtime stops pinging and systemd
+            // restarts us.
+            _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
+                notifier.watchdog();
+            }
+            changed = changes.changed() => {
+                if changed.is_err() { break; }
+                let line = changes.borrow_and_update().status_line();
+                if line != last_line {
+                    tracing::info!(status = %line, "status");
+                    notifier.status(&line);
+                    last_line = line;
+                }
+            }
+        }
+    }
+    notifier.stopping();
+    supervisor.abort();
+    control_task.abort();
+    let _ = supervisor.await;
+    let _ = control_task.await;
+    std::fs::remove_file(&socket_path).ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Keeps a Docker connection, with backoff while the engine is away.
+async fn supervise_docker(config: Config, host: String, state: State) {
+    let min = Duration::from_millis(config.docker.reconnect_min_ms);
+    let max = Duration::from_millis(config.docker.reconnect_max_ms);
+    let mut backoff = min;
+    loop {
+        match docker::connect(&host).await {
+            Ok(docker) => {
+                backoff = min;
+                let api = docker.client_version().to_string();
+                tracing::info!(host = %host, api = %api, "connected to Docker");
+                state.send_modify(|s| {
+                    s.docker.reachable = true;
+                    s.docker.api_version = Some(api);
+                    s.docker.error = None;
+                    s.docker.since = Utc::now();
+                    s.activity = "watching".to_string();
+                });
+                let lost = follow_events(&docker, &host, &config, &state).await;
+                tracing::warn!(error = %lost, "lost Docker connection");
+                mark_unreachable(&state, &lost);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Docker unreachable");
+                mark_unreachable(&state, &e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+fn mark_unreachable(state: &State, error: &DockerError) {
+    state.send_modify(|s| {
+        if s.docker.reachable {
+            s.docker.since = Utc::now();
+        }
+        s.docker.reachable = false;
+        s.docker.error = Some(error.to_string());
+        s.activity = "waiting for Docker".to_string();
+    });
+}
+
+/// Follows the event stream until it breaks; returns why. The stream starts from a moment
+/// before discovery (`since`), so a change between the two is replayed, never missed.
+async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &State) -> DockerError {
+    let filters = HashMap::from([("type", vec!["container", "image"])]);
+    let since = Utc::now() - chrono::Duration::seconds(1);
+    let since = format!("{}.{:09}", since.timestamp(), since.timestamp_subsec_nanos());
+    let options = EventsOptionsBuilder::default()
+        .since(&since)
+        .filters(&filters)
+        .build();
+    let mut events = docker.events(Some(options));
+    if let Err(e) = refresh(docker, host, config, state).await {
+        return e;
+    }
+    let reconcile = Duration::from_secs(config.docker.reconcile_secs);
+    let mut next_reconcile = Instant::now() + reconcile;
+    let mut pending: Option<Instant> = None;
+    loop {
+        let deadline = pending.map_or(next_reconcile, |p| p.min(next_reconcile));
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(event)) => {
+                    if let Some(seen) = relevant(&event) {
+                        tracing::debug!(kind = %seen.kind, action = %seen.action, subject = %seen.subject, "docker event");
+                        state.send_modify(|s| s.last_event = Some(seen));
+                        pending.get_or_insert(Instant::now() + DISCOVERY_DEBOUNCE);
+                    }
+                }
+                Some(Err(e)) => return docker::classify(host, e),
+                None => return DockerError::Unreachable {
+                    host: host.to_string(),
+                    detail: "event stream ended (engine stopped or restarted)".to_string(),
+                },
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                pending = None;
+                next_reconcile = Instant::now() + reconcile;
+                if let Err(e) = refresh(docker, host, config, state).await {
+                    return e;
+                }
+            }
+        }
+    }
+}
+
+/// Events that can change what discovery finds: lifecycle of compose containers and any
+/// image pull/tag (a new Immich image may have arrived).
+fn relevant(event: &EventMessage) -> Option<EventSeen> {
+    let actor = event.actor.as_ref()?;
+    let attributes = actor.attributes.clone().unwrap_or_default();
+    let action = event.action.as_deref()?;
+    let kind = event.typ.as_ref()?.to_string();
+    let subject = match kind.as_str() {
+        "container" => {
+            if !CONTAINER_ACTIONS.contains(&action)
+                || !attributes.contains_key("com.docker.compose.project")
+            {
+                return None;
+            }
+            attributes.get("name").cloned()
+        }
+        "image" => {
+            if !IMAGE_ACTIONS.contains(&action) {
+                return None;
+            }
+            attributes.get("name").cloned()
+        }
+        _ => return None,
+    };
+    let at = event
+        .time_nano
+        .map(chrono::DateTime::from_timestamp_nanos)
+        .unwrap_or_else(Utc::now);
+    Some(EventSeen {
+        at,
+        kind,
+        action: action.to_string(),
+        subject: subject.or_else(|| actor.id.clone()).unwrap_or_default(),
+    })
+}
+
+/// Runs discovery and publishes the outcome. A Docker failure is returned (reconnect);
+/// "no stack" is a state, published.
+async fn refresh(docker: &Docker, host: &str, config: &Config, state: &State) -> Result<(), DockerError> {
+    match discover::discover(docker, host, config).await {
+        Ok(stack) => {
+            let before = state.borrow().stack.clone();
+            if before.as_ref() != Some(&stack) {
+                tracing::info!(
+                    project = %stack.project,
+                    version = %stack.version.as_ref().map(|v| v.name()).unwrap_or_default(),
+                    server = %stack.server.as_ref().map(|s| s.container_name.as_str()).unwrap_or("-"),
+                    notes = stack.notes.len(),
+                    "stack discovered"
+                );
+                for note in &stack.notes {
+                    tracing::warn!(project = %stack.project, "{note}");
+                }
+            }
+            state.send_modify(|s| {
+                s.stack = Some(stack);
+                s.discovery_error = None;
+                s.discovered_at = Some(Utc::now());
+            });
+            Ok(())
+        }
+        Err(DiscoverError::Docker(e)) => Err(e),
+        Err(e) => {
+            let message = e.to_string();
+            if state.borrow().discovery_error.as_deref() != Some(&message) {
+                tracing::warn!(error = %message, "discovery found no stack to protect");
+            }
+            state.send_modify(|s| {
+                s.stack = None;
+                s.discovery_error = Some(message);
+                s.discovered_at = Some(Utc::now());
+            });
+            Ok(())
+        }
+    }
+}

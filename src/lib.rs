@@ -1,0 +1,13 @@
+//! immich-guard: keeps a self-hosted Immich Docker Compose stack safe through upgrades.
+//!
+//! The data path is the module layout: `discover` finds the stack, `daemon` watches Docker
+//! and publishes `status`, `control` serves it over a Unix socket, `systemd` tells systemd.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod discover;
+pub mod render;
+pub mod docker;
+pub mod status;
+pub mod systemd;

@@ -1,0 +1,145 @@
+//! The `immich-guard` binary: the daemon (`run`) and its clients. anyhow lives here only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use immich_guard::config::{self, Config, LogFormat};
+use immich_guard::control::{Request, Response, client};
+use immich_guard::{daemon, discover, docker, render};
+
+#[derive(Parser)]
+#[command(name = "immich-guard", version, about = "Keeps a self-hosted Immich stack safe through upgrades")]
+struct Cli {
+    /// Config file (TOML). Default: /etc/immich-guard/config.toml, if it exists.
+    #[arg(long, global = true, env = "IMMICH_GUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Control socket to talk to (overrides control.socket).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (what the systemd unit starts).
+    Run {
+        /// Log format: text (journald-friendly) or json.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Find the Immich stack from Docker and print what was found.
+    Discover {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon what it is doing.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config file and print the effective settings.
+    CheckConfig,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("immich-guard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let explicit = cli.config.is_some();
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+    // A bad config stops everything before anything starts.
+    let mut config = Config::load(&path, explicit)?;
+    if let Some(socket) = cli.socket {
+        config.control.socket = socket;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Run { log_format } => {
+            if let Some(f) = log_format {
+                config.daemon.log_format = match f {
+                    LogFormatArg::Text => LogFormat::Text,
+                    LogFormatArg::Json => LogFormat::Json,
+                };
+            }
+            init_logging(&config);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %path.display(),
+                config_found = path.exists(),
+                "immich-guard starting"
+            );
+            runtime.block_on(daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Discover { json } => runtime.block_on(discover_cmd(&config, json)),
+        Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
+        Command::CheckConfig => {
+            println!("{}: OK", path.display());
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMMICH_GUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.daemon.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.daemon.log_format {
+        LogFormat::Json => builder.json().init(),
+        // journald stamps every line itself; a second timestamp is noise there.
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            builder.without_time().with_ansi(false).init()
+        }
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn discover_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let docker = docker::connect(&host).await?;
+    let stack = discover::discover(&docker, &host, config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stack)?);
+    } else {
+        print!("{}", render::stack(&stack));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    match client::request(&config.control.socket, &Request::Status {}).await? {
+        Response::Status(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render::status(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error { message } => bail!("the daemon refused: {message}"),
+    }
+}

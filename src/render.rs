@@ -1,0 +1,148 @@
+//! Human-readable output of the CLI. `--json` prints the wire types instead; this is for
+//! people, so it says what is missing and what to do, not just what is there.
+
+use std::fmt::Write;
+
+use crate::discover::{Service, Stack};
+use crate::status::StatusReport;
+
+pub fn stack(s: &Stack) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Immich stack: {}", s.project);
+    let version = s
+        .version
+        .as_ref()
+        .map(|v| {
+            let mut line = v.name();
+            if let Some(tag) = &v.tag {
+                let _ = write!(line, " (tag {tag})");
+            }
+            let _ = write!(line, ", image {}", crate::discover::short_id(&v.image_id));
+            if let Some(d) = v.repo_digests.first() {
+                let _ = write!(line, ", digest {d}");
+            }
+            line
+        })
+        .unwrap_or_else(|| "unknown (no server container)".to_string());
+    let _ = writeln!(out, "  version:          {version}");
+    if let Some(env) = &s.env_version {
+        let _ = writeln!(out, "  .env version:     {env}");
+    }
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "not found".to_string())
+    };
+    let _ = writeln!(out, "  compose dir:      {}", path(&s.compose_dir));
+    for f in &s.compose_files {
+        let _ = writeln!(out, "  compose file:     {}", f.display());
+    }
+    let _ = writeln!(out, "  .env:             {}", path(&s.env_file));
+    let upload = match (&s.upload_location, &s.upload_mount) {
+        (Some(p), Some(m)) => format!("{} (mounted at {m})", p.display()),
+        (p, _) => path(p),
+    };
+    let _ = writeln!(out, "  upload location:  {upload}");
+    let _ = writeln!(out, "  database data:    {}", path(&s.db_data_location));
+    if let Some(db) = &s.db {
+        let _ = writeln!(
+            out,
+            "  database access:  {}@{}:{}/{} (password {})",
+            db.user,
+            db.host.as_deref().unwrap_or("?"),
+            db.port,
+            db.database,
+            if db.password_known { "known" } else { "UNKNOWN" }
+        );
+    }
+    let service = |label: &str, svc: &Option<Service>| match svc {
+        Some(c) => format!(
+            "  {label:<18}{} [{}] {} (restart {}, restarted {}x)\n",
+            c.container_name,
+            c.state,
+            c.image,
+            if c.restart_policy.is_empty() { "-" } else { &c.restart_policy },
+            c.restart_count
+        ),
+        None => format!("  {label:<18}not found\n"),
+    };
+    out.push_str(&service("server:", &s.server));
+    out.push_str(&service("machine learning:", &s.machine_learning));
+    out.push_str(&service("redis:", &s.redis));
+    out.push_str(&service("database:", &s.database));
+    if !s.notes.is_empty() {
+        let _ = writeln!(out, "Could not find:");
+        for n in &s.notes {
+            let _ = writeln!(out, "  - {n}");
+        }
+    }
+    out
+}
+
+pub fn status(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let s = &r.state;
+    let _ = writeln!(out, "immich-guard {} (pid {}), up {}", r.daemon_version, r.pid, duration(r.uptime_secs));
+    let _ = writeln!(out, "status: {}", r.status_line);
+    let docker = if s.docker.reachable {
+        format!(
+            "reachable at {} (API {})",
+            s.docker.host,
+            s.docker.api_version.as_deref().unwrap_or("?")
+        )
+    } else {
+        format!(
+            "UNREACHABLE at {}: {}",
+            s.docker.host,
+            s.docker.error.as_deref().unwrap_or("connecting")
+        )
+    };
+    let _ = writeln!(out, "docker: {docker}");
+    match &s.last_event {
+        Some(e) => {
+            let _ = writeln!(
+                out,
+                "last event: {} {} {} at {}",
+                e.kind,
+                e.action,
+                e.subject,
+                e.at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "last event: none yet");
+        }
+    }
+    match (&s.stack, &s.discovery_error) {
+        (Some(stack_), _) => out.push_str(&stack(stack_)),
+        (None, Some(e)) => {
+            let _ = writeln!(out, "no stack: {e}");
+        }
+        (None, None) => {
+            let _ = writeln!(out, "no stack discovered yet");
+        }
+    }
+    out
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(65), "1m5s");
+        assert_eq!(duration(7200 + 60), "2h1m");
+        assert_eq!(duration(90000), "1d1h");
+    }
+}

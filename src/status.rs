@@ -1,0 +1,134 @@
+//! What the daemon is doing, as one value: published by the workers through a
+//! `tokio::sync::watch` channel and copied out by the control socket and the systemd status
+//! line. Only data here, no I/O.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::discover::Stack;
+
+/// The daemon's state as the workers publish it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub started_at: DateTime<Utc>,
+    /// One line on what the daemon is doing now; also the systemd `STATUS=` line.
+    pub activity: String,
+    pub docker: DockerStatus,
+    pub stack: Option<Stack>,
+    /// Why there is no stack (or why the last discovery failed).
+    pub discovery_error: Option<String>,
+    pub discovered_at: Option<DateTime<Utc>>,
+    pub last_event: Option<EventSeen>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    pub host: String,
+    pub reachable: bool,
+    pub api_version: Option<String>,
+    pub error: Option<String>,
+    /// When `reachable` last changed.
+    pub since: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventSeen {
+    pub at: DateTime<Utc>,
+    /// `container` or `image`.
+    pub kind: String,
+    pub action: String,
+    /// Container name, or image reference / ID.
+    pub subject: String,
+}
+
+impl DaemonState {
+    pub fn new(docker_host: String) -> Self {
+        let now = Utc::now();
+        DaemonState {
+            started_at: now,
+            activity: "starting".to_string(),
+            docker: DockerStatus {
+                host: docker_host,
+                reachable: false,
+                api_version: None,
+                error: None,
+                since: now,
+            },
+            stack: None,
+            discovery_error: None,
+            discovered_at: None,
+            last_event: None,
+        }
+    }
+
+    /// The status line an admin sees in `systemctl status`.
+    pub fn status_line(&self) -> String {
+        if !self.docker.reachable {
+            return match &self.docker.error {
+                Some(e) => format!("waiting for Docker: {e}"),
+                None => "connecting to Docker".to_string(),
+            };
+        }
+        match (&self.stack, &self.discovery_error) {
+            (Some(stack), _) => {
+                let version = stack
+                    .version
+                    .as_ref()
+                    .map(|v| v.name())
+                    .unwrap_or_else(|| "no server container".to_string());
+                format!("{}: watching stack {} ({version})", self.activity, stack.project)
+            }
+            (None, Some(e)) => format!("no stack to protect: {e}"),
+            (None, None) => self.activity.clone(),
+        }
+    }
+}
+
+/// The `status` answer: the published state plus what only the responder knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub daemon_version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub status_line: String,
+    #[serde(flatten)]
+    pub state: DaemonState,
+}
+
+impl StatusReport {
+    pub fn from_state(state: &DaemonState) -> Self {
+        StatusReport {
+            daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: (Utc::now() - state.started_at).num_seconds().max(0) as u64,
+            status_line: state.status_line(),
+            state: state.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_says_why_docker_is_missing() {
+        let mut s = DaemonState::new("unix:///var/run/docker.sock".into());
+        s.docker.error = Some("no Docker socket at /var/run/docker.sock".into());
+        assert_eq!(
+            s.status_line(),
+            "waiting for Docker: no Docker socket at /var/run/docker.sock"
+        );
+        s.docker.reachable = true;
+        s.discovery_error = Some("no Immich stack found".into());
+        assert_eq!(s.status_line(), "no stack to protect: no Immich stack found");
+    }
+
+    #[test]
+    fn report_round_trips_through_json() {
+        let s = DaemonState::new("unix:///x".into());
+        let r = StatusReport::from_state(&s);
+        let back: StatusReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
