@@ -219,7 +219,10 @@ impl Config {
             ("stack.compose_dir", self.stack.compose_dir.as_ref()),
             ("stack.env_file", self.stack.env_file.as_ref()),
             ("stack.upload_location", self.stack.upload_location.as_ref()),
-            ("stack.db_data_location", self.stack.db_data_location.as_ref()),
+            (
+                "stack.db_data_location",
+                self.stack.db_data_location.as_ref(),
+            ),
             ("control.socket", Some(&self.control.socket)),
             ("daemon.data_dir", Some(&self.daemon.data_dir)),
             ("snapshots.dir", self.snapshots.dir.as_ref()),
@@ -237,8 +240,14 @@ impl Config {
         }
         let names: [(&'static str, Option<&String>); 5] = [
             ("stack.project", self.stack.project.as_ref()),
-            ("stack.server_container", self.stack.server_container.as_ref()),
-            ("stack.database_container", self.stack.database_container.as_ref()),
+            (
+                "stack.server_container",
+                self.stack.server_container.as_ref(),
+            ),
+            (
+                "stack.database_container",
+                self.stack.database_container.as_ref(),
+            ),
             ("database.user", self.database.user.as_ref()),
             ("database.name", self.database.name.as_ref()),
         ];
@@ -246,7 +255,11 @@ impl Config {
             if let Some(v) = value
                 && v.trim().is_empty()
             {
-                return invalid(key, v, "must not be empty; leave the key out to discover it");
+                return invalid(
+                    key,
+                    v,
+                    "must not be empty; leave the key out to discover it",
+                );
             }
         }
         if self.database.port == Some(0) {
@@ -343,7 +356,9 @@ mod tests {
 
     #[test]
     fn unknown_section_is_an_error() {
-        let e = parse("[stak]\nproject = \"immich\"\n").unwrap_err().to_string();
+        let e = parse("[stak]\nproject = \"immich\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("stak"), "{e}");
     }
 

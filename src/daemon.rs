@@ -63,14 +63,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // READY once the socket listens and the first discovery attempt has an outcome, whether
     // a stack or a reason why not.
     let mut first = rx.clone();
-    let attempted = tokio::time::timeout(
+    // `wait_for` hands back a read guard on the state: drop it at once, or every writer
+    // blocks on it.
+    let timed_out = tokio::time::timeout(
         FIRST_DISCOVERY_WAIT,
         first.wait_for(|s| {
             s.docker.error.is_some() || s.discovered_at.is_some() || s.discovery_error.is_some()
         }),
     )
-    .await;
-    if attempted.is_err() {
+    .await
+    .is_err();
+    if timed_out {
         tracing::warn!("first discovery is taking long; reporting ready anyway");
     }
     let line = rx.borrow().status_line();
@@ -80,7 +83,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut changes = rx.clone();
     let mut last_line = line;
     let mut watchdog = notifier.watchdog_interval().map(|period| {
-        tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+        tracing::info!(
+            period_ms = period.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
         tokio::time::interval(period)
     });
     loop {
@@ -161,7 +167,11 @@ fn mark_unreachable(state: &State, error: &DockerError) {
 async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &State) -> DockerError {
     let filters = HashMap::from([("type", vec!["container", "image"])]);
     let since = Utc::now() - chrono::Duration::seconds(1);
-    let since = format!("{}.{:09}", since.timestamp(), since.timestamp_subsec_nanos());
+    let since = format!(
+        "{}.{:09}",
+        since.timestamp(),
+        since.timestamp_subsec_nanos()
+    );
     let options = EventsOptionsBuilder::default()
         .since(&since)
         .filters(&filters)
@@ -239,7 +249,12 @@ fn relevant(event: &EventMessage) -> Option<EventSeen> {
 
 /// Runs discovery and publishes the outcome. A Docker failure is returned (reconnect);
 /// "no stack" is a state, published.
-async fn refresh(docker: &Docker, host: &str, config: &Config, state: &State) -> Result<(), DockerError> {
+async fn refresh(
+    docker: &Docker,
+    host: &str,
+    config: &Config,
+    state: &State,
+) -> Result<(), DockerError> {
     match discover::discover(docker, host, config).await {
         Ok(stack) => {
             let before = state.borrow().stack.clone();

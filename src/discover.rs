@@ -37,10 +37,7 @@ pub enum DiscoverError {
     )]
     Ambiguous { projects: Vec<String> },
     #[error("stack.project = {project:?} from the config is not running here{}", seen(.found))]
-    ProjectNotFound {
-        project: String,
-        found: Vec<String>,
-    },
+    ProjectNotFound { project: String, found: Vec<String> },
     #[error("stack.{key} = {name:?} from the config: no such container")]
     ContainerNotFound { key: &'static str, name: String },
 }
@@ -261,7 +258,11 @@ pub fn split_image(image: &str) -> (&str, Option<String>) {
 }
 
 /// Discovers the stack: one `collect` from Docker, then the pure `assemble`.
-pub async fn discover(docker: &Docker, host: &str, config: &Config) -> Result<Stack, DiscoverError> {
+pub async fn discover(
+    docker: &Docker,
+    host: &str,
+    config: &Config,
+) -> Result<Stack, DiscoverError> {
     let (containers, images) = collect(docker, host, config).await?;
     assemble(config, &containers, &images, &read_env_file)
 }
@@ -392,7 +393,8 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
 
 /// Reads `KEY=value` pairs of a compose `.env` file.
 pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
-    let iter = dotenvy::from_path_iter(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let iter = dotenvy::from_path_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut vars = HashMap::new();
     for item in iter {
         let (k, v) = item.map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
@@ -692,8 +694,7 @@ fn db_access(
     });
     if host.is_none() && database.is_some() {
         notes.push(
-            "database address unknown: the database container has no IP (not running?)"
-                .to_string(),
+            "database address unknown: the database container has no IP (not running?)".to_string(),
         );
     }
     DbAccess {
@@ -811,11 +812,19 @@ mod tests {
 
     #[test]
     fn stock_stack_is_found_without_config() {
-        let s = assemble(&Config::default(), &stock("immich"), &images(), &env_with_version)
-            .unwrap();
+        let s = assemble(
+            &Config::default(),
+            &stock("immich"),
+            &images(),
+            &env_with_version,
+        )
+        .unwrap();
         assert_eq!(s.project, "immich");
         assert_eq!(s.server.as_ref().unwrap().container_name, "immich_server");
-        assert_eq!(s.database.as_ref().unwrap().container_name, "immich_postgres");
+        assert_eq!(
+            s.database.as_ref().unwrap().container_name,
+            "immich_postgres"
+        );
         assert_eq!(s.redis.as_ref().unwrap().container_name, "immich_redis");
         assert_eq!(
             s.machine_learning.as_ref().unwrap().container_name,
@@ -828,11 +837,20 @@ mod tests {
         );
         assert_eq!(s.env_file, Some(PathBuf::from("/opt/immich/.env")));
         assert_eq!(s.env_version.as_deref(), Some("v1.120.0"));
-        assert_eq!(s.upload_location, Some(PathBuf::from("/srv/immich/library")));
+        assert_eq!(
+            s.upload_location,
+            Some(PathBuf::from("/srv/immich/library"))
+        );
         assert_eq!(s.upload_mount.as_deref(), Some("/data"));
-        assert_eq!(s.db_data_location, Some(PathBuf::from("/srv/immich/postgres")));
+        assert_eq!(
+            s.db_data_location,
+            Some(PathBuf::from("/srv/immich/postgres"))
+        );
         let db = s.db.unwrap();
-        assert_eq!((db.user.as_str(), db.database.as_str()), ("postgres", "immich"));
+        assert_eq!(
+            (db.user.as_str(), db.database.as_str()),
+            ("postgres", "immich")
+        );
         assert_eq!(db.password, "secret");
         assert_eq!(db.host.as_deref(), Some("172.18.0.3"));
         let v = s.version.unwrap();
@@ -965,8 +983,13 @@ mod tests {
 
     #[test]
     fn password_never_appears_in_serialized_stack() {
-        let s = assemble(&Config::default(), &stock("immich"), &images(), &env_with_version)
-            .unwrap();
+        let s = assemble(
+            &Config::default(),
+            &stock("immich"),
+            &images(),
+            &env_with_version,
+        )
+        .unwrap();
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains("secret"), "{json}");
         assert!(json.contains("\"password_known\":true"));

@@ -7,7 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discover;
-pub mod render;
 pub mod docker;
+pub mod render;
 pub mod status;
 pub mod systemd;

@@ -10,7 +10,11 @@ use immich_guard::control::{Request, Response, client};
 use immich_guard::{daemon, discover, docker, render};
 
 #[derive(Parser)]
-#[command(name = "immich-guard", version, about = "Keeps a self-hosted Immich stack safe through upgrades")]
+#[command(
+    name = "immich-guard",
+    version,
+    about = "Keeps a self-hosted Immich stack safe through upgrades"
+)]
 struct Cli {
     /// Config file (TOML). Default: /etc/immich-guard/config.toml, if it exists.
     #[arg(long, global = true, env = "IMMICH_GUARD_CONFIG")]
@@ -107,7 +111,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMMICH_GUARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.daemon.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.daemon.log_format {
         LogFormat::Json => builder.json().init(),
         // journald stamps every line itself; a second timestamp is noise there.

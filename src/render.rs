@@ -52,7 +52,11 @@ pub fn stack(s: &Stack) -> String {
             db.host.as_deref().unwrap_or("?"),
             db.port,
             db.database,
-            if db.password_known { "known" } else { "UNKNOWN" }
+            if db.password_known {
+                "known"
+            } else {
+                "UNKNOWN"
+            }
         );
     }
     let service = |label: &str, svc: &Option<Service>| match svc {
@@ -61,7 +65,11 @@ pub fn stack(s: &Stack) -> String {
             c.container_name,
             c.state,
             c.image,
-            if c.restart_policy.is_empty() { "-" } else { &c.restart_policy },
+            if c.restart_policy.is_empty() {
+                "-"
+            } else {
+                &c.restart_policy
+            },
             c.restart_count
         ),
         None => format!("  {label:<18}not found\n"),
@@ -82,7 +90,13 @@ pub fn stack(s: &Stack) -> String {
 pub fn status(r: &StatusReport) -> String {
     let mut out = String::new();
     let s = &r.state;
-    let _ = writeln!(out, "immich-guard {} (pid {}), up {}", r.daemon_version, r.pid, duration(r.uptime_secs));
+    let _ = writeln!(
+        out,
+        "immich-guard {} (pid {}), up {}",
+        r.daemon_version,
+        r.pid,
+        duration(r.uptime_secs)
+    );
     let _ = writeln!(out, "status: {}", r.status_line);
     let docker = if s.docker.reachable {
         format!(

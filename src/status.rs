@@ -76,7 +76,10 @@ impl DaemonState {
                     .as_ref()
                     .map(|v| v.name())
                     .unwrap_or_else(|| "no server container".to_string());
-                format!("{}: watching stack {} ({version})", self.activity, stack.project)
+                format!(
+                    "{}: watching stack {} ({version})",
+                    self.activity, stack.project
+                )
             }
             (None, Some(e)) => format!("no stack to protect: {e}"),
             (None, None) => self.activity.clone(),
@@ -121,7 +124,10 @@ mod tests {
         );
         s.docker.reachable = true;
         s.discovery_error = Some("no Immich stack found".into());
-        assert_eq!(s.status_line(), "no stack to protect: no Immich stack found");
+        assert_eq!(
+            s.status_line(),
+            "no stack to protect: no Immich stack found"
+        );
     }
 
     #[test]

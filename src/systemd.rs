@@ -11,12 +11,13 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn from_env() -> Self {
-        let mut usec = 0u64;
-        // Keep the env: a re-exec or a child may need it, and it is harmless.
-        let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
-            .then(|| Duration::from_micros(usec))
-            .filter(|d| !d.is_zero());
-        Notifier { watchdog }
+        Notifier {
+            watchdog: watchdog_timeout(
+                std::env::var("WATCHDOG_USEC").ok().as_deref(),
+                std::env::var("WATCHDOG_PID").ok().as_deref(),
+                std::process::id(),
+            ),
+        }
     }
 
     /// How often to ping: half the watchdog timeout, as sd_watchdog_enabled(3) advises.
@@ -44,5 +45,32 @@ impl Notifier {
         if let Err(e) = sd_notify::notify(false, states) {
             tracing::warn!(error = %e, "sd_notify failed");
         }
+    }
+}
+
+/// sd_watchdog_enabled(3): WATCHDOG_USEC enables the watchdog, and WATCHDOG_PID, when set,
+/// must be our pid (it is not when the variable was inherited from a parent). sd-notify's
+/// own helper also requires WATCHDOG_PID to be present, which the man page does not.
+fn watchdog_timeout(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    match pid {
+        Some(p) if p.trim().parse::<u32>().ok() != Some(own_pid) => None,
+        _ => Some(Duration::from_micros(usec)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_follows_sd_watchdog_enabled_rules() {
+        let on = Some(Duration::from_secs(30));
+        assert_eq!(watchdog_timeout(Some("30000000"), None, 7), on);
+        assert_eq!(watchdog_timeout(Some("30000000"), Some("7"), 7), on);
+        assert_eq!(watchdog_timeout(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_timeout(Some("0"), None, 7), None);
+        assert_eq!(watchdog_timeout(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_timeout(None, Some("7"), 7), None);
     }
 }

@@ -36,17 +36,19 @@ pub enum ClientError {
 /// Sends one request and reads its one response.
 pub async fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let path = socket.to_path_buf();
-    let stream = UnixStream::connect(socket).await.map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ClientError::NotRunning { path: path.clone() },
-        std::io::ErrorKind::ConnectionRefused => ClientError::Refused { path: path.clone() },
-        std::io::ErrorKind::PermissionDenied => {
-            ClientError::PermissionDenied { path: path.clone() }
-        }
-        _ => ClientError::Io {
-            path: path.clone(),
-            source,
-        },
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ClientError::NotRunning { path: path.clone() },
+            std::io::ErrorKind::ConnectionRefused => ClientError::Refused { path: path.clone() },
+            std::io::ErrorKind::PermissionDenied => {
+                ClientError::PermissionDenied { path: path.clone() }
+            }
+            _ => ClientError::Io {
+                path: path.clone(),
+                source,
+            },
+        })?;
     let exchange = async {
         let (read, mut write) = stream.into_split();
         let mut line = serde_json::to_vec(request).expect("requests always serialize");

@@ -43,7 +43,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         .map_err(|e| format!("request is not valid UTF-8 ({e})"))?
         .trim();
     if text.is_empty() {
-        return Err("empty request: send one JSON object per line, e.g. {\"verb\":\"status\"}".into());
+        return Err(
+            "empty request: send one JSON object per line, e.g. {\"verb\":\"status\"}".into(),
+        );
     }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
@@ -67,14 +69,23 @@ mod tests {
 
     #[test]
     fn status_request_parses() {
-        assert_eq!(parse_request(br#"{"verb":"status"}"#), Ok(Request::Status {}));
-        assert_eq!(parse_request(b" {\"verb\":\"status\"}\r"), Ok(Request::Status {}));
+        assert_eq!(
+            parse_request(br#"{"verb":"status"}"#),
+            Ok(Request::Status {})
+        );
+        assert_eq!(
+            parse_request(b" {\"verb\":\"status\"}\r"),
+            Ok(Request::Status {})
+        );
     }
 
     #[test]
     fn bad_requests_get_messages_that_say_what_is_wrong() {
         let e = parse_request(b"{\"verb\":\"explode\"}").unwrap_err();
-        assert!(e.contains("unknown verb \"explode\"") && e.contains("status"), "{e}");
+        assert!(
+            e.contains("unknown verb \"explode\"") && e.contains("status"),
+            "{e}"
+        );
         let e = parse_request(b"{verb: status").unwrap_err();
         assert!(e.starts_with("malformed JSON"), "{e}");
         let e = parse_request(b"[1,2]").unwrap_err();
@@ -82,7 +93,10 @@ mod tests {
         let e = parse_request(&[0x7b, 0xff, 0xfe, 0x7d]).unwrap_err();
         assert!(e.contains("UTF-8"), "{e}");
         let e = parse_request(b"{\"verb\":\"status\",\"extra\":1}").unwrap_err();
-        assert!(e.contains("bad status request") && e.contains("extra"), "{e}");
+        assert!(
+            e.contains("bad status request") && e.contains("extra"),
+            "{e}"
+        );
         assert!(parse_request(b"   ").unwrap_err().contains("empty"));
     }
 

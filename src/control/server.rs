@@ -23,7 +23,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ControlError {
     #[error("control socket {path}: another immich-guard daemon is already listening there")]
     InUse { path: PathBuf },
-    #[error("control socket {path}: a file that is not a socket is in the way; remove it or set control.socket")]
+    #[error(
+        "control socket {path}: a file that is not a socket is in the way; remove it or set control.socket"
+    )]
     NotASocket { path: PathBuf },
     #[error("control socket {path}: {action}: {source}")]
     Io {
@@ -169,7 +171,8 @@ async fn serve_connection(stream: UnixStream, state: watch::Receiver<DaemonState
             (response, complete)
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
-            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
+            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}")
+                .into_bytes()
         });
         out.push(b'\n');
         match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {

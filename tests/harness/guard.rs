@@ -1,0 +1,175 @@
+//! Runs the real `immich-guard` binary as a daemon for a test: its own config, socket and data
+//! dir in a temp dir, stderr captured to a file, killed on drop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use immich_guard::control::Response;
+use immich_guard::status::StatusReport;
+
+pub const GUARD_BIN: &str = env!("CARGO_BIN_EXE_immich-guard");
+
+pub struct Guard {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+#[derive(Default)]
+pub struct GuardOptions<'a> {
+    /// Extra TOML appended to the config; must not repeat the [control] or [daemon] tables.
+    pub extra_toml: &'a str,
+    pub env: Vec<(&'a str, String)>,
+}
+
+
+impl Guard {
+    pub fn start(options: GuardOptions<'_>) -> Guard {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run/guard.sock");
+        let config_path = dir.path().join("config.toml");
+        let config = format!(
+            "[control]\nsocket = {socket:?}\n\n[daemon]\ndata_dir = {data:?}\nlog_level = \"immich_guard=debug,info\"\n\n{extra}\n",
+            socket = socket.display().to_string(),
+            data = dir.path().join("data").display().to_string(),
+            extra = options.extra_toml
+        );
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("guard.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(GUARD_BIN);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("IMMICH_GUARD_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn immich-guard");
+        Guard {
+            child: Some(child),
+            dir,
+            socket,
+            config_path,
+            log_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn wait_socket(&self, timeout: Duration) {
+        let start = Instant::now();
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                start.elapsed() < timeout,
+                "daemon socket {} did not appear within {timeout:?}; log:\n{}",
+                self.socket.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes raw bytes on a fresh connection and returns the first response line.
+    pub fn raw(&self, bytes: &[u8]) -> String {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect to daemon");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        line
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let line = self.raw(b"{\"verb\":\"status\"}\n");
+        match serde_json::from_str::<Response>(&line) {
+            Ok(Response::Status(r)) => *r,
+            other => panic!("unexpected status answer {line:?}: {other:?}"),
+        }
+    }
+
+    /// Polls status until `pred` holds.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; last status: {}\nlog:\n{}",
+                serde_json::to_string_pretty(&s).unwrap(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the CLI against this daemon's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.config_path, args)
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                child.kill().ok();
+                panic!(
+                    "daemon did not stop within 10 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+pub fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(GUARD_BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run immich-guard")
+}
