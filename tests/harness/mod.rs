@@ -1,2 +1,3 @@
 #![allow(dead_code)]
 pub mod guard;
+pub mod docker_proxy;
