@@ -5,24 +5,9 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::docker_proxy::{DockerProxy, ENGINE_SOCKET};
+use harness::docker_available;
+use harness::docker_proxy::DockerProxy;
 use harness::guard::{Guard, GuardOptions};
-
-fn docker_available() -> bool {
-    let ok = std::process::Command::new("docker")
-        .arg("info")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but the Docker engine at {ENGINE_SOCKET} does not answer `docker info`"
-        );
-        eprintln!("skipping: Docker not available");
-    }
-    ok
-}
 
 #[test]
 fn docker_unreachable_at_start_then_available_then_gone_then_back() {
