@@ -46,9 +46,19 @@ fn docker_unreachable_at_start_then_available_then_gone_then_back() {
     let s = guard.wait_status("Docker lost", Duration::from_secs(10), |s| {
         !s.state.docker.reachable
     });
-    assert!(s.status_line.starts_with("waiting for Docker"), "{}", s.status_line);
-    assert!(guard.log().contains("lost Docker connection"), "{}", guard.log());
+    assert!(
+        s.status_line.starts_with("waiting for Docker"),
+        "{}",
+        s.status_line
+    );
+    assert!(
+        guard.log().contains("lost Docker connection"),
+        "{}",
+        guard.log()
+    );
 
     let _proxy = DockerProxy::start(&proxy_path);
-    guard.wait_status("Docker back", Duration::from_secs(10), |s| s.state.docker.reachable);
+    guard.wait_status("Docker back", Duration::from_secs(10), |s| {
+        s.state.docker.reachable
+    });
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::RwLock;
 use std::time::Duration;
 
-use harness::guard::{Guard, GuardOptions, GUARD_BIN};
+use harness::guard::{GUARD_BIN, Guard, GuardOptions};
 use harness::{Stack, StackSpec};
 use immich_guard::discover::Stack as Discovered;
 
@@ -68,23 +68,35 @@ fn stock_shaped_stack_is_discovered_with_zero_config() {
         found.database.as_ref().unwrap().container_name,
         stack.container_name("database")
     );
-    assert_eq!(found.redis.as_ref().unwrap().container_name, stack.container_name("redis"));
+    assert_eq!(
+        found.redis.as_ref().unwrap().container_name,
+        stack.container_name("redis")
+    );
     assert_eq!(
         found.machine_learning.as_ref().unwrap().container_name,
         stack.container_name("immich-machine-learning")
     );
     assert_eq!(found.compose_dir.as_deref(), Some(stack.dir.as_path()));
     assert!(
-        found.compose_files.iter().any(|f| same_file(f, &stack.compose_file)),
+        found
+            .compose_files
+            .iter()
+            .any(|f| same_file(f, &stack.compose_file)),
         "{:?} should hold {}",
         found.compose_files,
         stack.compose_file.display()
     );
     assert_eq!(found.env_file.as_deref(), Some(stack.env_file.as_path()));
     assert_eq!(found.env_version.as_deref(), Some("v1.119.0"));
-    assert_eq!(found.upload_location.as_deref(), Some(stack.upload.as_path()));
+    assert_eq!(
+        found.upload_location.as_deref(),
+        Some(stack.upload.as_path())
+    );
     assert_eq!(found.upload_mount.as_deref(), Some("/data"));
-    assert_eq!(found.db_data_location.as_deref(), Some(stack.db_data.as_path()));
+    assert_eq!(
+        found.db_data_location.as_deref(),
+        Some(stack.db_data.as_path())
+    );
 
     let db = found.db.as_ref().unwrap();
     assert_eq!(db.user, stack.db_user);
@@ -104,7 +116,11 @@ fn stock_shaped_stack_is_discovered_with_zero_config() {
         version.image_id,
         docker_inspect(&stack.container_id("immich-server"), "{{.Image}}")
     );
-    assert!(found.notes.is_empty(), "nothing should be missing: {:?}", found.notes);
+    assert!(
+        found.notes.is_empty(),
+        "nothing should be missing: {:?}",
+        found.notes
+    );
 
     // The password never leaves the process in output.
     let out = discover("");
@@ -140,7 +156,10 @@ fn two_stacks_need_stack_project_and_it_chooses() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("found 2 Immich stacks"), "{err}");
-    assert!(err.contains(&a.project) && err.contains(&b.project), "{err}");
+    assert!(
+        err.contains(&a.project) && err.contains(&b.project),
+        "{err}"
+    );
     assert!(err.contains("stack.project"), "{err}");
 
     let found = discovered(&discover(&project_config(&b)));
@@ -150,7 +169,10 @@ fn two_stacks_need_stack_project_and_it_chooses() {
     let out = discover("[stack]\nproject = \"no-such-project\"\n");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"no-such-project\"") && err.contains(&a.project), "{err}");
+    assert!(
+        err.contains("\"no-such-project\"") && err.contains(&a.project),
+        "{err}"
+    );
 }
 
 #[test]
@@ -172,16 +194,25 @@ fn daemon_shows_the_stack_and_follows_a_recreate_to_a_new_version() {
     assert_eq!(discovered.project, stack.project);
     assert_eq!(discovered.version.as_ref().unwrap().name(), "v1.119.0");
     assert!(first.state.docker.reachable);
-    assert!(first.status_line.contains(&stack.project), "{}", first.status_line);
+    assert!(
+        first.status_line.contains(&stack.project),
+        "{}",
+        first.status_line
+    );
     let old_server = discovered.server.as_ref().unwrap().container_id.clone();
 
     let out = guard.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(text.contains(&format!("Immich stack: {}", stack.project)), "{text}");
+    assert!(
+        text.contains(&format!("Immich stack: {}", stack.project)),
+        "{text}"
+    );
     assert!(text.contains("v1.119.0"), "{text}");
 
-    // An upgrade the admin's way: edit .env, up -d. The server container is recreated.
+    // An upgrade the admin's way: pull (here: the locally built image), edit .env, up -d.
+    // The server container is recreated.
+    harness::images::ensure_images(&["v1.120.0"]);
     stack.set_env("IMMICH_VERSION", "v1.120.0");
     stack.compose(&["up", "-d"]);
     let after = guard.wait_status("the new version", Duration::from_secs(60), |s| {
@@ -195,7 +226,10 @@ fn daemon_shows_the_stack_and_follows_a_recreate_to_a_new_version() {
     assert_ne!(st.server.as_ref().unwrap().container_id, old_server);
     assert_eq!(st.env_version.as_deref(), Some("v1.120.0"));
     let event = after.state.last_event.as_ref().expect("events were seen");
-    assert!(["container", "image"].contains(&event.kind.as_str()), "{event:?}");
+    assert!(
+        ["container", "image"].contains(&event.kind.as_str()),
+        "{event:?}"
+    );
 }
 
 #[test]
@@ -212,8 +246,15 @@ fn daemon_says_why_there_is_no_stack() {
         s.state.discovery_error.is_some()
     });
     let e = s.state.discovery_error.unwrap();
-    assert!(e.contains("immich-guard-test-absent") && e.contains("not running here"), "{e}");
-    assert!(s.status_line.starts_with("no stack to protect"), "{}", s.status_line);
+    assert!(
+        e.contains("immich-guard-test-absent") && e.contains("not running here"),
+        "{e}"
+    );
+    assert!(
+        s.status_line.starts_with("no stack to protect"),
+        "{}",
+        s.status_line
+    );
 }
 
 #[test]
@@ -233,7 +274,10 @@ fn discover_without_docker_access_says_what_to_do() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no Docker socket at /nonexistent/immich-guard/docker.sock"), "{err}");
+    assert!(
+        err.contains("no Docker socket at /nonexistent/immich-guard/docker.sock"),
+        "{err}"
+    );
 
     // As an unprivileged user the engine's socket (root:docker 0660) is off limits.
     let socket = Path::new("/var/run/docker.sock");
@@ -252,5 +296,8 @@ fn discover_without_docker_access_says_what_to_do() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("permission denied on the Docker socket"), "{err}");
+    assert!(
+        err.contains("permission denied on the Docker socket"),
+        "{err}"
+    );
 }

@@ -262,7 +262,11 @@ impl Stack {
             .args(["-d", &self.db_name, "-tAc", sql])
             .output()
             .unwrap();
-        assert!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -272,11 +276,62 @@ impl Stack {
         for table in ["migrations", "kysely_migrations"] {
             if self.psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) == "t" {
                 let list = self.psql(&format!("SELECT string_agg(name::text, ',') FROM {table}"));
-                names.extend(list.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+                names.extend(
+                    list.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                );
             }
         }
         names.sort();
         names
+    }
+
+    /// Waits until PostgreSQL accepts connections (initdb on a fresh data dir takes a while).
+    pub fn wait_db_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let ok = Command::new("docker")
+                .args([
+                    "exec",
+                    &self.container_name("database"),
+                    "pg_isready",
+                    "-U",
+                    &self.db_user,
+                    "-d",
+                    &self.db_name,
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "database of {} not ready after {timeout:?}; log:\n{}",
+                self.project,
+                self.logs("database")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the service's container has `status` (`exited`, `running`, ...).
+    pub fn wait_status(&self, service: &str, status: &str, timeout: Duration) -> String {
+        let name = self.container_name(service);
+        let start = Instant::now();
+        loop {
+            let now = inspect(&name, "{{.State.Status}} {{.State.ExitCode}}").unwrap_or_default();
+            if now.split_whitespace().next() == Some(status) {
+                return now;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} not {status} after {timeout:?} (is {now}); log:\n{}",
+                self.logs(service)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn logs(&self, service: &str) -> String {
@@ -318,7 +373,11 @@ fn inspect(what: &str, format: &str) -> Option<String> {
 fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: immich\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: immich\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     // A reset after the answer arrived still leaves the answer.
     let _ = s.read_to_end(&mut raw);
@@ -329,7 +388,10 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 fn compose_yaml(project: &str, spec: &StackSpec) -> String {
     let libs = "      - /usr:/usr:ro\n      - /lib:/lib:ro\n      - /lib64:/lib64:ro\n";
     let owner = std::process::id();
-    let mut server_env = format!("      STANDIN_BOOT_DELAY_MS: \"{}\"\n      STANDIN_SEED_ASSETS: \"{}\"\n", spec.boot_delay_ms, spec.seed_assets);
+    let mut server_env = format!(
+        "      STANDIN_BOOT_DELAY_MS: \"{}\"\n      STANDIN_SEED_ASSETS: \"{}\"\n",
+        spec.boot_delay_ms, spec.seed_assets
+    );
     for (k, v) in &spec.server_env {
         server_env.push_str(&format!("      {k}: \"{v}\"\n"));
     }

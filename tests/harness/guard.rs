@@ -27,7 +27,6 @@ pub struct GuardOptions<'a> {
     pub env: Vec<(&'a str, String)>,
 }
 
-
 impl Guard {
     pub fn start(options: GuardOptions<'_>) -> Guard {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -106,7 +106,14 @@ fn build(recipe: Recipe<'_>) -> String {
     }
     let stage = tempfile::tempdir().unwrap();
     let root = stage.path();
-    for dir in ["bin", "etc", "tmp", "app", "var/run/postgresql", "var/lib/postgresql"] {
+    for dir in [
+        "bin",
+        "etc",
+        "tmp",
+        "app",
+        "var/run/postgresql",
+        "var/lib/postgresql",
+    ] {
         fs::create_dir_all(root.join(dir)).unwrap();
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
@@ -122,14 +129,18 @@ fn build(recipe: Recipe<'_>) -> String {
         "root:x:0:0:root:/root:/bin/sh\npostgres:x:999:999:postgres:/var/lib/postgresql:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     )
     .unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\npostgres:x:999:\nnogroup:x:65534:\n").unwrap();
+    fs::write(
+        root.join("etc/group"),
+        "root:x:0:\npostgres:x:999:\nnogroup:x:65534:\n",
+    )
+    .unwrap();
     for (path, bytes, mode) in &recipe.files {
         let p = root.join(path.trim_start_matches('/'));
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, bytes).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
     }
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .args(["--numeric-owner", "-C"])
         .arg(root)
         .args(["-c", "."])
@@ -146,9 +157,10 @@ fn build(recipe: Recipe<'_>) -> String {
     let out = import
         .arg("-")
         .arg(recipe.tag)
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of {} failed", recipe.tag);
     assert!(
         out.status.success(),
         "docker import {} failed: {}",
@@ -161,7 +173,11 @@ fn build(recipe: Recipe<'_>) -> String {
 fn standin_files(version: &str) -> Vec<(&'static str, Vec<u8>, u32)> {
     vec![
         ("/app/immich-standin", fs::read(STANDIN_BIN).unwrap(), 0o755),
-        ("/etc/immich-version", format!("{version}\n").into_bytes(), 0o644),
+        (
+            "/etc/immich-version",
+            format!("{version}\n").into_bytes(),
+            0o644,
+        ),
     ]
 }
 
@@ -177,7 +193,8 @@ pub fn build_server_image(version: &str, tag: &str, salt: &str) -> String {
             BASE_ENV.to_string(),
             r#"ENTRYPOINT ["/app/immich-standin", "server"]"#.to_string(),
             format!("LABEL org.opencontainers.image.version={version}"),
-            "LABEL org.opencontainers.image.source=https://github.com/immich-app/immich".to_string(),
+            "LABEL org.opencontainers.image.source=https://github.com/immich-app/immich"
+                .to_string(),
         ],
         salt,
     })
@@ -205,7 +222,11 @@ pub struct Images {
 pub fn ensure_images(versions: &[&str]) -> Images {
     let postgres = build(Recipe {
         tag: POSTGRES_IMAGE,
-        files: vec![("/docker-entrypoint.sh", POSTGRES_ENTRYPOINT.as_bytes().to_vec(), 0o755)],
+        files: vec![(
+            "/docker-entrypoint.sh",
+            POSTGRES_ENTRYPOINT.as_bytes().to_vec(),
+            0o755,
+        )],
         changes: vec![
             BASE_ENV.to_string(),
             "ENV PGDATA=/var/lib/postgresql/data".to_string(),

@@ -89,14 +89,16 @@ async fn main() {
     });
     match std::env::args().nth(1).as_deref().unwrap_or("server") {
         "server" => server().await,
-        "ml" => serve_lines(3003, |req| {
-            if req.starts_with("GET /ping") {
-                http(200, "text/plain", "pong")
-            } else {
-                http(404, "text/plain", "not found")
-            }
-        })
-        .await,
+        "ml" => {
+            serve_lines(3003, |req| {
+                if req.starts_with("GET /ping") {
+                    http(200, "text/plain", "pong")
+                } else {
+                    http(404, "text/plain", "not found")
+                }
+            })
+            .await
+        }
         "redis" => serve_lines(6379, |_| "+PONG\r\n".to_string()).await,
         other => fail("Bootstrap", &format!("unknown role {other:?}")),
     }
@@ -153,8 +155,14 @@ async fn server() {
         .map(|v| v.trim().to_string())
         .unwrap_or_else(|| fail("Bootstrap", "no /etc/immich-version"));
     let v = parse_version(&version);
-    log("LOG", "Bootstrap", &format!("Bootstrapping immich-server {version}"));
-    let delay: u64 = env_or("STANDIN_BOOT_DELAY_MS", "2000").parse().unwrap_or(2000);
+    log(
+        "LOG",
+        "Bootstrap",
+        &format!("Bootstrapping immich-server {version}"),
+    );
+    let delay: u64 = env_or("STANDIN_BOOT_DELAY_MS", "2000")
+        .parse()
+        .unwrap_or(2000);
     tokio::time::sleep(Duration::from_millis(delay)).await;
     let crash = env_or("STANDIN_CRASH", "");
     if crash == "boot" {
@@ -211,7 +219,11 @@ async fn server() {
                 ),
             );
         }
-        log("LOG", "DatabaseRepository", &format!("Migrating database: {name}"));
+        log(
+            "LOG",
+            "DatabaseRepository",
+            &format!("Migrating database: {name}"),
+        );
         apply(&db, name, kysely).await;
     }
 
@@ -226,16 +238,27 @@ async fn server() {
             log(
                 "ERROR",
                 "StorageService",
-                &format!("Failed to read \"{m}\": Error: ENOENT: no such file or directory, open '{m}'"),
+                &format!(
+                    "Failed to read \"{m}\": Error: ENOENT: no such file or directory, open '{m}'"
+                ),
             );
             fail("Microservices", "microservices worker exited with code 1");
         }
     }
 
-    let table = |new: &str, old: &str| if v >= (1, 137, 0) { new.to_string() } else { old.to_string() };
+    let table = |new: &str, old: &str| {
+        if v >= (1, 137, 0) {
+            new.to_string()
+        } else {
+            old.to_string()
+        }
+    };
     let (users, assets) = (table("\"user\"", "users"), table("asset", "assets"));
     let last: Option<String> = db
-        .query_opt("SELECT version FROM version_history ORDER BY id DESC LIMIT 1", &[])
+        .query_opt(
+            "SELECT version FROM version_history ORDER BY id DESC LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .map(|r| r.get(0));
@@ -277,7 +300,10 @@ async fn server() {
     let (major, minor, patch) = v;
     let history = std::sync::Arc::new(std::sync::Mutex::new(String::from("[]")));
     let rows = db
-        .query("SELECT id, created_at::text, version FROM version_history ORDER BY id", &[])
+        .query(
+            "SELECT id, created_at::text, version FROM version_history ORDER BY id",
+            &[],
+        )
         .await
         .unwrap();
     let entries: Vec<serde_json::Value> = rows
@@ -290,7 +316,9 @@ async fn server() {
     log(
         "LOG",
         "Api:Bootstrap",
-        &format!("Immich Server is listening on http://[::1]:{listen_port} [{version}] [production]"),
+        &format!(
+            "Immich Server is listening on http://[::1]:{listen_port} [{version}] [production]"
+        ),
     );
     // Keep the connection: a real server holds a pool for its whole life.
     let _db = db;
@@ -319,7 +347,10 @@ async fn connect(conn: &str, host: &str, port: &str) -> Client {
             Ok((client, connection)) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
-                        fail("DatabaseRepository", &format!("database connection lost: {e}"));
+                        fail(
+                            "DatabaseRepository",
+                            &format!("database connection lost: {e}"),
+                        );
                     }
                 });
                 return client;
@@ -329,7 +360,11 @@ async fn connect(conn: &str, host: &str, port: &str) -> Client {
                 if text.contains("password authentication failed") {
                     fail("DatabaseRepository", &format!("error: {text}"));
                 }
-                log("ERROR", "DatabaseRepository", &format!("Error: connect ECONNREFUSED {host}:{port} ({text})"));
+                log(
+                    "ERROR",
+                    "DatabaseRepository",
+                    &format!("Error: connect ECONNREFUSED {host}:{port} ({text})"),
+                );
                 if tokio::time::Instant::now() > deadline {
                     fail("Bootstrap", "could not connect to the database, giving up");
                 }
@@ -387,7 +422,10 @@ async fn apply(db: &Client, name: &str, kysely: bool) {
     };
     let sql = format!("BEGIN; {body} {record} COMMIT;");
     if let Err(e) = db.batch_execute(&sql).await {
-        fail("DatabaseRepository", &format!("Kysely migrations failed: {e}"));
+        fail(
+            "DatabaseRepository",
+            &format!("Kysely migrations failed: {e}"),
+        );
     }
 }
 
@@ -410,7 +448,9 @@ fn write_file(path: &Path, content: &[u8]) {
     if let Err(e) = result {
         let p = path.display();
         let message = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => format!("EACCES: permission denied, open '{p}'"),
+            std::io::ErrorKind::PermissionDenied => {
+                format!("EACCES: permission denied, open '{p}'")
+            }
             _ => format!("Error: {e}, open '{p}'"),
         };
         log("ERROR", "StorageService", &message);
