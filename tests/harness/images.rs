@@ -160,7 +160,11 @@ fn build(recipe: Recipe<'_>) -> String {
         .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
-    assert!(tar.wait().unwrap().success(), "tar of {} failed", recipe.tag);
+    assert!(
+        tar.wait().unwrap().success(),
+        "tar of {} failed",
+        recipe.tag
+    );
     assert!(
         out.status.success(),
         "docker import {} failed: {}",
@@ -183,33 +187,34 @@ fn standin_files(version: &str) -> Vec<(&'static str, Vec<u8>, u32)> {
 
 const BASE_ENV: &str = "ENV PATH=/usr/lib/postgresql/15/bin:/bin";
 
-/// The stand-in server for `version` under `tag` (e.g. `v1.119.0`, or `release`); a different
-/// `salt` gives a different image ID under the same tag, like a re-pushed `latest`.
-pub fn build_server_image(version: &str, tag: &str, salt: &str) -> String {
+/// An image running the stand-in in `role`, with `version` baked in.
+fn standin_image(tag: &str, role: &str, version: &str, labels: &[String], salt: &str) -> String {
+    let mut changes = vec![
+        BASE_ENV.to_string(),
+        format!(r#"ENTRYPOINT ["/app/immich-standin", "{role}"]"#),
+    ];
+    changes.extend(labels.iter().map(|l| format!("LABEL {l}")));
     build(Recipe {
-        tag: &format!("{SERVER_REPO}:{tag}"),
+        tag,
         files: standin_files(version),
-        changes: vec![
-            BASE_ENV.to_string(),
-            r#"ENTRYPOINT ["/app/immich-standin", "server"]"#.to_string(),
-            format!("LABEL org.opencontainers.image.version={version}"),
-            "LABEL org.opencontainers.image.source=https://github.com/immich-app/immich"
-                .to_string(),
-        ],
+        changes,
         salt,
     })
 }
 
-fn build_ml_image(version: &str) -> String {
-    build(Recipe {
-        tag: &format!("{ML_REPO}:{version}"),
-        files: standin_files(version),
-        changes: vec![
-            BASE_ENV.to_string(),
-            r#"ENTRYPOINT ["/app/immich-standin", "ml"]"#.to_string(),
+/// The stand-in server for `version` under `tag` (e.g. `v1.119.0`, or `release`); a different
+/// `salt` gives a different image ID under the same tag, like a re-pushed `latest`.
+pub fn build_server_image(version: &str, tag: &str, salt: &str) -> String {
+    standin_image(
+        &format!("{SERVER_REPO}:{tag}"),
+        "server",
+        version,
+        &[
+            format!("org.opencontainers.image.version={version}"),
+            "org.opencontainers.image.source=https://github.com/immich-app/immich".to_string(),
         ],
-        salt: "",
-    })
+        salt,
+    )
 }
 
 pub struct Images {
@@ -234,19 +239,11 @@ pub fn ensure_images(versions: &[&str]) -> Images {
         ],
         salt: "",
     });
-    let redis = build(Recipe {
-        tag: REDIS_IMAGE,
-        files: standin_files("redis"),
-        changes: vec![
-            BASE_ENV.to_string(),
-            r#"ENTRYPOINT ["/app/immich-standin", "redis"]"#.to_string(),
-        ],
-        salt: "",
-    });
+    let redis = standin_image(REDIS_IMAGE, "redis", "redis", &[], "");
     let servers = versions
         .iter()
         .map(|v| {
-            build_ml_image(v);
+            standin_image(&format!("{ML_REPO}:{v}"), "ml", v, &[], "");
             (v.to_string(), build_server_image(v, v, ""))
         })
         .collect();
