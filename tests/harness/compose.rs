@@ -47,7 +47,8 @@ pub struct Stack {
     pub db_user: String,
     pub db_password: String,
     pub db_name: String,
-    _root: tempfile::TempDir,
+    /// Owns the temp dir; taken (kept on disk) when IMMICH_GUARD_KEEP_STACK=1.
+    root: Option<tempfile::TempDir>,
 }
 
 fn compose_command() -> Vec<String> {
@@ -149,7 +150,7 @@ impl Stack {
             db_user: "postgres".into(),
             db_password,
             db_name: "immich".into(),
-            _root: root,
+            root: Some(root),
         };
         stack.compose(&["up", "-d"]);
         if spec.wait_ready {
@@ -349,6 +350,17 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // For looking at a stack by hand after a test: keep it running, and its files.
+        if std::env::var("IMMICH_GUARD_KEEP_STACK").as_deref() == Ok("1") {
+            if let Some(root) = self.root.take() {
+                eprintln!(
+                    "keeping stack {} in {} (IMMICH_GUARD_KEEP_STACK=1)",
+                    self.project,
+                    root.keep().display()
+                );
+            }
+            return;
+        }
         let out = self.try_compose(&["down", "-v", "--remove-orphans", "-t", "1"]);
         if !out.status.success() {
             eprintln!(
