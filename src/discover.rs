@@ -621,7 +621,14 @@ fn db_data_mount(db: &ContainerInfo) -> Option<PathBuf> {
         .iter()
         .filter_map(|m| {
             let rest = pgdata.strip_prefix(&m.destination).ok()?;
-            Some((m.destination.len(), Path::new(&m.source).join(rest)))
+            let source = Path::new(&m.source);
+            // join("") would add a trailing slash.
+            let host = if rest.as_os_str().is_empty() {
+                source.to_path_buf()
+            } else {
+                source.join(rest)
+            };
+            Some((m.destination.len(), host))
         })
         .max_by_key(|(len, _)| *len)
         .map(|(_, p)| p)

@@ -1,5 +1,6 @@
 //! The `immich-guard` binary: the daemon (`run`) and its clients. anyhow lives here only.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -111,14 +112,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMMICH_GUARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.daemon.log_level));
+    // Colours only for a person at a terminal, never into journald or a log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match config.daemon.log_format {
         LogFormat::Json => builder.json().init(),
         // journald stamps every line itself; a second timestamp is noise there.
         LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.without_time().with_ansi(false).init()
+            builder.without_time().init()
         }
         LogFormat::Text => builder.init(),
     }

@@ -76,10 +76,7 @@ impl DaemonState {
                     .as_ref()
                     .map(|v| v.name())
                     .unwrap_or_else(|| "no server container".to_string());
-                format!(
-                    "{}: watching stack {} ({version})",
-                    self.activity, stack.project
-                )
+                format!("{}: stack {} ({version})", self.activity, stack.project)
             }
             (None, Some(e)) => format!("no stack to protect: {e}"),
             (None, None) => self.activity.clone(),
