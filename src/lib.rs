@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod discover;
 pub mod docker;
 pub mod render;
+pub mod snapshot;
 pub mod status;
 pub mod systemd;

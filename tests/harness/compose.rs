@@ -335,6 +335,22 @@ impl Stack {
         }
     }
 
+    /// What discovery would find for the database, built from the stack's own facts.
+    pub fn db_access(&self) -> immich_guard::discover::DbAccess {
+        let ip = inspect(
+            &self.container_name("database"),
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        );
+        immich_guard::discover::DbAccess {
+            user: self.db_user.clone(),
+            password: self.db_password.clone(),
+            password_known: true,
+            database: self.db_name.clone(),
+            host: ip.filter(|ip| !ip.is_empty()),
+            port: 5432,
+        }
+    }
+
     pub fn logs(&self, service: &str) -> String {
         let out = Command::new("docker")
             .args(["logs", "--tail", "200", &self.container_name(service)])
@@ -465,4 +481,101 @@ services:
 "#,
         owner_label = OWNER_LABEL
     )
+}
+
+/// A lone, empty PostgreSQL container (same image as the stacks), removed on drop.
+pub struct ScratchPostgres {
+    pub name: String,
+}
+
+impl ScratchPostgres {
+    pub fn start() -> ScratchPostgres {
+        super::images::ensure_images(&[]);
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "igt{}scratch{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("docker")
+            .args(["run", "-d", "--name", &name, "--label"])
+            .arg(format!("{OWNER_LABEL}={}", std::process::id()))
+            .args(["-e", "POSTGRES_PASSWORD=scratch", "--stop-signal", "SIGINT"])
+            .args([
+                "-v",
+                "/usr:/usr:ro",
+                "-v",
+                "/lib:/lib:ro",
+                "-v",
+                "/lib64:/lib64:ro",
+            ])
+            .arg(super::images::POSTGRES_IMAGE)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let db = ScratchPostgres { name };
+        let start = Instant::now();
+        while !db.ready() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "scratch postgres not ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        db
+    }
+
+    fn ready(&self) -> bool {
+        Command::new("docker")
+            .args(["exec", &self.name, "pg_isready", "-U", "postgres"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Feeds `sql` to psql connected to `postgres` (as Immich's restore docs do).
+    pub fn restore(&self, sql: &[u8]) -> Output {
+        let mut child = Command::new("docker")
+            .args([
+                "exec", "-i", &self.name, "psql", "-q", "-U", "postgres", "-d", "postgres",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let sql = sql.to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&sql));
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap().unwrap();
+        out
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("docker")
+            .args([
+                "exec", &self.name, "psql", "-U", "postgres", "-d", db, "-tAc", sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        Command::new("docker")
+            .args(["rm", "-f", "-v", &self.name])
+            .output()
+            .ok();
+    }
 }

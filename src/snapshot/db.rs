@@ -1,0 +1,374 @@
+//! The database half of a snapshot: `pg_dumpall --clean --if-exists` run inside the database
+//! container through the Docker exec API, streamed through zstd and SHA-256 straight to disk
+//! (never held whole in memory), and the facts read over SQL before the dump: applied
+//! migrations (TypeORM's and Kysely's tables), asset and user counts, database size.
+//! It only reads the database.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bollard::Docker;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::ExecConfig;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_postgres::NoTls;
+
+use crate::discover::DbAccess;
+use crate::docker::{classify, is_not_found};
+
+/// zstd level: 3 is zstd's default, fast enough to keep up with pg_dumpall.
+const ZSTD_LEVEL: i32 = 3;
+/// Chunks in flight between the exec stream and the compressor (backpressure, bounded memory).
+const CHANNEL_CHUNKS: usize = 64;
+const STDERR_KEPT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database container {name} is not running ({state}); start it before snapshotting")]
+    NotRunning { name: String, state: String },
+    #[error("database container {name} does not exist")]
+    NoContainer { name: String },
+    #[error("Docker exec of pg_dumpall in {name} failed: {detail}")]
+    Exec { name: String, detail: String },
+    #[error("pg_dumpall in {name} exited with code {code}: {stderr}")]
+    DumpFailed {
+        name: String,
+        code: i64,
+        stderr: String,
+    },
+    #[error("writing the dump to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database {what}: {detail}")]
+    Sql { what: String, detail: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DumpFile {
+    /// Bytes pg_dumpall wrote (uncompressed SQL).
+    pub sql_bytes: u64,
+    /// Bytes on disk (zstd).
+    pub bytes: u64,
+    /// SHA-256 of the file on disk, hex.
+    pub sha256: String,
+    pub duration_ms: u64,
+}
+
+/// Streams `pg_dumpall` from `container` into `dest` (zstd). `dest` is fsynced before return.
+pub async fn dump(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    user: &str,
+    dest: &Path,
+) -> Result<DumpFile, DbError> {
+    let started = Instant::now();
+    let exec_err = |detail: String| DbError::Exec {
+        name: container.to_string(),
+        detail,
+    };
+    let inspect = docker
+        .inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .map_err(|e| {
+            if is_not_found(&e) {
+                DbError::NoContainer {
+                    name: container.to_string(),
+                }
+            } else {
+                exec_err(classify(host, e).to_string())
+            }
+        })?;
+    let state = inspect.state.unwrap_or_default();
+    if state.running != Some(true) || state.paused == Some(true) {
+        return Err(DbError::NotRunning {
+            name: container.to_string(),
+            state: state.status.map(|s| s.to_string()).unwrap_or_default(),
+        });
+    }
+
+    let exec = docker
+        .create_exec(
+            container,
+            ExecConfig {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(
+                    ["pg_dumpall", "--clean", "--if-exists", "--username", user]
+                        .map(String::from)
+                        .to_vec(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| exec_err(classify(host, e).to_string()))?;
+    let started_exec = docker
+        .start_exec(
+            &exec.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: false,
+                output_capacity: Some(1 << 20),
+            }),
+        )
+        .await
+        .map_err(|e| exec_err(classify(host, e).to_string()))?;
+    let StartExecResults::Attached { mut output, .. } = started_exec else {
+        return Err(exec_err("exec started detached".into()));
+    };
+
+    // Compression and hashing run on a blocking thread; the async side only moves bytes.
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
+    let path = dest.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_compressed(rx, &path));
+
+    let mut stderr = Vec::new();
+    let mut stream_error = None;
+    while let Some(item) = output.next().await {
+        match item {
+            Ok(bollard::container::LogOutput::StdOut { message }) => {
+                if tx.send(message).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Ok(bollard::container::LogOutput::StdErr { message }) => {
+                stderr.extend_from_slice(&message);
+                if stderr.len() > 2 * STDERR_KEPT {
+                    stderr.drain(..stderr.len() - STDERR_KEPT);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stream_error = Some(classify(host, e).to_string());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| exec_err(format!("compressor thread: {e}")))?
+        .map_err(|source| DbError::Write {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+    if let Some(detail) = stream_error {
+        return Err(exec_err(detail));
+    }
+    let code = docker
+        .inspect_exec(&exec.id)
+        .await
+        .map_err(|e| exec_err(classify(host, e).to_string()))?
+        .exit_code
+        .unwrap_or(-1);
+    if code != 0 {
+        let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(STDERR_KEPT)..])
+            .trim()
+            .to_string();
+        return Err(DbError::DumpFailed {
+            name: container.to_string(),
+            code,
+            stderr: tail,
+        });
+    }
+    let (sql_bytes, bytes, sha256) = written;
+    Ok(DumpFile {
+        sql_bytes,
+        bytes,
+        sha256,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Counts and hashes what reaches the file, so the checksum is of the bytes on disk.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_compressed(
+    mut rx: mpsc::Receiver<bytes::Bytes>,
+    path: &Path,
+) -> std::io::Result<(u64, u64, String)> {
+    let file = std::fs::File::create(path)?;
+    let hashing = Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
+    let mut encoder = zstd::stream::Encoder::new(hashing, ZSTD_LEVEL)?;
+    let mut sql_bytes = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        sql_bytes += chunk.len() as u64;
+        encoder.write_all(&chunk)?;
+    }
+    let mut hashing = encoder.finish()?;
+    hashing.flush()?;
+    let file = hashing.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((
+        sql_bytes,
+        hashing.bytes,
+        format!("{:x}", hashing.hasher.finalize()),
+    ))
+}
+
+/// What the database says about itself, recorded in the snapshot's meta.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DbFacts {
+    /// Applied migration names, TypeORM's table then Kysely's, each sorted.
+    pub migrations: Vec<String>,
+    pub typeorm_migrations: usize,
+    pub kysely_migrations: usize,
+    pub assets: Option<i64>,
+    pub users: Option<i64>,
+    pub database_bytes: i64,
+}
+
+/// Connects with the discovered credentials and reads migrations, counts and size.
+pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
+    let sql = |what: &str| {
+        let what = what.to_string();
+        move |e: tokio_postgres::Error| DbError::Sql {
+            what: what.clone(),
+            detail: e.to_string(),
+        }
+    };
+    let host = access.host.as_deref().ok_or_else(|| DbError::Sql {
+        what: "address".into(),
+        detail: "unknown (database container not running, or set database.host)".into(),
+    })?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(access.port)
+        .user(&access.user)
+        .password(&access.password)
+        .dbname(&access.database)
+        .connect_timeout(std::time::Duration::from_secs(10));
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(sql(&format!("connection to {host}:{}", access.port)))?;
+    let conn = tokio::spawn(connection);
+
+    let mut counts = Vec::new();
+    let mut migrations = Vec::new();
+    for table in ["migrations", "kysely_migrations"] {
+        let mut names: Vec<String> = if exists(&client, table).await.map_err(sql(table))? {
+            client
+                .query(&format!("SELECT name::text FROM {table}"), &[])
+                .await
+                .map_err(sql(table))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        names.sort();
+        counts.push(names.len());
+        migrations.extend(names);
+    }
+    // StandardizeNames (~v1.137) renamed assets→asset and users→user.
+    let assets = count_first(&client, &["asset", "assets"])
+        .await
+        .map_err(sql("asset count"))?;
+    let users = count_first(&client, &["\"user\"", "users"])
+        .await
+        .map_err(sql("user count"))?;
+    let database_bytes: i64 = client
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .map_err(sql("size"))?
+        .get(0);
+    drop(client);
+    let _ = conn.await;
+    Ok(DbFacts {
+        migrations,
+        typeorm_migrations: counts[0],
+        kysely_migrations: counts[1],
+        assets,
+        users,
+        database_bytes,
+    })
+}
+
+async fn exists(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
+}
+
+async fn count_first(
+    client: &tokio_postgres::Client,
+    tables: &[&str],
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    for table in tables {
+        if exists(client, table).await? {
+            let n: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await?
+                .get(0);
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_file_checksum_is_of_the_bytes_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sql.zst");
+        let (tx, rx) = mpsc::channel(4);
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || write_compressed(rx, &path))
+        };
+        let sql = "INSERT INTO t VALUES (1);\n".repeat(10_000);
+        for chunk in sql.as_bytes().chunks(7_000) {
+            tx.blocking_send(bytes::Bytes::copy_from_slice(chunk))
+                .unwrap();
+        }
+        drop(tx);
+        let (sql_bytes, bytes, sha) = writer.join().unwrap().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(sql_bytes, sql.len() as u64);
+        assert_eq!(bytes, on_disk.len() as u64);
+        assert!(bytes < sql_bytes / 10, "compressed: {bytes} of {sql_bytes}");
+        assert_eq!(sha, format!("{:x}", Sha256::digest(&on_disk)));
+        assert_eq!(zstd::decode_all(&on_disk[..]).unwrap(), sql.as_bytes());
+    }
+}
