@@ -257,18 +257,12 @@ impl Stack {
     }
 
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new("docker")
-            .args(["exec", &self.container_name("database"), "psql", "-U"])
-            .arg(&self.db_user)
-            .args(["-d", &self.db_name, "-tAc", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        psql(
+            &self.container_name("database"),
+            &self.db_user,
+            &self.db_name,
+            sql,
+        )
     }
 
     /// Names in TypeORM's and Kysely's migration tables, sorted.
@@ -386,6 +380,20 @@ impl Drop for Stack {
             );
         }
     }
+}
+
+/// One query through `docker exec … psql`, unaligned, tuples only.
+fn psql(container: &str, user: &str, db: &str, sql: &str) -> String {
+    let out = Command::new("docker")
+        .args(["exec", container, "psql", "-U", user, "-d", db, "-tAc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql:?} in {container}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn inspect(what: &str, format: &str) -> Option<String> {
@@ -556,18 +564,7 @@ impl ScratchPostgres {
     }
 
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new("docker")
-            .args([
-                "exec", &self.name, "psql", "-U", "postgres", "-d", db, "-tAc", sql,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        psql(&self.name, "postgres", db, sql)
     }
 }
 
