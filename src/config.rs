@@ -146,7 +146,14 @@ pub struct SnapshotConfig {
     pub dir: Option<PathBuf>,
     pub keep_last: u32,
     pub keep_versions: u32,
+    /// Top-level upload folders to leave out (only derived ones: `thumbs`, `encoded-video`).
+    pub exclude: Vec<String>,
+    /// Allow a full copy when the snapshot dir is on another filesystem than the uploads.
+    pub copy_across: bool,
 }
+
+/// Folders Immich can regenerate; everything else under the upload location is an original.
+pub const DERIVED_FOLDERS: &[&str] = &["thumbs", "encoded-video"];
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
@@ -154,6 +161,8 @@ impl Default for SnapshotConfig {
             dir: None,
             keep_last: 10,
             keep_versions: 3,
+            exclude: Vec::new(),
+            copy_across: false,
         }
     }
 }
@@ -299,6 +308,18 @@ impl Config {
                 "must be at least 1: the newest sealed snapshot is never deleted",
             );
         }
+        if let Some(x) = self
+            .snapshots
+            .exclude
+            .iter()
+            .find(|x| !DERIVED_FOLDERS.contains(&x.as_str()))
+        {
+            return invalid(
+                "snapshots.exclude",
+                x,
+                "only derived folders (thumbs, encoded-video) may be left out; originals never are",
+            );
+        }
         if self.crash_loop.deaths < 2 {
             return invalid(
                 "crash_loop.deaths",
@@ -414,6 +435,11 @@ mod tests {
         assert!(parse("[database]\nport = 70000\n").is_err());
         assert!(parse("[snapshots]\nkeep_last = 0\n").is_err());
         assert!(parse("[crash_loop]\ndeaths = 1\n").is_err());
+        let e = parse("[snapshots]\nexclude = [\"thumbs\", \"library\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshots.exclude = \"library\""), "{e}");
+        assert!(parse("[snapshots]\nexclude = [\"thumbs\", \"encoded-video\"]\n").is_ok());
     }
 
     #[test]

@@ -1,4 +1,6 @@
 //! Snapshots: database and storage of the Immich stack, taken together and sealed.
-//! Built up in parts: `db` (dump and facts). The store, storage tree and retention follow.
+//! `db` dumps and reads the database, `storage` makes the tree and manifest of the upload
+//! location, `store` owns the on-disk layout (partial → sealed).
 
 pub mod db;
+pub mod storage;
