@@ -73,28 +73,7 @@ pub async fn dump(
         name: container.to_string(),
         detail,
     };
-    let inspect = docker
-        .inspect_container(
-            container,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
-        .await
-        .map_err(|e| {
-            if is_not_found(&e) {
-                DbError::NoContainer {
-                    name: container.to_string(),
-                }
-            } else {
-                exec_err(classify(host, e).to_string())
-            }
-        })?;
-    let state = inspect.state.unwrap_or_default();
-    if state.running != Some(true) || state.paused == Some(true) {
-        return Err(DbError::NotRunning {
-            name: container.to_string(),
-            state: state.status.map(|s| s.to_string()).unwrap_or_default(),
-        });
-    }
+    ensure_running(docker, host, container).await?;
 
     let exec = docker
         .create_exec(
@@ -188,6 +167,36 @@ pub async fn dump(
         sha256,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Fails with a message naming the container unless it is running (and not paused).
+pub async fn ensure_running(docker: &Docker, host: &str, container: &str) -> Result<(), DbError> {
+    let inspect = docker
+        .inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .map_err(|e| {
+            if is_not_found(&e) {
+                DbError::NoContainer {
+                    name: container.to_string(),
+                }
+            } else {
+                DbError::Exec {
+                    name: container.to_string(),
+                    detail: classify(host, e).to_string(),
+                }
+            }
+        })?;
+    let state = inspect.state.unwrap_or_default();
+    if state.running != Some(true) || state.paused == Some(true) {
+        return Err(DbError::NotRunning {
+            name: container.to_string(),
+            state: state.status.map(|s| s.to_string()).unwrap_or_default(),
+        });
+    }
+    Ok(())
 }
 
 /// Counts and hashes what reaches the file, so the checksum is of the bytes on disk.

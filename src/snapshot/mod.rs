@@ -1,6 +1,168 @@
 //! Snapshots: database and storage of the Immich stack, taken together and sealed.
 //! `db` dumps and reads the database, `storage` makes the tree and manifest of the upload
-//! location, `store` owns the on-disk layout (partial → sealed).
+//! location, `store` owns the on-disk layout (partial → sealed). `take` runs them in order;
+//! any failure drops the partial, so nothing half-made is ever listed.
 
 pub mod db;
 pub mod storage;
+pub mod store;
+
+use std::path::PathBuf;
+
+use bollard::Docker;
+use chrono::Utc;
+
+use crate::config::Config;
+use crate::discover::Stack;
+use store::{CONFIG_DIR, DUMP_FILE, MANIFEST_FILE, Meta, STORAGE_DIR, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot snapshot stack {project}: {what} unknown ({hint})")]
+    Missing {
+        project: String,
+        what: &'static str,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("copying {path} into the snapshot: {source}")]
+    Config {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What to record about why a snapshot is taken.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub trigger: String,
+    pub label: Option<String>,
+}
+
+/// Takes one snapshot of `stack` and seals it. Database facts are read first, then the dump,
+/// then the storage tree, then the compose config; the seal comes last.
+pub async fn take(
+    docker: &Docker,
+    docker_host: &str,
+    stack: &Stack,
+    config: &Config,
+    request: &Request,
+) -> Result<Meta, SnapshotError> {
+    let missing = |what, hint| SnapshotError::Missing {
+        project: stack.project.clone(),
+        what,
+        hint,
+    };
+    let database = stack
+        .database
+        .as_ref()
+        .ok_or_else(|| missing("database container", "set stack.database_container"))?;
+    let access = stack
+        .db
+        .as_ref()
+        .ok_or_else(|| missing("database access", "set the [database] keys"))?;
+    let upload = stack
+        .upload_location
+        .clone()
+        .ok_or_else(|| missing("upload location", "set stack.upload_location"))?;
+
+    // Before anything is written: a stopped database is the commonest failure, name it.
+    db::ensure_running(docker, docker_host, &database.container_name).await?;
+    let started_at = Utc::now();
+    let version = stack
+        .version
+        .as_ref()
+        .map(|v| v.name())
+        .unwrap_or_else(|| "unknown".to_string());
+    let store = Store::open(&config.snapshot_dir())?;
+    let method = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
+    let id = store::snapshot_id(started_at, &version, &request.trigger);
+    let partial = store.begin(&id)?;
+
+    let facts = db::facts(access).await?;
+    let dump = db::dump(
+        docker,
+        docker_host,
+        &database.container_name,
+        &access.user,
+        &partial.path().join(DUMP_FILE),
+    )
+    .await?;
+
+    let tree = {
+        let (upload, dir) = (upload.clone(), partial.path().to_path_buf());
+        let exclude = config.snapshots.exclude.clone();
+        tokio::task::spawn_blocking(move || {
+            storage::snapshot_tree(
+                &upload,
+                &dir.join(STORAGE_DIR),
+                &dir.join(MANIFEST_FILE),
+                method,
+                &exclude,
+            )
+        })
+        .await
+        .expect("storage snapshot thread")?
+    };
+
+    let config_dir = partial.path().join(CONFIG_DIR);
+    let mut config_files = Vec::new();
+    let mut config_bytes = 0;
+    std::fs::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
+        path: config_dir.clone(),
+        source,
+    })?;
+    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Config {
+            path: path.clone(),
+            source,
+        })?;
+        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
+            SnapshotError::Config {
+                path: config_dir.join(name),
+                source,
+            }
+        })?;
+        config_bytes += bytes.len() as u64;
+        config_files.push(name.to_string_lossy().into_owned());
+    }
+
+    let copied = if tree.method == storage::StorageMethod::Copy {
+        tree.bytes
+    } else {
+        0
+    };
+    let meta = Meta {
+        format: 1,
+        id,
+        trigger: request.trigger.clone(),
+        label: request.label.clone(),
+        project: stack.project.clone(),
+        version,
+        image_id: stack.version.as_ref().map(|v| v.image_id.clone()),
+        repo_digests: stack
+            .version
+            .as_ref()
+            .map(|v| v.repo_digests.clone())
+            .unwrap_or_default(),
+        env_version: stack.env_version.clone(),
+        started_at,
+        sealed_at: Utc::now(),
+        db: facts,
+        size_bytes: dump.bytes + tree.manifest_bytes + config_bytes + copied,
+        dump,
+        storage: tree,
+        upload_location: upload,
+        config_files,
+    };
+    partial.seal(&meta)?;
+    Ok(meta)
+}
