@@ -168,6 +168,24 @@ async fn discovered(stack: &Stack) -> immich_guard::discover::Stack {
         .unwrap()
 }
 
+/// A running stack, what discovery finds of it, and a snapshot dir on the same filesystem
+/// as its upload location (both under the temp dir), configured.
+async fn fixture() -> (
+    Stack,
+    immich_guard::discover::Stack,
+    tempfile::TempDir,
+    Config,
+) {
+    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
+        .await
+        .unwrap();
+    let found = discovered(&stack).await;
+    let snapshots = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    (stack, found, snapshots, config)
+}
+
 fn manual() -> snapshot::Request {
     snapshot::Request {
         trigger: "manual".into(),
@@ -180,14 +198,7 @@ async fn snapshot_seals_database_storage_and_config_together() {
     if !docker_available() {
         return;
     }
-    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
-        .await
-        .unwrap();
-    let found = discovered(&stack).await;
-    // Same filesystem as the stack's upload dir (both under the temp dir): hard links.
-    let snapshots = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    let (stack, found, snapshots, config) = fixture().await;
 
     let meta = snapshot::take(&docker(), HOST, &found, &config, &manual())
         .await
@@ -266,13 +277,7 @@ async fn stopped_database_fails_the_snapshot_and_leaves_no_partial() {
     if !docker_available() {
         return;
     }
-    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
-        .await
-        .unwrap();
-    let found = discovered(&stack).await;
-    let snapshots = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    let (stack, found, snapshots, config) = fixture().await;
     let first = snapshot::take(&docker(), HOST, &found, &config, &manual())
         .await
         .unwrap();
