@@ -17,9 +17,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::control::server::{ControlError, ControlServer};
+use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
+use crate::snapshot::queue::SnapshotQueue;
+use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
 use crate::systemd::Notifier;
 
@@ -40,9 +42,12 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
+type DockerTx = Arc<watch::Sender<Option<(Docker, String)>>>;
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
@@ -53,12 +58,33 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 
+    // A snapshot interrupted by a crash or a kill is never usable: remove it before anything
+    // can list it. Sealed snapshots are not touched.
+    let snapshot_dir = config.snapshot_dir();
+    let store = Store::open(&snapshot_dir)?;
+    for name in store.clean_partials()? {
+        tracing::warn!(dir = %snapshot_dir.display(), partial = %name, "removed an interrupted snapshot");
+    }
+
+    let (docker_tx, docker_rx) = watch::channel(None);
+    let docker_tx: DockerTx = Arc::new(docker_tx);
+    let queue = SnapshotQueue::start(config.clone(), docker_rx, state.clone());
+
     let control = ControlServer::bind(&config.control)?;
     tracing::info!(socket = %control.path().display(), "control socket listening");
     let socket_path = control.path().to_path_buf();
-    let control_task = tokio::spawn(control.serve(rx.clone()));
+    let control_task = tokio::spawn(control.serve(Control {
+        state: rx.clone(),
+        queue,
+        snapshot_dir,
+    }));
 
-    let supervisor = tokio::spawn(supervise_docker(config.clone(), host, state.clone()));
+    let supervisor = tokio::spawn(supervise_docker(
+        config.clone(),
+        host,
+        state.clone(),
+        docker_tx,
+    ));
 
     // READY once the socket listens and the first discovery attempt has an outcome, whether
     // a stack or a reason why not.
@@ -120,7 +146,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 }
 
 /// Keeps a Docker connection, with backoff while the engine is away.
-async fn supervise_docker(config: Config, host: String, state: State) {
+async fn supervise_docker(config: Config, host: String, state: State, docker_tx: DockerTx) {
     let min = Duration::from_millis(config.docker.reconnect_min_ms);
     let max = Duration::from_millis(config.docker.reconnect_max_ms);
     let mut backoff = min;
@@ -137,7 +163,9 @@ async fn supervise_docker(config: Config, host: String, state: State) {
                     s.docker.since = Utc::now();
                     s.activity = "watching".to_string();
                 });
+                docker_tx.send_replace(Some((docker.clone(), host.clone())));
                 let lost = follow_events(&docker, &host, &config, &state).await;
+                docker_tx.send_replace(None);
                 tracing::warn!(error = %lost, "lost Docker connection");
                 mark_unreachable(&state, &lost);
             }

@@ -45,6 +45,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take a snapshot of database and storage now; returns when it is sealed.
+    Snapshot {
+        /// A note stored with the snapshot.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the sealed snapshots.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file and print the effective settings.
     CheckConfig,
 }
@@ -101,6 +114,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Discover { json } => runtime.block_on(discover_cmd(&config, json)),
         Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
+        Command::Snapshot { label, json } => runtime.block_on(snapshot_cmd(&config, label, json)),
+        Command::List { json } => runtime.block_on(list_cmd(&config, json)),
         Command::CheckConfig => {
             println!("{}: OK", path.display());
             print!("{}", toml::to_string_pretty(&config)?);
@@ -139,16 +154,75 @@ async fn discover_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    match client::request(&config.control.socket, &Request::Status {}).await? {
-        Response::Status(report) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", render::status(&report));
-            }
-            Ok(ExitCode::SUCCESS)
+/// The daemon's final answer, or its error as ours.
+fn expect<T>(response: Response, pick: impl FnOnce(Response) -> Option<T>) -> anyhow::Result<T> {
+    match response {
+        Response::Error { message } => bail!("{message}"),
+        other => {
+            let text = format!("{other:?}");
+            pick(other).with_context(|| format!("unexpected answer from the daemon: {text}"))
         }
-        Response::Error { message } => bail!("the daemon refused: {message}"),
     }
+}
+
+async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let response = client::request(&config.control.socket, &Request::Status {}).await?;
+    let report = expect(response, |r| match r {
+        Response::Status(report) => Some(report),
+        _ => None,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render::status(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshot_cmd(
+    config: &Config,
+    label: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // A spinner for a person at a terminal; plain lines for logs and scripts.
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    let request = Request::Snapshot { label };
+    let response =
+        client::request_with_progress(&config.control.socket, &request, |line| match &bar {
+            Some(bar) => bar.set_message(line.to_string()),
+            None => eprintln!("{line}"),
+        })
+        .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let meta = expect(response?, |r| match r {
+        Response::Snapshot(meta) => Some(meta),
+        _ => None,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&meta)?);
+    } else {
+        println!("sealed snapshot {}", meta.id);
+        print!("{}", render::snapshots(std::slice::from_ref(&meta)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let response = client::request(&config.control.socket, &Request::List {}).await?;
+    let snapshots = expect(response, |r| match r {
+        Response::List { snapshots } => Some(snapshots),
+        _ => None,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshots)?);
+    } else {
+        print!("{}", render::snapshots(&snapshots));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -127,6 +127,18 @@ pub fn status(r: &StatusReport) -> String {
             let _ = writeln!(out, "last event: none yet");
         }
     }
+    if let Some(snap) = &s.last_snapshot {
+        let _ = writeln!(
+            out,
+            "last snapshot: {} ({}), sealed {}",
+            snap.id,
+            snap.version,
+            snap.sealed_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
+    if let Some(e) = &s.last_snapshot_error {
+        let _ = writeln!(out, "LAST SNAPSHOT FAILED: {e}");
+    }
     match (&s.stack, &s.discovery_error) {
         (Some(stack_), _) => out.push_str(&stack(stack_)),
         (None, Some(e)) => {
@@ -137,6 +149,47 @@ pub fn status(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// The `list` table: id, version, trigger, size, DB size, files, method, age, sealed.
+pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
+    if all.is_empty() {
+        return "no sealed snapshots yet (take one with `immich-guard snapshot`)\n".to_string();
+    }
+    let mut out = format!(
+        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}\n",
+        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "AGE", "SEALED"
+    );
+    let now = chrono::Utc::now();
+    for m in all {
+        let method = serde_json::to_value(m.storage.method)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}",
+            m.id,
+            m.version,
+            m.trigger,
+            bytes(m.size_bytes),
+            bytes(m.dump.bytes),
+            m.storage.files,
+            method,
+            duration((now - m.sealed_at).num_seconds().max(0) as u64),
+            m.sealed_at.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1 << 10 => format!("{n} B"),
+        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 1 << 30 => format!("{:.1} MiB", n as f64 / 1048576.0),
+        n => format!("{:.1} GiB", n as f64 / 1073741824.0),
+    }
 }
 
 fn duration(secs: u64) -> String {
@@ -158,5 +211,7 @@ mod tests {
         assert_eq!(duration(65), "1m5s");
         assert_eq!(duration(7200 + 60), "2h1m");
         assert_eq!(duration(90000), "1d1h");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
     }
 }

@@ -19,6 +19,16 @@ pub struct DaemonState {
     pub discovery_error: Option<String>,
     pub discovered_at: Option<DateTime<Utc>>,
     pub last_event: Option<EventSeen>,
+    pub last_snapshot: Option<SnapshotSeen>,
+    /// Why the last snapshot attempt failed, until one succeeds.
+    pub last_snapshot_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSeen {
+    pub id: String,
+    pub version: String,
+    pub sealed_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +68,8 @@ impl DaemonState {
             discovery_error: None,
             discovered_at: None,
             last_event: None,
+            last_snapshot: None,
+            last_snapshot_error: None,
         }
     }
 

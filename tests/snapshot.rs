@@ -200,7 +200,7 @@ async fn snapshot_seals_database_storage_and_config_together() {
     }
     let (stack, found, snapshots, config) = fixture().await;
 
-    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual())
+    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
         .unwrap();
     assert_eq!(meta.version, "v1.119.0");
@@ -249,7 +249,7 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
     let mut config = Config::default();
     config.snapshots.dir = Some(snapshots.path().to_path_buf());
 
-    let e = snapshot::take(&docker(), HOST, &found, &config, &manual())
+    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
         .unwrap_err();
     assert!(matches!(e, SnapshotError::Storage(_)), "{e:?}");
@@ -265,7 +265,7 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
     );
 
     config.snapshots.copy_across = true;
-    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual())
+    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
         .unwrap();
     assert_eq!(meta.storage.method, StorageMethod::Copy);
@@ -278,11 +278,11 @@ async fn stopped_database_fails_the_snapshot_and_leaves_no_partial() {
         return;
     }
     let (stack, found, snapshots, config) = fixture().await;
-    let first = snapshot::take(&docker(), HOST, &found, &config, &manual())
+    let first = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
         .unwrap();
     stack.compose(&["stop", "-t", "1", "database"]);
-    let e = snapshot::take(&docker(), HOST, &found, &config, &manual())
+    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
         .unwrap_err();
     assert!(

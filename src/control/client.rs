@@ -8,7 +8,8 @@ use tokio::net::UnixStream;
 
 use super::{Request, Response};
 
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest silence between two lines of an answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,6 +36,16 @@ pub enum ClientError {
 
 /// Sends one request and reads its one response.
 pub async fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    request_with_progress(socket, request, |_| {}).await
+}
+
+/// Sends one request; hands every `progress` line to `on_progress` and returns the final
+/// answer. A snapshot may take long: the time limit is per line, not for the whole answer.
+pub async fn request_with_progress(
+    socket: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(&str),
+) -> Result<Response, ClientError> {
     let path = socket.to_path_buf();
     let stream = UnixStream::connect(socket)
         .await
@@ -49,33 +60,39 @@ pub async fn request(socket: &Path, request: &Request) -> Result<Response, Clien
                 source,
             },
         })?;
-    let exchange = async {
-        let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_vec(request).expect("requests always serialize");
-        line.push(b'\n');
-        write.write_all(&line).await?;
-        let mut answer = String::new();
-        BufReader::new(read).read_line(&mut answer).await?;
-        Ok::<String, std::io::Error>(answer)
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
     };
-    let answer = tokio::time::timeout(RESPONSE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            path: path.clone(),
-            secs: RESPONSE_TIMEOUT.as_secs(),
-        })?
-        .map_err(|source| ClientError::Io {
-            path: path.clone(),
-            source,
-        })?;
-    if answer.is_empty() {
-        return Err(ClientError::Protocol {
-            path,
-            detail: "connection closed without an answer".into(),
-        });
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).expect("requests always serialize");
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io)?;
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut answer = String::new();
+        tokio::time::timeout(RESPONSE_TIMEOUT, reader.read_line(&mut answer))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                path: path.clone(),
+                secs: RESPONSE_TIMEOUT.as_secs(),
+            })?
+            .map_err(io)?;
+        if answer.is_empty() {
+            return Err(ClientError::Protocol {
+                path,
+                detail: "connection closed without an answer".into(),
+            });
+        }
+        match serde_json::from_str(&answer) {
+            Ok(Response::Progress { message }) => on_progress(&message),
+            Ok(response) => return Ok(response),
+            Err(e) => {
+                return Err(ClientError::Protocol {
+                    path,
+                    detail: e.to_string(),
+                });
+            }
+        }
     }
-    serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
-        path,
-        detail: e.to_string(),
-    })
 }

@@ -1,4 +1,5 @@
-//! The control socket: one JSON object per line each way, one request → one response.
+//! The control socket: one JSON object per line each way. One request → one response, except
+//! `snapshot`, which sends `progress` lines before its final answer.
 //! The types here are the protocol; the daemon serializes them and the CLI deserializes the
 //! very same types, so there is no second description of the wire format.
 
@@ -7,6 +8,7 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+use crate::snapshot::store::Meta;
 use crate::status::StatusReport;
 
 /// Longest request line the daemon reads; anything longer is refused without parsing.
@@ -17,16 +19,39 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub enum Request {
     // Struct variants (not unit ones) so that unknown fields are refused, not ignored.
     Status {},
+    /// Take a snapshot now (or join the one running); answers when it is sealed.
+    Snapshot {
+        #[serde(default)]
+        label: Option<String>,
+    },
+    List {},
+}
+
+impl Request {
+    /// Verbs that change something: only root (or the daemon's own user) may send them.
+    pub fn is_mutating(&self) -> bool {
+        matches!(self, Request::Snapshot { .. })
+    }
 }
 
 /// Every verb the daemon knows, for "unknown verb" answers.
-pub const VERBS: &[&str] = &["status"];
+pub const VERBS: &[&str] = &["status", "snapshot", "list"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusReport>),
-    Error { message: String },
+    /// A step of a running snapshot; more lines follow.
+    Progress {
+        message: String,
+    },
+    Snapshot(Box<Meta>),
+    List {
+        snapshots: Vec<Meta>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl Response {

@@ -13,7 +13,17 @@ use tokio::task::JoinSet;
 
 use super::{MAX_REQUEST_BYTES, Request, Response, parse_request};
 use crate::config::ControlConfig;
+use crate::snapshot::queue::{Event, SnapshotQueue};
+use crate::snapshot::store::Store;
 use crate::status::{DaemonState, StatusReport};
+
+/// What the socket answers from: the published state, the snapshot queue, the store.
+#[derive(Clone)]
+pub struct Control {
+    pub state: watch::Receiver<DaemonState>,
+    pub queue: SnapshotQueue,
+    pub snapshot_dir: PathBuf,
+}
 
 /// How long a connection may sit without sending a complete request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,13 +114,13 @@ impl ControlServer {
     }
 
     /// Serves until the task is dropped; dropping it also ends every open connection.
-    pub async fn serve(self, state: watch::Receiver<DaemonState>) {
+    pub async fn serve(self, control: Control) {
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        connections.spawn(serve_connection(stream, state.clone()));
+                        connections.spawn(serve_connection(stream, control.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket accept failed");
@@ -132,7 +142,9 @@ impl ControlServer {
     }
 }
 
-async fn serve_connection(stream: UnixStream, state: watch::Receiver<DaemonState>) {
+async fn serve_connection(stream: UnixStream, control: Control) {
+    // Who is asking, from the kernel (SO_PEERCRED), not from anything the client says.
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -155,42 +167,88 @@ async fn serve_connection(stream: UnixStream, state: watch::Receiver<DaemonState
         if complete {
             line.pop();
         }
-        let (response, keep_going) = if !complete && line.len() > MAX_REQUEST_BYTES {
+        if !complete && line.len() > MAX_REQUEST_BYTES {
             // The rest of the line is unread: there is no way to find the next request.
-            (
-                Response::error(format!(
-                    "request too large: more than {MAX_REQUEST_BYTES} bytes without a newline"
-                )),
-                false,
-            )
-        } else {
-            let response = match parse_request(&line) {
-                Ok(request) => respond(request, &state),
-                Err(message) => Response::error(message),
-            };
-            (response, complete)
-        };
-        let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
-            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}")
-                .into_bytes()
-        });
-        out.push(b'\n');
-        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
-            Ok(Ok(())) => {}
-            _ => return,
+            let message =
+                format!("request too large: more than {MAX_REQUEST_BYTES} bytes without a newline");
+            let _ = send(&mut write, &Response::error(message)).await;
+            return;
         }
-        if !keep_going {
+        let request = match parse_request(&line) {
+            Ok(request) => request,
+            Err(message) => {
+                if send(&mut write, &Response::error(message)).await.is_err() || !complete {
+                    return;
+                }
+                continue;
+            }
+        };
+        if request.is_mutating() && !allowed_to_change(peer_uid) {
+            let message =
+                "permission denied: only root may change things (snapshot, release, restore)";
+            if send(&mut write, &Response::error(message)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let sent = match request {
+            Request::Status {} => {
+                // Copy out under the borrow; never hold it across an await.
+                let report = StatusReport::from_state(&control.state.borrow());
+                send(&mut write, &Response::Status(Box::new(report))).await
+            }
+            Request::List {} => {
+                let dir = control.snapshot_dir.clone();
+                let listed = tokio::task::spawn_blocking(move || Store::open(&dir)?.list())
+                    .await
+                    .expect("list thread");
+                let response = match listed {
+                    Ok(snapshots) => Response::List { snapshots },
+                    Err(e) => Response::error(e.to_string()),
+                };
+                send(&mut write, &response).await
+            }
+            Request::Snapshot { label } => {
+                let request = crate::snapshot::Request {
+                    trigger: "manual".to_string(),
+                    label,
+                };
+                let mut events = control.queue.request(request).await;
+                let mut result = Ok(());
+                while let Some(event) = events.recv().await {
+                    let (response, last) = match event {
+                        Event::Progress(message) => (Response::Progress { message }, false),
+                        Event::Sealed(meta) => (Response::Snapshot(meta), true),
+                        Event::Failed(message) => (Response::error(message), true),
+                    };
+                    // A client that went away does not stop the snapshot; it just stops
+                    // hearing about it.
+                    result = send(&mut write, &response).await;
+                    if last || result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+        };
+        if sent.is_err() || !complete {
             return;
         }
     }
 }
 
-fn respond(request: Request, state: &watch::Receiver<DaemonState>) -> Response {
-    match request {
-        Request::Status {} => {
-            // Copy out under the borrow; never hold it across an await.
-            let report = StatusReport::from_state(&state.borrow());
-            Response::Status(Box::new(report))
-        }
+fn allowed_to_change(peer_uid: Option<u32>) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    matches!(peer_uid, Some(uid) if uid == 0 || uid == me)
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> Result<(), ()> {
+    let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
+        format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
+    });
+    out.push(b'\n');
+    match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }

@@ -4,6 +4,7 @@
 //! any failure drops the partial, so nothing half-made is ever listed.
 
 pub mod db;
+pub mod queue;
 pub mod storage;
 pub mod store;
 
@@ -44,6 +45,9 @@ pub struct Request {
     pub label: Option<String>,
 }
 
+/// Receives one line per step, for the admin watching a snapshot.
+pub type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
+
 /// Takes one snapshot of `stack` and seals it. Database facts are read first, then the dump,
 /// then the storage tree, then the compose config; the seal comes last.
 pub async fn take(
@@ -52,6 +56,7 @@ pub async fn take(
     stack: &Stack,
     config: &Config,
     request: &Request,
+    progress: Progress<'_>,
 ) -> Result<Meta, SnapshotError> {
     let missing = |what, hint| SnapshotError::Missing {
         project: stack.project.clone(),
@@ -81,10 +86,17 @@ pub async fn take(
         .unwrap_or_else(|| "unknown".to_string());
     let store = Store::open(&config.snapshot_dir())?;
     let method = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
-    let id = store::snapshot_id(started_at, &version, &request.trigger);
+    let id = store.unused_id(&store::snapshot_id(started_at, &version, &request.trigger));
     let partial = store.begin(&id)?;
 
+    progress(format!("snapshot {id}: reading migrations and counts"));
     let facts = db::facts(access).await?;
+    progress(format!(
+        "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
+        facts.migrations.len(),
+        facts.assets.map_or("?".to_string(), |n| n.to_string()),
+        facts.database_bytes / 1_000_000
+    ));
     let dump = db::dump(
         docker,
         docker_host,
@@ -94,6 +106,13 @@ pub async fn take(
     )
     .await?;
 
+    progress(format!(
+        "dump: {} MB of SQL, {} MB on disk in {:.1} s; storage snapshot ({:?})",
+        dump.sql_bytes / 1_000_000,
+        dump.bytes / 1_000_000,
+        dump.duration_ms as f64 / 1000.0,
+        method
+    ));
     let tree = {
         let (upload, dir) = (upload.clone(), partial.path().to_path_buf());
         let exclude = config.snapshots.exclude.clone();
@@ -110,6 +129,12 @@ pub async fn take(
         .expect("storage snapshot thread")?
     };
 
+    progress(format!(
+        "storage: {} files, {} MB in {:.1} s",
+        tree.files,
+        tree.bytes / 1_000_000,
+        tree.duration_ms as f64 / 1000.0
+    ));
     let config_dir = partial.path().join(CONFIG_DIR);
     let mut config_files = Vec::new();
     let mut config_bytes = 0;
@@ -164,5 +189,6 @@ pub async fn take(
         config_files,
     };
     partial.seal(&meta)?;
+    progress(format!("sealed {}", meta.id));
     Ok(meta)
 }

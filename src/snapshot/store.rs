@@ -117,6 +117,20 @@ impl Store {
         Ok(removed)
     }
 
+    /// `base`, or `base-2`, `base-3`... when snapshots were taken within the same second.
+    pub fn unused_id(&self, base: &str) -> String {
+        let taken = |id: &str| {
+            self.root.join(id).exists() || self.root.join(format!("{PARTIAL_PREFIX}{id}")).exists()
+        };
+        if !taken(base) {
+            return base.to_string();
+        }
+        (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|id| !taken(id))
+            .expect("some suffix is free")
+    }
+
     /// Starts a snapshot: an empty `.partial-<id>` dir, removed again unless sealed.
     pub fn begin(&self, id: &str) -> Result<Partial, StoreError> {
         let final_dir = self.root.join(id);
@@ -305,5 +319,7 @@ mod tests {
         assert!(!leftover.exists());
         assert!(root.path().join("a/meta.json").exists());
         assert!(matches!(store.begin("a"), Err(StoreError::Exists { .. })));
+        assert_eq!(store.unused_id("a"), "a-2");
+        assert_eq!(store.unused_id("d"), "d");
     }
 }

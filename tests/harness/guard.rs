@@ -130,6 +130,14 @@ impl Guard {
         cli(&self.config_path, args)
     }
 
+    /// SIGKILL: the daemon gets no chance to clean up, like a power cut or an OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         nix::sys::signal::kill(

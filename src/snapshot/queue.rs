@@ -1,0 +1,143 @@
+//! One snapshot at a time. Requests that arrive while a snapshot runs join it: every caller
+//! gets its progress and its id, and the stack is dumped once. The worker takes the Docker
+//! connection and the stack from what the daemon last published; it never discovers itself.
+
+use std::sync::Arc;
+
+use bollard::Docker;
+use tokio::sync::{mpsc, watch};
+
+use super::store::Meta;
+use super::{Request, take};
+use crate::config::Config;
+use crate::status::{DaemonState, SnapshotSeen};
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Progress(String),
+    Sealed(Box<Meta>),
+    Failed(String),
+}
+
+struct Job {
+    request: Request,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// The connection the daemon currently holds, and its host string.
+pub type DockerHandle = watch::Receiver<Option<(Docker, String)>>;
+
+#[derive(Clone)]
+pub struct SnapshotQueue {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SnapshotQueue {
+    pub fn start(
+        config: Config,
+        docker: DockerHandle,
+        state: Arc<watch::Sender<DaemonState>>,
+    ) -> SnapshotQueue {
+        let (jobs, rx) = mpsc::channel(16);
+        tokio::spawn(worker(rx, config, docker, state));
+        SnapshotQueue { jobs }
+    }
+
+    /// Queues (or joins) a snapshot; the receiver yields progress, then Sealed or Failed.
+    pub async fn request(&self, request: Request) -> mpsc::UnboundedReceiver<Event> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = Job { request, events };
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job).await {
+            let _ = job
+                .events
+                .send(Event::Failed("the snapshot worker has stopped".into()));
+        }
+        rx
+    }
+}
+
+async fn worker(
+    mut jobs: mpsc::Receiver<Job>,
+    config: Config,
+    docker: DockerHandle,
+    state: Arc<watch::Sender<DaemonState>>,
+) {
+    while let Some(first) = jobs.recv().await {
+        let mut waiters = vec![first.events];
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
+        let run = run_one(&config, &docker, &state, &first.request, progress_tx);
+        tokio::pin!(run);
+        let result = loop {
+            tokio::select! {
+                result = &mut run => break result,
+                Some(line) = progress_rx.recv() => {
+                    tracing::info!("{line}");
+                    waiters.retain(|w| w.send(Event::Progress(line.clone())).is_ok());
+                }
+                Some(job) = jobs.recv() => {
+                    let _ = job.events.send(Event::Progress("joined the snapshot in progress".into()));
+                    waiters.push(job.events);
+                }
+            }
+        };
+        while let Ok(line) = progress_rx.try_recv() {
+            tracing::info!("{line}");
+            for w in &waiters {
+                let _ = w.send(Event::Progress(line.clone()));
+            }
+        }
+        let event = match result {
+            Ok(meta) => Event::Sealed(Box::new(meta)),
+            Err(message) => {
+                tracing::error!(error = %message, "snapshot failed");
+                Event::Failed(message)
+            }
+        };
+        for w in &waiters {
+            let _ = w.send(event.clone());
+        }
+    }
+}
+
+async fn run_one(
+    config: &Config,
+    docker: &DockerHandle,
+    state: &watch::Sender<DaemonState>,
+    request: &Request,
+    progress: mpsc::UnboundedSender<String>,
+) -> Result<Meta, String> {
+    let connection = docker.borrow().clone();
+    let Some((docker, host)) = connection else {
+        return Err("Docker is unreachable; see `immich-guard status`".into());
+    };
+    let (stack, why) = {
+        let s = state.borrow();
+        (s.stack.clone(), s.discovery_error.clone())
+    };
+    let stack = stack.ok_or_else(|| {
+        format!(
+            "no stack to snapshot: {}",
+            why.unwrap_or_else(|| "discovery has not run yet".into())
+        )
+    })?;
+    state.send_modify(|s| s.activity = format!("snapshotting ({})", request.trigger));
+    let report = move |line: String| {
+        let _ = progress.send(line);
+    };
+    let result = take(&docker, &host, &stack, config, request, &report).await;
+    state.send_modify(|s| {
+        s.activity = "watching".to_string();
+        match &result {
+            Ok(meta) => {
+                s.last_snapshot = Some(SnapshotSeen {
+                    id: meta.id.clone(),
+                    version: meta.version.clone(),
+                    sealed_at: meta.sealed_at,
+                });
+                s.last_snapshot_error = None;
+            }
+            Err(e) => s.last_snapshot_error = Some(e.to_string()),
+        }
+    });
+    result.map_err(|e| e.to_string())
+}

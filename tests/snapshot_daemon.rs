@@ -1,0 +1,207 @@
+//! Snapshots through the daemon: the CLI's `snapshot` and `list`, concurrent requests joining
+//! one snapshot, only root may take one, and a daemon killed mid-snapshot leaves nothing
+//! usable-looking behind.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::guard::{GUARD_BIN, Guard, GuardOptions};
+use harness::{Stack, StackSpec, docker_available};
+use immich_guard::snapshot::store::Meta;
+
+fn guard_for(stack: &Stack, snapshots: &std::path::Path) -> Guard {
+    let guard = Guard::start(GuardOptions {
+        extra_toml: &format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n",
+            stack.project,
+            snapshots.display().to_string()
+        ),
+        ..Default::default()
+    });
+    guard.wait_socket(Duration::from_secs(10));
+    guard.wait_status("stack discovered", Duration::from_secs(30), |s| {
+        s.state.stack.is_some()
+    });
+    guard
+}
+
+fn list(guard: &Guard) -> Vec<Meta> {
+    let out = guard.cli(&["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(StackSpec::default());
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path());
+
+    let empty = guard.cli(&["list"]);
+    assert!(String::from_utf8_lossy(&empty.stdout).contains("no sealed snapshots yet"));
+
+    let out = guard.cli(&["snapshot", "--label", "before trying v1.120"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("sealed snapshot"), "{stdout}");
+    // Not a terminal: progress comes as plain lines.
+    assert!(stderr.contains("dumping with pg_dumpall"), "{stderr}");
+    assert!(stderr.contains("storage:"), "{stderr}");
+
+    let listed = list(&guard);
+    assert_eq!(listed.len(), 1);
+    let meta = &listed[0];
+    assert_eq!(meta.label.as_deref(), Some("before trying v1.120"));
+    assert_eq!(meta.trigger, "manual");
+    assert_eq!(meta.version, "v1.119.0");
+    assert!(stdout.contains(&meta.id));
+    let table = String::from_utf8_lossy(&guard.cli(&["list"]).stdout).to_string();
+    assert!(
+        table.contains(&meta.id) && table.contains("hardlink"),
+        "{table}"
+    );
+
+    let status = guard.status();
+    assert_eq!(status.state.last_snapshot.as_ref().unwrap().id, meta.id);
+    assert!(
+        status.status_line.starts_with("watching"),
+        "{}",
+        status.status_line
+    );
+}
+
+#[test]
+fn two_snapshot_requests_at_once_give_one_snapshot() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(StackSpec::default());
+    // Some data so the first request is still running when the second arrives.
+    stack.psql(
+        "CREATE TABLE filler AS SELECT md5(random()::text) AS h FROM generate_series(1, 300000)",
+    );
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path());
+    let run = || {
+        let config = guard.config_path.clone();
+        std::thread::spawn(move || {
+            let out = harness::guard::cli(&config, &["snapshot", "--json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Meta>(&out.stdout).unwrap().id
+        })
+    };
+    let (a, b) = (run(), run());
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!(a, b, "both callers get the one snapshot");
+    assert_eq!(list(&guard).len(), 1);
+}
+
+#[test]
+fn only_root_may_take_a_snapshot() {
+    if !docker_available() || nix::unistd::geteuid().as_raw() != 0 {
+        return;
+    }
+    let stack = Stack::up(StackSpec::default());
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = Guard::start(GuardOptions {
+        extra_toml: &format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n",
+            stack.project,
+            snapshots.path().display().to_string()
+        ),
+        ..Default::default()
+    });
+    guard.wait_socket(Duration::from_secs(10));
+    // Let the unprivileged user reach the socket at all, as control.group would.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&guard.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for dir in [
+        guard.dir.path().to_path_buf(),
+        guard.socket.parent().unwrap().to_path_buf(),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&guard.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let as_nobody = |args: &[&str]| {
+        Command::new(GUARD_BIN)
+            .arg("--config")
+            .arg(&guard.config_path)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let status = as_nobody(&["status"]);
+    assert!(
+        status.status.success(),
+        "read-only verbs are fine: {status:?}"
+    );
+    let out = as_nobody(&["snapshot"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("root"),
+        "{err}"
+    );
+    assert!(list(&guard).is_empty());
+}
+
+#[test]
+fn daemon_killed_mid_snapshot_leaves_a_partial_that_the_next_start_removes() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(StackSpec::default());
+    stack.psql(
+        "CREATE TABLE filler AS SELECT md5(random()::text) AS h FROM generate_series(1, 1000000)",
+    );
+    let snapshots = tempfile::tempdir().unwrap();
+    let mut guard = guard_for(&stack, snapshots.path());
+    let config = guard.config_path.clone();
+    let client = std::thread::spawn(move || harness::guard::cli(&config, &["snapshot"]));
+    // Wait until the partial exists, then pull the plug.
+    let start = std::time::Instant::now();
+    let partial = loop {
+        let found = std::fs::read_dir(snapshots.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(".partial-"));
+        if let Some(p) = found {
+            break p.path();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no partial appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    guard.kill();
+    let out = client.join().unwrap();
+    assert!(!out.status.success(), "the client sees the daemon go away");
+    assert!(partial.exists(), "a killed daemon cannot clean up");
+
+    let again = guard_for(&stack, snapshots.path());
+    assert!(!partial.exists(), "removed at start");
+    assert!(
+        again.log().contains("removed an interrupted snapshot"),
+        "{}",
+        again.log()
+    );
+    assert!(list(&again).is_empty(), "never listed");
+}
