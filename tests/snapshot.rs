@@ -299,3 +299,72 @@ async fn stopped_database_fails_the_snapshot_and_leaves_no_partial() {
         "the earlier snapshot is intact, no partial"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_is_refused_up_front_when_space_is_short() {
+    if !docker_available() {
+        return;
+    }
+    let snapshots = tempfile::tempdir().unwrap();
+    if !mount_tmpfs(snapshots.path(), "8m") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs to mount a tmpfs"
+        );
+        return;
+    }
+    let _unmount = Unmount(snapshots.path());
+    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
+        .await
+        .unwrap();
+    let found = discovered(&stack).await;
+    let mut config = Config::default();
+    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    config.snapshots.copy_across = true;
+    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SnapshotError::NoSpace { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("not enough free space") && text.contains("MB are free"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_dir(snapshots.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_last_n_and_never_the_newest_goes() {
+    if !docker_available() {
+        return;
+    }
+    let (_stack, found, snapshots, mut config) = fixture().await;
+    config.snapshots.keep_last = 2;
+    config.snapshots.keep_versions = 1;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let left: Vec<String> = Store::open(snapshots.path())
+        .unwrap()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(
+        left,
+        ids[1..].to_vec(),
+        "the oldest went, the newest two stay"
+    );
+    assert_eq!(
+        std::fs::read_dir(snapshots.path()).unwrap().count(),
+        2,
+        "no partials"
+    );
+}

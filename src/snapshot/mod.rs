@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod queue;
+pub mod retention;
 pub mod storage;
 pub mod store;
 
@@ -31,6 +32,16 @@ pub enum SnapshotError {
     Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(
+        "not enough free space in {dir}: a snapshot needs about {need_mb} MB (database {db_mb} MB{copy}), {free_mb} MB are free; free some space or move snapshots.dir"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        need_mb: u64,
+        free_mb: u64,
+        db_mb: u64,
+        copy: String,
+    },
     #[error("copying {path} into the snapshot: {source}")]
     Config {
         path: PathBuf,
@@ -87,10 +98,11 @@ pub async fn take(
     let store = Store::open(&config.snapshot_dir())?;
     let method = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
     let id = store.unused_id(&store::snapshot_id(started_at, &version, &request.trigger));
-    let partial = store.begin(&id)?;
 
     progress(format!("snapshot {id}: reading migrations and counts"));
     let facts = db::facts(access).await?;
+    check_space(store.root(), &upload, method, facts.database_bytes).await?;
+    let partial = store.begin(&id)?;
     progress(format!(
         "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
         facts.migrations.len(),
@@ -190,5 +202,65 @@ pub async fn take(
     };
     partial.seal(&meta)?;
     progress(format!("sealed {}", meta.id));
+    let removed = retention::apply(
+        &store,
+        config.snapshots.keep_last,
+        config.snapshots.keep_versions,
+    )?;
+    if !removed.is_empty() {
+        progress(format!("retention removed {}", removed.join(", ")));
+    }
     Ok(meta)
+}
+
+/// A pg_dumpall compressed with zstd is far smaller than the database on disk; half of it is
+/// a safe upper bound. A hard-link tree costs only directories and the manifest (the margin);
+/// a copy costs the whole upload location.
+const DUMP_RATIO: f64 = 0.5;
+const SPACE_MARGIN: u64 = 16 << 20;
+
+async fn check_space(
+    dir: &std::path::Path,
+    upload: &std::path::Path,
+    method: storage::StorageMethod,
+    database_bytes: i64,
+) -> Result<(), SnapshotError> {
+    let copy_bytes = if method == storage::StorageMethod::Copy {
+        let upload = upload.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            walkdir::WalkDir::new(upload)
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_file())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+        .await
+        .expect("size walk")
+    } else {
+        0
+    };
+    let db = database_bytes.max(0) as u64;
+    let need = (db as f64 * DUMP_RATIO) as u64 + copy_bytes + SPACE_MARGIN;
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| store::StoreError::Io {
+        path: dir.to_path_buf(),
+        action: "checking free space",
+        source: e.into(),
+    })?;
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    if free < need {
+        return Err(SnapshotError::NoSpace {
+            dir: dir.to_path_buf(),
+            need_mb: need.div_ceil(1 << 20),
+            free_mb: free >> 20,
+            db_mb: db >> 20,
+            copy: if copy_bytes > 0 {
+                format!(", copy of the uploads {} MB", copy_bytes >> 20)
+            } else {
+                String::new()
+            },
+        });
+    }
+    Ok(())
 }

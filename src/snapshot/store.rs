@@ -152,6 +152,16 @@ impl Store {
         })
     }
 
+    /// Deletes one sealed snapshot. Only retention calls this.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.root.join(id);
+        // Unseal first (rename to a partial name) so a crash mid-delete leaves a partial,
+        // which the next start removes, never a half-deleted "sealed" snapshot.
+        let doomed = self.root.join(format!("{PARTIAL_PREFIX}deleting-{id}"));
+        std::fs::rename(&dir, &doomed).map_err(io(&dir, "unsealing it for deletion"))?;
+        std::fs::remove_dir_all(&doomed).map_err(io(&doomed, "deleting it"))
+    }
+
     /// Sealed snapshots, oldest first. Partial and unreadable dirs are never listed.
     pub fn list(&self) -> Result<Vec<Meta>, StoreError> {
         let mut all = Vec::new();
@@ -227,7 +237,7 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn meta(id: &str, started: DateTime<Utc>) -> Meta {
