@@ -105,12 +105,22 @@ impl Drop for Unmount<'_> {
     }
 }
 
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    std::process::Command::new("mount")
+/// A small tmpfs at `dir`, unmounted on drop; None (a skip) only outside CI.
+fn tmpfs<'a>(dir: &'a Path, size: &str) -> Option<Unmount<'a>> {
+    let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs to mount a tmpfs"
+        );
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return None;
+    }
+    Some(Unmount(dir))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -119,24 +129,9 @@ async fn disk_full_during_the_dump_names_the_cause() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    if !mount_tmpfs(dir.path(), "256k") {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs to mount a tmpfs"
-        );
-        eprintln!("skipping: cannot mount a tmpfs here");
+    let Some(_unmount) = tmpfs(dir.path(), "256k") else {
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            std::process::Command::new("umount")
-                .arg(self.0)
-                .status()
-                .ok();
-        }
-    }
-    let _unmount = Unmount(dir.path());
+    };
     let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
         .await
         .unwrap();
@@ -233,15 +228,9 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
         return;
     }
     let snapshots = tempfile::tempdir().unwrap();
-    if !mount_tmpfs(snapshots.path(), "64m") {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs to mount a tmpfs"
-        );
-        eprintln!("skipping: cannot mount a tmpfs here");
+    let Some(_unmount) = tmpfs(snapshots.path(), "64m") else {
         return;
-    }
-    let _unmount = Unmount(snapshots.path());
+    };
     let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
         .await
         .unwrap();
@@ -306,14 +295,9 @@ async fn snapshot_is_refused_up_front_when_space_is_short() {
         return;
     }
     let snapshots = tempfile::tempdir().unwrap();
-    if !mount_tmpfs(snapshots.path(), "8m") {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs to mount a tmpfs"
-        );
+    let Some(_unmount) = tmpfs(snapshots.path(), "8m") else {
         return;
-    }
-    let _unmount = Unmount(snapshots.path());
+    };
     let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
         .await
         .unwrap();
