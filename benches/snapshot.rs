@@ -1,0 +1,209 @@
+//! Snapshot benchmarks against the tools an admin would use by hand, same machine, same run:
+//!
+//! - DB dump: `snapshot::db::dump` vs `docker exec <db> pg_dumpall | zstd -3 > file` on a
+//!   database of at least 200 MB (target ratio ≤ 1.05).
+//! - Storage: the hard-link tree of 200,000 files in an Immich-shaped tree (year/month
+//!   folders, thumbs) vs `cp -al` (target ratio ≤ 0.8).
+//!
+//! Run: `cargo bench --bench snapshot` (real Docker and PostgreSQL, a few minutes).
+//! `IMMICH_GUARD_BENCH_ROWS` and `IMMICH_GUARD_BENCH_FILES` scale the inputs; `..._RUNS`
+//! sets the runs per side (median reported).
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{Stack, StackSpec};
+use immich_guard::snapshot::db;
+use immich_guard::snapshot::storage::{StorageMethod, snapshot_tree};
+
+fn env_num(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn row(name: &str, ours: Duration, theirs: Duration, baseline: &str, target: f64) {
+    let ratio = ours.as_secs_f64() / theirs.as_secs_f64();
+    println!(
+        "| {name:<34} | {:>9.3} s | {:>9.3} s | {baseline:<36} | {ratio:>5.2} | {} {target:.2} |",
+        ours.as_secs_f64(),
+        theirs.as_secs_f64(),
+        if ratio <= target { "≤" } else { ">" },
+    );
+}
+
+fn sh(script: &str) -> Duration {
+    let start = Instant::now();
+    let status = Command::new("sh").arg("-c").arg(script).status().unwrap();
+    assert!(status.success(), "{script}");
+    start.elapsed()
+}
+
+fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
+    let stack = Stack::up(StackSpec::default());
+    stack.psql(&format!(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS a, \
+         repeat(md5(g::text), 3) AS b FROM generate_series(1, {rows}) g"
+    ));
+    let size: u64 = stack
+        .psql("SELECT pg_database_size(current_database())")
+        .parse()
+        .unwrap();
+    let container = stack.container_name("database");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        // Alternate so neither side always runs on a warmer cache.
+        let ours_file = dir.path().join(format!("ours-{i}.sql.zst"));
+        let theirs_file = dir.path().join(format!("theirs-{i}.sql.zst"));
+        let mut run_ours = || {
+            let start = Instant::now();
+            runtime
+                .block_on(db::dump(
+                    &docker,
+                    "unix:///var/run/docker.sock",
+                    &container,
+                    "postgres",
+                    &ours_file,
+                ))
+                .unwrap();
+            ours.push(start.elapsed());
+        };
+        let mut run_theirs = || {
+            theirs.push(sh(&format!(
+                "docker exec {container} pg_dumpall --clean --if-exists -U postgres | zstd -3 -q > {}",
+                theirs_file.display()
+            )))
+        };
+        if i % 2 == 0 {
+            run_ours();
+            run_theirs();
+        } else {
+            run_theirs();
+            run_ours();
+        }
+        std::fs::remove_file(&ours_file).ok();
+        std::fs::remove_file(&theirs_file).ok();
+    }
+    (median(ours), median(theirs), size)
+}
+
+/// An Immich-shaped upload location: originals in library/<user>/<year>/<month>, uploads in
+/// upload/<user>/<aa>/<bb>, one thumbnail per upload.
+fn make_library(root: &Path, files: u64) {
+    let originals = files / 4;
+    let uploads = (files - originals) / 2;
+    let thumbs = files - originals - uploads;
+    for i in 0..originals {
+        let dir = root.join(format!(
+            "library/admin/{}/{:02}",
+            2010 + i % 15,
+            1 + (i / 15) % 12
+        ));
+        std::fs::create_dir_all(&dir).ok();
+        std::fs::write(dir.join(format!("IMG_{i:06}.jpg")), i.to_le_bytes()).unwrap();
+    }
+    for (kind, n, suffix) in [
+        ("upload", uploads, ".jpg"),
+        ("thumbs", thumbs, "-thumbnail.webp"),
+    ] {
+        for i in 0..n {
+            let dir = root.join(format!("{kind}/u1/{:02x}/{:02x}", i % 256, (i / 256) % 256));
+            std::fs::create_dir_all(&dir).ok();
+            std::fs::write(dir.join(format!("{i:08x}{suffix}")), i.to_le_bytes()).unwrap();
+        }
+    }
+}
+
+fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
+    let root = tempfile::tempdir().unwrap();
+    let library = root.path().join("library-root");
+    make_library(&library, files);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dest = root.path().join("dest");
+        let manifest = root.path().join("manifest.zst");
+        let mut run_ours = || {
+            let start = Instant::now();
+            let tree =
+                snapshot_tree(&library, &dest, &manifest, StorageMethod::Hardlink, &[]).unwrap();
+            ours.push(start.elapsed());
+            assert_eq!(tree.files, files);
+            std::fs::remove_dir_all(&dest).unwrap();
+        };
+        let mut run_theirs = || {
+            theirs.push(sh(&format!(
+                "cp -al {} {}",
+                library.display(),
+                dest.display()
+            )));
+            std::fs::remove_dir_all(&dest).unwrap();
+        };
+        if i % 2 == 0 {
+            run_ours();
+            run_theirs();
+        } else {
+            run_theirs();
+            run_ours();
+        }
+    }
+    (median(ours), median(theirs))
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would too: only run when asked.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !harness::docker_available() {
+        return;
+    }
+    let runs = env_num("IMMICH_GUARD_BENCH_RUNS", 3);
+    let rows = env_num("IMMICH_GUARD_BENCH_ROWS", 1_200_000);
+    let files = env_num("IMMICH_GUARD_BENCH_FILES", 200_000);
+    let (dump_ours, dump_theirs, db_size) = bench_dump(runs, rows);
+    let (tree_ours, tree_theirs) = bench_storage(runs, files);
+    println!();
+    println!(
+        "median of {runs} runs each, alternating; {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| {:<34} | {:>11} | {:>11} | {:<36} | {:>5} | target |",
+        "what", "ours", "baseline", "baseline command", "ratio"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|--------|",
+        "-".repeat(36),
+        "-".repeat(13),
+        "-".repeat(13),
+        "-".repeat(38),
+        "-".repeat(7)
+    );
+    row(
+        &format!("DB dump, {} MB database", db_size >> 20),
+        dump_ours,
+        dump_theirs,
+        "docker exec pg_dumpall | zstd -3",
+        1.05,
+    );
+    row(
+        &format!("hardlink tree, {files} files"),
+        tree_ours,
+        tree_theirs,
+        "cp -al",
+        0.8,
+    );
+}
