@@ -100,6 +100,9 @@ pub fn choose_method(
 
 /// Builds the tree of `upload` at `dest` (which must not exist) and writes `manifest` beside it.
 /// `exclude` names top-level folders (e.g. `thumbs`) to leave out.
+///
+/// Work is spread over threads by directory: linking and stat-ing are metadata operations
+/// that wait on the filesystem more than on the CPU, so a few threads per core pay off.
 pub fn snapshot_tree(
     upload: &Path,
     dest: &Path,
@@ -108,13 +111,42 @@ pub fn snapshot_tree(
     exclude: &[String],
 ) -> Result<StorageTree, StorageError> {
     let started = std::time::Instant::now();
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StorageError::Write { path, source }
+    std::fs::create_dir(dest).map_err(|source| StorageError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_mul(2)
+        .clamp(2, 16);
+    let work = Work {
+        queue: std::sync::Mutex::new(Queue {
+            dirs: vec![PathBuf::new()],
+            busy: 0,
+            failed: None,
+        }),
+        wake: std::sync::Condvar::new(),
     };
-    let manifest_file = std::fs::File::create(manifest).map_err(write_err(manifest))?;
-    let mut out = zstd::stream::Encoder::new(std::io::BufWriter::new(manifest_file), 3)
-        .map_err(write_err(manifest))?;
+    let job = Job {
+        upload,
+        dest,
+        method,
+        exclude,
+    };
+    let mut entries: Vec<ManifestEntry> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| work.run(&job)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("storage worker panicked"))
+            .collect()
+    });
+    if let Some(e) = work.queue.into_inner().expect("queue lock").failed {
+        return Err(e);
+    }
+    entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+
     let mut tree = StorageTree {
         method,
         files: 0,
@@ -125,99 +157,168 @@ pub fn snapshot_tree(
         manifest_bytes: 0,
         duration_ms: 0,
     };
-    let walker = walkdir::WalkDir::new(upload)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| {
-            // Excluded folders are top-level names only: `thumbs`, not every `thumbs` below.
-            e.depth() != 1 || !exclude.iter().any(|x| e.file_name() == x.as_str())
-        });
-    for entry in walker {
-        let entry = entry.map_err(|e| {
-            let path = e
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| upload.to_path_buf());
-            StorageError::Read {
-                path,
-                source: e
-                    .into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("filesystem loop")),
+    for e in &entries {
+        match e.kind {
+            EntryKind::Dir => tree.dirs += 1,
+            EntryKind::Symlink => tree.symlinks += 1,
+            EntryKind::File => {
+                tree.files += 1;
+                tree.bytes += e.size;
             }
-        })?;
-        let rel = entry
-            .path()
-            .strip_prefix(upload)
-            .expect("walk stays below its root");
-        let target_path = dest.join(rel);
-        let meta = entry.metadata().map_err(|e| StorageError::Read {
-            path: entry.path().to_path_buf(),
-            source: e
-                .into_io_error()
-                .unwrap_or_else(|| std::io::Error::other("metadata")),
-        })?;
-        let file_type = entry.file_type();
-        let (kind, target) = if file_type.is_dir() {
-            std::fs::create_dir(&target_path).map_err(write_err(&target_path))?;
-            tree.dirs += 1;
-            (EntryKind::Dir, None)
-        } else if file_type.is_symlink() {
-            let link = std::fs::read_link(entry.path()).map_err(|source| StorageError::Read {
-                path: entry.path().to_path_buf(),
-                source,
-            })?;
-            std::os::unix::fs::symlink(&link, &target_path).map_err(write_err(&target_path))?;
-            tree.symlinks += 1;
-            (
-                EntryKind::Symlink,
-                Some(link.to_string_lossy().into_owned()),
-            )
-        } else if file_type.is_file() {
-            match method {
-                StorageMethod::Hardlink => std::fs::hard_link(entry.path(), &target_path),
-                StorageMethod::Copy => std::fs::copy(entry.path(), &target_path).map(|_| ()),
-            }
-            .map_err(|source| {
-                // A read failure names the source; anything else the destination.
-                if source.kind() == std::io::ErrorKind::PermissionDenied {
-                    StorageError::Read {
-                        path: entry.path().to_path_buf(),
-                        source,
-                    }
-                } else {
-                    StorageError::Write {
-                        path: target_path.clone(),
-                        source,
-                    }
-                }
-            })?;
-            tree.files += 1;
-            tree.bytes += meta.len();
-            (EntryKind::File, None)
-        } else {
-            // Sockets, fifos, devices have no place in a photo library; recorded, not copied.
-            (EntryKind::File, None)
-        };
-        let record = ManifestEntry {
-            path: rel.to_string_lossy().into_owned(),
-            kind,
-            size: meta.len(),
-            mtime: meta.mtime(),
-            inode: meta.ino(),
-            target,
-        };
-        serde_json::to_writer(&mut out, &record).map_err(|e| write_err(manifest)(e.into()))?;
-        out.write_all(b"\n").map_err(write_err(manifest))?;
+        }
     }
-    let file = out
-        .finish()
-        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-        .map_err(write_err(manifest))?;
-    file.sync_all().map_err(write_err(manifest))?;
-    tree.manifest_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    tree.manifest_bytes =
+        write_manifest(manifest, &entries).map_err(|source| StorageError::Write {
+            path: manifest.to_path_buf(),
+            source,
+        })?;
     tree.duration_ms = started.elapsed().as_millis() as u64;
     Ok(tree)
+}
+
+struct Job<'a> {
+    upload: &'a Path,
+    dest: &'a Path,
+    method: StorageMethod,
+    exclude: &'a [String],
+}
+
+struct Queue {
+    /// Directories (relative to the upload location) waiting to be read.
+    dirs: Vec<PathBuf>,
+    /// Workers reading a directory now: the walk is over when none is and none waits.
+    busy: usize,
+    failed: Option<StorageError>,
+}
+
+struct Work {
+    queue: std::sync::Mutex<Queue>,
+    wake: std::sync::Condvar,
+}
+
+impl Work {
+    fn run(&self, job: &Job<'_>) -> Vec<ManifestEntry> {
+        let mut entries = Vec::new();
+        loop {
+            let dir = {
+                let mut q = self.queue.lock().expect("queue lock");
+                loop {
+                    if q.failed.is_some() {
+                        return entries;
+                    }
+                    if let Some(dir) = q.dirs.pop() {
+                        q.busy += 1;
+                        break dir;
+                    }
+                    if q.busy == 0 {
+                        return entries;
+                    }
+                    q = self.wake.wait(q).expect("queue lock");
+                }
+            };
+            let mut found = Vec::new();
+            let result = job.copy_dir(&dir, &mut entries, &mut found);
+            let mut q = self.queue.lock().expect("queue lock");
+            q.busy -= 1;
+            match result {
+                Ok(()) => q.dirs.extend(found),
+                Err(e) => {
+                    q.failed.get_or_insert(e);
+                }
+            }
+            drop(q);
+            self.wake.notify_all();
+        }
+    }
+}
+
+impl Job<'_> {
+    /// Recreates the entries of one directory; subdirectories go to `found` for any worker.
+    fn copy_dir(
+        &self,
+        rel_dir: &Path,
+        entries: &mut Vec<ManifestEntry>,
+        found: &mut Vec<PathBuf>,
+    ) -> Result<(), StorageError> {
+        let source_dir = self.upload.join(rel_dir);
+        let read_err = |path: PathBuf| move |source| StorageError::Read { path, source };
+        let listing = std::fs::read_dir(&source_dir).map_err(read_err(source_dir.clone()))?;
+        for item in listing {
+            let item = item.map_err(read_err(source_dir.clone()))?;
+            let name = item.file_name();
+            // Excluded folders are top-level names only: `thumbs`, not every `thumbs` below.
+            if rel_dir.as_os_str().is_empty() && self.exclude.iter().any(|x| name == x.as_str()) {
+                continue;
+            }
+            let rel = rel_dir.join(&name);
+            let source = item.path();
+            let target = self.dest.join(&rel);
+            let write_err = |source| StorageError::Write {
+                path: target.clone(),
+                source,
+            };
+            let meta = std::fs::symlink_metadata(&source).map_err(read_err(source.clone()))?;
+            let file_type = meta.file_type();
+            let (kind, link) = if file_type.is_dir() {
+                std::fs::create_dir(&target).map_err(write_err)?;
+                found.push(rel.clone());
+                (EntryKind::Dir, None)
+            } else if file_type.is_symlink() {
+                let link = std::fs::read_link(&source).map_err(read_err(source.clone()))?;
+                std::os::unix::fs::symlink(&link, &target).map_err(write_err)?;
+                (
+                    EntryKind::Symlink,
+                    Some(link.to_string_lossy().into_owned()),
+                )
+            } else if file_type.is_file() {
+                match self.method {
+                    StorageMethod::Hardlink => std::fs::hard_link(&source, &target),
+                    StorageMethod::Copy => std::fs::copy(&source, &target).map(|_| ()),
+                }
+                .map_err(|e| {
+                    // A refusal to read names the source; anything else the destination.
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        StorageError::Read {
+                            path: source.clone(),
+                            source: e,
+                        }
+                    } else {
+                        write_err(e)
+                    }
+                })?;
+                (EntryKind::File, None)
+            } else {
+                // Sockets, fifos, devices have no place in a photo library: not recreated.
+                continue;
+            };
+            entries.push(ManifestEntry {
+                path: rel.to_string_lossy().into_owned(),
+                kind,
+                size: if kind == EntryKind::File {
+                    meta.len()
+                } else {
+                    0
+                },
+                mtime: meta.mtime(),
+                inode: meta.ino(),
+                target: link,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One JSON object per line, zstd-compressed, fsynced. Returns the bytes on disk.
+fn write_manifest(path: &Path, entries: &[ManifestEntry]) -> std::io::Result<u64> {
+    let file = std::fs::File::create(path)?;
+    let mut out = zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), 3)?;
+    for e in entries {
+        serde_json::to_writer(&mut out, e)?;
+        out.write_all(b"\n")?;
+    }
+    let file = out.finish()?.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
 }
 
 /// Reads a manifest back.
