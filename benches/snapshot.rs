@@ -42,6 +42,17 @@ fn row(name: &str, ours: Duration, theirs: Duration, baseline: &str, target: f64
     );
 }
 
+/// Alternates which side runs first, so neither always gets the warmer cache.
+fn alternate(run: u64, ours: &mut dyn FnMut(), theirs: &mut dyn FnMut()) {
+    if run.is_multiple_of(2) {
+        ours();
+        theirs();
+    } else {
+        theirs();
+        ours();
+    }
+}
+
 fn sh(script: &str) -> Duration {
     let start = Instant::now();
     let status = Command::new("sh").arg("-c").arg(script).status().unwrap();
@@ -65,7 +76,6 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
     let docker = bollard::Docker::connect_with_local_defaults().unwrap();
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        // Alternate so neither side always runs on a warmer cache.
         let ours_file = dir.path().join(format!("ours-{i}.sql.zst"));
         let theirs_file = dir.path().join(format!("theirs-{i}.sql.zst"));
         let mut run_ours = || {
@@ -87,13 +97,7 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
                 theirs_file.display()
             )))
         };
-        if i % 2 == 0 {
-            run_ours();
-            run_theirs();
-        } else {
-            run_theirs();
-            run_ours();
-        }
+        alternate(i, &mut run_ours, &mut run_theirs);
         std::fs::remove_file(&ours_file).ok();
         std::fs::remove_file(&theirs_file).ok();
     }
@@ -151,13 +155,7 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
             )));
             std::fs::remove_dir_all(&dest).unwrap();
         };
-        if i % 2 == 0 {
-            run_ours();
-            run_theirs();
-        } else {
-            run_theirs();
-            run_ours();
-        }
+        alternate(i, &mut run_ours, &mut run_theirs);
     }
     (median(ours), median(theirs))
 }

@@ -171,14 +171,20 @@ async fn fixture() -> (
     tempfile::TempDir,
     Config,
 ) {
+    let snapshots = tempfile::tempdir().unwrap();
+    let (stack, found, config) = fixture_at(snapshots.path()).await;
+    (stack, found, snapshots, config)
+}
+
+/// A running stack, what discovery finds of it, and a config writing snapshots to `dir`.
+async fn fixture_at(dir: &Path) -> (Stack, immich_guard::discover::Stack, Config) {
     let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
         .await
         .unwrap();
     let found = discovered(&stack).await;
-    let snapshots = tempfile::tempdir().unwrap();
     let mut config = Config::default();
-    config.snapshots.dir = Some(snapshots.path().to_path_buf());
-    (stack, found, snapshots, config)
+    config.snapshots.dir = Some(dir.to_path_buf());
+    (stack, found, config)
 }
 
 fn manual() -> snapshot::Request {
@@ -231,12 +237,7 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
     let Some(_unmount) = tmpfs(snapshots.path(), "64m") else {
         return;
     };
-    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
-        .await
-        .unwrap();
-    let found = discovered(&stack).await;
-    let mut config = Config::default();
-    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    let (_stack, found, mut config) = fixture_at(snapshots.path()).await;
 
     let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
@@ -298,12 +299,7 @@ async fn snapshot_is_refused_up_front_when_space_is_short() {
     let Some(_unmount) = tmpfs(snapshots.path(), "8m") else {
         return;
     };
-    let stack = tokio::task::spawn_blocking(|| Stack::up(StackSpec::default()))
-        .await
-        .unwrap();
-    let found = discovered(&stack).await;
-    let mut config = Config::default();
-    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    let (_stack, found, mut config) = fixture_at(snapshots.path()).await;
     config.snapshots.copy_across = true;
     let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
         .await
