@@ -1,152 +1,377 @@
-//! Test images without a registry (DESIGN.md §8): each image is a tarball we assemble from
-//! local files (busybox-static, our stand-in binary, a shell entrypoint) and `docker import`.
-//! At run time containers mount the host's /usr, /lib, /lib64 read-only for shared libraries
-//! and the PostgreSQL 15 binaries, so nothing of ours lives under /usr in an image.
-//! Images are cached by content: a label holds the hash of every input.
+//! Test images without a registry (DESIGN.md §8).
+//!
+//! Every image is one tarball we write ourselves (busybox-static with its applets, `/etc/passwd`
+//! with root/postgres/nobody, and per image the stand-in binary or the PostgreSQL entrypoint)
+//! fed to `docker import`. At run time containers mount the host's `/usr`, `/lib`, `/lib64`
+//! read-only for shared libraries and the PostgreSQL 15 binaries, so nothing of ours lives under
+//! `/usr` in an image; the stand-in sits at `/app/immich-standin`.
+//!
+//! Images are cached by content: the label `io.immich-guard.test.content` holds a SHA-256 of
+//! every input (recipe version, busybox bytes, stand-in bytes, version, salt, image config), and
+//! a build is skipped when the tag already carries it. Builders in parallel threads and
+//! parallel test binaries serialize on a file lock.
+//!
+//! `IMMICH_GUARD_TEST_IMAGE_PREFIX` (e.g. `igdev/`) puts every tag under a prefix, so two
+//! checkouts with different stand-in binaries can share one engine without retagging each
+//! other's images; discovery still sees repositories ending in `immich-server`.
 
-use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::collections::HashMap;
+use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 pub const STANDIN_BIN: &str = env!("CARGO_BIN_EXE_immich-standin");
+pub const BUSYBOX: &str = "/bin/busybox";
+/// Unprefixed tags and repositories (see [`tag`] for the prefixed form used by the harness).
+pub const BASE_IMAGE: &str = "immich-guard-test/base:latest";
 pub const POSTGRES_IMAGE: &str = "immich-guard-test/postgres:15";
 pub const REDIS_IMAGE: &str = "docker.io/valkey/valkey:8-bookworm";
 pub const SERVER_REPO: &str = "ghcr.io/immich-app/immich-server";
 pub const ML_REPO: &str = "ghcr.io/immich-app/immich-machine-learning";
-const CONTENT_LABEL: &str = "io.immich-guard.test.content";
+pub const CONTENT_LABEL: &str = "io.immich-guard.test.content";
 /// Bump when the recipe changes so cached images are rebuilt.
-const RECIPE: &str = "3";
-const LOCK_PATH: &str = "/tmp/immich-guard-test-images.lock";
+pub const RECIPE_VERSION: &str = "immich-guard-test-images/4";
+pub const LOCK_PATH: &str = "/tmp/immich-guard-test-images.lock";
+const PATH_ENV: &str = "PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin";
 
-const POSTGRES_ENTRYPOINT: &str = r#"#!/bin/sh
-# Emulates the official postgres image's entrypoint with the host's PostgreSQL 15.
-set -e
-export PGDATA="${PGDATA:-/var/lib/postgresql/data}"
-BIN=/usr/lib/postgresql/15/bin
-mkdir -p "$PGDATA" /var/run/postgresql
-chown postgres:postgres "$PGDATA" /var/run/postgresql
-chmod 700 "$PGDATA"
-if [ ! -s "$PGDATA/PG_VERSION" ]; then
-    echo "${POSTGRES_PASSWORD:-postgres}" > /tmp/pwfile
-    chown postgres /tmp/pwfile
-    su -s /bin/sh postgres -c "$BIN/initdb -D $PGDATA --username=${POSTGRES_USER:-postgres} --pwfile=/tmp/pwfile -E UTF8 --locale=C $POSTGRES_INITDB_ARGS"
-    rm -f /tmp/pwfile
-    printf 'local all all trust\nhost all all all scram-sha-256\n' > "$PGDATA/pg_hba.conf"
-    echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
-    DB="${POSTGRES_DB:-${POSTGRES_USER:-postgres}}"
-    if [ "$DB" != postgres ]; then
-        echo "CREATE DATABASE \"$DB\";" | su -s /bin/sh postgres -c "$BIN/postgres --single -D $PGDATA postgres" >/dev/null
-    fi
-    echo "PostgreSQL init process complete; ready for start up."
-fi
-exec su -s /bin/sh postgres -c "exec $BIN/postgres -D $PGDATA"
-"#;
-
-fn sha256_file(path: &str) -> String {
-    let bytes = fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-    format!("{:x}", Sha256::digest(bytes))
+/// `IMMICH_GUARD_TEST_IMAGE_PREFIX`, empty by default.
+pub fn prefix() -> String {
+    std::env::var("IMMICH_GUARD_TEST_IMAGE_PREFIX").unwrap_or_default()
 }
 
-fn image_label(tag: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args([
-            "image",
-            "inspect",
-            "--format",
-            &format!("{{{{index .Config.Labels \"{CONTENT_LABEL}\"}}}}"),
-            tag,
-        ])
+/// The tag the harness uses for `name` (one of the constants above, or `repo:tag`).
+pub fn tag(name: &str) -> String {
+    format!("{}{name}", prefix())
+}
+
+pub fn server_repo() -> String {
+    tag(SERVER_REPO)
+}
+
+pub fn ml_repo() -> String {
+    tag(ML_REPO)
+}
+
+pub fn postgres_image() -> String {
+    tag(POSTGRES_IMAGE)
+}
+
+pub fn redis_image() -> String {
+    tag(REDIS_IMAGE)
+}
+
+pub fn base_image() -> String {
+    tag(BASE_IMAGE)
+}
+
+/// The official postgres image's entrypoint, emulated with busybox and the host's PostgreSQL 15.
+pub const POSTGRES_ENTRYPOINT: &str = r#"#!/bin/sh
+# Emulates the official postgres image's docker-entrypoint.sh with the host's PostgreSQL 15
+# (mounted read-only under /usr): on an empty data dir initdb as the postgres user, trust on the
+# Unix socket, scram-sha-256 over TCP, listen on all addresses, create $POSTGRES_DB; then exec
+# postgres as the postgres user so it is PID 1 and gets the stop signal (STOPSIGNAL SIGINT).
+set -eu
+# busybox applets before the host's /usr/bin (whose su wants PAM)
+export PATH="/bin:$PATH"
+BIN=/usr/lib/postgresql/15/bin
+export PGDATA="${PGDATA:-/var/lib/postgresql/data}"
+POSTGRES_USER="${POSTGRES_USER:-postgres}"
+POSTGRES_DB="${POSTGRES_DB:-$POSTGRES_USER}"
+
+as_postgres() {
+    su -s /bin/sh postgres -c 'exec "$0" "$@"' -- "$@"
+}
+
+if [ "${1:-postgres}" != postgres ]; then
+    exec "$@"
+fi
+[ "$#" -gt 0 ] && shift
+
+if [ "$(id -u)" = 0 ]; then
+    mkdir -p "$PGDATA" /var/run/postgresql
+    chmod 700 "$PGDATA"
+    chmod 2775 /var/run/postgresql
+    chown postgres:postgres /var/run/postgresql
+    # like the official image: hand anything not owned by postgres over to it
+    find "$PGDATA" ! -user postgres -exec chown postgres:postgres {} +
+fi
+
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    if [ -z "${POSTGRES_PASSWORD:-}" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
+        echo "Error: Database is uninitialized and superuser password is not specified." >&2
+        echo "       You must specify POSTGRES_PASSWORD to a non-empty value for the" >&2
+        echo "       superuser. For example, \"-e POSTGRES_PASSWORD=password\" on \"docker run\"." >&2
+        exit 1
+    fi
+    pwfile="$(mktemp)"
+    printf '%s\n' "${POSTGRES_PASSWORD:-}" > "$pwfile"
+    chown postgres "$pwfile"
+    # shellcheck disable=SC2086
+    as_postgres "$BIN/initdb" --username="$POSTGRES_USER" --pwfile="$pwfile" -E UTF8 --locale=C ${POSTGRES_INITDB_ARGS:-} -D "$PGDATA"
+    rm -f "$pwfile"
+    printf 'local all all trust\nhost all all all %s\n' "${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" > "$PGDATA/pg_hba.conf"
+    echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
+    if [ "$POSTGRES_DB" != postgres ]; then
+        echo "CREATE DATABASE \"$POSTGRES_DB\";" | as_postgres "$BIN/postgres" --single -D "$PGDATA" postgres > /dev/null
+        echo "CREATE DATABASE"
+    fi
+    echo
+    echo "PostgreSQL init process complete; ready for start up."
+    echo
+fi
+
+exec su -s /bin/sh postgres -c 'exec "$0" "$@"' -- "$BIN/postgres" -D "$PGDATA" "$@"
+"#;
+
+/// One entry of an image's filesystem.
+#[derive(Clone)]
+enum Node {
+    Dir { mode: u32, owner: u32 },
+    File { content: Content, mode: u32 },
+    Link { target: String },
+}
+
+/// A file's bytes, or a host file read only when an image is actually built.
+#[derive(Clone)]
+enum Content {
+    Bytes(Vec<u8>),
+    Host(&'static str),
+}
+
+impl Content {
+    fn digest(&self) -> String {
+        match self {
+            Content::Bytes(b) => format!("{:x}", Sha256::digest(b)),
+            Content::Host(path) => file_digest(path),
+        }
+    }
+
+    fn bytes(&self) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Content::Bytes(b) => Ok(b.into()),
+            Content::Host(path) => std::fs::read(path).map(Into::into),
+        }
+    }
+}
+
+/// What goes into one image besides the base tree.
+struct Recipe {
+    tag: String,
+    files: Vec<(String, Node)>,
+    /// `docker import --change` lines.
+    changes: Vec<String>,
+    /// Dockerfile lines applied on top with `docker build` (what `import --change` refuses,
+    /// such as STOPSIGNAL).
+    build_lines: Vec<String>,
+    salt: String,
+}
+
+/// The images a set of versions needs; IDs are `sha256:…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Images {
+    pub base: String,
+    pub postgres: String,
+    pub redis: String,
+    /// (version, server image ID)
+    pub servers: Vec<(String, String)>,
+    /// (version, machine-learning image ID)
+    pub ml: Vec<(String, String)>,
+    /// Tags (re)built by this call; empty when everything came from the cache.
+    pub built: Vec<String>,
+}
+
+impl Images {
+    pub fn server(&self, version: &str) -> &str {
+        &self
+            .servers
+            .iter()
+            .find(|(v, _)| v == version)
+            .unwrap_or_else(|| panic!("no server image for {version}"))
+            .1
+    }
+}
+
+/// SHA-256 of a file, computed once per process (the stand-in binary is tens of MB).
+fn file_digest(path: &str) -> String {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(d) = cache.lock().unwrap().get(path) {
+        return d.clone();
+    }
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let digest = format!("{:x}", Sha256::digest(&bytes));
+    cache
+        .lock()
+        .unwrap()
+        .insert(path.to_string(), digest.clone());
+    digest
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
         .output()
-        .ok()?;
+        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"))
+}
+
+/// The image ID behind `tag`, if it exists.
+pub fn try_image_id(tag: &str) -> Option<String> {
+    let out = docker(&["image", "inspect", "--format", "{{.Id}}", tag]);
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn image_id(tag: &str) -> String {
-    let out = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", tag])
+    try_image_id(tag).unwrap_or_else(|| panic!("no image {tag}"))
+}
+
+/// A label of an image, if the image exists and has it.
+pub fn image_label(tag: &str, label: &str) -> Option<String> {
+    let format = format!("{{{{index .Config.Labels \"{label}\"}}}}");
+    let out = docker(&["image", "inspect", "--format", &format, tag]);
+    let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !value.is_empty() && value != "<no value>").then_some(value)
+}
+
+/// Holds the cross-process image lock (an exclusive `flock` on [`LOCK_PATH`]).
+pub struct ImageLock(std::fs::File);
+
+pub fn lock_images() -> ImageLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_PATH)
+        .unwrap_or_else(|e| panic!("cannot open {LOCK_PATH}: {e}"));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {LOCK_PATH}: {e}"));
+    ImageLock(file)
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn base_tree() -> Vec<(String, Node)> {
+    let dir = |mode| Node::Dir { mode, owner: 0 };
+    let file = |text: &str| Node::File {
+        content: Content::Bytes(text.as_bytes().to_vec()),
+        mode: 0o644,
+    };
+    let mut tree: Vec<(String, Node)> = vec![
+        ("bin".into(), dir(0o755)),
+        ("etc".into(), dir(0o755)),
+        ("tmp".into(), dir(0o1777)),
+        ("root".into(), dir(0o700)),
+        ("app".into(), dir(0o755)),
+        ("var".into(), dir(0o755)),
+        ("var/run".into(), dir(0o755)),
+        (
+            "var/run/postgresql".into(),
+            Node::Dir {
+                mode: 0o2775,
+                owner: 999,
+            },
+        ),
+        ("var/lib".into(), dir(0o755)),
+        (
+            "var/lib/postgresql".into(),
+            Node::Dir {
+                mode: 0o755,
+                owner: 999,
+            },
+        ),
+        (
+            "var/lib/postgresql/data".into(),
+            Node::Dir {
+                mode: 0o700,
+                owner: 999,
+            },
+        ),
+        (
+            "bin/busybox".into(),
+            Node::File {
+                content: Content::Host(BUSYBOX),
+                mode: 0o755,
+            },
+        ),
+        (
+            "etc/passwd".into(),
+            file(
+                "root:x:0:0:root:/root:/bin/sh\n\
+                 postgres:x:999:999:PostgreSQL administrator:/var/lib/postgresql:/bin/sh\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+            ),
+        ),
+        (
+            "etc/group".into(),
+            file("root:x:0:\npostgres:x:999:\nnogroup:x:65534:\n"),
+        ),
+        (
+            "etc/nsswitch.conf".into(),
+            file("passwd: files\ngroup: files\nhosts: files dns\n"),
+        ),
+    ];
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
         .output()
-        .unwrap();
-    assert!(out.status.success(), "no image {tag}: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// What goes into one image.
-struct Recipe<'a> {
-    tag: &'a str,
-    files: Vec<(&'a str, Vec<u8>, u32)>,
-    changes: Vec<String>,
-    salt: &'a str,
-}
-
-/// Builds `recipe` unless the tag already carries the same content hash. Returns the image ID.
-fn build(recipe: Recipe<'_>) -> String {
-    let busybox = sha256_file("/bin/busybox");
-    let mut hasher = Sha256::new();
-    hasher.update(RECIPE);
-    hasher.update(&busybox);
-    hasher.update(recipe.salt);
-    for (path, content, mode) in &recipe.files {
-        hasher.update(path);
-        hasher.update(content);
-        hasher.update(mode.to_le_bytes());
-    }
-    for c in &recipe.changes {
-        hasher.update(c);
-    }
-    let content = format!("{:x}", hasher.finalize());
-
-    let lock = fs::File::create(LOCK_PATH).unwrap();
-    lock.lock().unwrap();
-    if image_label(recipe.tag).as_deref() == Some(content.as_str()) {
-        return image_id(recipe.tag);
-    }
-    let stage = tempfile::tempdir().unwrap();
-    let root = stage.path();
-    for dir in [
-        "bin",
-        "etc",
-        "tmp",
-        "app",
-        "var/run/postgresql",
-        "var/lib/postgresql",
-    ] {
-        fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
-    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let applets = Command::new("/bin/busybox").arg("--list").output().unwrap();
+        .unwrap_or_else(|e| panic!("cannot run {BUSYBOX} --list: {e}"));
+    let mut seen = std::collections::HashSet::new();
     for applet in String::from_utf8_lossy(&applets.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", root.join("bin").join(applet)).ok();
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') || !seen.insert(applet)
+        {
+            continue;
+        }
+        tree.push((
+            format!("bin/{applet}"),
+            Node::Link {
+                target: "busybox".into(),
+            },
+        ));
+    }
+    tree
+}
+
+/// Builds `recipe` unless the tag already carries the same content hash. Returns the image ID
+/// and whether it was built now.
+fn build(recipe: Recipe) -> (String, bool) {
+    let mut h = Sha256::new();
+    let mut feed = |s: &[u8]| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s);
+    };
+    feed(RECIPE_VERSION.as_bytes());
+    feed(recipe.salt.as_bytes());
+    let mut tree = base_tree();
+    tree.extend(recipe.files);
+    for (path, node) in &tree {
+        feed(path.as_bytes());
+        match node {
+            Node::Dir { mode, owner } => feed(format!("dir {mode:o} {owner}").as_bytes()),
+            Node::File { content, mode } => {
+                feed(format!("file {mode:o}").as_bytes());
+                feed(content.digest().as_bytes());
+            }
+            Node::Link { target } => feed(format!("link {target}").as_bytes()),
         }
     }
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\npostgres:x:999:999:postgres:/var/lib/postgresql:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )
-    .unwrap();
-    fs::write(
-        root.join("etc/group"),
-        "root:x:0:\npostgres:x:999:\nnogroup:x:65534:\n",
-    )
-    .unwrap();
-    for (path, bytes, mode) in &recipe.files {
-        let p = root.join(path.trim_start_matches('/'));
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, bytes).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
+    for line in recipe.changes.iter().chain(&recipe.build_lines) {
+        feed(line.as_bytes());
     }
-    let mut tar = Command::new("tar")
-        .args(["--numeric-owner", "-C"])
-        .arg(root)
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let content = format!("{:x}", h.finalize());
+
+    let _lock = lock_images();
+    if image_label(&recipe.tag, CONTENT_LABEL).as_deref() == Some(content.as_str()) {
+        return (image_id(&recipe.tag), false);
+    }
+    let started = Instant::now();
     let mut import = Command::new("docker");
     import.arg("import");
     let mut changes = recipe.changes.clone();
@@ -154,102 +379,259 @@ fn build(recipe: Recipe<'_>) -> String {
     for c in &changes {
         import.arg("--change").arg(c);
     }
-    let out = import
-        .arg("-")
-        .arg(recipe.tag)
-        .stdin(tar.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        tar.wait().unwrap().success(),
-        "tar of {} failed",
-        recipe.tag
-    );
+    import.arg("-");
+    let direct = recipe.build_lines.is_empty();
+    if direct {
+        import.arg(&recipe.tag);
+    }
+    let mut child = import
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run docker import");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || write_tar(&mut stdin, &tree));
+    let out = child.wait_with_output().expect("docker import");
+    let written = writer.join().expect("tar writer");
     assert!(
         out.status.success(),
-        "docker import {} failed: {}",
+        "docker import for {} failed: {}",
         recipe.tag,
         String::from_utf8_lossy(&out.stderr)
     );
-    image_id(recipe.tag)
+    written.unwrap_or_else(|e| panic!("writing the tar for {}: {e}", recipe.tag));
+    let imported = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !direct {
+        let dockerfile = format!("FROM {imported}\n{}\n", recipe.build_lines.join("\n"));
+        let mut child = Command::new("docker")
+            .args(["build", "-q", "-t", &recipe.tag, "-"])
+            .env("DOCKER_BUILDKIT", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run docker build");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(dockerfile.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker build for {} failed: {}",
+            recipe.tag,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let id = image_id(&recipe.tag);
+    eprintln!(
+        "built test image {} ({}) in {:.1?}",
+        recipe.tag,
+        &id[..19.min(id.len())],
+        started.elapsed()
+    );
+    prune_stale_images();
+    (id, true)
 }
 
-fn standin_files(version: &str) -> Vec<(&'static str, Vec<u8>, u32)> {
+/// Removes our images that lost their tag to a rebuild more than an hour ago and that no
+/// container uses (Docker refuses to remove those).
+fn prune_stale_images() {
+    let _ = Command::new("docker")
+        .args(["image", "prune", "-f", "--filter"])
+        .arg(format!("label={CONTENT_LABEL}"))
+        .args(["--filter", "until=1h"])
+        .output();
+}
+
+/// A ustar archive of `tree` (deterministic: fixed mtime, numeric owners).
+fn write_tar(out: &mut impl Write, tree: &[(String, Node)]) -> std::io::Result<()> {
+    const MTIME: u64 = 1_700_000_000;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    for (path, node) in tree {
+        let bytes = match node {
+            Node::File { content, .. } => content.bytes()?,
+            _ => Default::default(),
+        };
+        let (kind, mode, owner, size, link, name) = match node {
+            Node::Dir { mode, owner } => (b'5', *mode, *owner, 0, "", format!("{path}/")),
+            Node::File { mode, .. } => (b'0', *mode, 0, bytes.len() as u64, "", path.clone()),
+            Node::Link { target } => (b'2', 0o777, 0, 0, target.as_str(), path.clone()),
+        };
+        let mut h = [0u8; 512];
+        assert!(
+            name.len() <= 100 && link.len() <= 100,
+            "path too long: {name}"
+        );
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        octal(&mut h[100..108], mode as u64);
+        octal(&mut h[108..116], owner as u64);
+        octal(&mut h[116..124], owner as u64);
+        octal(&mut h[124..136], size);
+        octal(&mut h[136..148], MTIME);
+        h[148..156].copy_from_slice(b"        ");
+        h[156] = kind;
+        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        let sum = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(sum.as_bytes());
+        w.write_all(&h)?;
+        if let Node::File { .. } = node {
+            w.write_all(&bytes)?;
+            let pad = (512 - bytes.len() % 512) % 512;
+            w.write_all(&vec![0u8; pad])?;
+        }
+    }
+    w.write_all(&[0u8; 1024])?;
+    w.flush()
+}
+
+fn octal(field: &mut [u8], value: u64) {
+    let digits = field.len() - 1;
+    let text = format!("{value:0digits$o}");
+    assert!(
+        text.len() == digits,
+        "value {value} too large for tar field"
+    );
+    field[..digits].copy_from_slice(text.as_bytes());
+    field[digits] = 0;
+}
+
+fn standin_files(version: &str) -> Vec<(String, Node)> {
     vec![
-        ("/app/immich-standin", fs::read(STANDIN_BIN).unwrap(), 0o755),
         (
-            "/etc/immich-version",
-            format!("{version}\n").into_bytes(),
-            0o644,
+            "app/immich-standin".into(),
+            Node::File {
+                content: Content::Host(STANDIN_BIN),
+                mode: 0o755,
+            },
+        ),
+        (
+            "etc/immich-version".into(),
+            Node::File {
+                content: Content::Bytes(format!("{version}\n").into_bytes()),
+                mode: 0o644,
+            },
         ),
     ]
 }
 
-const BASE_ENV: &str = "ENV PATH=/usr/lib/postgresql/15/bin:/bin";
-
-/// An image running the stand-in in `role`, with `version` baked in.
-fn standin_image(tag: &str, role: &str, version: &str, labels: &[String], salt: &str) -> String {
+/// An image running the stand-in in `role`, `version` baked into `/etc/immich-version`.
+fn standin_image(full_tag: &str, role: &str, version: &str, salt: &str) -> (String, bool) {
     let mut changes = vec![
-        BASE_ENV.to_string(),
+        format!("ENV {PATH_ENV}"),
+        "WORKDIR /app".to_string(),
         format!(r#"ENTRYPOINT ["/app/immich-standin", "{role}"]"#),
+        format!("LABEL org.opencontainers.image.version={version}"),
+        "LABEL org.opencontainers.image.source=https://github.com/immich-app/immich".to_string(),
     ];
-    changes.extend(labels.iter().map(|l| format!("LABEL {l}")));
+    if !salt.is_empty() {
+        changes.push(format!("LABEL io.immich-guard.test.salt={salt}"));
+    }
     build(Recipe {
-        tag,
+        tag: full_tag.to_string(),
         files: standin_files(version),
         changes,
-        salt,
+        build_lines: Vec::new(),
+        salt: salt.to_string(),
     })
 }
 
-/// The stand-in server for `version` under `tag` (e.g. `v1.119.0`, or `release`); a different
-/// `salt` gives a different image ID under the same tag, like a re-pushed `latest`.
+/// The stand-in server for `version` under `<server repo>:<tag>` (`tag` e.g. `v1.119.0`,
+/// `release`). A different `salt` gives a different image ID under the same tag, like a
+/// re-pushed `release`. Returns the image ID.
 pub fn build_server_image(version: &str, tag: &str, salt: &str) -> String {
-    standin_image(
-        &format!("{SERVER_REPO}:{tag}"),
-        "server",
-        version,
-        &[
-            format!("org.opencontainers.image.version={version}"),
-            "org.opencontainers.image.source=https://github.com/immich-app/immich".to_string(),
-        ],
-        salt,
-    )
+    standin_image(&format!("{}:{tag}", server_repo()), "server", version, salt).0
 }
 
-pub struct Images {
-    pub postgres: String,
-    pub redis: String,
-    pub servers: Vec<(String, String)>,
+/// The machine-learning stand-in, like [`build_server_image`].
+pub fn build_ml_image(version: &str, tag: &str, salt: &str) -> String {
+    standin_image(&format!("{}:{tag}", ml_repo()), "ml", version, salt).0
 }
 
-/// Builds (or finds cached) every image a stack of these versions needs.
+/// Whether `s` looks like an Immich version (`v1.2.3`), as opposed to a tag like `release`.
+pub fn is_version(s: &str) -> bool {
+    let core = s.strip_prefix('v').unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3 && parts.iter().all(|p| p.parse::<u64>().is_ok())
+}
+
+/// Builds (or finds cached) the base, PostgreSQL and valkey images and, per version, the
+/// server and machine-learning images tagged with that version.
 pub fn ensure_images(versions: &[&str]) -> Images {
-    let postgres = build(Recipe {
-        tag: POSTGRES_IMAGE,
-        files: vec![(
-            "/docker-entrypoint.sh",
-            POSTGRES_ENTRYPOINT.as_bytes().to_vec(),
-            0o755,
-        )],
-        changes: vec![
-            BASE_ENV.to_string(),
-            "ENV PGDATA=/var/lib/postgresql/data".to_string(),
-            r#"ENTRYPOINT ["/docker-entrypoint.sh"]"#.to_string(),
-        ],
-        salt: "",
-    });
-    let redis = standin_image(REDIS_IMAGE, "redis", "redis", &[], "");
-    let servers = versions
-        .iter()
-        .map(|v| {
-            standin_image(&format!("{ML_REPO}:{v}"), "ml", v, &[], "");
-            (v.to_string(), build_server_image(v, v, ""))
-        })
-        .collect();
+    let mut built = Vec::new();
+    let mut note = |tag: String, (id, fresh): (String, bool)| {
+        if fresh {
+            built.push(tag);
+        }
+        id
+    };
+    let base = note(
+        base_image(),
+        build(Recipe {
+            tag: base_image(),
+            files: Vec::new(),
+            changes: vec![format!("ENV {PATH_ENV}"), r#"CMD ["/bin/sh"]"#.into()],
+            build_lines: Vec::new(),
+            salt: String::new(),
+        }),
+    );
+    let postgres = note(
+        postgres_image(),
+        build(Recipe {
+            tag: postgres_image(),
+            files: vec![(
+                "docker-entrypoint.sh".into(),
+                Node::File {
+                    content: Content::Bytes(POSTGRES_ENTRYPOINT.as_bytes().to_vec()),
+                    mode: 0o755,
+                },
+            )],
+            changes: vec![
+                format!("ENV {PATH_ENV}"),
+                "ENV PGDATA=/var/lib/postgresql/data".into(),
+                "ENV PG_MAJOR=15".into(),
+                r#"ENTRYPOINT ["/docker-entrypoint.sh"]"#.into(),
+                r#"CMD ["postgres"]"#.into(),
+                "EXPOSE 5432".into(),
+            ],
+            // `docker import --change` refuses STOPSIGNAL; the official image has SIGINT.
+            build_lines: vec!["STOPSIGNAL SIGINT".into()],
+            salt: String::new(),
+        }),
+    );
+    let redis = note(
+        redis_image(),
+        standin_image(&redis_image(), "redis", "8.0.0", ""),
+    );
+    let mut servers = Vec::new();
+    let mut ml = Vec::new();
+    for v in versions {
+        assert!(
+            is_version(v),
+            "ensure_images wants versions like v1.119.0, got {v:?}; use build_server_image for other tags"
+        );
+        let server_tag = format!("{}:{v}", server_repo());
+        let id = note(
+            server_tag.clone(),
+            standin_image(&server_tag, "server", v, ""),
+        );
+        servers.push((v.to_string(), id));
+        let ml_tag = format!("{}:{v}", ml_repo());
+        let id = note(ml_tag.clone(), standin_image(&ml_tag, "ml", v, ""));
+        ml.push((v.to_string(), id));
+    }
     Images {
+        base,
         postgres,
         redis,
         servers,
+        ml,
+        built,
     }
 }

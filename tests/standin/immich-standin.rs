@@ -1,19 +1,36 @@
 //! A stand-in for immich-server (and, by role, for machine-learning and redis) used by the
-//! integration tests. It behaves like the real server where immich-guard cares: it reads the
-//! DB_* env, boots slowly, applies its version's migrations in order and records them where
-//! Immich does, refuses a database migrated by a newer version with Immich's own message,
-//! checks the `.immich` markers, writes assets (rows + files), and answers the unauthenticated
-//! version endpoints. It can be told to crash at boot or halfway through its migrations.
+//! integration tests (DESIGN.md §8). It behaves like the real server where immich-guard cares:
+//! it reads the `DB_*` env, boots slowly, applies its version's migrations in order and records
+//! them where Immich does (TypeORM's `migrations` before v1.133, Kysely's `kysely_migrations`
+//! from v1.133 on), refuses a database migrated by a newer version with Immich's own message,
+//! checks the `.immich` markers of the media folders, writes assets (rows + files) and serves
+//! the unauthenticated server endpoints. It can be told to crash at boot or halfway through its
+//! migrations.
+//!
+//! Roles (argv[1]): `server` (default), `ml`, `redis`, `healthcheck` (the image's HEALTHCHECK,
+//! like `immich-healthcheck`).
+//!
+//! Server env: `IMMICH_STANDIN_VERSION` (else `/etc/immich-version`), `DB_HOSTNAME`, `DB_PORT`,
+//! `DB_USERNAME`, `DB_PASSWORD`, `DB_DATABASE_NAME`, `DB_SKIP_MIGRATIONS`,
+//! `IMMICH_MEDIA_LOCATION` (/data), `IMMICH_PORT` (2283), `STANDIN_BOOT_DELAY_MS` (2000),
+//! `STANDIN_DB_TIMEOUT_MS` (30000), `STANDIN_SEED_ASSETS` (3), `STANDIN_ASSETS_PER_BOOT` (1),
+//! `STANDIN_CRASH` (`boot` | `migration`), `STANDIN_CRASH_MESSAGE`.
+//!
+//! Only std and crates the package already depends on; never the `immich_guard` library.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_postgres::{Client, NoTls};
 
-/// (version that introduced it, migration name); names shaped like Immich's.
+/// (version that introduced it, migration name). Names shaped like Immich's
+/// (`<ms timestamp>-<PascalName>`), timestamps increase with the version.
 const CATALOG: &[(&str, &str)] = &[
     ("v1.100.0", "1700000000000-InitialSchema"),
     ("v1.118.0", "1727000000000-AddAssetFaces"),
@@ -27,6 +44,8 @@ const CATALOG: &[(&str, &str)] = &[
     ("v2.0.0", "1756000000000-AddWorkflows"),
     ("v2.1.0", "1758000000000-AddOcr"),
 ];
+
+/// The media folders Immich checks at boot, each with a `.immich` marker.
 const FOLDERS: &[&str] = &[
     "library",
     "upload",
@@ -36,14 +55,15 @@ const FOLDERS: &[&str] = &[
     "backups",
 ];
 
+/// From this version on, migrations are recorded by Kysely.
+const KYSELY_SINCE: Version = (1, 133, 0);
+
 type Version = (u64, u64, u64);
 
 fn parse_version(v: &str) -> Version {
-    let mut parts = v
-        .trim()
-        .trim_start_matches('v')
-        .split('.')
-        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let core = v.trim().trim_start_matches(['v', 'V']);
+    let core = core.split(['-', '+']).next().unwrap_or("");
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
     (
         parts.next().unwrap_or(0),
         parts.next().unwrap_or(0),
@@ -51,20 +71,24 @@ fn parse_version(v: &str) -> Version {
     )
 }
 
+/// A NestJS-style log line: `[Nest] 1  - 11/25/2026, 2:23:00 AM     LOG [Api:Bootstrap] ...`.
+/// Errors go to stderr, like Nest's ConsoleLogger.
 fn log(level: &str, context: &str, message: &str) {
-    let now = chrono::Local::now().format("%m/%d/%Y, %-I:%M:%S %p");
+    let now = chrono::Local::now().format("%-m/%-d/%Y, %-I:%M:%S %p");
     let line = format!(
-        "[Nest] {}  - {now}     {level:>5} [{context}] {message}",
+        "[Nest] {}  - {now} {level:>7} [{context}] {message}",
         std::process::id()
     );
-    if level == "ERROR" {
+    if level == "ERROR" || level == "WARN" {
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
     }
-    std::io::stdout().flush().ok();
 }
 
+/// Logs an error and exits 1, as the server process does when bootstrap fails.
 fn fail(context: &str, message: &str) -> ! {
     log("ERROR", context, message);
     std::process::exit(1)
@@ -77,45 +101,120 @@ fn env_or(key: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-#[tokio::main]
+fn env_num(key: &str, default: u64) -> u64 {
+    match std::env::var(key) {
+        Ok(v) if !v.is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| fail("Bootstrap", &format!("invalid {key}={v:?}"))),
+        _ => default,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
-    // PID 1 in a container gets no default signal handling: exit promptly on stop.
+    let role = std::env::args().nth(1).unwrap_or_else(|| "server".into());
+    if role == "healthcheck" {
+        healthcheck();
+    }
+    // PID 1 in a container gets no default signal dispositions: exit promptly on stop.
     tokio::spawn(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).unwrap();
-        let mut int = signal(SignalKind::interrupt()).unwrap();
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         std::process::exit(0);
     });
-    match std::env::args().nth(1).as_deref().unwrap_or("server") {
+    match role.as_str() {
         "server" => server().await,
         "ml" => {
-            serve_lines(3003, |req| {
-                if req.starts_with("GET /ping") {
-                    http(200, "text/plain", "pong")
-                } else {
-                    http(404, "text/plain", "not found")
-                }
+            println!(
+                "[{}] INFO     Started server process [{}]",
+                chrono::Local::now().format("%m/%d/%y %H:%M:%S"),
+                std::process::id()
+            );
+            serve(3003, |req| match request_path(req) {
+                "/ping" => http(200, "text/plain", "pong"),
+                _ => http(404, "application/json", r#"{"detail":"Not Found"}"#),
             })
             .await
         }
-        "redis" => serve_lines(6379, |_| "+PONG\r\n".to_string()).await,
+        "redis" => {
+            println!(
+                "1:M {} * Ready to accept connections tcp",
+                chrono::Local::now().format("%d %b %Y %H:%M:%S%.3f")
+            );
+            redis().await
+        }
         other => fail("Bootstrap", &format!("unknown role {other:?}")),
     }
 }
 
+/// Answers every line of every connection with `+PONG`.
+async fn redis() -> ! {
+    let listener = match TcpListener::bind(("0.0.0.0", 6379)).await {
+        Ok(l) => l,
+        Err(e) => fail("Bootstrap", &format!("Error: listen {e} 0.0.0.0:6379")),
+    };
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let (read, mut write) = sock.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Ok(Some(_)) = lines.next_line().await {
+                if write.write_all(b"+PONG\r\n").await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// `immich-healthcheck`: exit 0 when the local server answers its ping.
+fn healthcheck() -> ! {
+    let port = env_or("IMMICH_PORT", "2283");
+    let ok = (|| {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(
+            b"GET /api/server/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .ok()?;
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer.contains("pong").then_some(())
+    })();
+    std::process::exit(if ok.is_some() { 0 } else { 1 })
+}
+
+fn request_path(req: &str) -> &str {
+    let target = req.split_whitespace().nth(1).unwrap_or("");
+    target.split('?').next().unwrap_or("")
+}
+
 fn http(status: u16, content_type: &str, body: &str) -> String {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Error",
+    };
     format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        if status == 200 { "OK" } else { "Not Found" },
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
 
-/// Accepts connections and answers the first request line each with `answer`.
-async fn serve_lines(port: u16, answer: impl Fn(&str) -> String + Send + Sync + 'static) -> ! {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await.unwrap();
-    let answer = std::sync::Arc::new(answer);
+/// Accepts connections on `port` and answers each one's first request with `answer`.
+async fn serve(port: u16, answer: impl Fn(&str) -> String + Send + Sync + 'static) -> ! {
+    let listener = match TcpListener::bind(("0.0.0.0", port)).await {
+        Ok(l) => l,
+        Err(e) => fail("Bootstrap", &format!("Error: listen {e} 0.0.0.0:{port}")),
+    };
+    let answer = Arc::new(answer);
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
@@ -126,22 +225,22 @@ async fn serve_lines(port: u16, answer: impl Fn(&str) -> String + Send + Sync + 
             let mut buf = Vec::new();
             let mut chunk = [0u8; 1024];
             let complete = |b: &[u8]| {
-                if b.starts_with(b"GET ") || b.starts_with(b"HEAD ") {
+                if b.starts_with(b"GET ") || b.starts_with(b"HEAD ") || b.starts_with(b"POST ") {
                     b.windows(4).any(|w| w == b"\r\n\r\n")
                 } else {
                     b.ends_with(b"\n")
                 }
             };
-            while !complete(&buf) {
-                match sock.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                if buf.len() > 16 * 1024 {
-                    break;
+            while !complete(&buf) && buf.len() < 16 * 1024 {
+                match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
                 }
             }
-            let req = String::from_utf8_lossy(&buf).to_string();
+            if buf.is_empty() {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf).into_owned();
             let _ = sock.write_all(answer(&req).as_bytes()).await;
             let _ = sock.shutdown().await;
         });
@@ -151,328 +250,627 @@ async fn serve_lines(port: u16, answer: impl Fn(&str) -> String + Send + Sync + 
 async fn server() {
     let version = std::env::var("IMMICH_STANDIN_VERSION")
         .ok()
+        .filter(|v| !v.trim().is_empty())
         .or_else(|| std::fs::read_to_string("/etc/immich-version").ok())
         .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| fail("Bootstrap", "no /etc/immich-version"));
+        .unwrap_or_else(|| {
+            fail(
+                "Bootstrap",
+                "Error: ENOENT: no such file or directory, open '/etc/immich-version'",
+            )
+        });
     let v = parse_version(&version);
     log(
         "LOG",
-        "Bootstrap",
-        &format!("Bootstrapping immich-server {version}"),
+        "Microservices:EventRepository",
+        &format!("Initialized websocket server, immich-server {version}"),
     );
-    let delay: u64 = env_or("STANDIN_BOOT_DELAY_MS", "2000")
-        .parse()
-        .unwrap_or(2000);
-    tokio::time::sleep(Duration::from_millis(delay)).await;
+    tokio::time::sleep(Duration::from_millis(env_num(
+        "STANDIN_BOOT_DELAY_MS",
+        2000,
+    )))
+    .await;
+
     let crash = env_or("STANDIN_CRASH", "");
     if crash == "boot" {
         fail(
-            "Bootstrap",
+            "Api:Bootstrap",
             &env_or(
                 "STANDIN_CRASH_MESSAGE",
-                "Error: Invalid upgrade path: the server cannot start",
+                "Error: Invalid upgrade path: this version cannot start on the current installation",
             ),
         );
     }
 
-    let host = env_or("DB_HOSTNAME", "database");
-    let port = env_or("DB_PORT", "5432");
-    let conn = format!(
-        "host={host} port={port} user={} password={} dbname={}",
-        env_or("DB_USERNAME", "postgres"),
-        env_or("DB_PASSWORD", "postgres"),
-        env_or("DB_DATABASE_NAME", "immich")
-    );
-    let db = connect(&conn, &host, &port).await;
+    let db = connect().await;
 
     let known: Vec<&str> = CATALOG
         .iter()
         .filter(|(introduced, _)| parse_version(introduced) <= v)
         .map(|(_, name)| *name)
         .collect();
-    let applied = applied_migrations(&db).await;
+    if env_or("DB_SKIP_MIGRATIONS", "false") == "true" {
+        log(
+            "LOG",
+            "Microservices:DatabaseRepository",
+            "Skipping migrations (DB_SKIP_MIGRATIONS=true)",
+        );
+    } else {
+        migrate(&db, &known, v >= KYSELY_SINCE, crash == "migration").await;
+    }
+
+    let media = PathBuf::from(env_or("IMMICH_MEDIA_LOCATION", "/data"));
+    check_mounts(&db, &media).await;
+    record_version(&db, &version).await;
+    add_data(&db, &media).await;
+    let history = version_history(&db).await;
+
+    let port = env_num("IMMICH_PORT", 2283);
+    let port = u16::try_from(port).unwrap_or_else(|_| fail("Bootstrap", "invalid IMMICH_PORT"));
+    log(
+        "LOG",
+        "Api:Bootstrap",
+        &format!("Immich Server is listening on http://[::1]:{port} [{version}] [production]"),
+    );
+    // Keep the connection for the process's life, as the real server keeps its pool: a DROP
+    // DATABASE during a restore fails while the server runs, as it does with Immich.
+    let _db = db;
+    let (major, minor, patch) = v;
+    serve(port, move |req| match request_path(req) {
+        "/api/server/ping" => http(200, "application/json", r#"{"res":"pong"}"#),
+        "/api/server/version" => http(
+            200,
+            "application/json",
+            &format!(r#"{{"major":{major},"minor":{minor},"patch":{patch}}}"#),
+        ),
+        "/api/server/version-history" => http(200, "application/json", &history),
+        _ => http(
+            404,
+            "application/json",
+            r#"{"message":"Cannot GET","error":"Not Found","statusCode":404}"#,
+        ),
+    })
+    .await
+}
+
+/// Connects like the server does at boot: resolve, connect, retry while the database is not
+/// there yet (logging Node's error texts), give up after `STANDIN_DB_TIMEOUT_MS`.
+async fn connect() -> Client {
+    const CONTEXT: &str = "Microservices:DatabaseRepository";
+    let host = env_or("DB_HOSTNAME", "database");
+    let port = env_num("DB_PORT", 5432);
+    let port = u16::try_from(port).unwrap_or_else(|_| fail("Bootstrap", "invalid DB_PORT"));
+    let user = env_or("DB_USERNAME", "postgres");
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(env_num("STANDIN_DB_TIMEOUT_MS", 30_000));
+    let mut last = String::new();
+    loop {
+        let attempt = async {
+            let addr = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("Error: getaddrinfo ENOTFOUND {host}"))?;
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host(addr.ip().to_string())
+                .port(addr.port())
+                .user(&user)
+                .password(env_or("DB_PASSWORD", "postgres"))
+                .dbname(env_or("DB_DATABASE_NAME", "immich"))
+                .application_name("immich")
+                .connect_timeout(Duration::from_secs(5));
+            match config.connect(NoTls).await {
+                Ok(pair) => Ok(pair),
+                Err(e) => Err(describe_connect_error(&e, addr)),
+            }
+        };
+        match attempt.await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        // The real server logs and keeps serving what needs no database.
+                        log("ERROR", CONTEXT, &format!("Error: {e}"));
+                    }
+                });
+                return client;
+            }
+            Err(message) => {
+                if message.contains("password authentication failed") {
+                    fail(CONTEXT, &message);
+                }
+                if message != last {
+                    log("ERROR", CONTEXT, &message);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    fail(
+                        "Api:Bootstrap",
+                        &format!("Unable to connect to the database. Error: {message}"),
+                    );
+                }
+                last = message;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// The text Node's `pg`/postgres.js would give for a failed connection.
+fn describe_connect_error(e: &tokio_postgres::Error, addr: SocketAddr) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("error: {}", db.message());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            let code = match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "ECONNREFUSED",
+                std::io::ErrorKind::TimedOut => "ETIMEDOUT",
+                std::io::ErrorKind::ConnectionReset => "ECONNRESET",
+                std::io::ErrorKind::HostUnreachable => "EHOSTUNREACH",
+                _ => "ECONNREFUSED",
+            };
+            return format!("Error: connect {code} {addr}");
+        }
+        source = s.source();
+    }
+    if e.to_string().contains("timeout") {
+        return format!("Error: connect ETIMEDOUT {addr}");
+    }
+    format!("Error: {e}")
+}
+
+async fn table_exists(db: &Client, name: &str) -> bool {
+    db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_else(|e| fail("Microservices:DatabaseRepository", &format!("error: {e}")))
+}
+
+/// Names recorded by TypeORM and by Kysely; Immich reads both.
+async fn applied_migrations(db: &Client) -> Vec<String> {
+    let mut names = Vec::new();
+    for table in ["migrations", "kysely_migrations"] {
+        if !table_exists(db, &format!("public.{table}")).await {
+            continue;
+        }
+        let rows = db
+            .query(&format!("SELECT name::text FROM public.{table}"), &[])
+            .await
+            .unwrap_or_else(|e| fail("Microservices:DatabaseRepository", &format!("error: {e}")));
+        names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Applies the pending migrations of `known`, each in its own transaction with its record row.
+async fn migrate(db: &Client, known: &[&str], kysely: bool, crash_halfway: bool) {
+    const CONTEXT: &str = "Microservices:DatabaseRepository";
+    let applied = applied_migrations(db).await;
+    // Refuse a database migrated by a newer version before changing anything.
     if let Some(missing) = applied.iter().find(|a| !known.contains(&a.as_str())) {
         fail(
-            "DatabaseRepository",
+            CONTEXT,
             &format!("corrupted migrations: previously executed migration {missing} is missing"),
         );
     }
-    let fresh = applied.is_empty();
-    let kysely = v >= (1, 133, 0);
     let pending: Vec<&str> = known
         .iter()
         .copied()
         .filter(|k| !applied.iter().any(|a| a == k))
         .collect();
-    let stop_after = if crash == "migration" {
-        (pending.len() / 2).max(1)
+    let stop_at = if crash_halfway {
+        pending.len() / 2
     } else {
         usize::MAX
     };
+    let setup = if kysely {
+        "CREATE TABLE IF NOT EXISTS kysely_migrations (name varchar(255) NOT NULL PRIMARY KEY, timestamp varchar(255) NOT NULL);
+         CREATE TABLE IF NOT EXISTS kysely_migrations_lock (id varchar(255) NOT NULL PRIMARY KEY, is_locked integer NOT NULL DEFAULT 0);
+         INSERT INTO kysely_migrations_lock (id, is_locked) VALUES ('migration_lock', 0) ON CONFLICT DO NOTHING;"
+    } else {
+        "CREATE TABLE IF NOT EXISTS migrations (id SERIAL NOT NULL PRIMARY KEY, timestamp bigint NOT NULL, name varchar NOT NULL);"
+    };
+    if (!pending.is_empty() || crash_halfway)
+        && let Err(e) = db.batch_execute(setup).await
+    {
+        fail(CONTEXT, &format!("Kysely migrations failed: {e}"));
+    }
     for (i, name) in pending.iter().enumerate() {
-        if i == stop_after {
-            fail(
-                "DatabaseRepository",
-                &format!(
-                    "Kysely migrations failed: error: relation \"{}\" does not exist",
-                    name.split('-').nth(1).unwrap_or("x").to_lowercase()
-                ),
-            );
+        if i == stop_at {
+            break;
         }
+        log("LOG", CONTEXT, &format!("Migrating database: {name}"));
+        if let Err(e) = apply(db, name, kysely).await {
+            fail(CONTEXT, &format!("Kysely migrations failed: {e}"));
+        }
+    }
+    if crash_halfway {
+        let next = pending
+            .get(stop_at)
+            .copied()
+            .unwrap_or("1760000000000-Unknown");
+        let relation = next.split_once('-').map_or(next, |(_, n)| n).to_lowercase();
+        fail(
+            CONTEXT,
+            &format!(
+                "Kysely migrations failed: error: relation \"{relation}\" does not exist (migration {next})"
+            ),
+        );
+    }
+    if !pending.is_empty() {
         log(
             "LOG",
-            "DatabaseRepository",
-            &format!("Migrating database: {name}"),
+            CONTEXT,
+            &format!("Migrations complete ({} applied)", pending.len()),
         );
-        apply(&db, name, kysely).await;
     }
+}
 
-    let media = PathBuf::from(env_or("IMMICH_MEDIA_LOCATION", "/data"));
+/// Schema change of one migration.
+fn migration_sql(name: &str) -> &'static str {
+    match name.split_once('-').map_or(name, |(_, n)| n) {
+        "InitialSchema" => {
+            "CREATE TABLE users (id uuid PRIMARY KEY, email varchar NOT NULL UNIQUE, name varchar NOT NULL DEFAULT '', is_admin boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE assets (id uuid PRIMARY KEY, owner_id uuid NOT NULL REFERENCES users(id) ON DELETE CASCADE, original_path varchar NOT NULL, checksum bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE version_history (id SERIAL PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), version text NOT NULL);
+             CREATE TABLE system_metadata (key varchar PRIMARY KEY, value jsonb NOT NULL);"
+        }
+        "AddAssetFaces" => {
+            "CREATE TABLE asset_faces (id uuid PRIMARY KEY, asset_id uuid NOT NULL REFERENCES assets(id) ON DELETE CASCADE, bounding_box integer[] NOT NULL DEFAULT '{}');"
+        }
+        "AddAssetJobStatus" => {
+            "CREATE TABLE asset_job_status (asset_id uuid PRIMARY KEY REFERENCES assets(id) ON DELETE CASCADE, metadata_extracted_at timestamptz);"
+        }
+        "AddMemories" => {
+            "CREATE TABLE memories (id uuid PRIMARY KEY, owner_id uuid NOT NULL REFERENCES users(id) ON DELETE CASCADE, created_at timestamptz NOT NULL DEFAULT now());"
+        }
+        "AddMemoryAssets" => {
+            "CREATE TABLE memories_assets_assets (memories_id uuid NOT NULL REFERENCES memories(id) ON DELETE CASCADE, assets_id uuid NOT NULL REFERENCES assets(id) ON DELETE CASCADE, PRIMARY KEY (memories_id, assets_id));"
+        }
+        "AddTags" => "CREATE TABLE tags (id uuid PRIMARY KEY, value varchar NOT NULL);",
+        "KyselyBaseline" => "ALTER TABLE assets ADD COLUMN deleted_at timestamptz;",
+        "AddAlbumDescription" => {
+            "CREATE TABLE albums (id uuid PRIMARY KEY, album_name varchar NOT NULL DEFAULT 'Untitled Album', description text NOT NULL DEFAULT '');"
+        }
+        "StandardizeNames" => {
+            r#"ALTER TABLE assets RENAME TO asset; ALTER TABLE users RENAME TO "user"; ALTER TABLE albums RENAME TO album;"#
+        }
+        "AddWorkflows" => {
+            "CREATE TABLE workflow (id uuid PRIMARY KEY, name varchar NOT NULL, enabled boolean NOT NULL DEFAULT true);"
+        }
+        "AddOcr" => {
+            "CREATE TABLE asset_ocr (id uuid PRIMARY KEY, asset_id uuid NOT NULL REFERENCES asset(id) ON DELETE CASCADE, text text NOT NULL);"
+        }
+        _ => "SELECT 1;",
+    }
+}
+
+async fn apply(db: &Client, name: &str, kysely: bool) -> Result<(), tokio_postgres::Error> {
+    // tokio_postgres::Transaction needs `&mut Client`; plain BEGIN/COMMIT does the same here.
+    db.batch_execute("BEGIN").await?;
+    let result = async {
+        db.batch_execute(migration_sql(name)).await?;
+        if kysely {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            db.execute(
+                "INSERT INTO kysely_migrations (name, timestamp) VALUES ($1, $2)",
+                &[&name, &now],
+            )
+            .await?;
+        } else {
+            let ts: i64 = name
+                .split('-')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            db.execute(
+                "INSERT INTO migrations (timestamp, name) VALUES ($1, $2)",
+                &[&ts, &name],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => db.batch_execute("COMMIT").await,
+        Err(e) => {
+            let _ = db.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Immich's mount checks: a folder seen before must still hold its `.immich` marker; a folder
+/// never seen (first boot) gets one. Which folders were seen is kept in `system_metadata`
+/// (`system-flags` → `mountChecks`), as Immich does; so a fresh install creates every marker and
+/// any later boot verifies them all.
+async fn check_mounts(db: &Client, media: &Path) {
+    const CONTEXT: &str = "Microservices:StorageService";
+    let flags: serde_json::Value = if table_exists(db, "public.system_metadata").await {
+        db.query_opt(
+            "SELECT value::text FROM system_metadata WHERE key = 'system-flags'",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")))
+        .and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok())
+        .unwrap_or_else(|| serde_json::json!({}))
+    } else {
+        serde_json::json!({})
+    };
+    let mut checks = flags
+        .get("mountChecks")
+        .and_then(|m| m.as_object())
+        .cloned()
+        .unwrap_or_default();
+    let mut changed = false;
     for folder in FOLDERS {
         let dir = media.join(folder);
         let marker = dir.join(".immich");
-        if fresh {
+        if checks.get(*folder).and_then(|v| v.as_bool()) == Some(true) {
+            if let Err(e) = std::fs::read(&marker) {
+                let m = marker.display();
+                let code = node_code(&e);
+                log(
+                    "ERROR",
+                    CONTEXT,
+                    &format!(
+                        "Failed to read \"{m}\": Error: {code}: {}, open '{m}'",
+                        node_text(code)
+                    ),
+                );
+                log(
+                    "ERROR",
+                    "Microservices:StorageService",
+                    &format!(
+                        "Failed to validate {folder} folder, please check that the mount exists and is readable"
+                    ),
+                );
+                fail("Bootstrap", "microservices worker exited with code 1");
+            }
+        } else {
+            create_dir(&dir);
             write_file(&marker, b"");
-        } else if !marker.exists() {
-            let m = marker.display();
             log(
-                "ERROR",
-                "StorageService",
-                &format!(
-                    "Failed to read \"{m}\": Error: ENOENT: no such file or directory, open '{m}'"
-                ),
+                "LOG",
+                CONTEXT,
+                &format!("Verified access to {}", dir.display()),
             );
-            fail("Microservices", "microservices worker exited with code 1");
+            checks.insert((*folder).to_string(), serde_json::Value::Bool(true));
+            changed = true;
         }
     }
+    if changed {
+        let value = serde_json::json!({ "mountChecks": checks });
+        db.execute(
+            "INSERT INTO system_metadata (key, value) VALUES ('system-flags', $1::text::jsonb)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&value.to_string()],
+        )
+        .await
+        .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")));
+    }
+}
 
-    let table = |new: &str, old: &str| {
-        if v >= (1, 137, 0) {
-            new.to_string()
-        } else {
-            old.to_string()
-        }
-    };
-    let (users, assets) = (table("\"user\"", "users"), table("asset", "assets"));
+fn node_code(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "ENOENT",
+        std::io::ErrorKind::PermissionDenied => "EACCES",
+        std::io::ErrorKind::ReadOnlyFilesystem => "EROFS",
+        std::io::ErrorKind::StorageFull => "ENOSPC",
+        std::io::ErrorKind::IsADirectory => "EISDIR",
+        std::io::ErrorKind::NotADirectory => "ENOTDIR",
+        _ => "EIO",
+    }
+}
+
+fn node_text(code: &str) -> &'static str {
+    match code {
+        "ENOENT" => "no such file or directory",
+        "EACCES" => "permission denied",
+        "EROFS" => "read-only file system",
+        "ENOSPC" => "no space left on device",
+        "EISDIR" => "illegal operation on a directory",
+        "ENOTDIR" => "not a directory",
+        _ => "i/o error",
+    }
+}
+
+/// Node's message for a failed write, then the worker's exit, then exit 1.
+fn storage_failure(e: &std::io::Error, op: &str, path: &Path) -> ! {
+    let code = node_code(e);
+    log(
+        "ERROR",
+        "Microservices:StorageService",
+        &format!("{code}: {}, {op} '{}'", node_text(code), path.display()),
+    );
+    fail("Bootstrap", "microservices worker exited with code 1")
+}
+
+fn create_dir(dir: &Path) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        storage_failure(&e, "mkdir", dir);
+    }
+}
+
+fn write_file(path: &Path, content: &[u8]) {
+    if let Some(parent) = path.parent() {
+        create_dir(parent);
+    }
+    if let Err(e) = std::fs::write(path, content) {
+        storage_failure(&e, "open", path);
+    }
+}
+
+async fn record_version(db: &Client, version: &str) {
+    const CONTEXT: &str = "Microservices:VersionService";
     let last: Option<String> = db
         .query_opt(
             "SELECT version FROM version_history ORDER BY id DESC LIMIT 1",
             &[],
         )
         .await
-        .unwrap()
+        .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")))
         .map(|r| r.get(0));
-    if last.as_deref() != Some(version.as_str()) {
+    if last.as_deref() != Some(version) {
         db.execute(
             "INSERT INTO version_history (created_at, version) VALUES (now(), $1)",
             &[&version],
         )
         .await
-        .unwrap();
-    }
-    let owner: String = match db
-        .query_opt(&format!("SELECT id FROM {users} LIMIT 1"), &[])
-        .await
-        .unwrap()
-    {
-        Some(row) => row.get(0),
-        None => {
-            let id = new_id();
-            db.execute(
-                &format!("INSERT INTO {users} (id, email, created_at) VALUES ($1, 'admin@example.com', now())"),
-                &[&id],
-            )
-            .await
-            .unwrap();
-            let seed: u32 = env_or("STANDIN_SEED_ASSETS", "3").parse().unwrap_or(3);
-            for _ in 0..seed {
-                add_asset(&db, &assets, &id, &media).await;
-            }
-            id
+        .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")));
+        match last {
+            Some(previous) => log(
+                "LOG",
+                CONTEXT,
+                &format!("Version has changed from {previous} to {version}"),
+            ),
+            None => log("LOG", CONTEXT, &format!("First start of version {version}")),
         }
-    };
-    let per_boot: u32 = env_or("STANDIN_ASSETS_PER_BOOT", "1").parse().unwrap_or(1);
-    for _ in 0..per_boot {
-        add_asset(&db, &assets, &owner, &media).await;
     }
+}
 
-    let listen_port: u16 = env_or("IMMICH_PORT", "2283").parse().unwrap_or(2283);
-    let (major, minor, patch) = v;
-    let history = std::sync::Arc::new(std::sync::Mutex::new(String::from("[]")));
-    let rows = db
-        .query(
-            "SELECT id, created_at::text, version FROM version_history ORDER BY id",
+/// Whichever name the schema has (`asset`/`assets`, `user`/`users`), quoted for SQL.
+async fn table_name(db: &Client, new: &str, old: &str) -> String {
+    if table_exists(db, &format!("public.\"{new}\"")).await {
+        format!("\"{new}\"")
+    } else {
+        old.to_string()
+    }
+}
+
+/// A fresh install gets an admin and `STANDIN_SEED_ASSETS` assets; every boot uploads
+/// `STANDIN_ASSETS_PER_BOOT` more.
+async fn add_data(db: &Client, media: &Path) {
+    const CONTEXT: &str = "Microservices:AssetService";
+    let users = table_name(db, "user", "users").await;
+    let assets = table_name(db, "asset", "assets").await;
+    let existing: Option<String> = db
+        .query_opt(
+            &format!("SELECT id::text FROM {users} ORDER BY created_at LIMIT 1"),
             &[],
         )
         .await
-        .unwrap();
-    let entries: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            serde_json::json!({"id": r.get::<_, i32>(0), "createdAt": r.get::<_, String>(1), "version": r.get::<_, String>(2)})
-        })
-        .collect();
-    *history.lock().unwrap() = serde_json::to_string(&entries).unwrap();
-    log(
-        "LOG",
-        "Api:Bootstrap",
-        &format!(
-            "Immich Server is listening on http://[::1]:{listen_port} [{version}] [production]"
-        ),
-    );
-    // Keep the connection: a real server holds a pool for its whole life.
-    let _db = db;
-    serve_lines(listen_port, move |req| {
-        let path = req.split_whitespace().nth(1).unwrap_or("");
-        match path {
-            "/api/server/ping" => http(200, "application/json", r#"{"res":"pong"}"#),
-            "/api/server/version" => http(
-                200,
-                "application/json",
-                &format!(r#"{{"major":{major},"minor":{minor},"patch":{patch}}}"#),
-            ),
-            "/api/server/version-history" => {
-                http(200, "application/json", &history.lock().unwrap())
-            }
-            _ => http(404, "application/json", r#"{"message":"Not Found"}"#),
-        }
-    })
-    .await
-}
-
-async fn connect(conn: &str, host: &str, port: &str) -> Client {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio_postgres::connect(conn, NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        fail(
-                            "DatabaseRepository",
-                            &format!("database connection lost: {e}"),
-                        );
-                    }
-                });
-                return client;
-            }
-            Err(e) => {
-                let text = e.to_string();
-                if text.contains("password authentication failed") {
-                    fail("DatabaseRepository", &format!("error: {text}"));
-                }
-                log(
-                    "ERROR",
-                    "DatabaseRepository",
-                    &format!("Error: connect ECONNREFUSED {host}:{port} ({text})"),
-                );
-                if tokio::time::Instant::now() > deadline {
-                    fail("Bootstrap", "could not connect to the database, giving up");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
-async fn applied_migrations(db: &Client) -> Vec<String> {
-    let mut names = Vec::new();
-    for table in ["migrations", "kysely_migrations"] {
-        let exists: bool = db
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")))
+        .map(|r| r.get(0));
+    let (owner, count) = match existing {
+        Some(owner) => (owner, env_num("STANDIN_ASSETS_PER_BOOT", 1)),
+        None => {
+            let owner = new_uuid();
+            db.execute(
+                &format!("INSERT INTO {users} (id, email, name, is_admin) VALUES ($1::text::uuid, 'admin@example.com', 'Admin', true)"),
+                &[&owner],
+            )
             .await
-            .unwrap()
-            .get(0);
-        if exists {
-            for row in db
-                .query(&format!("SELECT name::text FROM {table}"), &[])
-                .await
-                .unwrap()
-            {
-                names.push(row.get(0));
-            }
+            .unwrap_or_else(|e| fail(CONTEXT, &format!("error: {e}")));
+            log("LOG", CONTEXT, "Admin user created (admin@example.com)");
+            let count = env_num("STANDIN_SEED_ASSETS", 3) + env_num("STANDIN_ASSETS_PER_BOOT", 1);
+            (owner, count)
         }
-    }
-    names.sort();
-    names
-}
-
-async fn apply(db: &Client, name: &str, kysely: bool) {
-    let body = match name.split_once('-').map(|(_, n)| n).unwrap_or(name) {
-        "InitialSchema" => {
-            "CREATE TABLE users (id text PRIMARY KEY, email text NOT NULL, created_at timestamptz NOT NULL);
-             CREATE TABLE assets (id text PRIMARY KEY, owner_id text NOT NULL REFERENCES users(id),
-                 original_path text NOT NULL, checksum text NOT NULL, created_at timestamptz NOT NULL);
-             CREATE TABLE version_history (id serial PRIMARY KEY, created_at timestamptz NOT NULL, version text NOT NULL);"
-                .to_string()
-        }
-        "StandardizeNames" => "ALTER TABLE assets RENAME TO asset; ALTER TABLE users RENAME TO \"user\";".to_string(),
-        other => format!("CREATE TABLE standin_{} (id serial PRIMARY KEY, note text);", other.to_lowercase()),
     };
-    let record = if kysely {
-        format!(
-            "CREATE TABLE IF NOT EXISTS kysely_migrations (name varchar(255) PRIMARY KEY, timestamp varchar(255) NOT NULL);
-             INSERT INTO kysely_migrations (name, timestamp) VALUES ('{name}', now()::text);"
-        )
-    } else {
-        let ts = name.split('-').next().unwrap_or("0");
-        format!(
-            "CREATE TABLE IF NOT EXISTS migrations (id serial PRIMARY KEY, timestamp bigint NOT NULL, name varchar NOT NULL);
-             INSERT INTO migrations (timestamp, name) VALUES ({ts}, '{name}');"
-        )
-    };
-    let sql = format!("BEGIN; {body} {record} COMMIT;");
-    if let Err(e) = db.batch_execute(&sql).await {
-        fail(
-            "DatabaseRepository",
-            &format!("Kysely migrations failed: {e}"),
-        );
-    }
-}
-
-fn new_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:016x}{:08x}{:08x}", nanos, std::process::id(), n)
-}
-
-fn write_file(path: &Path, content: &[u8]) {
-    let result = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| std::fs::write(path, content));
-    if let Err(e) = result {
-        let p = path.display();
-        let message = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => {
-                format!("EACCES: permission denied, open '{p}'")
-            }
-            _ => format!("Error: {e}, open '{p}'"),
-        };
-        log("ERROR", "StorageService", &message);
-        fail("Microservices", "microservices worker exited with code 1");
+    for _ in 0..count {
+        add_asset(db, &assets, &owner, media).await;
     }
 }
 
 async fn add_asset(db: &Client, table: &str, owner: &str, media: &Path) {
-    let id = new_id();
-    let (a, b) = (&id[id.len() - 4..id.len() - 2], &id[id.len() - 2..]);
+    let id = new_uuid();
+    let (a, b) = (&id[0..2], &id[2..4]);
     let rel = format!("upload/{owner}/{a}/{b}/{id}.jpg");
-    // A few KB that differ per asset, like photos do.
-    let content: Vec<u8> = id.bytes().cycle().take(4096).collect();
+    let content = fake_jpeg(&id);
     write_file(&media.join(&rel), &content);
     write_file(
         &media.join(format!("thumbs/{owner}/{a}/{b}/{id}-thumbnail.webp")),
-        &content[..512],
+        &fake_webp(&content),
     );
+    let checksum: Vec<u8> = Sha256::digest(&content).to_vec();
+    let original_path = media.join(&rel).display().to_string();
     db.execute(
-        &format!("INSERT INTO {table} (id, owner_id, original_path, checksum, created_at) VALUES ($1, $2, $3, $4, now())"),
-        &[&id, &owner, &format!("/data/{rel}"), &format!("{:x}", content.len() as u64 ^ id.len() as u64)],
+        &format!("INSERT INTO {table} (id, owner_id, original_path, checksum, created_at) VALUES ($1::text::uuid, $2::text::uuid, $3, $4, now())"),
+        &[&id, &owner, &original_path, &checksum],
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| fail("Microservices:AssetService", &format!("error: {e}")));
+}
+
+/// A few KB that start like a JPEG and differ per asset.
+fn fake_jpeg(id: &str) -> Vec<u8> {
+    let seed = Sha256::digest(id.as_bytes());
+    let mut state = u64::from_le_bytes(seed[0..8].try_into().unwrap_or([7; 8])) | 1;
+    let len = 2048 + (state % 4096) as usize;
+    let mut out = vec![
+        0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0x00,
+    ];
+    while out.len() < len - 2 {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len - 2);
+    out.extend_from_slice(&[0xFF, 0xD9]);
+    out
+}
+
+fn fake_webp(original: &[u8]) -> Vec<u8> {
+    let body = &original[..original.len().min(512)];
+    let mut out = b"RIFF".to_vec();
+    out.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
+    out.extend_from_slice(b"WEBP");
+    out.extend_from_slice(body);
+    out
+}
+
+/// A random UUID v4 from the kernel's generator.
+fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = Sha256::digest(format!("{nanos}-{}", std::process::id()).as_bytes())[..16]
+            .try_into()
+            .unwrap_or([0; 16]);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+async fn version_history(db: &Client) -> String {
+    let rows = db
+        .query(
+            "SELECT id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), version FROM version_history ORDER BY id DESC",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| fail("Api:ServerService", &format!("error: {e}")));
+    let entries: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id": r.get::<_, i32>(0).to_string(),
+                "createdAt": r.get::<_, String>(1),
+                "version": r.get::<_, String>(2),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(entries).to_string()
 }
