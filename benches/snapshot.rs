@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use harness::{Stack, StackSpec};
 use immich_guard::snapshot::db;
-use immich_guard::snapshot::storage::{StorageMethod, snapshot_tree};
+use immich_guard::snapshot::storage::{Options, Plan, StorageMethod, snapshot_tree};
 
 fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -139,10 +139,18 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
     for i in 0..runs {
         let dest = root.path().join("dest");
         let manifest = root.path().join("manifest.zst");
+        let plan = Plan::walking(StorageMethod::Hardlink);
         let mut run_ours = || {
             let start = Instant::now();
-            let tree =
-                snapshot_tree(&library, &dest, &manifest, StorageMethod::Hardlink, &[]).unwrap();
+            let tree = snapshot_tree(
+                &library,
+                root.path(),
+                "dest",
+                &manifest,
+                &plan,
+                &Options::default(),
+            )
+            .unwrap();
             ours.push(start.elapsed());
             assert_eq!(tree.files, files);
             std::fs::remove_dir_all(&dest).unwrap();
@@ -165,14 +173,13 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    if !harness::docker_available() {
-        return;
-    }
+    // IMMICH_GUARD_BENCH_ONLY=storage|dump runs one half (the storage half needs no Docker).
+    let only = std::env::var("IMMICH_GUARD_BENCH_ONLY").unwrap_or_default();
     let runs = env_num("IMMICH_GUARD_BENCH_RUNS", 3);
     let rows = env_num("IMMICH_GUARD_BENCH_ROWS", 1_200_000);
     let files = env_num("IMMICH_GUARD_BENCH_FILES", 200_000);
-    let (dump_ours, dump_theirs, db_size) = bench_dump(runs, rows);
-    let (tree_ours, tree_theirs) = bench_storage(runs, files);
+    let dump = (only != "storage" && harness::docker_available()).then(|| bench_dump(runs, rows));
+    let tree = (only != "dump").then(|| bench_storage(runs, files));
     println!();
     println!(
         "median of {runs} runs each, alternating; {} cores",
@@ -190,18 +197,22 @@ fn main() {
         "-".repeat(38),
         "-".repeat(7)
     );
-    row(
-        &format!("DB dump, {} MB database", db_size >> 20),
-        dump_ours,
-        dump_theirs,
-        "docker exec pg_dumpall | zstd -3",
-        1.05,
-    );
-    row(
-        &format!("hardlink tree, {files} files"),
-        tree_ours,
-        tree_theirs,
-        "cp -al",
-        0.8,
-    );
+    if let Some((ours, theirs, db_size)) = dump {
+        row(
+            &format!("DB dump, {} MB database", db_size >> 20),
+            ours,
+            theirs,
+            "docker exec pg_dumpall | zstd -3",
+            1.05,
+        );
+    }
+    if let Some((ours, theirs)) = tree {
+        row(
+            &format!("hardlink tree, {files} files"),
+            ours,
+            theirs,
+            "cp -al",
+            0.8,
+        );
+    }
 }

@@ -150,6 +150,9 @@ pub struct SnapshotConfig {
     pub exclude: Vec<String>,
     /// Allow a full copy when the snapshot dir is on another filesystem than the uploads.
     pub copy_across: bool,
+    /// Snapshot without files or folders that cannot be read, recording them in meta.json,
+    /// instead of failing.
+    pub skip_unreadable: bool,
 }
 
 /// Folders Immich can regenerate; everything else under the upload location is an original.
@@ -163,6 +166,7 @@ impl Default for SnapshotConfig {
             keep_versions: 3,
             exclude: Vec::new(),
             copy_across: false,
+            skip_unreadable: false,
         }
     }
 }

@@ -96,12 +96,12 @@ pub async fn take(
         .map(|v| v.name())
         .unwrap_or_else(|| "unknown".to_string());
     let store = Store::open(&config.snapshot_dir())?;
-    let method = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
+    let plan = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
     let id = store.unused_id(&store::snapshot_id(started_at, &version, &request.trigger));
 
     progress(format!("snapshot {id}: reading migrations and counts"));
     let facts = db::facts(access).await?;
-    check_space(store.root(), &upload, method, facts.database_bytes).await?;
+    check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
     progress(format!(
         "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
@@ -119,22 +119,27 @@ pub async fn take(
     .await?;
 
     progress(format!(
-        "dump: {} MB of SQL, {} MB on disk in {:.1} s; storage snapshot ({:?})",
+        "dump: {} MB of SQL, {} MB on disk in {:.1} s; storage by {}",
         dump.sql_bytes / 1_000_000,
         dump.bytes / 1_000_000,
         dump.duration_ms as f64 / 1000.0,
-        method
+        plan.method
     ));
     let tree = {
         let (upload, dir) = (upload.clone(), partial.path().to_path_buf());
-        let exclude = config.snapshots.exclude.clone();
+        let options = storage::Options {
+            exclude: config.snapshots.exclude.clone(),
+            skip_unreadable: config.snapshots.skip_unreadable,
+            id: id.clone(),
+        };
         tokio::task::spawn_blocking(move || {
             storage::snapshot_tree(
                 &upload,
-                &dir.join(STORAGE_DIR),
+                &dir,
+                STORAGE_DIR,
                 &dir.join(MANIFEST_FILE),
-                method,
-                &exclude,
+                &plan,
+                &options,
             )
         })
         .await
@@ -142,10 +147,16 @@ pub async fn take(
     };
 
     progress(format!(
-        "storage: {} files, {} MB in {:.1} s",
+        "storage: {} files, {} MB in {:.1} s by {}{}",
         tree.files,
         tree.bytes / 1_000_000,
-        tree.duration_ms as f64 / 1000.0
+        tree.duration_ms as f64 / 1000.0,
+        tree.method,
+        if tree.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; {} unreadable entries skipped", tree.skipped.len())
+        }
     ));
     let config_dir = partial.path().join(CONFIG_DIR);
     let mut config_files = Vec::new();
@@ -172,7 +183,7 @@ pub async fn take(
         config_files.push(name.to_string_lossy().into_owned());
     }
 
-    let copied = if tree.method == storage::StorageMethod::Copy {
+    let copied = if tree.method.copies_data() {
         tree.bytes
     } else {
         0
@@ -222,10 +233,12 @@ const SPACE_MARGIN: u64 = 16 << 20;
 async fn check_space(
     dir: &std::path::Path,
     upload: &std::path::Path,
-    method: storage::StorageMethod,
+    plan: &storage::Plan,
     database_bytes: i64,
 ) -> Result<(), SnapshotError> {
-    let copy_bytes = if method == storage::StorageMethod::Copy {
+    // A native fallback to a copy needs the room too.
+    let copy_bytes = if plan.method.copies_data() || plan.fallback.is_some_and(|m| m.copies_data())
+    {
         let upload = upload.to_path_buf();
         tokio::task::spawn_blocking(move || {
             walkdir::WalkDir::new(upload)

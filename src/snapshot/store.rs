@@ -109,7 +109,7 @@ impl Store {
             let entry = entry.map_err(io(&self.root, "listing it"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(PARTIAL_PREFIX) {
-                std::fs::remove_dir_all(entry.path())
+                super::storage::remove_snapshot_dir(&entry.path())
                     .map_err(io(&entry.path(), "removing a partial snapshot"))?;
                 removed.push(name);
             }
@@ -142,7 +142,8 @@ impl Store {
         }
         let dir = self.root.join(format!("{PARTIAL_PREFIX}{id}"));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir, "removing an old partial"))?;
+            super::storage::remove_snapshot_dir(&dir)
+                .map_err(io(&dir, "removing an old partial"))?;
         }
         std::fs::create_dir(&dir).map_err(io(&dir, "creating it"))?;
         Ok(Partial {
@@ -159,7 +160,7 @@ impl Store {
         // which the next start removes, never a half-deleted "sealed" snapshot.
         let doomed = self.root.join(format!("{PARTIAL_PREFIX}deleting-{id}"));
         std::fs::rename(&dir, &doomed).map_err(io(&dir, "unsealing it for deletion"))?;
-        std::fs::remove_dir_all(&doomed).map_err(io(&doomed, "deleting it"))
+        super::storage::remove_snapshot_dir(&doomed).map_err(io(&doomed, "deleting it"))
     }
 
     /// Sealed snapshots, oldest first. Partial and unreadable dirs are never listed.
@@ -217,7 +218,7 @@ impl Partial {
 impl Drop for Partial {
     fn drop(&mut self) {
         if !self.sealed
-            && let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && let Err(e) = super::storage::remove_snapshot_dir(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %self.dir.display(), error = %e, "could not remove partial snapshot; it is removed at next start");
@@ -276,6 +277,10 @@ pub(crate) mod tests {
                 excluded: vec![],
                 manifest_bytes: 0,
                 duration_ms: 0,
+                source: None,
+                native: None,
+                notes: vec![],
+                skipped: vec![],
             },
             upload_location: "/srv".into(),
             config_files: vec![],
