@@ -184,16 +184,27 @@ async fn snapshot_cmd(
     label: Option<String>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    // A spinner for a person at a terminal; plain lines for logs and scripts.
+    // A bar over the snapshot's steps for a person at a terminal; plain lines for logs and
+    // scripts.
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
+        let bar = indicatif::ProgressBar::new(immich_guard::snapshot::STEPS);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:24}] {pos}/{len} {wide_msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         bar
     });
     let request = Request::Snapshot { label };
     let response =
         client::request_with_progress(&config.control.socket, &request, |line| match &bar {
-            Some(bar) => bar.set_message(line.to_string()),
+            Some(bar) => {
+                bar.set_position((bar.position() + 1).min(immich_guard::snapshot::STEPS));
+                bar.set_message(line.to_string());
+            }
             None => eprintln!("{line}"),
         })
         .await;

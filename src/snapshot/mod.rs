@@ -56,6 +56,9 @@ pub struct Request {
     pub label: Option<String>,
 }
 
+/// Progress lines of one snapshot: facts, dump, storage, config, seal.
+pub const STEPS: u64 = 5;
+
 /// Receives one line per step, for the admin watching a snapshot.
 pub type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
 
