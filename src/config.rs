@@ -39,6 +39,42 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub snapshots: SnapshotConfig,
     pub crash_loop: CrashLoopConfig,
+    pub protect: ProtectConfig,
+    pub notify: NotifyConfig,
+}
+
+/// Where protection events are sent; nothing is sent unless configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Receives every event as a JSON POST.
+    pub webhook_url: Option<String>,
+    /// ntfy server, e.g. `https://ntfy.sh`; with `ntfy_topic`.
+    pub ntfy_url: Option<String>,
+    pub ntfy_topic: Option<String>,
+    #[serde(skip_serializing)]
+    pub ntfy_token: Option<String>,
+    pub timeout_secs: u64,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            webhook_url: None,
+            ntfy_url: None,
+            ntfy_topic: None,
+            ntfy_token: None,
+            timeout_secs: 10,
+        }
+    }
+}
+
+/// Passive protection (DESIGN.md §4).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtectConfig {
+    /// Let a frozen server go when its snapshot fails, instead of holding it (default: hold).
+    pub fail_open: bool,
 }
 
 /// Overrides for what discovery finds on the Docker host.
@@ -338,6 +374,48 @@ impl Config {
                 "must be at least 1 s: a window of 0 s can never see a loop",
             );
         }
+        for (key, url) in [
+            ("notify.webhook_url", &self.notify.webhook_url),
+            ("notify.ntfy_url", &self.notify.ntfy_url),
+        ] {
+            if let Some(url) = url
+                && reqwest::Url::parse(url)
+                    .map(|u| !matches!(u.scheme(), "http" | "https"))
+                    .unwrap_or(true)
+            {
+                return invalid(key, url, "must be an http:// or https:// URL");
+            }
+        }
+        match (&self.notify.ntfy_url, &self.notify.ntfy_topic) {
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid(
+                    "notify.ntfy_topic",
+                    &self.notify.ntfy_topic,
+                    "notify.ntfy_url and notify.ntfy_topic go together: set both or neither",
+                );
+            }
+            (_, Some(topic))
+                if topic.is_empty()
+                    || topic.len() > 64
+                    || !topic
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                return invalid(
+                    "notify.ntfy_topic",
+                    topic,
+                    "1 to 64 letters, digits, '_' or '-'",
+                );
+            }
+            _ => {}
+        }
+        if !(1..=120).contains(&self.notify.timeout_secs) {
+            return invalid(
+                "notify.timeout_secs",
+                &self.notify.timeout_secs,
+                "must be 1 to 120",
+            );
+        }
         Ok(())
     }
 }
@@ -459,5 +537,28 @@ mod tests {
         let c = parse("[database]\npassword = \"hunter2\"\n").unwrap();
         assert_eq!(c.database.password.as_deref(), Some("hunter2"));
         assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn notify_keys_are_checked() {
+        let e = parse("[notify]\nwebhook_url = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notify.webhook_url = \"ftp://x\""), "{e}");
+        let e = parse("[notify]\nntfy_url = \"https://ntfy.sh\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("notify.ntfy_url and notify.ntfy_topic go together"),
+            "{e}"
+        );
+        let e = parse("[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"a b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notify.ntfy_topic"), "{e}");
+        assert!(
+            parse("[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"immich\"\n[protect]\nfail_open = true\n")
+                .is_ok()
+        );
     }
 }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
+use crate::protect::{Guard, GuardHandle, Input, StartEvent};
 use crate::snapshot::queue::SnapshotQueue;
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
@@ -68,7 +69,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
-    let queue = SnapshotQueue::start(config.clone(), docker_rx, state.clone());
+    let queue = SnapshotQueue::start(config.clone(), docker_rx.clone(), state.clone());
+    let guard = Guard::start(
+        config.clone(),
+        state.clone(),
+        docker_rx,
+        queue.clone(),
+        crate::notify::Notifier::new(&config.notify),
+    );
 
     let control = ControlServer::bind(&config.control)?;
     tracing::info!(socket = %control.path().display(), "control socket listening");
@@ -77,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         state: rx.clone(),
         queue,
         snapshot_dir,
+        guard: guard.clone(),
     }));
 
     let supervisor = tokio::spawn(supervise_docker(
@@ -84,6 +93,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         host,
         state.clone(),
         docker_tx,
+        guard,
     ));
 
     // READY once the socket listens and the first discovery attempt has an outcome, whether
@@ -146,7 +156,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 }
 
 /// Keeps a Docker connection, with backoff while the engine is away.
-async fn supervise_docker(config: Config, host: String, state: State, docker_tx: DockerTx) {
+async fn supervise_docker(
+    config: Config,
+    host: String,
+    state: State,
+    docker_tx: DockerTx,
+    guard: GuardHandle,
+) {
     let min = Duration::from_millis(config.docker.reconnect_min_ms);
     let max = Duration::from_millis(config.docker.reconnect_max_ms);
     let mut backoff = min;
@@ -164,7 +180,7 @@ async fn supervise_docker(config: Config, host: String, state: State, docker_tx:
                     s.activity = "watching".to_string();
                 });
                 docker_tx.send_replace(Some((docker.clone(), host.clone())));
-                let lost = follow_events(&docker, &host, &config, &state).await;
+                let lost = follow_events(&docker, &host, &config, &state, &guard).await;
                 docker_tx.send_replace(None);
                 tracing::warn!(error = %lost, "lost Docker connection");
                 mark_unreachable(&state, &lost);
@@ -192,7 +208,13 @@ fn mark_unreachable(state: &State, error: &DockerError) {
 
 /// Follows the event stream until it breaks; returns why. The stream starts from a moment
 /// before discovery (`since`), so a change between the two is replayed, never missed.
-async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &State) -> DockerError {
+async fn follow_events(
+    docker: &Docker,
+    host: &str,
+    config: &Config,
+    state: &State,
+    guard: &GuardHandle,
+) -> DockerError {
     let filters = HashMap::from([("type", vec!["container", "image"])]);
     let since = Utc::now() - chrono::Duration::seconds(1);
     let since = format!(
@@ -205,7 +227,7 @@ async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &Sta
         .filters(&filters)
         .build();
     let mut events = docker.events(Some(options));
-    if let Err(e) = refresh(docker, host, config, state).await {
+    if let Err(e) = refresh(docker, host, config, state, guard).await {
         return e;
     }
     let reconcile = Duration::from_secs(config.docker.reconcile_secs);
@@ -216,6 +238,11 @@ async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &Sta
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(event)) => {
+                    // Starts go to protection at once: a new server must be frozen within
+                    // milliseconds, not after the discovery debounce.
+                    if let Some(input) = protection_input(&event) {
+                        guard.send(input);
+                    }
                     if let Some(seen) = relevant(&event) {
                         tracing::debug!(kind = %seen.kind, action = %seen.action, subject = %seen.subject, "docker event");
                         state.send_modify(|s| s.last_event = Some(seen));
@@ -231,7 +258,7 @@ async fn follow_events(docker: &Docker, host: &str, config: &Config, state: &Sta
             _ = tokio::time::sleep_until(deadline) => {
                 pending = None;
                 next_reconcile = Instant::now() + reconcile;
-                if let Err(e) = refresh(docker, host, config, state).await {
+                if let Err(e) = refresh(docker, host, config, state, guard).await {
                     return e;
                 }
             }
@@ -275,6 +302,36 @@ fn relevant(event: &EventMessage) -> Option<EventSeen> {
     })
 }
 
+fn protection_input(event: &EventMessage) -> Option<Input> {
+    let actor = event.actor.as_ref()?;
+    let attributes = actor.attributes.as_ref()?;
+    let at = event
+        .time_nano
+        .map(chrono::DateTime::from_timestamp_nanos)
+        .unwrap_or_else(Utc::now);
+    match (
+        event.typ.as_ref()?.to_string().as_str(),
+        event.action.as_deref()?,
+    ) {
+        ("container", "start") => Some(Input::Started(StartEvent {
+            container_id: actor.id.clone()?,
+            name: attributes.get("name").cloned().unwrap_or_default(),
+            image: attributes.get("image").cloned().unwrap_or_default(),
+            project: attributes.get("com.docker.compose.project").cloned(),
+            service: attributes.get("com.docker.compose.service").cloned(),
+            at,
+        })),
+        ("image", "pull" | "tag" | "load" | "import") => Some(Input::Image {
+            // For a tag, the ID; for a pull, the reference.
+            reference: attributes
+                .get("name")
+                .cloned()
+                .or_else(|| actor.id.clone())?,
+        }),
+        _ => None,
+    }
+}
+
 /// Runs discovery and publishes the outcome. A Docker failure is returned (reconnect);
 /// "no stack" is a state, published.
 async fn refresh(
@@ -282,6 +339,7 @@ async fn refresh(
     host: &str,
     config: &Config,
     state: &State,
+    guard: &GuardHandle,
 ) -> Result<(), DockerError> {
     match discover::discover(docker, host, config).await {
         Ok(stack) => {
@@ -298,6 +356,7 @@ async fn refresh(
                     tracing::warn!(project = %stack.project, "{note}");
                 }
             }
+            guard.send(Input::Discovered(Box::new(stack.clone())));
             state.send_modify(|s| {
                 s.stack = Some(stack);
                 s.discovery_error = None;

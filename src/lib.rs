@@ -3,11 +3,14 @@
 //! The data path is the module layout: `discover` finds the stack, `daemon` watches Docker
 //! and publishes `status`, `control` serves it over a Unix socket, `systemd` tells systemd.
 
+pub mod compose_watch;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discover;
 pub mod docker;
+pub mod notify;
+pub mod protect;
 pub mod render;
 pub mod snapshot;
 pub mod status;

@@ -58,6 +58,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let a frozen or held Immich server go. Without --force the snapshot is retried first
+    /// and the server released only when it is sealed; a refused downgrade needs --force.
+    Release {
+        /// Release without a snapshot (recorded and notified).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file and print the effective settings.
     CheckConfig,
 }
@@ -116,6 +125,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
         Command::Snapshot { label, json } => runtime.block_on(snapshot_cmd(&config, label, json)),
         Command::List { json } => runtime.block_on(list_cmd(&config, json)),
+        Command::Release { force, json } => runtime.block_on(release_cmd(&config, force, json)),
         Command::CheckConfig => {
             println!("{}: OK", path.display());
             print!("{}", toml::to_string_pretty(&config)?);
@@ -220,6 +230,20 @@ async fn snapshot_cmd(
     } else {
         println!("sealed snapshot {}", meta.id);
         print!("{}", render::snapshots(std::slice::from_ref(&meta)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn release_cmd(config: &Config, force: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let response = client::request(&config.control.socket, &Request::Release { force }).await?;
+    let message = expect(response, |r| match r {
+        Response::Released { message } => Some(message),
+        _ => None,
+    })?;
+    if json {
+        println!("{}", serde_json::json!({ "released": message }));
+    } else {
+        println!("{message}");
     }
     Ok(ExitCode::SUCCESS)
 }

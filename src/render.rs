@@ -87,6 +87,75 @@ pub fn stack(s: &Stack) -> String {
     out
 }
 
+fn protection(out: &mut String, p: &crate::protect::Protection) {
+    let state = serde_json::to_value(p.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let baseline = p
+        .baseline
+        .as_ref()
+        .map(|b| format!("{} ({})", b.version, crate::discover::short_id(&b.image_id)))
+        .unwrap_or_else(|| "not known yet".into());
+    let _ = writeln!(
+        out,
+        "protection: {state}{}; database runs with {baseline}",
+        if p.fail_open { " (fail-open)" } else { "" }
+    );
+    if let Some(c) = &p.pending {
+        let _ = writeln!(
+            out,
+            "pending change: {} → {} (from {}, seen {}){}",
+            c.from,
+            c.to,
+            c.source,
+            c.detected_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            c.snapshot
+                .as_ref()
+                .map(|id| format!(", covered by {id}"))
+                .unwrap_or_else(|| ", no snapshot sealed for it yet".into())
+        );
+    }
+    if let Some(f) = &p.frozen {
+        let _ = writeln!(
+            out,
+            "FROZEN: {} ({}) paused {:.1} ms after its start, until its snapshot is sealed",
+            f.container_name, f.version, f.delay_ms
+        );
+    }
+    if let Some(h) = &p.hold {
+        let _ = writeln!(
+            out,
+            "HELD: {} ({}, {}): {}",
+            h.container_name,
+            h.version,
+            if h.paused { "paused" } else { "stopped" },
+            h.reason
+        );
+        let _ = writeln!(out, "  what to do: {}", h.hint);
+    }
+    for (version, id) in &p.last_snapshot_per_version {
+        let _ = writeln!(out, "newest snapshot of {version}: {id}");
+    }
+    if let Some((p50, p99)) = p.delay_percentiles() {
+        let _ = writeln!(
+            out,
+            "freeze delays: {} seen, p50 {p50:.1} ms, p99 {p99:.1} ms",
+            p.freeze_delays_ms.len()
+        );
+    }
+    if let Some(r) = p.releases.last() {
+        let _ = writeln!(
+            out,
+            "last release: {} {}{}: {}",
+            r.at.format("%Y-%m-%d %H:%M:%S UTC"),
+            r.container_name,
+            if r.forced { " (forced)" } else { "" },
+            r.what
+        );
+    }
+}
+
 pub fn status(r: &StatusReport) -> String {
     let mut out = String::new();
     let s = &r.state;
@@ -136,6 +205,7 @@ pub fn status(r: &StatusReport) -> String {
             snap.sealed_at.format("%Y-%m-%d %H:%M:%S UTC")
         );
     }
+    protection(&mut out, &s.protection);
     if let Some(e) = &s.last_snapshot_error {
         let _ = writeln!(out, "LAST SNAPSHOT FAILED: {e}");
     }

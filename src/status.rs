@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::discover::Stack;
+use crate::protect::{ProtectState, Protection};
 
 /// The daemon's state as the workers publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +23,8 @@ pub struct DaemonState {
     pub last_snapshot: Option<SnapshotSeen>,
     /// Why the last snapshot attempt failed, until one succeeds.
     pub last_snapshot_error: Option<String>,
+    #[serde(default)]
+    pub protection: Protection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +73,7 @@ impl DaemonState {
             last_event: None,
             last_snapshot: None,
             last_snapshot_error: None,
+            protection: Protection::default(),
         }
     }
 
@@ -80,6 +84,19 @@ impl DaemonState {
                 Some(e) => format!("waiting for Docker: {e}"),
                 None => "connecting to Docker".to_string(),
             };
+        }
+        let p = &self.protection;
+        match (p.state, &p.hold, &p.frozen) {
+            (ProtectState::Held, Some(hold), _) => {
+                return format!("HELD {}: {}", hold.container_name, hold.reason);
+            }
+            (ProtectState::Frozen, _, Some(f)) => {
+                return format!(
+                    "frozen {} ({}) until its snapshot is sealed",
+                    f.container_name, f.version
+                );
+            }
+            _ => {}
         }
         match (&self.stack, &self.discovery_error) {
             (Some(stack), _) => {

@@ -25,17 +25,22 @@ pub enum Request {
         label: Option<String>,
     },
     List {},
+    /// Let a frozen or held server go: retries the snapshot first, unless forced.
+    Release {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl Request {
     /// Verbs that change something: only root (or the daemon's own user) may send them.
     pub fn is_mutating(&self) -> bool {
-        matches!(self, Request::Snapshot { .. })
+        matches!(self, Request::Snapshot { .. } | Request::Release { .. })
     }
 }
 
 /// Every verb the daemon knows, for "unknown verb" answers.
-pub const VERBS: &[&str] = &["status", "snapshot", "list"];
+pub const VERBS: &[&str] = &["status", "snapshot", "list", "release"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -48,6 +53,9 @@ pub enum Response {
     Snapshot(Box<Meta>),
     List {
         snapshots: Vec<Meta>,
+    },
+    Released {
+        message: String,
     },
     Error {
         message: String,

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use super::{MAX_REQUEST_BYTES, Request, Response, parse_request};
 use crate::config::ControlConfig;
+use crate::protect::GuardHandle;
 use crate::snapshot::queue::{Event, SnapshotQueue};
 use crate::snapshot::store::Store;
 use crate::status::{DaemonState, StatusReport};
@@ -23,6 +24,7 @@ pub struct Control {
     pub state: watch::Receiver<DaemonState>,
     pub queue: SnapshotQueue,
     pub snapshot_dir: PathBuf,
+    pub guard: GuardHandle,
 }
 
 /// How long a connection may sit without sending a complete request.
@@ -205,6 +207,13 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 let response = match listed {
                     Ok(snapshots) => Response::List { snapshots },
                     Err(e) => Response::error(e.to_string()),
+                };
+                send(&mut write, &response).await
+            }
+            Request::Release { force } => {
+                let response = match control.guard.release(force).await {
+                    Ok(message) => Response::Released { message },
+                    Err(message) => Response::error(message),
                 };
                 send(&mut write, &response).await
             }

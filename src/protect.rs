@@ -1,0 +1,1128 @@
+//! Passive protection (DESIGN.md §4): snapshot before every Immich version change, freeze a
+//! server that starts on an image no sealed snapshot covers, fail closed, refuse downgrades.
+//!
+//! One task owns the decisions. The Docker event loop hands it container starts at once
+//! (before any debounce), image pulls/tags, and every discovery result; the compose watcher
+//! hands it `.env`/compose changes. A start is decided from what the task already knows
+//! (the image the database last ran with, the change a sealed snapshot covers), so the pause
+//! is one Docker call after the event. What it decided is persisted in the data dir, so a
+//! restarted daemon still holds what it held and still knows the version that migrated last.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::compose_watch::{ComposeEvent, ComposeWatcher};
+use crate::config::Config;
+use crate::discover::Stack;
+use crate::notify::{Event as Notice, EventKind, Notifier};
+use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
+use crate::snapshot::store::Store;
+use crate::status::DaemonState;
+
+/// How long a `.env` must be quiet before its change counts (editors write in bursts).
+const COMPOSE_DEBOUNCE: Duration = Duration::from_millis(500);
+/// Freeze delays kept for `status`.
+const DELAYS_KEPT: usize = 200;
+const RELEASES_KEPT: usize = 20;
+const STATE_FILE: &str = "protection.json";
+
+/// The image the database last ran with: a server on it needs no snapshot to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub version: String,
+    pub image_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectState {
+    Idle,
+    Snapshotting,
+    Frozen,
+    Held,
+}
+
+/// A version change seen before the new server runs, and the snapshot that covers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub from: String,
+    pub to: String,
+    /// The new image, when the change came from an image (pull/tag) or a start.
+    pub to_image: Option<String>,
+    /// `.env`, `compose file`, `image pull`, `server start`, `startup reconcile`.
+    pub source: String,
+    pub detected_at: DateTime<Utc>,
+    /// Sealed snapshot taken for this change.
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldKind {
+    SnapshotFailed,
+    Downgrade,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hold {
+    pub kind: HoldKind,
+    pub container: String,
+    pub container_name: String,
+    pub version: String,
+    /// Paused, or stopped when pausing failed.
+    pub paused: bool,
+    pub reason: String,
+    /// What the admin can do, as commands.
+    pub hint: String,
+    pub since: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frozen {
+    pub container: String,
+    pub container_name: String,
+    pub image_id: String,
+    pub version: String,
+    pub since: DateTime<Utc>,
+    /// From the start event's timestamp to the pause returning.
+    pub delay_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub at: DateTime<Utc>,
+    pub container_name: String,
+    pub forced: bool,
+    pub what: String,
+}
+
+/// Everything protection knows; published in `status` and persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Protection {
+    pub state: ProtectState,
+    pub baseline: Option<Baseline>,
+    pub pending: Option<PendingChange>,
+    pub frozen: Option<Frozen>,
+    pub hold: Option<Hold>,
+    /// Newest sealed snapshot per version.
+    pub last_snapshot_per_version: BTreeMap<String, String>,
+    pub freeze_delays_ms: Vec<f64>,
+    pub releases: Vec<Release>,
+    pub fail_open: bool,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Protection {
+            state: ProtectState::Idle,
+            baseline: None,
+            pending: None,
+            frozen: None,
+            hold: None,
+            last_snapshot_per_version: BTreeMap::new(),
+            freeze_delays_ms: Vec::new(),
+            releases: Vec::new(),
+            fail_open: false,
+        }
+    }
+}
+
+impl Protection {
+    /// p50 and p99 of the freeze delays seen, in ms.
+    pub fn delay_percentiles(&self) -> Option<(f64, f64)> {
+        percentiles(&self.freeze_delays_ms)
+    }
+
+    fn settle_state(&mut self, snapshotting: bool) {
+        self.state = if self.hold.is_some() {
+            ProtectState::Held
+        } else if self.frozen.is_some() {
+            ProtectState::Frozen
+        } else if snapshotting {
+            ProtectState::Snapshotting
+        } else {
+            ProtectState::Idle
+        };
+    }
+}
+
+pub fn percentiles(values: &[f64]) -> Option<(f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.5), at(0.99)))
+}
+
+/// `v1.119.0`, `1.119.0`, `v2.1.0-rc.1` → (1, 119, 0); tags like `release` → None.
+pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
+    let s = s.strip_prefix('v').unwrap_or(s);
+    let core = s.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    let v = (
+        parts.next()??,
+        parts.next()??,
+        parts.next().unwrap_or(Some(0))?,
+    );
+    parts.next().is_none().then_some(v)
+}
+
+fn same_version(a: &str, b: &str) -> bool {
+    match (parse_version(a), parse_version(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn is_older(candidate: &str, than: &str) -> bool {
+    matches!((parse_version(candidate), parse_version(than)), (Some(c), Some(t)) if c < t)
+}
+
+/// What the Docker event loop hands the guard.
+#[derive(Debug)]
+pub enum Input {
+    /// A container of some compose project started.
+    Started(StartEvent),
+    /// An image was pulled or tagged: `reference` is a name or an ID.
+    Image {
+        reference: String,
+    },
+    Discovered(Box<Stack>),
+    Release {
+        force: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    SnapshotDone(Result<(String, String), String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct StartEvent {
+    pub container_id: String,
+    pub name: String,
+    /// The image as the container was created with (a reference or an ID).
+    pub image: String,
+    pub project: Option<String>,
+    pub service: Option<String>,
+    /// The engine's timestamp of the start event.
+    pub at: DateTime<Utc>,
+}
+
+/// Sends inputs to the guard; cheap to clone.
+#[derive(Clone)]
+pub struct GuardHandle {
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl GuardHandle {
+    pub fn send(&self, input: Input) {
+        let _ = self.tx.send(input);
+    }
+
+    pub async fn release(&self, force: bool) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Release { force, reply });
+        rx.await
+            .unwrap_or_else(|_| Err("protection has stopped".into()))
+    }
+}
+
+pub struct Guard {
+    config: Config,
+    state: Arc<watch::Sender<DaemonState>>,
+    docker: DockerHandle,
+    queue: SnapshotQueue,
+    notifier: Notifier,
+    tx: mpsc::UnboundedSender<Input>,
+    protection: Protection,
+    stack: Option<Stack>,
+    /// Image reference → ID, learned from discovery and image events.
+    image_ids: HashMap<String, String>,
+    /// Image ID → version name.
+    versions: HashMap<String, String>,
+    compose: Option<(PathBuf, ComposeWatcher)>,
+    compose_rx: Option<mpsc::Receiver<ComposeEvent>>,
+    snapshotting: bool,
+    /// Callers of `release` waiting for the retried snapshot.
+    release_waiters: Vec<oneshot::Sender<Result<String, String>>>,
+    state_file: PathBuf,
+}
+
+impl Guard {
+    pub fn start(
+        config: Config,
+        state: Arc<watch::Sender<DaemonState>>,
+        docker: DockerHandle,
+        queue: SnapshotQueue,
+        notifier: Notifier,
+    ) -> GuardHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state_file = config.daemon.data_dir.join(STATE_FILE);
+        let mut protection = load(&state_file).unwrap_or_else(|e| {
+            tracing::warn!(file = %state_file.display(), error = %e, "cannot read the protection state; starting afresh");
+            Protection::default()
+        });
+        protection.fail_open = config.protect.fail_open;
+        let mut guard = Guard {
+            config,
+            state,
+            docker,
+            queue,
+            notifier,
+            tx: tx.clone(),
+            protection,
+            stack: None,
+            image_ids: HashMap::new(),
+            versions: HashMap::new(),
+            compose: None,
+            compose_rx: None,
+            snapshotting: false,
+            release_waiters: Vec::new(),
+            state_file,
+        };
+        guard.refresh_snapshot_index();
+        guard.publish();
+        tokio::spawn(guard.run(rx));
+        GuardHandle { tx }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        loop {
+            let compose = async {
+                match self.compose_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.handle(input).await,
+                    None => return,
+                },
+                Some(event) = compose => self.on_compose(event).await,
+            }
+        }
+    }
+
+    fn docker(&self) -> Option<Docker> {
+        self.docker.borrow().as_ref().map(|(d, _)| d.clone())
+    }
+
+    async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Started(event) => self.on_start(event).await,
+            Input::Image { reference } => self.on_image(&reference).await,
+            Input::Discovered(stack) => self.on_discovered(*stack).await,
+            Input::Release { force, reply } => self.on_release(force, reply).await,
+            Input::SnapshotDone(result) => self.on_snapshot_done(result).await,
+        }
+    }
+
+    fn is_server(&self, event: &StartEvent) -> bool {
+        match &self.stack {
+            Some(stack) => {
+                event.project.as_deref() == Some(stack.project.as_str())
+                    && match &stack.server {
+                        Some(server) => event.service.as_deref() == Some(&server.service),
+                        None => event.image.contains("immich-server"),
+                    }
+            }
+            None => event.image.contains("immich-server"),
+        }
+    }
+
+    /// The heart of it: decide from what is known, pause first, look closer after.
+    async fn on_start(&mut self, event: StartEvent) {
+        if !self.is_server(&event) {
+            return;
+        }
+        let known_id = if event.image.starts_with("sha256:") {
+            Some(event.image.clone())
+        } else {
+            self.image_ids.get(&event.image).cloned()
+        };
+        if let Some(id) = &known_id
+            && self.starts_freely(id)
+        {
+            self.accept(id).await;
+            return;
+        }
+        let Some(docker) = self.docker() else { return };
+        // Pause before anything else: the server must not reach its migrations.
+        let paused = docker
+            .pause_container(&event.container_id)
+            .await
+            .map_err(|e| e.to_string());
+        let delay_ms = (Utc::now() - event.at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        let (image_id, version) = self.container_image(&docker, &event.container_id).await;
+        if let Err(e) = &paused {
+            tracing::error!(container = %event.name, error = %e, "could not pause the new server");
+        } else {
+            tracing::info!(container = %event.name, delay_ms, version = %version, "froze the new server");
+            push_bounded(&mut self.protection.freeze_delays_ms, delay_ms, DELAYS_KEPT);
+        }
+        let image_id = image_id.unwrap_or_default();
+        if self.starts_freely(&image_id) {
+            // Known after all (a tag the cache had not seen): let it go at once.
+            if paused.is_ok() {
+                let _ = docker.unpause_container(&event.container_id).await;
+            }
+            self.accept(&image_id).await;
+            return;
+        }
+        if let Some(baseline) = self.protection.baseline.clone()
+            && is_older(&version, &baseline.version)
+        {
+            self.hold_downgrade(&docker, &event, &version, &baseline, paused.is_ok())
+                .await;
+            return;
+        }
+        if paused.is_err() {
+            // Could not freeze it: stop it rather than let it migrate unprotected.
+            let stopped = docker
+                .stop_container(
+                    &event.container_id,
+                    None::<bollard::query_parameters::StopContainerOptions>,
+                )
+                .await;
+            tracing::warn!(container = %event.name, stopped = stopped.is_ok(), "stopped the new server instead");
+        }
+        self.protection.frozen = Some(Frozen {
+            container: event.container_id.clone(),
+            container_name: event.name.clone(),
+            image_id: image_id.clone(),
+            version: version.clone(),
+            since: Utc::now(),
+            delay_ms,
+        });
+        let from = self.baseline_version();
+        let pending_matches = self.protection.pending.as_ref().is_some_and(|p| {
+            p.to_image.as_deref() == Some(&image_id) || same_version(&p.to, &version)
+        });
+        if !pending_matches {
+            self.protection.pending = Some(PendingChange {
+                from: from.clone(),
+                to: version.clone(),
+                to_image: Some(image_id),
+                source: "server start".into(),
+                detected_at: Utc::now(),
+                snapshot: None,
+            });
+        }
+        self.announce(
+            EventKind::Frozen,
+            format!("Froze Immich {version} until a snapshot of {from} is sealed"),
+            format!(
+                "{} started on {version} {delay_ms:.1} ms ago with no sealed snapshot of {from} covering the change; it is paused until one is sealed.",
+                event.name
+            ),
+        );
+        self.request_snapshot("pre-start").await;
+        self.publish();
+    }
+
+    /// A server on this image may start without a snapshot: the database already ran with it,
+    /// or a snapshot sealed for this very change covers it.
+    fn starts_freely(&self, image_id: &str) -> bool {
+        if self.protection.hold.is_some() {
+            return false;
+        }
+        if let Some(b) = &self.protection.baseline
+            && b.image_id == image_id
+        {
+            return true;
+        }
+        let version = self.versions.get(image_id);
+        self.protection.pending.as_ref().is_some_and(|p| {
+            p.snapshot.is_some()
+                && (p.to_image.as_deref() == Some(image_id)
+                    || (p.to_image.is_none() && version.is_some_and(|v| same_version(&p.to, v))))
+        })
+    }
+
+    /// The server runs `image_id` from now on: it is the new baseline.
+    async fn accept(&mut self, image_id: &str) {
+        let version = self
+            .versions
+            .get(image_id)
+            .cloned()
+            .unwrap_or_else(|| crate::discover::short_id(image_id).to_string());
+        let changed = self
+            .protection
+            .baseline
+            .as_ref()
+            .is_none_or(|b| b.image_id != image_id);
+        if changed {
+            tracing::info!(version = %version, image = %crate::discover::short_id(image_id), "the server runs a new version; it is the new baseline");
+            self.protection.baseline = Some(Baseline {
+                version,
+                image_id: image_id.to_string(),
+            });
+            self.protection.pending = None;
+        }
+        self.publish();
+    }
+
+    async fn container_image(&mut self, docker: &Docker, id: &str) -> (Option<String>, String) {
+        let Ok(inspect) = docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        else {
+            return (None, "unknown".into());
+        };
+        let Some(image_id) = inspect.image else {
+            return (None, "unknown".into());
+        };
+        let version = self.learn_image(docker, &image_id).await;
+        (Some(image_id), version.unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Inspects an image, remembers its ID and version; returns the version.
+    async fn learn_image(&mut self, docker: &Docker, reference: &str) -> Option<String> {
+        let image = docker.inspect_image(reference).await.ok()?;
+        let id = image.id.clone()?;
+        let tags = image.repo_tags.clone().unwrap_or_default();
+        let version = crate::discover::ImmichVersion {
+            tag: None,
+            image_id: id.clone(),
+            repo_digests: image.repo_digests.clone().unwrap_or_default(),
+            repo_tags: tags.clone(),
+            label: image
+                .config
+                .as_ref()
+                .and_then(|c| c.labels.as_ref())
+                .and_then(|l| l.get("org.opencontainers.image.version").cloned()),
+        }
+        .name();
+        for tag in tags {
+            self.image_ids.insert(tag, id.clone());
+        }
+        self.image_ids.insert(reference.to_string(), id.clone());
+        self.versions.insert(id, version.clone());
+        Some(version)
+    }
+
+    async fn on_image(&mut self, reference: &str) {
+        let Some(docker) = self.docker() else { return };
+        let Some(version) = self.learn_image(&docker, reference).await else {
+            return;
+        };
+        let id = self.image_ids.get(reference).cloned().unwrap_or_default();
+        let is_server_image = self
+            .image_ids
+            .iter()
+            .any(|(r, i)| i == &id && r.contains("immich-server"));
+        if !is_server_image {
+            return;
+        }
+        let Some(baseline) = self.protection.baseline.clone() else {
+            return;
+        };
+        if baseline.image_id == id {
+            return;
+        }
+        if let Some(p) = &mut self.protection.pending
+            && (p.to_image.as_deref() == Some(&id)
+                || (p.to_image.is_none() && same_version(&p.to, &version)))
+        {
+            // The change is already known (e.g. `.env` first, then the pull): same snapshot.
+            p.to_image = Some(id);
+            self.publish();
+            return;
+        }
+        tracing::info!(image = %reference, version = %version, "a new Immich server image arrived");
+        self.protection.pending = Some(PendingChange {
+            from: baseline.version.clone(),
+            to: version,
+            to_image: Some(id),
+            source: "image pull".into(),
+            detected_at: Utc::now(),
+            snapshot: None,
+        });
+        self.request_snapshot("pre-update").await;
+        self.publish();
+    }
+
+    async fn on_compose(&mut self, event: ComposeEvent) {
+        match event {
+            ComposeEvent::Changed { before, after } => {
+                let image_changed = before.server_image != after.server_image;
+                let version_changed = before.immich_version != after.immich_version;
+                if !image_changed && !version_changed {
+                    return;
+                }
+                let to = after
+                    .immich_version
+                    .clone()
+                    .or_else(|| after.server_image.as_ref().and_then(|i| tag_of(i)))
+                    .unwrap_or_else(|| "unknown".into());
+                tracing::info!(
+                    from = ?before.immich_version,
+                    to = %to,
+                    server_image = ?after.server_image,
+                    "the compose config names another Immich version"
+                );
+                self.note_env_change(
+                    &to,
+                    if version_changed {
+                        ".env"
+                    } else {
+                        "compose file"
+                    },
+                )
+                .await;
+            }
+            ComposeEvent::Error(message) => {
+                tracing::warn!(error = %message, "cannot read the compose config");
+            }
+        }
+    }
+
+    async fn note_env_change(&mut self, to: &str, source: &str) {
+        let from = self.baseline_version();
+        if same_version(to, &from) {
+            // Changed back before anything happened.
+            if self
+                .protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.snapshot.is_none() && p.source == ".env")
+            {
+                self.protection.pending = None;
+                self.publish();
+            }
+            return;
+        }
+        if self
+            .protection
+            .pending
+            .as_ref()
+            .is_some_and(|p| same_version(&p.to, to))
+        {
+            return;
+        }
+        self.protection.pending = Some(PendingChange {
+            from,
+            to: to.to_string(),
+            to_image: None,
+            source: source.into(),
+            detected_at: Utc::now(),
+            snapshot: None,
+        });
+        self.request_snapshot("pre-update").await;
+        self.publish();
+    }
+
+    async fn on_discovered(&mut self, stack: Stack) {
+        if let Some(server) = &stack.server {
+            self.image_ids
+                .insert(server.image.clone(), server.image_id.clone());
+            if let Some(v) = &stack.version {
+                self.versions.insert(v.image_id.clone(), v.name());
+            }
+        }
+        self.watch_compose(&stack);
+        let first = self.stack.is_none();
+        self.stack = Some(stack.clone());
+        let running = stack
+            .server
+            .as_ref()
+            .filter(|s| s.state == "running")
+            .zip(stack.version.as_ref());
+        match (&self.protection.baseline, running) {
+            (None, Some((server, version))) => {
+                tracing::info!(version = %version.name(), "baseline: the version the database runs with");
+                self.protection.baseline = Some(Baseline {
+                    version: version.name(),
+                    image_id: server.image_id.clone(),
+                });
+            }
+            (Some(b), Some((server, version)))
+                if b.image_id != server.image_id
+                    && self.protection.frozen.is_none()
+                    && self.protection.hold.is_none() =>
+            {
+                tracing::warn!(
+                    was = %b.version,
+                    now = %version.name(),
+                    "the server changed version while the guard was not watching"
+                );
+                self.protection.baseline = Some(Baseline {
+                    version: version.name(),
+                    image_id: server.image_id.clone(),
+                });
+            }
+            _ => {}
+        }
+        if first {
+            self.resume_after_restart(&stack).await;
+        }
+        self.publish();
+    }
+
+    /// After a daemon restart: a freeze left half-done is finished, and a `.env` that names
+    /// another version than the database runs is a change in progress.
+    async fn resume_after_restart(&mut self, stack: &Stack) {
+        if let Some(frozen) = &self.protection.frozen {
+            tracing::warn!(container = %frozen.container_name, "a freeze was in progress when the daemon stopped; snapshotting again");
+            self.request_snapshot("pre-start").await;
+            return;
+        }
+        if let Some(env) = &stack.env_version
+            && parse_version(env).is_some()
+            && !same_version(env, &self.baseline_version())
+            && self.protection.hold.is_none()
+        {
+            let env = env.clone();
+            self.note_env_change(&env, "startup reconcile").await;
+        }
+    }
+
+    fn watch_compose(&mut self, stack: &Stack) {
+        let Some(dir) = stack.compose_dir.clone() else {
+            return;
+        };
+        if self.compose.as_ref().is_some_and(|(d, _)| d == &dir) {
+            return;
+        }
+        match ComposeWatcher::spawn(
+            dir.clone(),
+            stack.compose_files.clone(),
+            stack.env_file.clone(),
+            COMPOSE_DEBOUNCE,
+        ) {
+            Ok((watcher, rx)) => {
+                tracing::info!(dir = %dir.display(), "watching the compose dir");
+                self.compose = Some((dir, watcher));
+                self.compose_rx = Some(rx);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the compose dir")
+            }
+        }
+    }
+
+    fn baseline_version(&self) -> String {
+        self.protection
+            .baseline
+            .as_ref()
+            .map(|b| b.version.clone())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    async fn request_snapshot(&mut self, trigger: &str) {
+        if self.snapshotting {
+            // The running one joins; its result settles this change too.
+            return;
+        }
+        self.snapshotting = true;
+        let label = self
+            .protection
+            .pending
+            .as_ref()
+            .map(|p| format!("{} → {} ({})", p.from, p.to, p.source));
+        let mut events = self
+            .queue
+            .request(crate::snapshot::Request {
+                trigger: trigger.into(),
+                label,
+            })
+            .await;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let done = match event {
+                    SnapshotEvent::Progress(_) => continue,
+                    SnapshotEvent::Sealed(meta) => Ok((meta.id, meta.version)),
+                    SnapshotEvent::Failed(message) => Err(message),
+                };
+                let _ = tx.send(Input::SnapshotDone(done));
+                return;
+            }
+            let _ = tx.send(Input::SnapshotDone(Err(
+                "the snapshot worker stopped".into()
+            )));
+        });
+        self.publish();
+    }
+
+    async fn on_snapshot_done(&mut self, result: Result<(String, String), String>) {
+        self.snapshotting = false;
+        self.refresh_snapshot_index();
+        match result {
+            Ok((id, version)) => {
+                if let Some(p) = &mut self.protection.pending {
+                    p.snapshot = Some(id.clone());
+                }
+                self.announce(
+                    EventKind::SnapshotSealed,
+                    format!("Snapshot {id} sealed"),
+                    format!("Database and storage of {version} are saved as {id}."),
+                );
+                let thawed = match self.protection.frozen.take() {
+                    Some(frozen) => Some(self.thaw(&frozen).await),
+                    None => None,
+                };
+                if let Some(hold) = self.protection.hold.clone()
+                    && hold.kind == HoldKind::SnapshotFailed
+                {
+                    // A retried snapshot (release) sealed: the hold is over.
+                    self.protection.hold = None;
+                    let frozen = Frozen {
+                        container: hold.container.clone(),
+                        container_name: hold.container_name.clone(),
+                        image_id: String::new(),
+                        version: hold.version.clone(),
+                        since: hold.since,
+                        delay_ms: 0.0,
+                    };
+                    let message = self.thaw(&frozen).await;
+                    self.record_release(&hold.container_name, false, &message);
+                    for w in self.release_waiters.drain(..) {
+                        let _ = w.send(Ok(message.clone()));
+                    }
+                }
+                if let Some(message) = thawed {
+                    tracing::info!("{message}");
+                }
+            }
+            Err(message) => {
+                tracing::error!(error = %message, "the protective snapshot failed");
+                for w in self.release_waiters.drain(..) {
+                    let _ = w.send(Err(format!("the snapshot failed again: {message}")));
+                }
+                if let Some(frozen) = self.protection.frozen.take() {
+                    if self.protection.fail_open {
+                        tracing::warn!(
+                            "protect.fail_open = true: releasing the server without a snapshot"
+                        );
+                        let m = self.thaw(&frozen).await;
+                        self.record_release(
+                            &frozen.container_name,
+                            true,
+                            &format!("fail-open: {m}"),
+                        );
+                    } else {
+                        let hold = Hold {
+                            kind: HoldKind::SnapshotFailed,
+                            container: frozen.container.clone(),
+                            container_name: frozen.container_name.clone(),
+                            version: frozen.version.clone(),
+                            paused: true,
+                            reason: format!(
+                                "the snapshot before starting {} failed: {message}",
+                                frozen.version
+                            ),
+                            hint: "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one".into(),
+                            since: Utc::now(),
+                        };
+                        self.announce(
+                            EventKind::Held,
+                            format!("Immich {} held: snapshot failed", frozen.version),
+                            format!("{} {}", hold.reason, hold.hint),
+                        );
+                        self.protection.hold = Some(hold);
+                    }
+                } else {
+                    self.announce(
+                        EventKind::SnapshotFailed,
+                        "Protective snapshot failed".into(),
+                        format!("{message}. A server that starts on the new version will be frozen and snapshotted again."),
+                    );
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Unpauses (or starts, when it had to be stopped) the frozen server; it is the baseline.
+    async fn thaw(&mut self, frozen: &Frozen) -> String {
+        let Some(docker) = self.docker() else {
+            return "Docker unreachable: the server stays paused".into();
+        };
+        let result = match docker.unpause_container(&frozen.container).await {
+            Ok(()) => Ok("unpaused"),
+            Err(_) => docker
+                .start_container(
+                    &frozen.container,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .map(|_| "started"),
+        };
+        let message = match result {
+            Ok(how) => format!("{how} {} ({})", frozen.container_name, frozen.version),
+            Err(e) => format!("could not release {}: {e}", frozen.container_name),
+        };
+        if !frozen.image_id.is_empty() {
+            self.protection.baseline = Some(Baseline {
+                version: frozen.version.clone(),
+                image_id: frozen.image_id.clone(),
+            });
+        } else if let Some((_, id)) = self
+            .versions
+            .iter()
+            .find(|(_, v)| same_version(v, &frozen.version))
+        {
+            self.protection.baseline = Some(Baseline {
+                version: frozen.version.clone(),
+                image_id: id.clone(),
+            });
+        }
+        self.protection.pending = None;
+        message
+    }
+
+    async fn hold_downgrade(
+        &mut self,
+        docker: &Docker,
+        event: &StartEvent,
+        version: &str,
+        baseline: &Baseline,
+        paused: bool,
+    ) {
+        if !paused {
+            let _ = docker
+                .stop_container(
+                    &event.container_id,
+                    None::<bollard::query_parameters::StopContainerOptions>,
+                )
+                .await;
+        }
+        let snapshot = self
+            .protection
+            .last_snapshot_per_version
+            .iter()
+            .find(|(v, _)| same_version(v, version))
+            .map(|(_, id)| id.clone());
+        let hint = match &snapshot {
+            Some(id) => format!(
+                "to go back to {version}, restore the snapshot taken on it: `immich-guard restore {id}`; or fix forward: set IMMICH_VERSION={} (or newer) and `up -d`",
+                baseline.version
+            ),
+            None => format!(
+                "no sealed snapshot of {version} exists; fix forward: set IMMICH_VERSION={} (or newer) and `up -d`",
+                baseline.version
+            ),
+        };
+        let hold = Hold {
+            kind: HoldKind::Downgrade,
+            container: event.container_id.clone(),
+            container_name: event.name.clone(),
+            version: version.into(),
+            paused,
+            reason: format!(
+                "refused downgrade: the database was migrated by {}, and {version} cannot run on it",
+                baseline.version
+            ),
+            hint,
+            since: Utc::now(),
+        };
+        tracing::error!(reason = %hold.reason, hint = %hold.hint, "held the server");
+        self.announce(
+            EventKind::Held,
+            format!("Immich downgrade to {version} held"),
+            format!("{} {}", hold.reason, hold.hint),
+        );
+        self.protection.hold = Some(hold);
+        self.publish();
+    }
+
+    async fn on_release(&mut self, force: bool, reply: oneshot::Sender<Result<String, String>>) {
+        if let Some(hold) = self.protection.hold.clone() {
+            if !force && hold.kind == HoldKind::Downgrade {
+                let _ = reply.send(Err(format!(
+                    "{}; {}; `release --force` starts it anyway",
+                    hold.reason, hold.hint
+                )));
+                return;
+            }
+            if !force {
+                // Retry the snapshot; the hold ends when it is sealed.
+                self.release_waiters.push(reply);
+                self.request_snapshot("pre-start").await;
+                return;
+            }
+            self.protection.hold = None;
+            let frozen = Frozen {
+                container: hold.container.clone(),
+                container_name: hold.container_name.clone(),
+                image_id: String::new(),
+                version: hold.version.clone(),
+                since: hold.since,
+                delay_ms: 0.0,
+            };
+            let message = self.thaw(&frozen).await;
+            self.record_release(&hold.container_name, true, &message);
+            let _ = reply.send(Ok(format!("forced release: {message}")));
+            self.publish();
+            return;
+        }
+        if let Some(frozen) = self.protection.frozen.clone() {
+            if !force {
+                let _ = reply.send(Err(format!(
+                    "{} is frozen while its snapshot runs; it is released when sealed (`release --force` releases it now, unprotected)",
+                    frozen.container_name
+                )));
+                return;
+            }
+            self.protection.frozen = None;
+            let message = self.thaw(&frozen).await;
+            self.record_release(&frozen.container_name, true, &message);
+            let _ = reply.send(Ok(format!("forced release: {message}")));
+            self.publish();
+            return;
+        }
+        let _ = reply.send(Err("nothing is frozen or held".into()));
+    }
+
+    fn record_release(&mut self, container: &str, forced: bool, what: &str) {
+        tracing::warn!(container, forced, what, "released");
+        let release = Release {
+            at: Utc::now(),
+            container_name: container.into(),
+            forced,
+            what: what.into(),
+        };
+        self.protection.releases.push(release);
+        let excess = self.protection.releases.len().saturating_sub(RELEASES_KEPT);
+        self.protection.releases.drain(..excess);
+        self.announce(
+            EventKind::Released,
+            format!(
+                "{container} released{}",
+                if forced { " (forced)" } else { "" }
+            ),
+            what.to_string(),
+        );
+    }
+
+    fn announce(&self, kind: EventKind, title: String, message: String) {
+        let pending = self.protection.pending.as_ref();
+        self.notifier.send(Notice {
+            kind,
+            project: self
+                .stack
+                .as_ref()
+                .map(|s| s.project.clone())
+                .unwrap_or_default(),
+            title,
+            message,
+            snapshot: pending.and_then(|p| p.snapshot.clone()),
+            from_version: pending.map(|p| p.from.clone()),
+            to_version: pending.map(|p| p.to.clone()),
+            at: Utc::now(),
+        });
+    }
+
+    fn refresh_snapshot_index(&mut self) {
+        let Ok(store) = Store::open(&self.config.snapshot_dir()) else {
+            return;
+        };
+        if let Ok(list) = store.list() {
+            self.protection.last_snapshot_per_version =
+                list.into_iter().map(|m| (m.version, m.id)).collect();
+        }
+    }
+
+    /// Publishes to `status` and persists, so a restart resumes from here.
+    fn publish(&mut self) {
+        self.protection.settle_state(self.snapshotting);
+        let p = self.protection.clone();
+        if let Err(e) = save(&self.state_file, &p) {
+            tracing::error!(file = %self.state_file.display(), error = %e, "cannot save the protection state");
+        }
+        self.state.send_modify(|s| s.protection = p);
+    }
+}
+
+fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
+    v.push(x);
+    let excess = v.len().saturating_sub(keep);
+    v.drain(..excess);
+}
+
+fn tag_of(image: &str) -> Option<String> {
+    let last = image.rsplit('/').next()?;
+    last.split_once(':').map(|(_, t)| t.to_string())
+}
+
+fn load(path: &Path) -> Result<Protection, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Protection::default()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn save(path: &Path, p: &Protection) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
+    crate::snapshot::store::write_synced(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_order() {
+        assert_eq!(parse_version("v1.119.0"), Some((1, 119, 0)));
+        assert_eq!(parse_version("1.120.1"), Some((1, 120, 1)));
+        assert_eq!(parse_version("v2.1.0-rc.1"), Some((2, 1, 0)));
+        assert_eq!(parse_version("release"), None);
+        assert!(is_older("v1.119.0", "v1.120.0"));
+        assert!(!is_older("v1.120.0", "v1.120.0"));
+        assert!(!is_older("release", "v1.120.0"));
+        assert!(same_version("1.119.0", "v1.119.0"));
+    }
+
+    #[test]
+    fn percentiles_of_delays() {
+        assert_eq!(percentiles(&[]), None);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentiles(&v), Some((51.0, 99.0)));
+    }
+
+    #[test]
+    fn state_survives_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/protection.json");
+        assert_eq!(load(&path).unwrap(), Protection::default());
+        let mut p = Protection {
+            baseline: Some(Baseline {
+                version: "v1.119.0".into(),
+                image_id: "sha256:abc".into(),
+            }),
+            ..Protection::default()
+        };
+        p.settle_state(true);
+        save(&path, &p).unwrap();
+        assert_eq!(load(&path).unwrap(), p);
+        assert_eq!(p.state, ProtectState::Snapshotting);
+    }
+
+    #[test]
+    fn tags_come_from_the_last_path_part() {
+        assert_eq!(
+            tag_of("ghcr.io/immich-app/immich-server:v1.120.0").as_deref(),
+            Some("v1.120.0")
+        );
+        assert_eq!(tag_of("localhost:5000/immich-server"), None);
+    }
+}
