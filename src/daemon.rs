@@ -226,7 +226,25 @@ async fn follow_events(
         .since(&since)
         .filters(&filters)
         .build();
+    // Read by its own task, so a discovery in progress never delays a start reaching
+    // protection (the freeze must come within milliseconds).
     let mut events = docker.events(Some(options));
+    let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader_guard = guard.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let Ok(e) = &event
+                && let Some(input) = protection_input(e)
+            {
+                reader_guard.send(input);
+            }
+            let failed = event.is_err();
+            if event_tx.send(event).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
     if let Err(e) = refresh(docker, host, config, state, guard).await {
         return e;
     }
@@ -236,13 +254,8 @@ async fn follow_events(
     loop {
         let deadline = pending.map_or(next_reconcile, |p| p.min(next_reconcile));
         tokio::select! {
-            event = events.next() => match event {
+            event = event_rx.recv() => match event {
                 Some(Ok(event)) => {
-                    // Starts go to protection at once: a new server must be frozen within
-                    // milliseconds, not after the discovery debounce.
-                    if let Some(input) = protection_input(&event) {
-                        guard.send(input);
-                    }
                     if let Some(seen) = relevant(&event) {
                         tracing::debug!(kind = %seen.kind, action = %seen.action, subject = %seen.subject, "docker event");
                         state.send_modify(|s| s.last_event = Some(seen));
@@ -302,6 +315,15 @@ fn relevant(event: &EventMessage) -> Option<EventSeen> {
     })
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts and image arrivals, as protection needs them.
 fn protection_input(event: &EventMessage) -> Option<Input> {
     let actor = event.actor.as_ref()?;
     let attributes = actor.attributes.as_ref()?;

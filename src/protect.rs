@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::compose_watch::{ComposeEvent, ComposeWatcher};
+use crate::compose_watch::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
 use crate::notify::{Event as Notice, EventKind, Notifier};
@@ -32,6 +32,9 @@ const COMPOSE_DEBOUNCE: Duration = Duration::from_millis(500);
 const DELAYS_KEPT: usize = 200;
 const RELEASES_KEPT: usize = 20;
 const STATE_FILE: &str = "protection.json";
+/// A snapshot sealed for a pending change covers a server start this long after; older, the
+/// old server may have written since, so the new one is frozen and snapshotted again.
+const COVER_FRESH: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
 
 /// The image the database last ran with: a server on it needs no snapshot to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +64,8 @@ pub struct PendingChange {
     pub detected_at: DateTime<Utc>,
     /// Sealed snapshot taken for this change.
     pub snapshot: Option<String>,
+    #[serde(default)]
+    pub sealed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +254,8 @@ pub struct Guard {
     /// Image ID → version name.
     versions: HashMap<String, String>,
     compose: Option<(PathBuf, ComposeWatcher)>,
+    /// What the compose config names now (the image a `compose pull` would fetch).
+    compose_view: Option<ComposeView>,
     compose_rx: Option<mpsc::Receiver<ComposeEvent>>,
     snapshotting: bool,
     /// Callers of `release` waiting for the retried snapshot.
@@ -283,6 +290,7 @@ impl Guard {
             image_ids: HashMap::new(),
             versions: HashMap::new(),
             compose: None,
+            compose_view: None,
             compose_rx: None,
             snapshotting: false,
             release_waiters: Vec::new(),
@@ -335,13 +343,27 @@ impl Guard {
                         None => event.image.contains("immich-server"),
                     }
             }
-            None => event.image.contains("immich-server"),
+            // Before the first discovery: only the configured project, or any Immich server
+            // when none is configured (one stack per host).
+            None => {
+                event.image.contains("immich-server")
+                    && match &self.config.stack.project {
+                        Some(project) => event.project.as_deref() == Some(project.as_str()),
+                        None => true,
+                    }
+            }
         }
     }
 
     /// The heart of it: decide from what is known, pause first, look closer after.
     async fn on_start(&mut self, event: StartEvent) {
         if !self.is_server(&event) {
+            return;
+        }
+        let ours = |c: &str| c == event.container_id;
+        if self.protection.frozen.as_ref().is_some_and(|f| ours(&f.container))
+            || self.protection.hold.as_ref().is_some_and(|h| ours(&h.container))
+        {
             return;
         }
         let known_id = if event.image.starts_with("sha256:") {
@@ -370,19 +392,19 @@ impl Guard {
             push_bounded(&mut self.protection.freeze_delays_ms, delay_ms, DELAYS_KEPT);
         }
         let image_id = image_id.unwrap_or_default();
+        if let Some(baseline) = self.protection.baseline.clone()
+            && is_older(&version, &baseline.version)
+        {
+            self.hold_downgrade(&docker, &event, &version, &baseline, paused.is_ok())
+                .await;
+            return;
+        }
         if self.starts_freely(&image_id) {
             // Known after all (a tag the cache had not seen): let it go at once.
             if paused.is_ok() {
                 let _ = docker.unpause_container(&event.container_id).await;
             }
             self.accept(&image_id).await;
-            return;
-        }
-        if let Some(baseline) = self.protection.baseline.clone()
-            && is_older(&version, &baseline.version)
-        {
-            self.hold_downgrade(&docker, &event, &version, &baseline, paused.is_ok())
-                .await;
             return;
         }
         if paused.is_err() {
@@ -415,6 +437,7 @@ impl Guard {
                 source: "server start".into(),
                 detected_at: Utc::now(),
                 snapshot: None,
+                sealed_at: None,
             });
         }
         self.announce(
@@ -435,17 +458,30 @@ impl Guard {
         if self.protection.hold.is_some() {
             return false;
         }
-        if let Some(b) = &self.protection.baseline
-            && b.image_id == image_id
-        {
-            return true;
+        if let Some(b) = &self.protection.baseline {
+            if b.image_id == image_id {
+                return true;
+            }
+            // A downgrade is never covered: the old version cannot run on a newer schema.
+            if self
+                .versions
+                .get(image_id)
+                .is_none_or(|v| is_older(v, &b.version))
+            {
+                return false;
+            }
         }
-        let version = self.versions.get(image_id);
-        self.protection.pending.as_ref().is_some_and(|p| {
-            p.snapshot.is_some()
-                && (p.to_image.as_deref() == Some(image_id)
-                    || (p.to_image.is_none() && version.is_some_and(|v| same_version(&p.to, v))))
-        })
+        self.covered_now()
+    }
+
+    /// A snapshot sealed for the pending change, recently enough that the database is still
+    /// as it was (the old server stops within minutes of a pull in every upgrade path).
+    fn covered_now(&self) -> bool {
+        self.protection
+            .pending
+            .as_ref()
+            .and_then(|p| p.sealed_at)
+            .is_some_and(|at| Utc::now() - at < COVER_FRESH)
     }
 
     /// The server runs `image_id` from now on: it is the new baseline.
@@ -513,7 +549,34 @@ impl Guard {
         Some(version)
     }
 
+    /// Whether `reference` is an image this stack's server runs or its compose config names:
+    /// another project's images, or other tags of the repo, are none of our business.
+    fn is_our_server_image(&self, reference: &str) -> bool {
+        let normal = |r: &str| {
+            r.trim_start_matches("docker.io/")
+                .trim_start_matches("library/")
+                .to_string()
+        };
+        let reference = normal(reference);
+        let running = self
+            .stack
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .map(|s| s.image.as_str());
+        let configured = self
+            .compose_view
+            .as_ref()
+            .and_then(|v| v.server_image.as_deref());
+        running
+            .into_iter()
+            .chain(configured)
+            .any(|r| normal(r) == reference)
+    }
+
     async fn on_image(&mut self, reference: &str) {
+        if !self.is_our_server_image(reference) {
+            return;
+        }
         let Some(docker) = self.docker() else { return };
         let Some(version) = self.learn_image(&docker, reference).await else {
             return;
@@ -533,11 +596,16 @@ impl Guard {
             return;
         }
         if let Some(p) = &mut self.protection.pending
-            && (p.to_image.as_deref() == Some(&id)
-                || (p.to_image.is_none() && same_version(&p.to, &version)))
+            && Utc::now() - p.detected_at < COVER_FRESH
         {
-            // The change is already known (e.g. `.env` first, then the pull): same snapshot.
+            // The change is already known (e.g. `.env` first, then the pull): same snapshot,
+            // unless the one for it failed.
+            p.to = version;
             p.to_image = Some(id);
+            let retry = p.snapshot.is_none() && !self.snapshotting;
+            if retry {
+                self.request_snapshot("pre-update").await;
+            }
             self.publish();
             return;
         }
@@ -549,6 +617,7 @@ impl Guard {
             source: "image pull".into(),
             detected_at: Utc::now(),
             snapshot: None,
+            sealed_at: None,
         });
         self.request_snapshot("pre-update").await;
         self.publish();
@@ -557,6 +626,7 @@ impl Guard {
     async fn on_compose(&mut self, event: ComposeEvent) {
         match event {
             ComposeEvent::Changed { before, after } => {
+                self.compose_view = Some(after.clone());
                 let image_changed = before.server_image != after.server_image;
                 let version_changed = before.immich_version != after.immich_version;
                 if !image_changed && !version_changed {
@@ -619,6 +689,7 @@ impl Guard {
             source: source.into(),
             detected_at: Utc::now(),
             snapshot: None,
+            sealed_at: None,
         });
         self.request_snapshot("pre-update").await;
         self.publish();
@@ -653,15 +724,28 @@ impl Guard {
                     && self.protection.frozen.is_none()
                     && self.protection.hold.is_none() =>
             {
-                tracing::warn!(
-                    was = %b.version,
-                    now = %version.name(),
-                    "the server changed version while the guard was not watching"
-                );
-                self.protection.baseline = Some(Baseline {
-                    version: version.name(),
-                    image_id: server.image_id.clone(),
-                });
+                if first {
+                    tracing::warn!(
+                        was = %b.version,
+                        now = %version.name(),
+                        "the server changed version while the guard was not running"
+                    );
+                    self.protection.baseline = Some(Baseline {
+                        version: version.name(),
+                        image_id: server.image_id.clone(),
+                    });
+                } else if !self.starts_freely(&server.image_id) {
+                    // Its start event is still on its way (discovery ran first): act now.
+                    let event = StartEvent {
+                        container_id: server.container_id.clone(),
+                        name: server.container_name.clone(),
+                        image: server.image_id.clone(),
+                        project: Some(stack.project.clone()),
+                        service: Some(server.service.clone()),
+                        at: Utc::now(),
+                    };
+                    self.on_start(event).await;
+                }
             }
             _ => {}
         }
@@ -704,6 +788,8 @@ impl Guard {
         ) {
             Ok((watcher, rx)) => {
                 tracing::info!(dir = %dir.display(), "watching the compose dir");
+                self.compose_view =
+                    read_view(&dir, &stack.compose_files, stack.env_file.as_deref()).ok();
                 self.compose = Some((dir, watcher));
                 self.compose_rx = Some(rx);
             }
@@ -764,6 +850,7 @@ impl Guard {
             Ok((id, version)) => {
                 if let Some(p) = &mut self.protection.pending {
                     p.snapshot = Some(id.clone());
+                    p.sealed_at = Some(Utc::now());
                 }
                 self.announce(
                     EventKind::SnapshotSealed,

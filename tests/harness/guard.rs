@@ -40,22 +40,7 @@ impl Guard {
         );
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.path().join("guard.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(GUARD_BIN);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("run")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("IMMICH_GUARD_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in &options.env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn immich-guard");
+        let child = spawn(&config_path, &log_path, &options.env);
         Guard {
             child: Some(child),
             dir,
@@ -63,6 +48,15 @@ impl Guard {
             config_path,
             log_path,
         }
+    }
+
+    /// Starts the daemon again on the same config, socket and data dir (after `terminate` or
+    /// `kill`); the log goes on in the same file.
+    pub fn restart(mut self) -> Guard {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.child = Some(spawn(&self.config_path, &self.log_path, &[]));
+        self.wait_socket(Duration::from_secs(10));
+        self
     }
 
     pub fn log(&self) -> String {
@@ -169,6 +163,29 @@ impl Drop for Guard {
             child.wait().ok();
         }
     }
+}
+
+fn spawn(config_path: &Path, log_path: &Path, env: &[(&str, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    let mut cmd = Command::new(GUARD_BIN);
+    cmd.arg("--config")
+        .arg(config_path)
+        .arg("run")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("IMMICH_GUARD_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn immich-guard")
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {

@@ -1,0 +1,367 @@
+//! Passive protection scenarios (issue 4), each against a real Docker engine, a real
+//! PostgreSQL and the stand-in server: the daemon must seal a snapshot of the database as it
+//! was BEFORE the new version's migrations, whichever way the upgrade happens, hold what it
+//! cannot protect, and refuse a downgrade.
+//!
+//! The stand-in boots for a few seconds before it migrates (like Immich), so a freeze that
+//! comes within milliseconds of the start event always lands before the migrations.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::guard::{Guard, GuardOptions};
+use harness::images::{build_server_image, ensure_images, server_repo};
+use harness::{Stack, StackSpec, docker_available};
+use immich_guard::protect::{HoldKind, ProtectState};
+use immich_guard::snapshot::store::Meta;
+use immich_guard::status::StatusReport;
+
+/// First migration of v1.120.0 in the stand-in's catalog.
+const V120_MIGRATION: &str = "1731000000000-AddMemories";
+const BOOT_DELAY_MS: u64 = 3000;
+const LONG: Duration = Duration::from_secs(120);
+
+fn guard_for(stack: &Stack, snapshots: &std::path::Path, extra: &str) -> Guard {
+    let guard = Guard::start(GuardOptions {
+        extra_toml: &format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n{extra}",
+            stack.project,
+            snapshots.display().to_string()
+        ),
+        ..Default::default()
+    });
+    guard.wait_socket(Duration::from_secs(10));
+    guard.wait_status("a baseline", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    guard
+}
+
+fn list(guard: &Guard) -> Vec<Meta> {
+    let out = guard.cli(&["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_snapshot(guard: &Guard, trigger: &str) -> Meta {
+    guard.wait_status(&format!("a sealed {trigger} snapshot"), LONG, |s| {
+        s.state.last_snapshot.is_some()
+    });
+    let all = list(guard);
+    all.into_iter()
+        .rev()
+        .find(|m| m.trigger == trigger)
+        .unwrap_or_else(|| panic!("no {trigger} snapshot; log:\n{}", guard.log()))
+}
+
+/// The snapshot holds the database as v1.119.0 left it: none of v1.120.0's migrations and
+/// the assets as they were.
+fn assert_pre_migration(meta: &Meta, assets_before: u64) {
+    assert_eq!(meta.version, "v1.119.0", "{meta:?}");
+    assert!(
+        !meta.db.migrations.iter().any(|m| m == V120_MIGRATION),
+        "the snapshot has v1.120.0's migration: {:?}",
+        meta.db.migrations
+    );
+    assert_eq!(meta.db.assets, Some(assets_before as i64));
+}
+
+fn assert_upgraded(stack: &Stack, assets_before: u64) {
+    stack
+        .wait_server_version("v1.120.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        stack
+            .applied_migrations()
+            .iter()
+            .any(|m| m == V120_MIGRATION)
+    );
+    assert!(
+        stack.asset_count() > assets_before,
+        "the new version's boot adds an asset"
+    );
+}
+
+fn spec(version: &str) -> StackSpec {
+    StackSpec::new(version).boot_delay_ms(BOOT_DELAY_MS)
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What Watchtower does, by API calls: stop, remove, create with the new image and the old
+/// container's settings, start. Returns the new container's ID.
+fn watchtower_recreate(stack: &Stack, image: &str) -> String {
+    let name = stack.container_name("immich-server");
+    let inspect: serde_json::Value = serde_json::from_str(&docker(&["inspect", &name])).unwrap();
+    let c = &inspect[0];
+    let mut args: Vec<String> = vec!["create".into(), "--name".into(), name.clone()];
+    for (k, v) in c["Config"]["Labels"].as_object().unwrap() {
+        args.push("--label".into());
+        args.push(format!("{k}={}", v.as_str().unwrap()));
+    }
+    for e in c["Config"]["Env"].as_array().unwrap() {
+        args.push("--env".into());
+        args.push(e.as_str().unwrap().into());
+    }
+    for b in c["HostConfig"]["Binds"].as_array().unwrap() {
+        args.push("--volume".into());
+        args.push(b.as_str().unwrap().into());
+    }
+    let networks = c["NetworkSettings"]["Networks"].as_object().unwrap();
+    let (network, settings) = networks.iter().next().unwrap();
+    args.push("--network".into());
+    args.push(network.clone());
+    for alias in settings["Aliases"].as_array().into_iter().flatten() {
+        args.push("--network-alias".into());
+        args.push(alias.as_str().unwrap().into());
+    }
+    if let Some(user) = c["Config"]["User"].as_str().filter(|u| !u.is_empty()) {
+        args.push("--user".into());
+        args.push(user.into());
+    }
+    args.push("--restart".into());
+    args.push(
+        c["HostConfig"]["RestartPolicy"]["Name"]
+            .as_str()
+            .unwrap()
+            .into(),
+    );
+    args.push(image.into());
+    for part in c["Config"]["Cmd"].as_array().into_iter().flatten() {
+        args.push(part.as_str().unwrap().into());
+    }
+    let started = std::time::Instant::now();
+    docker(&["stop", "-t", "5", &name]);
+    docker(&["rm", &name]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = docker(&args);
+    docker(&["start", &id]);
+    eprintln!("watchtower-like recreate took {:?}", started.elapsed());
+    id
+}
+
+fn protection(guard: &Guard) -> StatusReport {
+    guard.status()
+}
+
+#[test]
+fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(spec("v1.119.0"));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    let meta = wait_snapshot(&guard, "pre-update");
+    assert_pre_migration(&meta, assets_before);
+    assert!(
+        meta.label
+            .as_deref()
+            .unwrap_or("")
+            .contains("v1.119.0 → v1.120.0"),
+        "{:?}",
+        meta.label
+    );
+    // The pull: the image is re-tagged (already known: no second snapshot).
+    docker(&[
+        "tag",
+        &format!("{}:v1.120.0", server_repo()),
+        &format!("{}:v1.120.0", server_repo()),
+    ]);
+    stack.compose(&["up", "-d"]);
+    assert_upgraded(&stack, assets_before);
+    let s = guard.wait_status("the new baseline", LONG, |s| {
+        s.state
+            .protection
+            .baseline
+            .as_ref()
+            .is_some_and(|b| b.version == "v1.120.0")
+    });
+    assert_eq!(s.state.protection.state, ProtectState::Idle);
+    assert!(s.state.protection.pending.is_none());
+    assert_eq!(
+        list(&guard).len(),
+        1,
+        "one change, one snapshot; log:\n{}",
+        guard.log()
+    );
+
+    // Going back is refused: the server is held before it runs, and the way back named.
+    stack.set_env("IMMICH_VERSION", "v1.119.0");
+    stack.compose(&["up", "-d"]);
+    let s = guard.wait_status("a downgrade hold", LONG, |s| {
+        s.state.protection.hold.is_some()
+    });
+    let hold = s.state.protection.hold.unwrap();
+    assert_eq!(hold.kind, HoldKind::Downgrade);
+    assert!(hold.hint.contains(&meta.id), "{}", hold.hint);
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    std::thread::sleep(Duration::from_millis(BOOT_DELAY_MS + 1000));
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    let out = guard.cli(&["release"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("immich-guard restore"),
+        "{out:?}"
+    );
+    let status = guard.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("HELD") && text.contains("refused downgrade"),
+        "{text}"
+    );
+}
+
+#[test]
+fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
+    if !docker_available() {
+        return;
+    }
+    let images = ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(spec("v1.119.0"));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+
+    // No pull event the guard could act on first: recreate straight onto the new image ID.
+    watchtower_recreate(&stack, images.server("v1.120.0"));
+    let s = guard.wait_status("the new server frozen or released", LONG, |s| {
+        !s.state.protection.freeze_delays_ms.is_empty()
+    });
+    assert!(
+        s.state.protection.hold.is_none(),
+        "{:?}",
+        s.state.protection
+    );
+    let meta = wait_snapshot(&guard, "pre-start");
+    assert_pre_migration(&meta, assets_before);
+    assert_upgraded(&stack, assets_before);
+    let delays = &guard.status().state.protection.freeze_delays_ms;
+    eprintln!("freeze delay {delays:?} ms");
+    assert!(
+        guard.log().contains("froze the new server"),
+        "{}",
+        guard.log()
+    );
+}
+
+#[test]
+fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0"]);
+    let tag = format!("latest-{}", std::process::id());
+    build_server_image("v1.119.0", &tag, "old");
+    let stack = Stack::up(spec(&tag));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+
+    // `docker pull` of a moved tag: same name, new image ID (and a newer version inside).
+    build_server_image("v1.120.0", &tag, "new");
+    let meta = wait_snapshot(&guard, "pre-update");
+    assert_pre_migration(&meta, assets_before);
+    stack.compose(&["up", "-d"]);
+    assert_upgraded(&stack, assets_before);
+    docker(&["rmi", "-f", &format!("{}:{tag}", server_repo())]);
+}
+
+#[test]
+fn a_failed_snapshot_holds_the_new_server_until_released() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(spec("v1.119.0"));
+    // Too small for any dump: every snapshot fails.
+    let tiny = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(tiny.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount tmpfs (needs root)");
+    let _unmount = Unmount(tiny.path().to_path_buf());
+    // copy_across: the tmpfs is another filesystem; the snapshot must fail for want of space.
+    let guard = guard_for(&stack, tiny.path(), "copy_across = true\n");
+    let migrations_before = stack.applied_migrations();
+
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    stack.compose(&["up", "-d"]);
+    let s = guard.wait_status("a hold", LONG, |s| s.state.protection.hold.is_some());
+    let hold = s.state.protection.hold.unwrap();
+    assert_eq!(hold.kind, HoldKind::SnapshotFailed);
+    assert!(hold.reason.contains("space"), "{}", hold.reason);
+    assert!(s.status_line.starts_with("HELD"), "{}", s.status_line);
+    // Held: it never migrates.
+    std::thread::sleep(Duration::from_millis(BOOT_DELAY_MS + 1000));
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    assert_eq!(stack.applied_migrations(), migrations_before);
+
+    // `release` retries the snapshot, which fails again: still held.
+    let out = guard.cli(&["release"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    // `release --force` lets it go, and it is recorded.
+    let out = guard.cli(&["release", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    stack
+        .wait_server_version("v1.120.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = protection(&guard).state.protection;
+    assert!(p.hold.is_none());
+    assert!(p.releases.last().is_some_and(|r| r.forced), "{p:?}");
+}
+
+#[test]
+fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(spec("v1.119.0"));
+    let snapshots = tempfile::tempdir().unwrap();
+    let mut guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+    // The daemon is down while the admin edits `.env`...
+    guard.terminate();
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    // ...and comes back before `up -d`, with the same data dir.
+    let guard = guard.restart();
+    let meta = wait_snapshot(&guard, "pre-update");
+    assert_pre_migration(&meta, assets_before);
+    assert!(
+        meta.label
+            .as_deref()
+            .unwrap_or("")
+            .contains("startup reconcile"),
+        "{:?}",
+        meta.label
+    );
+    stack.compose(&["up", "-d"]);
+    assert_upgraded(&stack, assets_before);
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
