@@ -361,8 +361,16 @@ impl Guard {
             return;
         }
         let ours = |c: &str| c == event.container_id;
-        if self.protection.frozen.as_ref().is_some_and(|f| ours(&f.container))
-            || self.protection.hold.as_ref().is_some_and(|h| ours(&h.container))
+        if self
+            .protection
+            .frozen
+            .as_ref()
+            .is_some_and(|f| ours(&f.container))
+            || self
+                .protection
+                .hold
+                .as_ref()
+                .is_some_and(|h| ours(&h.container))
         {
             return;
         }

@@ -11,6 +11,7 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
+use harness::compose::docker_ok;
 use harness::guard::{Guard, GuardOptions};
 use harness::images::{build_server_image, ensure_images, server_repo};
 use harness::{Stack, StackSpec, docker_available};
@@ -88,68 +89,6 @@ fn spec(version: &str) -> StackSpec {
     StackSpec::new(version).boot_delay_ms(BOOT_DELAY_MS)
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// What Watchtower does, by API calls: stop, remove, create with the new image and the old
-/// container's settings, start. Returns the new container's ID.
-fn watchtower_recreate(stack: &Stack, image: &str) -> String {
-    let name = stack.container_name("immich-server");
-    let inspect: serde_json::Value = serde_json::from_str(&docker(&["inspect", &name])).unwrap();
-    let c = &inspect[0];
-    let mut args: Vec<String> = vec!["create".into(), "--name".into(), name.clone()];
-    for (k, v) in c["Config"]["Labels"].as_object().unwrap() {
-        args.push("--label".into());
-        args.push(format!("{k}={}", v.as_str().unwrap()));
-    }
-    for e in c["Config"]["Env"].as_array().unwrap() {
-        args.push("--env".into());
-        args.push(e.as_str().unwrap().into());
-    }
-    for b in c["HostConfig"]["Binds"].as_array().unwrap() {
-        args.push("--volume".into());
-        args.push(b.as_str().unwrap().into());
-    }
-    let networks = c["NetworkSettings"]["Networks"].as_object().unwrap();
-    let (network, settings) = networks.iter().next().unwrap();
-    args.push("--network".into());
-    args.push(network.clone());
-    for alias in settings["Aliases"].as_array().into_iter().flatten() {
-        args.push("--network-alias".into());
-        args.push(alias.as_str().unwrap().into());
-    }
-    if let Some(user) = c["Config"]["User"].as_str().filter(|u| !u.is_empty()) {
-        args.push("--user".into());
-        args.push(user.into());
-    }
-    args.push("--restart".into());
-    args.push(
-        c["HostConfig"]["RestartPolicy"]["Name"]
-            .as_str()
-            .unwrap()
-            .into(),
-    );
-    args.push(image.into());
-    for part in c["Config"]["Cmd"].as_array().into_iter().flatten() {
-        args.push(part.as_str().unwrap().into());
-    }
-    let started = std::time::Instant::now();
-    docker(&["stop", "-t", "5", &name]);
-    docker(&["rm", &name]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let id = docker(&args);
-    docker(&["start", &id]);
-    eprintln!("watchtower-like recreate took {:?}", started.elapsed());
-    id
-}
-
 fn protection(guard: &Guard) -> StatusReport {
     guard.status()
 }
@@ -177,7 +116,7 @@ fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
         meta.label
     );
     // The pull: the image is re-tagged (already known: no second snapshot).
-    docker(&[
+    docker_ok(&[
         "tag",
         &format!("{}:v1.120.0", server_repo()),
         &format!("{}:v1.120.0", server_repo()),
@@ -238,7 +177,7 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
     let assets_before = stack.asset_count();
 
     // No pull event the guard could act on first: recreate straight onto the new image ID.
-    watchtower_recreate(&stack, images.server("v1.120.0"));
+    stack.recreate_server(images.server("v1.120.0"));
     let s = guard.wait_status("the new server frozen or released", LONG, |s| {
         !s.state.protection.freeze_delays_ms.is_empty()
     });
@@ -278,7 +217,7 @@ fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
     assert_pre_migration(&meta, assets_before);
     stack.compose(&["up", "-d"]);
     assert_upgraded(&stack, assets_before);
-    docker(&["rmi", "-f", &format!("{}:{tag}", server_repo())]);
+    docker_ok(&["rmi", "-f", &format!("{}:{tag}", server_repo())]);
 }
 
 #[test]
@@ -298,8 +237,13 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
         .success();
     assert!(mounted, "mount tmpfs (needs root)");
     let _unmount = Unmount(tiny.path().to_path_buf());
+    let (hook, received) = webhook();
     // copy_across: the tmpfs is another filesystem; the snapshot must fail for want of space.
-    let guard = guard_for(&stack, tiny.path(), "copy_across = true\n");
+    let guard = guard_for(
+        &stack,
+        tiny.path(),
+        &format!("copy_across = true\n\n[notify]\nwebhook_url = {hook:?}\n"),
+    );
     let migrations_before = stack.applied_migrations();
 
     stack.set_env("IMMICH_VERSION", "v1.120.0");
@@ -327,6 +271,65 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     let p = protection(&guard).state.protection;
     assert!(p.hold.is_none());
     assert!(p.releases.last().is_some_and(|r| r.forced), "{p:?}");
+
+    // The admin heard of it: a webhook POST for the hold and for the release.
+    let kinds = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let bodies = received.lock().unwrap().clone();
+            if bodies.iter().any(|b| b["kind"] == want) || std::time::Instant::now() > deadline {
+                return bodies;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let bodies = kinds("released");
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b["kind"] == "held" && b["to_version"] == "v1.120.0"),
+        "{bodies:?}"
+    );
+    assert!(bodies.iter().any(|b| b["kind"] == "released"), "{bodies:?}");
+}
+
+/// A webhook receiver on 127.0.0.1: every JSON body POSTed to it, answered 200.
+fn webhook() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = bodies.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn);
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok()
+                && let Ok(json) = serde_json::from_slice(&body)
+            {
+                store.lock().unwrap().push(json);
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, bodies)
 }
 
 #[test]

@@ -1,0 +1,71 @@
+//! Freeze delay: from the server container's start event to the container being paused by
+//! the daemon, over many starts on images no snapshot covers. Prints p50/p99 against the
+//! targets (p50 < 20 ms, p99 < 100 ms). Needs Docker; `cargo bench --bench freeze`.
+//! IMMICH_GUARD_BENCH_STARTS sets the number of starts (default 50).
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::guard::{Guard, GuardOptions};
+use harness::{Stack, StackSpec, build_server_image, docker_available, ensure_images};
+use immich_guard::protect::{ProtectState, percentiles};
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") || !docker_available() {
+        return;
+    }
+    let starts: usize = std::env::var("IMMICH_GUARD_BENCH_STARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let images = ensure_images(&["v1.119.0"]);
+    // Two images of the same version: every switch is a start no snapshot covers, and never
+    // a downgrade.
+    let a = images.server("v1.119.0").to_string();
+    let b = build_server_image("v1.119.0", "bench-freeze", "freeze-b");
+    let stack = Stack::up(StackSpec::new("v1.119.0").boot_delay_ms(1000));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = Guard::start(GuardOptions {
+        extra_toml: &format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\nkeep_last = 2\n",
+            stack.project,
+            snapshots.path().display().to_string()
+        ),
+        ..Default::default()
+    });
+    guard.wait_socket(Duration::from_secs(10));
+    guard.wait_status("a baseline", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    let started = std::time::Instant::now();
+    for i in 0..starts {
+        let image = if i % 2 == 0 { &b } else { &a };
+        stack.recreate_server(image);
+        guard.wait_status("freeze, snapshot, release", Duration::from_secs(120), |s| {
+            let p = &s.state.protection;
+            p.freeze_delays_ms.len() > i && p.state == ProtectState::Idle
+        });
+        eprint!(".");
+    }
+    eprintln!();
+    let delays = guard.status().state.protection.freeze_delays_ms;
+    let (p50, p99) = percentiles(&delays).expect("delays");
+    let max = delays.iter().copied().fold(0.0, f64::max);
+    println!();
+    println!(
+        "freeze delay, start event → paused, {} starts in {:.0} s; {} cores",
+        delays.len(),
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| what | value | target |");
+    println!("|------|-------|--------|");
+    let mark = |ok: bool| if ok { "✓" } else { "✗" };
+    println!("| p50 | {p50:.1} ms | < 20 ms {} |", mark(p50 < 20.0));
+    println!("| p99 | {p99:.1} ms | < 100 ms {} |", mark(p99 < 100.0));
+    println!("| max | {max:.1} ms | |");
+    drop(guard);
+    drop(stack);
+}
