@@ -831,6 +831,12 @@ impl Guard {
             .request(crate::snapshot::Request {
                 trigger: trigger.into(),
                 label,
+                // The data is the baseline's, whatever server is frozen meanwhile.
+                version: self
+                    .protection
+                    .baseline
+                    .as_ref()
+                    .map(|b| (b.version.clone(), b.image_id.clone())),
             })
             .await;
         let tx = self.tx.clone();

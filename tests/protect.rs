@@ -227,16 +227,7 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     }
     ensure_images(&["v1.119.0", "v1.120.0"]);
     let stack = Stack::up(spec("v1.119.0"));
-    // Too small for any dump: every snapshot fails.
-    let tiny = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(tiny.path())
-        .status()
-        .unwrap()
-        .success();
-    assert!(mounted, "mount tmpfs (needs root)");
-    let _unmount = Unmount(tiny.path().to_path_buf());
+    let tiny = tiny_tmpfs();
     let (hook, received) = webhook();
     // copy_across: the tmpfs is another filesystem; the snapshot must fail for want of space.
     let guard = guard_for(
@@ -333,6 +324,35 @@ fn webhook() -> (
 }
 
 #[test]
+fn fail_open_lets_the_server_go_when_its_snapshot_fails() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(spec("v1.119.0"));
+    let tiny = tiny_tmpfs();
+    let guard = guard_for(
+        &stack,
+        tiny.path(),
+        "copy_across = true\n\n[protect]\nfail_open = true\n",
+    );
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.120.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = guard.status().state.protection;
+    assert!(p.fail_open && p.hold.is_none(), "{p:?}");
+    assert!(
+        p.releases
+            .last()
+            .is_some_and(|r| r.forced && r.what.contains("fail-open")),
+        "{p:?}"
+    );
+    assert!(!p.freeze_delays_ms.is_empty(), "it was frozen first");
+}
+
+#[test]
 fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
     if !docker_available() {
         return;
@@ -361,10 +381,29 @@ fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
     assert_upgraded(&stack, assets_before);
 }
 
-struct Unmount(std::path::PathBuf);
+/// A 256 KiB tmpfs: too small for any dump, so every snapshot there fails.
+struct Tiny(tempfile::TempDir);
 
-impl Drop for Unmount {
+impl Tiny {
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+fn tiny_tmpfs() -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount tmpfs (needs root)");
+    Tiny(dir)
+}
+
+impl Drop for Tiny {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }

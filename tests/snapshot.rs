@@ -191,6 +191,7 @@ fn manual() -> snapshot::Request {
     snapshot::Request {
         trigger: "manual".into(),
         label: Some("test".into()),
+        ..Default::default()
     }
 }
 

@@ -218,9 +218,19 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 send(&mut write, &response).await
             }
             Request::Snapshot { label } => {
+                // The data belongs to the version the database last ran with, even while a
+                // newer server is frozen.
+                let baseline = control
+                    .state
+                    .borrow()
+                    .protection
+                    .baseline
+                    .as_ref()
+                    .map(|b| (b.version.clone(), b.image_id.clone()));
                 let request = crate::snapshot::Request {
                     trigger: "manual".to_string(),
                     label,
+                    version: baseline,
                 };
                 let mut events = control.queue.request(request).await;
                 let mut result = Ok(());

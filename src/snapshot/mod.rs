@@ -50,10 +50,13 @@ pub enum SnapshotError {
 }
 
 /// What to record about why a snapshot is taken.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     pub trigger: String,
     pub label: Option<String>,
+    /// The version (and image) the data belongs to, when not the server's current one: a
+    /// snapshot taken while a new server is frozen holds the previous version's data.
+    pub version: Option<(String, String)>,
 }
 
 /// Progress lines of one snapshot: facts, dump, storage, config, seal.
@@ -93,11 +96,14 @@ pub async fn take(
     // Before anything is written: a stopped database is the commonest failure, name it.
     db::ensure_running(docker, docker_host, &database.container_name).await?;
     let started_at = Utc::now();
-    let version = stack
-        .version
-        .as_ref()
-        .map(|v| v.name())
-        .unwrap_or_else(|| "unknown".to_string());
+    let version = match &request.version {
+        Some((name, _)) => name.clone(),
+        None => stack
+            .version
+            .as_ref()
+            .map(|v| v.name())
+            .unwrap_or_else(|| "unknown".to_string()),
+    };
     let store = Store::open(&config.snapshot_dir())?;
     let plan = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
     let id = store.unused_id(&store::snapshot_id(started_at, &version, &request.trigger));
@@ -198,12 +204,18 @@ pub async fn take(
         label: request.label.clone(),
         project: stack.project.clone(),
         version,
-        image_id: stack.version.as_ref().map(|v| v.image_id.clone()),
-        repo_digests: stack
-            .version
-            .as_ref()
-            .map(|v| v.repo_digests.clone())
-            .unwrap_or_default(),
+        image_id: match &request.version {
+            Some((_, image)) => Some(image.clone()),
+            None => stack.version.as_ref().map(|v| v.image_id.clone()),
+        },
+        repo_digests: match &request.version {
+            Some(_) => Vec::new(),
+            None => stack
+                .version
+                .as_ref()
+                .map(|v| v.repo_digests.clone())
+                .unwrap_or_default(),
+        },
         env_version: stack.env_version.clone(),
         started_at,
         sealed_at: Utc::now(),
