@@ -6,7 +6,9 @@
 pub mod compose_watch;
 pub mod config;
 pub mod control;
+pub mod crashloop;
 pub mod daemon;
+pub mod diagnose;
 pub mod discover;
 pub mod docker;
 pub mod notify;
