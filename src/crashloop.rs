@@ -71,7 +71,11 @@ mod tests {
         assert!(!d.death("server", at(0)));
         assert!(!d.death("server", at(100)));
         assert!(!d.death("server", at(230)));
-        assert_eq!(d.recent("server"), 1, "only the death at 230 s is within 120 s");
+        assert_eq!(
+            d.recent("server"),
+            1,
+            "only the death at 230 s is within 120 s"
+        );
         // Two restarts then up: never a loop.
         let mut d = Detector::new(3, 120);
         assert!(!d.death("ml", at(0)));

@@ -343,6 +343,14 @@ fn protection_input(event: &EventMessage) -> Option<Input> {
             service: attributes.get("com.docker.compose.service").cloned(),
             at,
         })),
+        ("container", "die") => Some(Input::Died(StartEvent {
+            container_id: actor.id.clone()?,
+            name: attributes.get("name").cloned().unwrap_or_default(),
+            image: attributes.get("image").cloned().unwrap_or_default(),
+            project: attributes.get("com.docker.compose.project").cloned(),
+            service: attributes.get("com.docker.compose.service").cloned(),
+            at,
+        })),
         ("image", "pull" | "tag" | "load" | "import") => Some(Input::Image {
             // For a tag, the ID; for a pull, the reference.
             reference: attributes

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod diagnose;
 pub mod discover;
 pub mod docker;
+pub mod incident;
 pub mod notify;
 pub mod protect;
 pub mod render;

@@ -61,6 +61,9 @@ enum Command {
     /// Let a frozen or held Immich server go. Without --force the snapshot is retried first
     /// and the server released only when it is sealed; a refused downgrade needs --force.
     Release {
+        /// A service halted for crash-looping (e.g. immich-server): restore its restart
+        /// policy and start it.
+        service: Option<String>,
         /// Release without a snapshot (recorded and notified).
         #[arg(long)]
         force: bool,
@@ -125,7 +128,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
         Command::Snapshot { label, json } => runtime.block_on(snapshot_cmd(&config, label, json)),
         Command::List { json } => runtime.block_on(list_cmd(&config, json)),
-        Command::Release { force, json } => runtime.block_on(release_cmd(&config, force, json)),
+        Command::Release {
+            service,
+            force,
+            json,
+        } => runtime.block_on(release_cmd(&config, service, force, json)),
         Command::CheckConfig => {
             println!("{}: OK", path.display());
             print!("{}", toml::to_string_pretty(&config)?);
@@ -234,8 +241,14 @@ async fn snapshot_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn release_cmd(config: &Config, force: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let response = client::request(&config.control.socket, &Request::Release { force }).await?;
+async fn release_cmd(
+    config: &Config,
+    service: Option<String>,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let request = Request::Release { force, service };
+    let response = client::request(&config.control.socket, &request).await?;
     let message = expect(response, |r| match r {
         Response::Released { message } => Some(message),
         _ => None,

@@ -50,6 +50,8 @@ pub enum ProtectState {
     Snapshotting,
     Frozen,
     Held,
+    /// A crash-looping container was stopped; see the incident.
+    Halted,
 }
 
 /// A version change seen before the new server runs, and the snapshot that covers it.
@@ -80,6 +82,9 @@ pub struct Hold {
     pub kind: HoldKind,
     pub container: String,
     pub container_name: String,
+    /// The image it was created from (becomes the baseline when released).
+    #[serde(default)]
+    pub image_id: String,
     pub version: String,
     /// Paused, or stopped when pausing failed.
     pub paused: bool,
@@ -121,6 +126,12 @@ pub struct Protection {
     pub freeze_delays_ms: Vec<f64>,
     pub releases: Vec<Release>,
     pub fail_open: bool,
+    /// Containers stopped for crash-looping, with the restart policy to give back.
+    #[serde(default)]
+    pub halted: Vec<crate::incident::Halted>,
+    /// The newest incident.
+    #[serde(default)]
+    pub incident: Option<crate::incident::Incident>,
 }
 
 impl Default for Protection {
@@ -135,6 +146,8 @@ impl Default for Protection {
             freeze_delays_ms: Vec::new(),
             releases: Vec::new(),
             fail_open: false,
+            halted: Vec::new(),
+            incident: None,
         }
     }
 }
@@ -148,6 +161,8 @@ impl Protection {
     fn settle_state(&mut self, snapshotting: bool) {
         self.state = if self.hold.is_some() {
             ProtectState::Held
+        } else if !self.halted.is_empty() {
+            ProtectState::Halted
         } else if self.frozen.is_some() {
             ProtectState::Frozen
         } else if snapshotting {
@@ -202,8 +217,12 @@ pub enum Input {
         reference: String,
     },
     Discovered(Box<Stack>),
+    /// A container of some compose project died.
+    Died(StartEvent),
     Release {
         force: bool,
+        /// A halted service to give its restart policy back and start.
+        service: Option<String>,
         reply: oneshot::Sender<Result<String, String>>,
     },
     SnapshotDone(Result<(String, String), String>),
@@ -232,9 +251,13 @@ impl GuardHandle {
         let _ = self.tx.send(input);
     }
 
-    pub async fn release(&self, force: bool) -> Result<String, String> {
+    pub async fn release(&self, force: bool, service: Option<String>) -> Result<String, String> {
         let (reply, rx) = oneshot::channel();
-        self.send(Input::Release { force, reply });
+        self.send(Input::Release {
+            force,
+            service,
+            reply,
+        });
         rx.await
             .unwrap_or_else(|_| Err("protection has stopped".into()))
     }
@@ -261,6 +284,7 @@ pub struct Guard {
     /// Callers of `release` waiting for the retried snapshot.
     release_waiters: Vec<oneshot::Sender<Result<String, String>>>,
     state_file: PathBuf,
+    deaths: crate::crashloop::Detector,
 }
 
 impl Guard {
@@ -278,6 +302,10 @@ impl Guard {
             Protection::default()
         });
         protection.fail_open = config.protect.fail_open;
+        let deaths = crate::crashloop::Detector::new(
+            config.crash_loop.deaths,
+            config.crash_loop.window_secs,
+        );
         let mut guard = Guard {
             config,
             state,
@@ -295,6 +323,7 @@ impl Guard {
             snapshotting: false,
             release_waiters: Vec::new(),
             state_file,
+            deaths,
         };
         guard.refresh_snapshot_index();
         guard.publish();
@@ -329,7 +358,20 @@ impl Guard {
             Input::Started(event) => self.on_start(event).await,
             Input::Image { reference } => self.on_image(&reference).await,
             Input::Discovered(stack) => self.on_discovered(*stack).await,
-            Input::Release { force, reply } => self.on_release(force, reply).await,
+            Input::Died(event) => self.on_died(event).await,
+            Input::Release {
+                service: Some(service),
+                reply,
+                ..
+            } => {
+                let result = self.unhalt(&service).await;
+                let _ = reply.send(result);
+            }
+            Input::Release {
+                force,
+                reply,
+                service: None,
+            } => self.on_release(force, reply).await,
             Input::SnapshotDone(result) => self.on_snapshot_done(result).await,
         }
     }
@@ -403,8 +445,15 @@ impl Guard {
         if let Some(baseline) = self.protection.baseline.clone()
             && is_older(&version, &baseline.version)
         {
-            self.hold_downgrade(&docker, &event, &version, &baseline, paused.is_ok())
-                .await;
+            self.hold_downgrade(
+                &docker,
+                &event,
+                &version,
+                &image_id,
+                &baseline,
+                paused.is_ok(),
+            )
+            .await;
             return;
         }
         if self.starts_freely(&image_id) {
@@ -456,7 +505,11 @@ impl Guard {
                 event.name
             ),
         );
-        self.request_snapshot("pre-start").await;
+        // Before the first discovery there is nothing to snapshot yet; the first discovery
+        // finishes the freeze (see `resume_after_restart`).
+        if self.stack.is_some() {
+            self.request_snapshot("pre-start").await;
+        }
         self.publish();
     }
 
@@ -767,7 +820,7 @@ impl Guard {
     /// another version than the database runs is a change in progress.
     async fn resume_after_restart(&mut self, stack: &Stack) {
         if let Some(frozen) = &self.protection.frozen {
-            tracing::warn!(container = %frozen.container_name, "a freeze was in progress when the daemon stopped; snapshotting again");
+            tracing::warn!(container = %frozen.container_name, "a freeze is waiting for its snapshot; taking it now");
             self.request_snapshot("pre-start").await;
             return;
         }
@@ -883,7 +936,7 @@ impl Guard {
                     let frozen = Frozen {
                         container: hold.container.clone(),
                         container_name: hold.container_name.clone(),
-                        image_id: String::new(),
+                        image_id: hold.image_id.clone(),
                         version: hold.version.clone(),
                         since: hold.since,
                         delay_ms: 0.0,
@@ -919,6 +972,7 @@ impl Guard {
                             kind: HoldKind::SnapshotFailed,
                             container: frozen.container.clone(),
                             container_name: frozen.container_name.clone(),
+                            image_id: frozen.image_id.clone(),
                             version: frozen.version.clone(),
                             paused: true,
                             reason: format!(
@@ -966,19 +1020,15 @@ impl Guard {
             Ok(how) => format!("{how} {} ({})", frozen.container_name, frozen.version),
             Err(e) => format!("could not release {}: {e}", frozen.container_name),
         };
-        if !frozen.image_id.is_empty() {
+        let image_id = if frozen.image_id.is_empty() {
+            self.container_image(&docker, &frozen.container).await.0
+        } else {
+            Some(frozen.image_id.clone())
+        };
+        if let Some(image_id) = image_id {
             self.protection.baseline = Some(Baseline {
                 version: frozen.version.clone(),
-                image_id: frozen.image_id.clone(),
-            });
-        } else if let Some((_, id)) = self
-            .versions
-            .iter()
-            .find(|(_, v)| same_version(v, &frozen.version))
-        {
-            self.protection.baseline = Some(Baseline {
-                version: frozen.version.clone(),
-                image_id: id.clone(),
+                image_id,
             });
         }
         self.protection.pending = None;
@@ -990,6 +1040,7 @@ impl Guard {
         docker: &Docker,
         event: &StartEvent,
         version: &str,
+        image_id: &str,
         baseline: &Baseline,
         paused: bool,
     ) {
@@ -1021,6 +1072,7 @@ impl Guard {
             kind: HoldKind::Downgrade,
             container: event.container_id.clone(),
             container_name: event.name.clone(),
+            image_id: image_id.to_string(),
             version: version.into(),
             paused,
             reason: format!(
@@ -1059,7 +1111,7 @@ impl Guard {
             let frozen = Frozen {
                 container: hold.container.clone(),
                 container_name: hold.container_name.clone(),
-                image_id: String::new(),
+                image_id: hold.image_id.clone(),
                 version: hold.version.clone(),
                 since: hold.since,
                 delay_ms: 0.0,
@@ -1107,6 +1159,173 @@ impl Guard {
             ),
             what.to_string(),
         );
+    }
+
+    async fn on_died(&mut self, event: StartEvent) {
+        let Some(stack) = self.stack.clone() else {
+            return;
+        };
+        if event.project.as_deref() != Some(stack.project.as_str()) {
+            return;
+        }
+        if !self.deaths.death(&event.name, event.at) {
+            return;
+        }
+        let Some(docker) = self.docker() else { return };
+        let service = event.service.clone().unwrap_or_else(|| event.name.clone());
+        tracing::error!(container = %event.name, deaths = self.config.crash_loop.deaths, window_secs = self.config.crash_loop.window_secs, "crash loop");
+        // Evidence first, before anything is changed.
+        let evidence = crate::incident::collect(&docker, &stack).await;
+        let findings =
+            crate::diagnose::scan(evidence.logs.iter().map(|(s, l)| (s.as_str(), l.as_str())));
+        let applied_now = match &stack.db {
+            Some(access) => crate::snapshot::db::facts(access)
+                .await
+                .ok()
+                .map(|f| f.migrations),
+            None => None,
+        };
+        let before = self.pre_update_snapshot();
+        let decision = crate::diagnose::decide(
+            applied_now.as_deref(),
+            before.as_ref().map(|m| {
+                (
+                    m.id.as_str(),
+                    m.version.as_str(),
+                    m.db.migrations.as_slice(),
+                )
+            }),
+            &findings,
+        );
+        let dir = self.config.daemon.data_dir.join("incidents");
+        let at = Utc::now();
+        let mut incident = crate::incident::Incident {
+            id: crate::incident::incident_id(at, &service, &dir),
+            at,
+            service: service.clone(),
+            container: event.name.clone(),
+            deaths: self.config.crash_loop.deaths,
+            window_secs: self.config.crash_loop.window_secs,
+            baseline: self.protection.baseline.as_ref().map(|b| b.version.clone()),
+            pending: self
+                .protection
+                .pending
+                .as_ref()
+                .map(|p| format!("{} → {}", p.from, p.to)),
+            findings,
+            decision,
+            halted: Vec::new(),
+            dir: dir.clone(),
+        };
+        // Halting the database halts the server too: it would crash-loop next.
+        let mut targets = vec![(service.clone(), event.container_id.clone())];
+        if stack
+            .database
+            .as_ref()
+            .is_some_and(|d| d.container_id == event.container_id)
+            && let Some(server) = &stack.server
+        {
+            targets.push((server.service.clone(), server.container_id.clone()));
+        }
+        let view = serde_json::to_value(&self.protection).unwrap_or_default();
+        let written = crate::incident::write_bundle(&dir, &incident, &evidence, &stack, &view);
+        for (service, container) in targets {
+            match crate::incident::halt(&docker, &container).await {
+                Ok(policy) => {
+                    tracing::warn!(service = %service, restart_policy = %policy, "halted: restart policy set to no, container stopped");
+                    let halted = crate::incident::Halted {
+                        service,
+                        container,
+                        restart_policy: policy,
+                    };
+                    incident.halted.push(halted.clone());
+                    self.protection
+                        .halted
+                        .retain(|h| h.container != halted.container);
+                    self.protection.halted.push(halted);
+                }
+                Err(e) => tracing::error!(service = %service, error = %e, "could not halt"),
+            }
+        }
+        match written {
+            Ok(path) => {
+                // The halted list is known only now: record it beside the bundle's view.
+                let _ = crate::snapshot::store::write_synced(
+                    &path.join("incident.json"),
+                    &serde_json::to_vec_pretty(&incident).unwrap_or_default(),
+                );
+                tracing::info!(dir = %path.display(), "incident bundle written");
+            }
+            Err(e) => tracing::error!(error = %e, "could not write the incident bundle"),
+        }
+        self.announce(
+            EventKind::CrashLoop,
+            format!("{service} crash-looped and was halted"),
+            format!(
+                "{} died {} times within {} s; halted. Incident {}. {:?}",
+                event.name,
+                self.config.crash_loop.deaths,
+                self.config.crash_loop.window_secs,
+                incident.id,
+                incident.decision
+            ),
+        );
+        self.protection.incident = Some(incident);
+        self.publish();
+    }
+
+    /// The newest sealed snapshot of the version the database ran with before this change.
+    fn pre_update_snapshot(&self) -> Option<crate::snapshot::store::Meta> {
+        let store = Store::open(&self.config.snapshot_dir()).ok()?;
+        let list = store.list().ok()?;
+        let from = self
+            .protection
+            .pending
+            .as_ref()
+            .map(|p| p.from.clone())
+            .or_else(|| {
+                self.protection
+                    .incident
+                    .as_ref()
+                    .and_then(|i| i.baseline.clone())
+            });
+        list.into_iter()
+            .rev()
+            .find(|m| from.as_ref().is_none_or(|v| same_version(&m.version, v)))
+    }
+
+    async fn unhalt(&mut self, service: &str) -> Result<String, String> {
+        let Some(i) = self
+            .protection
+            .halted
+            .iter()
+            .position(|h| h.service == service || h.container == service)
+        else {
+            return Err(format!(
+                "{service} is not halted (halted: {})",
+                self.protection
+                    .halted
+                    .iter()
+                    .map(|h| h.service.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let Some(docker) = self.docker() else {
+            return Err("Docker is unreachable".into());
+        };
+        let halted = self.protection.halted[i].clone();
+        crate::incident::unhalt(&docker, &halted.container, &halted.restart_policy)
+            .await
+            .map_err(|e| format!("could not release {}: {e}", halted.service))?;
+        self.protection.halted.remove(i);
+        let message = format!(
+            "{} started with its restart policy {} back",
+            halted.service, halted.restart_policy
+        );
+        self.record_release(&halted.service, false, &message);
+        self.publish();
+        Ok(message)
     }
 
     fn announce(&self, kind: EventKind, title: String, message: String) {

@@ -29,6 +29,9 @@ pub enum Request {
     Release {
         #[serde(default)]
         force: bool,
+        /// A service halted for crash-looping: its restart policy back, then started.
+        #[serde(default)]
+        service: Option<String>,
     },
 }
 

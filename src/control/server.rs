@@ -210,8 +210,8 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 };
                 send(&mut write, &response).await
             }
-            Request::Release { force } => {
-                let response = match control.guard.release(force).await {
+            Request::Release { force, service } => {
+                let response = match control.guard.release(force, service).await {
                     Ok(message) => Response::Released { message },
                     Err(message) => Response::error(message),
                 };

@@ -1,0 +1,267 @@
+//! Incidents: when a container of the stack crash-loops, keep the evidence first (an
+//! incident bundle written like a snapshot: partial dir, fsync, rename), then halt it
+//! (restart policy `no`, recorded, then stop), then say what happened and what to do.
+
+use std::path::{Path, PathBuf};
+
+use bollard::Docker;
+use bollard::query_parameters::{InspectContainerOptions, LogsOptionsBuilder};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::diagnose::{Decision, Finding};
+use crate::discover::Stack;
+
+/// Log lines kept per service.
+pub const LOG_LINES: &str = "300";
+const PARTIAL_PREFIX: &str = ".partial-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncidentError {
+    #[error("writing the incident bundle at {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `status` and `incident` show; also `incident.json` in the bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: String,
+    pub at: DateTime<Utc>,
+    pub service: String,
+    pub container: String,
+    pub deaths: u32,
+    pub window_secs: u64,
+    pub baseline: Option<String>,
+    pub pending: Option<String>,
+    pub findings: Vec<Finding>,
+    pub decision: Decision,
+    /// Containers halted, with the restart policy each had.
+    pub halted: Vec<Halted>,
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Halted {
+    pub service: String,
+    pub container: String,
+    pub restart_policy: String,
+}
+
+/// Logs (timestamps kept) and inspect output of every container of the stack.
+pub struct Evidence {
+    /// (service, log text)
+    pub logs: Vec<(String, String)>,
+    /// (service, inspect JSON)
+    pub inspect: Vec<(String, String)>,
+}
+
+pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
+    let mut evidence = Evidence {
+        logs: Vec::new(),
+        inspect: Vec::new(),
+    };
+    let services = [
+        &stack.server,
+        &stack.machine_learning,
+        &stack.redis,
+        &stack.database,
+    ];
+    for service in services.into_iter().flatten() {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .tail(LOG_LINES)
+            .build();
+        let mut stream = docker.logs(&service.container_id, Some(options));
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(out) => text.push_str(&String::from_utf8_lossy(&out.into_bytes())),
+                Err(e) => {
+                    text.push_str(&format!("\n[immich-guard: log read failed: {e}]\n"));
+                    break;
+                }
+            }
+        }
+        evidence.logs.push((service.service.clone(), text));
+        let inspect = docker
+            .inspect_container(&service.container_id, None::<InspectContainerOptions>)
+            .await
+            .map(|i| serde_json::to_string_pretty(&i).unwrap_or_default())
+            .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()));
+        evidence.inspect.push((service.service.clone(), inspect));
+    }
+    evidence
+}
+
+/// `<UTC time>-<service>`; unique within the dir.
+pub fn incident_id(at: DateTime<Utc>, service: &str, dir: &Path) -> String {
+    let base = format!("{}-{service}", at.format("%Y%m%dT%H%M%SZ"));
+    if !dir.join(&base).exists() {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|id| !dir.join(id).exists())
+        .expect("a free suffix")
+}
+
+/// Writes the bundle under `<dir>/.partial-<id>` and renames it into place.
+pub fn write_bundle(
+    dir: &Path,
+    incident: &Incident,
+    evidence: &Evidence,
+    stack: &Stack,
+    guard_view: &serde_json::Value,
+) -> Result<PathBuf, IncidentError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| IncidentError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(err(dir))?;
+    let partial = dir.join(format!("{PARTIAL_PREFIX}{}", incident.id));
+    let final_dir = dir.join(&incident.id);
+    std::fs::create_dir_all(partial.join("logs")).map_err(err(&partial))?;
+    std::fs::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
+    std::fs::create_dir_all(partial.join("config")).map_err(err(&partial))?;
+    let write = |path: PathBuf, bytes: &[u8]| {
+        crate::snapshot::store::write_synced(&path, bytes).map_err(err(&path))
+    };
+    for (service, log) in &evidence.logs {
+        write(partial.join(format!("logs/{service}.log")), log.as_bytes())?;
+    }
+    for (service, json) in &evidence.inspect {
+        write(
+            partial.join(format!("inspect/{service}.json")),
+            json.as_bytes(),
+        )?;
+    }
+    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
+        if let (Some(name), Ok(bytes)) = (path.file_name(), std::fs::read(path)) {
+            write(partial.join("config").join(name), &bytes)?;
+        }
+    }
+    let json = |v: &dyn erased::Json| v.to_json();
+    write(partial.join("incident.json"), &json(incident))?;
+    write(partial.join("guard.json"), &json(guard_view))?;
+    for sub in ["logs", "inspect", "config", ""] {
+        let d = partial.join(sub);
+        crate::snapshot::store::sync_dir(&d).map_err(err(&d))?;
+    }
+    std::fs::rename(&partial, &final_dir).map_err(err(&final_dir))?;
+    crate::snapshot::store::sync_dir(dir).map_err(err(dir))?;
+    Ok(final_dir)
+}
+
+mod erased {
+    /// Pretty JSON of anything serializable, behind a trait object.
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec_pretty(self).unwrap_or_default()
+        }
+    }
+}
+
+/// Sealed incidents, newest last.
+pub fn list(dir: &Path) -> Vec<Incident> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<Incident> = entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| std::fs::read(e.path().join("incident.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all
+}
+
+/// Sets the restart policy to `no` (the old one returned) and stops the container.
+pub async fn halt(docker: &Docker, container: &str) -> Result<String, bollard::errors::Error> {
+    let inspect = docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await?;
+    let policy = inspect
+        .host_config
+        .and_then(|h| h.restart_policy)
+        .and_then(|p| p.name)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "no".into());
+    set_restart_policy(docker, container, "no").await?;
+    docker
+        .stop_container(
+            container,
+            None::<bollard::query_parameters::StopContainerOptions>,
+        )
+        .await?;
+    Ok(policy)
+}
+
+/// Puts the recorded policy back and starts the container.
+pub async fn unhalt(
+    docker: &Docker,
+    container: &str,
+    policy: &str,
+) -> Result<(), bollard::errors::Error> {
+    set_restart_policy(docker, container, policy).await?;
+    docker
+        .start_container(
+            container,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+}
+
+async fn set_restart_policy(
+    docker: &Docker,
+    container: &str,
+    policy: &str,
+) -> Result<(), bollard::errors::Error> {
+    use bollard::models::{RestartPolicy, RestartPolicyNameEnum};
+    let name = match policy {
+        "always" => RestartPolicyNameEnum::ALWAYS,
+        "unless-stopped" => RestartPolicyNameEnum::UNLESS_STOPPED,
+        "on-failure" => RestartPolicyNameEnum::ON_FAILURE,
+        _ => RestartPolicyNameEnum::NO,
+    };
+    docker
+        .update_container(
+            container,
+            bollard::models::ContainerUpdateBody {
+                restart_policy: Some(RestartPolicy {
+                    name: Some(name),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_in_their_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = "2026-11-25T02:23:01Z".parse().unwrap();
+        let id = incident_id(at, "immich-server", dir.path());
+        assert_eq!(id, "20261125T022301Z-immich-server");
+        std::fs::create_dir(dir.path().join(&id)).unwrap();
+        assert_eq!(
+            incident_id(at, "immich-server", dir.path()),
+            "20261125T022301Z-immich-server-2"
+        );
+    }
+}
