@@ -134,6 +134,38 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
         );
         let _ = writeln!(out, "  what to do: {}", h.hint);
     }
+    for h in &p.halted {
+        let _ = writeln!(
+            out,
+            "HALTED: {} ({}) crash-looped; restart policy was {} (`immich-guard release {}` puts it back)",
+            h.service, h.container, h.restart_policy, h.service
+        );
+    }
+    if let Some(i) = &p.incident {
+        let _ = writeln!(
+            out,
+            "last incident: {} ({} died {} times within {} s), bundle {}",
+            i.id,
+            i.container,
+            i.deaths,
+            i.window_secs,
+            i.dir.join(&i.id).display()
+        );
+        for f in &i.findings {
+            let _ = writeln!(
+                out,
+                "  {:?} ({} lines): {}",
+                f.category,
+                f.count,
+                f.lines.first().map(String::as_str).unwrap_or("")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  decision: {}",
+            serde_json::to_string(&i.decision).unwrap_or_default()
+        );
+    }
     for (version, id) in &p.last_snapshot_per_version {
         let _ = writeln!(out, "newest snapshot of {version}: {id}");
     }

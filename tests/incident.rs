@@ -93,6 +93,12 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     // Timestamps kept.
     assert!(log.lines().next().unwrap().starts_with("20"), "{log}");
 
+    let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("HALTED: immich-server") && text.contains("Permissions"),
+        "{text}"
+    );
+
     // Release gives the policy back and starts it.
     let out = guard.cli(&["release", "immich-server"]);
     assert!(out.status.success(), "{out:?}");
