@@ -85,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         state: rx.clone(),
         queue,
         snapshot_dir,
+        incident_dir: config.daemon.data_dir.join(crate::incident::DIR),
         guard: guard.clone(),
     }));
 

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::diagnose::{Decision, Finding};
 use crate::discover::Stack;
 
+/// Under the data dir.
+pub const DIR: &str = "incidents";
 /// Log lines kept per service.
 pub const LOG_LINES: &str = "300";
 const PARTIAL_PREFIX: &str = ".partial-";

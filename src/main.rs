@@ -70,6 +70,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the newest incident (crash loop), or the one named: diagnosis, decision, bundle.
+    Incident {
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file and print the effective settings.
     CheckConfig,
 }
@@ -128,6 +134,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
         Command::Snapshot { label, json } => runtime.block_on(snapshot_cmd(&config, label, json)),
         Command::List { json } => runtime.block_on(list_cmd(&config, json)),
+        Command::Incident { id, json } => runtime.block_on(incident_cmd(&config, id, json)),
         Command::Release {
             service,
             force,
@@ -237,6 +244,24 @@ async fn snapshot_cmd(
     } else {
         println!("sealed snapshot {}", meta.id);
         print!("{}", render::snapshots(std::slice::from_ref(&meta)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn incident_cmd(config: &Config, id: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let response = client::request(&config.control.socket, &Request::Incidents { id }).await?;
+    let incidents = expect(response, |r| match r {
+        Response::Incidents { incidents } => Some(incidents),
+        _ => None,
+    })?;
+    let Some(incident) = incidents.last() else {
+        println!("no incidents");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(incident)?);
+    } else {
+        print!("{}", render::incident(incident));
     }
     Ok(ExitCode::SUCCESS)
 }

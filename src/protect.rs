@@ -1197,7 +1197,7 @@ impl Guard {
             }),
             &findings,
         );
-        let dir = self.config.daemon.data_dir.join("incidents");
+        let dir = self.config.daemon.data_dir.join(crate::incident::DIR);
         let at = Utc::now();
         let mut incident = crate::incident::Incident {
             id: crate::incident::incident_id(at, &service, &dir),

@@ -303,6 +303,60 @@ fn duration(secs: u64) -> String {
     }
 }
 
+/// One incident for `immich-guard incident`.
+pub fn incident(i: &crate::incident::Incident) -> String {
+    use crate::diagnose::Decision;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "incident {}: {} ({}) died {} times within {} s, {}",
+        i.id,
+        i.service,
+        i.container,
+        i.deaths,
+        i.window_secs,
+        i.at.format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    let _ = writeln!(out, "bundle: {}", i.dir.join(&i.id).display());
+    if let Some(p) = &i.pending {
+        let _ = writeln!(out, "update in progress: {p}");
+    }
+    for h in &i.halted {
+        let _ = writeln!(
+            out,
+            "halted: {} (restart policy was {}; `immich-guard release {}`)",
+            h.service, h.restart_policy, h.service
+        );
+    }
+    if i.findings.is_empty() {
+        let _ = writeln!(out, "diagnosis: no known failure phrase in the logs");
+    }
+    for f in &i.findings {
+        let _ = writeln!(out, "diagnosis: {:?} ({} lines)", f.category, f.count);
+        for line in &f.lines {
+            let _ = writeln!(out, "  > {line}");
+        }
+    }
+    let _ = match &i.decision {
+        Decision::Restore {
+            snapshot,
+            version,
+            why,
+        } => writeln!(
+            out,
+            "recommended: restore\n  {why}\n  immich-guard restore {snapshot}   # database + storage, then IMMICH_VERSION={version}"
+        ),
+        Decision::Rollback { version, why } => writeln!(
+            out,
+            "recommended: roll back\n  {why}\n  set IMMICH_VERSION={version} in .env, then docker compose up -d"
+        ),
+        Decision::FixForward { hint, why } => {
+            writeln!(out, "recommended: fix forward\n  {why}\n  {hint}")
+        }
+    };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

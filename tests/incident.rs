@@ -99,6 +99,14 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
         "{text}"
     );
 
+    let out = guard.cli(&["incident"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains(&incident.id), "{text}");
+    assert!(
+        text.contains("recommended: fix forward") && text.contains("chown"),
+        "{text}"
+    );
+
     // Release gives the policy back and starts it.
     let out = guard.cli(&["release", "immich-server"]);
     assert!(out.status.success(), "{out:?}");

@@ -25,6 +25,11 @@ pub enum Request {
         label: Option<String>,
     },
     List {},
+    /// Incidents (crash loops): the one named, or all, newest last.
+    Incidents {
+        #[serde(default)]
+        id: Option<String>,
+    },
     /// Let a frozen or held server go: retries the snapshot first, unless forced.
     Release {
         #[serde(default)]
@@ -43,7 +48,7 @@ impl Request {
 }
 
 /// Every verb the daemon knows, for "unknown verb" answers.
-pub const VERBS: &[&str] = &["status", "snapshot", "list", "release"];
+pub const VERBS: &[&str] = &["status", "snapshot", "list", "release", "incidents"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -59,6 +64,9 @@ pub enum Response {
     },
     Released {
         message: String,
+    },
+    Incidents {
+        incidents: Vec<crate::incident::Incident>,
     },
     Error {
         message: String,

@@ -24,6 +24,7 @@ pub struct Control {
     pub state: watch::Receiver<DaemonState>,
     pub queue: SnapshotQueue,
     pub snapshot_dir: PathBuf,
+    pub incident_dir: PathBuf,
     pub guard: GuardHandle,
 }
 
@@ -207,6 +208,20 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 let response = match listed {
                     Ok(snapshots) => Response::List { snapshots },
                     Err(e) => Response::error(e.to_string()),
+                };
+                send(&mut write, &response).await
+            }
+            Request::Incidents { id } => {
+                let mut incidents = crate::incident::list(&control.incident_dir);
+                if let Some(id) = &id {
+                    incidents.retain(|i| &i.id == id);
+                }
+                let response = match (&id, incidents.is_empty()) {
+                    (Some(id), true) => Response::error(format!(
+                        "no incident {id} in {}",
+                        control.incident_dir.display()
+                    )),
+                    _ => Response::Incidents { incidents },
                 };
                 send(&mut write, &response).await
             }
