@@ -386,14 +386,12 @@ impl Config {
                 return invalid(key, url, "must be an http:// or https:// URL");
             }
         }
+        const NTFY_PAIR: &str =
+            "notify.ntfy_url and notify.ntfy_topic go together: set both or neither";
         match (&self.notify.ntfy_url, &self.notify.ntfy_topic) {
-            (Some(_), None) | (None, Some(_)) => {
-                return invalid(
-                    "notify.ntfy_topic",
-                    &self.notify.ntfy_topic,
-                    "notify.ntfy_url and notify.ntfy_topic go together: set both or neither",
-                );
-            }
+            // Name the key that is there, so the error points at a line of the file.
+            (Some(url), None) => return invalid("notify.ntfy_url", url, NTFY_PAIR),
+            (None, Some(topic)) => return invalid("notify.ntfy_topic", topic, NTFY_PAIR),
             (_, Some(topic))
                 if topic.is_empty()
                     || topic.len() > 64
@@ -539,26 +537,100 @@ mod tests {
         assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
     }
 
+    /// The error message for a file that must be refused.
+    fn refused(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn notify_keys_are_checked() {
-        let e = parse("[notify]\nwebhook_url = \"ftp://x\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[notify]\nwebhook_url = \"ftp://x\"\n");
         assert!(e.contains("notify.webhook_url = \"ftp://x\""), "{e}");
-        let e = parse("[notify]\nntfy_url = \"https://ntfy.sh\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[notify]\nntfy_url = \"https://ntfy.sh\"\n");
         assert!(
             e.contains("notify.ntfy_url and notify.ntfy_topic go together"),
             "{e}"
         );
-        let e = parse("[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"a b\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"a b\"\n");
         assert!(e.contains("notify.ntfy_topic"), "{e}");
         assert!(
             parse("[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"immich\"\n[protect]\nfail_open = true\n")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn notify_is_off_by_default_with_a_ten_second_timeout() {
+        let c = parse("").unwrap();
+        assert_eq!(c.notify.webhook_url, None);
+        assert_eq!(c.notify.ntfy_url, None);
+        assert_eq!(c.notify.timeout_secs, 10);
+    }
+
+    #[test]
+    fn a_lone_ntfy_topic_names_both_keys() {
+        let e = refused("[notify]\nntfy_topic = \"immich\"\n");
+        assert!(e.contains("notify.ntfy_topic = \"immich\""), "{e}");
+        assert!(e.contains("notify.ntfy_url"), "{e}");
+    }
+
+    #[test]
+    fn notify_urls_must_parse_and_be_http() {
+        for (key, value) in [
+            ("webhook_url", "not a url"),
+            ("webhook_url", "file:///etc/passwd"),
+            ("ntfy_url", "ntfy.sh"),
+        ] {
+            let text = format!("[notify]\n{key} = \"{value}\"\nntfy_topic = \"t\"\n");
+            let e = refused(&text);
+            assert!(e.contains(&format!("notify.{key} = \"{value}\"")), "{e}");
+            assert!(e.contains("http:// or https://"), "{e}");
+        }
+        assert!(parse("[notify]\nwebhook_url = \"http://10.0.0.2:8080/hook\"\n").is_ok());
+    }
+
+    #[test]
+    fn ntfy_topic_is_one_to_sixty_four_safe_characters() {
+        let topic = |t: &str| {
+            parse(&format!(
+                "[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"{t}\"\n"
+            ))
+        };
+        assert!(topic("immich_guard-01").is_ok());
+        assert!(topic(&"a".repeat(64)).is_ok());
+        for bad in ["", "a/b", "immich?x=1", "ümlaut", &"a".repeat(65)] {
+            let e = topic(bad).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "notify.ntfy_topic",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn notify_timeout_is_one_to_a_hundred_and_twenty_seconds() {
+        assert!(parse("[notify]\ntimeout_secs = 1\n").is_ok());
+        assert!(parse("[notify]\ntimeout_secs = 120\n").is_ok());
+        for bad in [0, 121] {
+            let e = refused(&format!("[notify]\ntimeout_secs = {bad}\n"));
+            assert!(e.contains(&format!("notify.timeout_secs = {bad}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn ntfy_token_is_never_serialized() {
+        let c = parse(
+            "[notify]\nntfy_url = \"https://ntfy.sh\"\nntfy_topic = \"immich\"\nntfy_token = \"tk_hunter2\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.notify.ntfy_token.as_deref(), Some("tk_hunter2"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("tk_hunter2"));
+        assert!(!toml::to_string(&c).unwrap().contains("tk_hunter2"));
     }
 }
