@@ -27,7 +27,7 @@ use crate::snapshot::store::Store;
 use crate::status::DaemonState;
 
 /// How long a `.env` must be quiet before its change counts (editors write in bursts).
-const COMPOSE_DEBOUNCE: Duration = Duration::from_millis(500);
+const COMPOSE_DEBOUNCE: Duration = crate::compose_watch::DEFAULT_DEBOUNCE;
 /// Freeze delays kept for `status`.
 const DELAYS_KEPT: usize = 200;
 const RELEASES_KEPT: usize = 20;
