@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
-use crate::protect::{Guard, GuardHandle, Input, StartEvent};
+use crate::protect::{ContainerEvent, Guard, GuardHandle, Input};
 use crate::snapshot::queue::SnapshotQueue;
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
@@ -336,22 +336,21 @@ fn protection_input(event: &EventMessage) -> Option<Input> {
         event.typ.as_ref()?.to_string().as_str(),
         event.action.as_deref()?,
     ) {
-        ("container", "start") => Some(Input::Started(StartEvent {
-            container_id: actor.id.clone()?,
-            name: attributes.get("name").cloned().unwrap_or_default(),
-            image: attributes.get("image").cloned().unwrap_or_default(),
-            project: attributes.get("com.docker.compose.project").cloned(),
-            service: attributes.get("com.docker.compose.service").cloned(),
-            at,
-        })),
-        ("container", "die") => Some(Input::Died(StartEvent {
-            container_id: actor.id.clone()?,
-            name: attributes.get("name").cloned().unwrap_or_default(),
-            image: attributes.get("image").cloned().unwrap_or_default(),
-            project: attributes.get("com.docker.compose.project").cloned(),
-            service: attributes.get("com.docker.compose.service").cloned(),
-            at,
-        })),
+        ("container", action @ ("start" | "die")) => {
+            let container = ContainerEvent {
+                container_id: actor.id.clone()?,
+                name: attributes.get("name").cloned().unwrap_or_default(),
+                image: attributes.get("image").cloned().unwrap_or_default(),
+                project: attributes.get("com.docker.compose.project").cloned(),
+                service: attributes.get("com.docker.compose.service").cloned(),
+                at,
+            };
+            Some(if action == "start" {
+                Input::Started(container)
+            } else {
+                Input::Died(container)
+            })
+        }
         ("image", "pull" | "tag" | "load" | "import") => Some(Input::Image {
             // For a tag, the ID; for a pull, the reference.
             reference: attributes

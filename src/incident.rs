@@ -12,12 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnose::{Decision, Finding};
 use crate::discover::Stack;
+use crate::snapshot::store::PARTIAL_PREFIX;
 
 /// Under the data dir.
 pub const DIR: &str = "incidents";
+/// The incident itself, in its bundle.
+pub const INCIDENT_FILE: &str = "incident.json";
 /// Log lines kept per service.
 pub const LOG_LINES: &str = "300";
-const PARTIAL_PREFIX: &str = ".partial-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncidentError {
@@ -103,14 +105,7 @@ pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
 
 /// `<UTC time>-<service>`; unique within the dir.
 pub fn incident_id(at: DateTime<Utc>, service: &str, dir: &Path) -> String {
-    let base = format!("{}-{service}", at.format("%Y%m%dT%H%M%SZ"));
-    if !dir.join(&base).exists() {
-        return base;
-    }
-    (2..)
-        .map(|n| format!("{base}-{n}"))
-        .find(|id| !dir.join(id).exists())
-        .expect("a free suffix")
+    crate::snapshot::store::unused_name(dir, &format!("{}-{service}", at.format("%Y%m%dT%H%M%SZ")))
 }
 
 /// Writes the bundle under `<dir>/.partial-<id>` and renames it into place.
@@ -148,9 +143,10 @@ pub fn write_bundle(
             write(partial.join("config").join(name), &bytes)?;
         }
     }
-    let json = |v: &dyn erased::Json| v.to_json();
-    write(partial.join("incident.json"), &json(incident))?;
-    write(partial.join("guard.json"), &json(guard_view))?;
+    let incident_json = serde_json::to_vec_pretty(incident).expect("incident serializes");
+    write(partial.join(INCIDENT_FILE), &incident_json)?;
+    let guard_json = serde_json::to_vec_pretty(guard_view).expect("a JSON value serializes");
+    write(partial.join("guard.json"), &guard_json)?;
     for sub in ["logs", "inspect", "config", ""] {
         let d = partial.join(sub);
         crate::snapshot::store::sync_dir(&d).map_err(err(&d))?;
@@ -158,19 +154,6 @@ pub fn write_bundle(
     std::fs::rename(&partial, &final_dir).map_err(err(&final_dir))?;
     crate::snapshot::store::sync_dir(dir).map_err(err(dir))?;
     Ok(final_dir)
-}
-
-mod erased {
-    /// Pretty JSON of anything serializable, behind a trait object.
-    pub trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec_pretty(self).unwrap_or_default()
-        }
-    }
 }
 
 /// Sealed incidents, newest last.
@@ -181,7 +164,7 @@ pub fn list(dir: &Path) -> Vec<Incident> {
     let mut all: Vec<Incident> = entries
         .filter_map(Result::ok)
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter_map(|e| std::fs::read(e.path().join("incident.json")).ok())
+        .filter_map(|e| std::fs::read(e.path().join(INCIDENT_FILE)).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
         .collect();
     all.sort_by(|a, b| a.id.cmp(&b.id));

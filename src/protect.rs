@@ -105,6 +105,20 @@ pub struct Frozen {
     pub delay_ms: f64,
 }
 
+/// A held server is released the way a frozen one is thawed.
+impl From<&Hold> for Frozen {
+    fn from(hold: &Hold) -> Frozen {
+        Frozen {
+            container: hold.container.clone(),
+            container_name: hold.container_name.clone(),
+            image_id: hold.image_id.clone(),
+            version: hold.version.clone(),
+            since: hold.since,
+            delay_ms: 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     pub at: DateTime<Utc>,
@@ -211,14 +225,14 @@ fn is_older(candidate: &str, than: &str) -> bool {
 #[derive(Debug)]
 pub enum Input {
     /// A container of some compose project started.
-    Started(StartEvent),
+    Started(ContainerEvent),
     /// An image was pulled or tagged: `reference` is a name or an ID.
     Image {
         reference: String,
     },
     Discovered(Box<Stack>),
     /// A container of some compose project died.
-    Died(StartEvent),
+    Died(ContainerEvent),
     Release {
         force: bool,
         /// A halted service to give its restart policy back and start.
@@ -229,14 +243,14 @@ pub enum Input {
 }
 
 #[derive(Debug, Clone)]
-pub struct StartEvent {
+pub struct ContainerEvent {
     pub container_id: String,
     pub name: String,
     /// The image as the container was created with (a reference or an ID).
     pub image: String,
     pub project: Option<String>,
     pub service: Option<String>,
-    /// The engine's timestamp of the start event.
+    /// The engine's timestamp of the event.
     pub at: DateTime<Utc>,
 }
 
@@ -376,7 +390,7 @@ impl Guard {
         }
     }
 
-    fn is_server(&self, event: &StartEvent) -> bool {
+    fn is_server(&self, event: &ContainerEvent) -> bool {
         match &self.stack {
             Some(stack) => {
                 event.project.as_deref() == Some(stack.project.as_str())
@@ -398,7 +412,7 @@ impl Guard {
     }
 
     /// The heart of it: decide from what is known, pause first, look closer after.
-    async fn on_start(&mut self, event: StartEvent) {
+    async fn on_start(&mut self, event: ContainerEvent) {
         if !self.is_server(&event) {
             return;
         }
@@ -643,13 +657,6 @@ impl Guard {
             return;
         };
         let id = self.image_ids.get(reference).cloned().unwrap_or_default();
-        let is_server_image = self
-            .image_ids
-            .iter()
-            .any(|(r, i)| i == &id && r.contains("immich-server"));
-        if !is_server_image {
-            return;
-        }
         let Some(baseline) = self.protection.baseline.clone() else {
             return;
         };
@@ -797,7 +804,7 @@ impl Guard {
                     });
                 } else if !self.starts_freely(&server.image_id) {
                     // Its start event is still on its way (discovery ran first): act now.
-                    let event = StartEvent {
+                    let event = ContainerEvent {
                         container_id: server.container_id.clone(),
                         name: server.container_name.clone(),
                         image: server.image_id.clone(),
@@ -933,14 +940,7 @@ impl Guard {
                 {
                     // A retried snapshot (release) sealed: the hold is over.
                     self.protection.hold = None;
-                    let frozen = Frozen {
-                        container: hold.container.clone(),
-                        container_name: hold.container_name.clone(),
-                        image_id: hold.image_id.clone(),
-                        version: hold.version.clone(),
-                        since: hold.since,
-                        delay_ms: 0.0,
-                    };
+                    let frozen = Frozen::from(&hold);
                     let message = self.thaw(&frozen).await;
                     self.record_release(&hold.container_name, false, &message);
                     for w in self.release_waiters.drain(..) {
@@ -1038,7 +1038,7 @@ impl Guard {
     async fn hold_downgrade(
         &mut self,
         docker: &Docker,
-        event: &StartEvent,
+        event: &ContainerEvent,
         version: &str,
         image_id: &str,
         baseline: &Baseline,
@@ -1108,14 +1108,7 @@ impl Guard {
                 return;
             }
             self.protection.hold = None;
-            let frozen = Frozen {
-                container: hold.container.clone(),
-                container_name: hold.container_name.clone(),
-                image_id: hold.image_id.clone(),
-                version: hold.version.clone(),
-                since: hold.since,
-                delay_ms: 0.0,
-            };
+            let frozen = Frozen::from(&hold);
             let message = self.thaw(&frozen).await;
             self.record_release(&hold.container_name, true, &message);
             let _ = reply.send(Ok(format!("forced release: {message}")));
@@ -1161,7 +1154,7 @@ impl Guard {
         );
     }
 
-    async fn on_died(&mut self, event: StartEvent) {
+    async fn on_died(&mut self, event: ContainerEvent) {
         let Some(stack) = self.stack.clone() else {
             return;
         };
@@ -1249,9 +1242,10 @@ impl Guard {
         }
         match written {
             Ok(path) => {
-                // The halted list is known only now: record it beside the bundle's view.
-                let _ = crate::snapshot::store::write_synced(
-                    &path.join("incident.json"),
+                // The halted list is known only now: the sealed bundle's incident.json is
+                // replaced whole, never left half-written.
+                let _ = crate::snapshot::store::replace_synced(
+                    &path.join(crate::incident::INCIDENT_FILE),
                     &serde_json::to_vec_pretty(&incident).unwrap_or_default(),
                 );
                 tracing::info!(dir = %path.display(), "incident bundle written");
@@ -1390,10 +1384,8 @@ fn save(path: &Path, p: &Protection) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
-    crate::snapshot::store::write_synced(&tmp, &bytes)?;
-    std::fs::rename(&tmp, path)
+    crate::snapshot::store::replace_synced(path, &bytes)
 }
 
 #[cfg(test)]

@@ -386,18 +386,18 @@ pub fn snapshot_tree(
     }
 
     let mode = match method {
-        StorageMethod::Btrfs => Mode_::List,
-        StorageMethod::Zfs => Mode_::List,
-        StorageMethod::Reflink => Mode_::Reflink,
-        StorageMethod::Hardlink => Mode_::Hardlink,
-        StorageMethod::Copy => Mode_::Copy,
+        StorageMethod::Btrfs => WalkMode::List,
+        StorageMethod::Zfs => WalkMode::List,
+        StorageMethod::Reflink => WalkMode::Reflink,
+        StorageMethod::Hardlink => WalkMode::Hardlink,
+        StorageMethod::Copy => WalkMode::Copy,
     };
     let walk_root = match (&source, mode) {
         (Some(root), _) => root.clone(),
-        (None, Mode_::List) => dest.clone(),
+        (None, WalkMode::List) => dest.clone(),
         (None, _) => upload.to_path_buf(),
     };
-    let out_root = if mode == Mode_::List {
+    let out_root = if mode == WalkMode::List {
         None
     } else {
         std::fs::create_dir(&dest).map_err(|source| StorageError::Write {
@@ -410,7 +410,7 @@ pub fn snapshot_tree(
         &walk_root,
         out_root,
         mode,
-        if mode == Mode_::List {
+        if mode == WalkMode::List {
             &[]
         } else {
             &options.exclude
@@ -607,7 +607,7 @@ pub fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode_ {
+enum WalkMode {
     /// Only read the tree (a native snapshot already froze it) for the manifest.
     List,
     Hardlink,
@@ -615,9 +615,9 @@ enum Mode_ {
     Copy,
 }
 
-impl Mode_ {
+impl WalkMode {
     fn writes(self) -> bool {
-        self != Mode_::List
+        self != WalkMode::List
     }
 }
 
@@ -629,7 +629,7 @@ type Walked = (Vec<ManifestEntry>, Vec<Skipped>);
 fn walk(
     root: &Path,
     out: Option<&Path>,
-    mode: Mode_,
+    mode: WalkMode,
     exclude: &[String],
     skip_unreadable: bool,
 ) -> Result<Walked, StorageError> {
@@ -697,7 +697,7 @@ struct Job<'a> {
     out: &'a Path,
     root_fd: OwnedFd,
     out_fd: Option<OwnedFd>,
-    mode: Mode_,
+    mode: WalkMode,
     exclude: &'a [String],
     skip_unreadable: bool,
     am_root: bool,
@@ -890,28 +890,33 @@ impl Job<'_> {
             (FileType::RegularFile, None) => EntryKind::File,
             (FileType::RegularFile, Some(out)) => {
                 match self.mode {
-                    Mode_::Hardlink => rustix::fs::linkat(src, name, out, name, AtFlags::empty())
-                        .map_err(|e| match e {
-                        // protected_hardlinks: unreadable (skippable), or readable but
-                        // not ours to link (run as root).
-                        Errno::PERM | Errno::ACCESS => {
-                            let readable = rustix::fs::accessat(
-                                src,
-                                name,
-                                rustix::fs::Access::READ_OK,
-                                AtFlags::empty(),
-                            )
-                            .is_ok();
-                            if readable {
-                                (Side::LinkRefused, e.into())
-                            } else {
-                                source(e)
+                    WalkMode::Hardlink => {
+                        rustix::fs::linkat(src, name, out, name, AtFlags::empty()).map_err(|e| {
+                            match e {
+                                // protected_hardlinks: unreadable (skippable), or readable but
+                                // not ours to link (run as root).
+                                Errno::PERM | Errno::ACCESS => {
+                                    let readable = rustix::fs::accessat(
+                                        src,
+                                        name,
+                                        rustix::fs::Access::READ_OK,
+                                        AtFlags::empty(),
+                                    )
+                                    .is_ok();
+                                    if readable {
+                                        (Side::LinkRefused, e.into())
+                                    } else {
+                                        source(e)
+                                    }
+                                }
+                                _ => target(e),
                             }
-                        }
-                        _ => target(e),
-                    })?,
-                    Mode_::Reflink | Mode_::Copy => self.clone_file(src, out, name, &st, perms)?,
-                    Mode_::List => unreachable!("listing has no output dir"),
+                        })?
+                    }
+                    WalkMode::Reflink | WalkMode::Copy => {
+                        self.clone_file(src, out, name, &st, perms)?
+                    }
+                    WalkMode::List => unreachable!("listing has no output dir"),
                 }
                 EntryKind::File
             }
@@ -972,7 +977,7 @@ impl Job<'_> {
             perms,
         )
         .map_err(|e| target(e.into()))?;
-        if self.mode == Mode_::Reflink {
+        if self.mode == WalkMode::Reflink {
             rustix::fs::ioctl_ficlone(&to, &from).map_err(|e| target(e.into()))?;
         } else {
             let mut from = std::fs::File::from(from);

@@ -16,7 +16,7 @@ pub const DUMP_FILE: &str = "db.sql.zst";
 pub const STORAGE_DIR: &str = "storage";
 pub const MANIFEST_FILE: &str = "manifest.jsonl.zst";
 pub const CONFIG_DIR: &str = "config";
-const PARTIAL_PREFIX: &str = ".partial-";
+pub const PARTIAL_PREFIX: &str = ".partial-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -119,16 +119,7 @@ impl Store {
 
     /// `base`, or `base-2`, `base-3`... when snapshots were taken within the same second.
     pub fn unused_id(&self, base: &str) -> String {
-        let taken = |id: &str| {
-            self.root.join(id).exists() || self.root.join(format!("{PARTIAL_PREFIX}{id}")).exists()
-        };
-        if !taken(base) {
-            return base.to_string();
-        }
-        (2..)
-            .map(|n| format!("{base}-{n}"))
-            .find(|id| !taken(id))
-            .expect("some suffix is free")
+        unused_name(&self.root, base)
     }
 
     /// Starts a snapshot: an empty `.partial-<id>` dir, removed again unless sealed.
@@ -200,11 +191,9 @@ impl Partial {
 
     /// Writes meta.json (temp file, fsync, rename), fsyncs, and renames the dir into place.
     pub fn seal(mut self, meta: &Meta) -> Result<PathBuf, StoreError> {
-        let tmp = self.dir.join(".meta.json.tmp");
         let json = serde_json::to_vec_pretty(meta).expect("meta serializes");
-        write_synced(&tmp, &json).map_err(io(&tmp, "writing meta"))?;
         let meta_path = self.dir.join(META_FILE);
-        std::fs::rename(&tmp, &meta_path).map_err(io(&meta_path, "writing meta"))?;
+        replace_synced(&meta_path, &json).map_err(io(&meta_path, "writing meta"))?;
         sync_dir(&self.dir).map_err(io(&self.dir, "syncing it"))?;
         std::fs::rename(&self.dir, &self.final_dir).map_err(io(&self.final_dir, "sealing it"))?;
         if let Some(parent) = self.final_dir.parent() {
@@ -224,6 +213,28 @@ impl Drop for Partial {
             tracing::warn!(path = %self.dir.display(), error = %e, "could not remove partial snapshot; it is removed at next start");
         }
     }
+}
+
+/// `base`, or `base-2`, `base-3`...: the first name under `dir` that is neither a sealed
+/// entry nor a partial one.
+pub fn unused_name(dir: &Path, base: &str) -> String {
+    let taken =
+        |id: &str| dir.join(id).exists() || dir.join(format!("{PARTIAL_PREFIX}{id}")).exists();
+    if !taken(base) {
+        return base.to_string();
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|id| !taken(id))
+        .expect("some suffix is free")
+}
+
+/// Replaces `path` whole or not at all: a synced `.<name>.tmp` beside it, renamed over it.
+pub fn replace_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
