@@ -14,10 +14,9 @@ use std::time::Duration;
 use harness::compose::docker_ok;
 use harness::guard::{Guard, GuardOptions};
 use harness::images::{build_server_image, ensure_images, server_repo};
-use harness::{Stack, StackSpec, docker_available};
+use harness::{Images, Stack, StackSpec, docker_available};
 use immich_guard::protect::{HoldKind, ProtectState};
 use immich_guard::snapshot::store::Meta;
-use immich_guard::status::StatusReport;
 
 /// First migration of v1.120.0 in the stand-in's catalog.
 const V120_MIGRATION: &str = "1731000000000-AddMemories";
@@ -89,8 +88,33 @@ fn spec(version: &str) -> StackSpec {
     StackSpec::new(version).boot_delay_ms(BOOT_DELAY_MS)
 }
 
-fn protection(guard: &Guard) -> StatusReport {
-    guard.status()
+/// A v1.119.0 stack (images for v1.120.0 ready) watched by a daemon; fields drop in order,
+/// the daemon before the stack.
+struct Watched {
+    guard: Guard,
+    _snapshots: tempfile::TempDir,
+    stack: Stack,
+    images: Images,
+    assets_before: u64,
+}
+
+fn stack_v119() -> (Images, Stack) {
+    let images = ensure_images(&["v1.119.0", "v1.120.0"]);
+    (images, Stack::up(spec("v1.119.0")))
+}
+
+fn watched_v119() -> Watched {
+    let (images, stack) = stack_v119();
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+    Watched {
+        guard,
+        _snapshots: snapshots,
+        stack,
+        images,
+        assets_before,
+    }
 }
 
 #[test]
@@ -98,11 +122,14 @@ fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
     if !docker_available() {
         return;
     }
-    ensure_images(&["v1.119.0", "v1.120.0"]);
-    let stack = Stack::up(spec("v1.119.0"));
-    let snapshots = tempfile::tempdir().unwrap();
-    let guard = guard_for(&stack, snapshots.path(), "");
-    let assets_before = stack.asset_count();
+    // `_snapshots` bound: it must live as long as the daemon writing into it.
+    let Watched {
+        guard,
+        stack,
+        assets_before,
+        _snapshots,
+        ..
+    } = watched_v119();
 
     stack.set_env("IMMICH_VERSION", "v1.120.0");
     let meta = wait_snapshot(&guard, "pre-update");
@@ -170,11 +197,13 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
     if !docker_available() {
         return;
     }
-    let images = ensure_images(&["v1.119.0", "v1.120.0"]);
-    let stack = Stack::up(spec("v1.119.0"));
-    let snapshots = tempfile::tempdir().unwrap();
-    let guard = guard_for(&stack, snapshots.path(), "");
-    let assets_before = stack.asset_count();
+    let Watched {
+        guard,
+        stack,
+        images,
+        assets_before,
+        _snapshots,
+    } = watched_v119();
 
     // No pull event the guard could act on first: recreate straight onto the new image ID.
     stack.recreate_server(images.server("v1.120.0"));
@@ -225,8 +254,7 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     if !docker_available() {
         return;
     }
-    ensure_images(&["v1.119.0", "v1.120.0"]);
-    let stack = Stack::up(spec("v1.119.0"));
+    let (_images, stack) = stack_v119();
     let tiny = tiny_tmpfs();
     let (hook, received) = webhook();
     // copy_across: the tmpfs is another filesystem; the snapshot must fail for want of space.
@@ -259,7 +287,7 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     stack
         .wait_server_version("v1.120.0", LONG)
         .unwrap_or_else(|e| panic!("{e}"));
-    let p = protection(&guard).state.protection;
+    let p = guard.status().state.protection;
     assert!(p.hold.is_none());
     assert!(p.releases.last().is_some_and(|r| r.forced), "{p:?}");
 
@@ -328,8 +356,7 @@ fn fail_open_lets_the_server_go_when_its_snapshot_fails() {
     if !docker_available() {
         return;
     }
-    ensure_images(&["v1.119.0", "v1.120.0"]);
-    let stack = Stack::up(spec("v1.119.0"));
+    let (_images, stack) = stack_v119();
     let tiny = tiny_tmpfs();
     let guard = guard_for(
         &stack,
@@ -357,11 +384,13 @@ fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
     if !docker_available() {
         return;
     }
-    ensure_images(&["v1.119.0", "v1.120.0"]);
-    let stack = Stack::up(spec("v1.119.0"));
-    let snapshots = tempfile::tempdir().unwrap();
-    let mut guard = guard_for(&stack, snapshots.path(), "");
-    let assets_before = stack.asset_count();
+    let Watched {
+        mut guard,
+        stack,
+        assets_before,
+        _snapshots,
+        ..
+    } = watched_v119();
     // The daemon is down while the admin edits `.env`...
     guard.terminate();
     stack.set_env("IMMICH_VERSION", "v1.120.0");

@@ -187,6 +187,14 @@ async fn fixture_at(dir: &Path) -> (Stack, immich_guard::discover::Stack, Config
     (stack, found, config)
 }
 
+/// A manual snapshot of `found` as the CLI asks for one, without progress lines.
+async fn take_manual(
+    found: &immich_guard::discover::Stack,
+    config: &Config,
+) -> Result<snapshot::store::Meta, snapshot::SnapshotError> {
+    snapshot::take(&docker(), HOST, found, config, &manual(), &|_| {}).await
+}
+
 fn manual() -> snapshot::Request {
     snapshot::Request {
         trigger: "manual".into(),
@@ -202,9 +210,7 @@ async fn snapshot_seals_database_storage_and_config_together() {
     }
     let (stack, found, snapshots, config) = fixture().await;
 
-    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap();
+    let meta = take_manual(&found, &config).await.unwrap();
     assert_eq!(meta.version, "v1.119.0");
     assert_eq!(meta.db.migrations, stack.applied_migrations());
     assert_eq!(meta.db.assets, Some(4));
@@ -240,9 +246,7 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
     };
     let (_stack, found, mut config) = fixture_at(snapshots.path()).await;
 
-    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap_err();
+    let e = take_manual(&found, &config).await.unwrap_err();
     assert!(matches!(e, SnapshotError::Storage(_)), "{e:?}");
     let text = e.to_string();
     assert!(
@@ -256,9 +260,7 @@ async fn snapshot_dir_on_another_filesystem_is_refused_unless_copy_is_allowed() 
     );
 
     config.snapshots.copy_across = true;
-    let meta = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap();
+    let meta = take_manual(&found, &config).await.unwrap();
     assert_eq!(meta.storage.method, StorageMethod::Copy);
     assert!(meta.size_bytes >= meta.storage.bytes);
 }
@@ -269,13 +271,9 @@ async fn stopped_database_fails_the_snapshot_and_leaves_no_partial() {
         return;
     }
     let (stack, found, snapshots, config) = fixture().await;
-    let first = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap();
+    let first = take_manual(&found, &config).await.unwrap();
     stack.compose(&["stop", "-t", "1", "database"]);
-    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap_err();
+    let e = take_manual(&found, &config).await.unwrap_err();
     assert!(
         e.to_string().contains(&stack.container_name("database")),
         "{e}"
@@ -302,9 +300,7 @@ async fn snapshot_is_refused_up_front_when_space_is_short() {
     };
     let (_stack, found, mut config) = fixture_at(snapshots.path()).await;
     config.snapshots.copy_across = true;
-    let e = snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-        .await
-        .unwrap_err();
+    let e = take_manual(&found, &config).await.unwrap_err();
     assert!(matches!(e, SnapshotError::NoSpace { .. }), "{e:?}");
     let text = e.to_string();
     assert!(
@@ -324,12 +320,7 @@ async fn retention_keeps_the_last_n_and_never_the_newest_goes() {
     config.snapshots.keep_versions = 1;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(
-            snapshot::take(&docker(), HOST, &found, &config, &manual(), &|_| {})
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.push(take_manual(&found, &config).await.unwrap().id);
     }
     let left: Vec<String> = Store::open(snapshots.path())
         .unwrap()
