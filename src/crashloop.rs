@@ -1,6 +1,9 @@
 //! Crash-loop detection: a container that dies `deaths` times within `window` while Docker
-//! keeps restarting it. Pure bookkeeping over death timestamps; the daemon feeds it `die`
-//! events and acts on the answer.
+//! keeps restarting it. A death counts only when Docker's restart policy restarted the
+//! container, which is when its RestartCount rises (Docker raises it before it sends the
+//! `die` event), so an admin's `docker stop` or `docker restart` never counts. The same count
+//! read by discovery after a reconnect brings in the deaths whose events were missed.
+//! Pure bookkeeping; the guard feeds it and acts on the answer.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -9,7 +12,23 @@ use chrono::{DateTime, TimeDelta, Utc};
 pub struct Detector {
     deaths: usize,
     window: TimeDelta,
-    seen: HashMap<String, VecDeque<DateTime<Utc>>>,
+    seen: HashMap<String, Track>,
+}
+
+#[derive(Default)]
+struct Track {
+    deaths: VecDeque<DateTime<Utc>>,
+    /// RestartCount last read, and when.
+    restart_count: Option<(i64, DateTime<Utc>)>,
+}
+
+/// A loop found: the deaths within the window, of which `missed` are known only from the
+/// restart count (their events never arrived), and the newest death.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loop {
+    pub deaths: usize,
+    pub missed: usize,
+    pub last_death: DateTime<Utc>,
 }
 
 impl Detector {
@@ -21,27 +40,84 @@ impl Detector {
         }
     }
 
-    /// Records a death; true when it completes a loop (N deaths within the window). The
-    /// count starts again after a loop, so one loop is reported once.
-    pub fn death(&mut self, container: &str, at: DateTime<Utc>) -> bool {
-        let times = self.seen.entry(container.to_string()).or_default();
-        times.push_back(at);
-        while times.front().is_some_and(|t| at - *t > self.window) {
-            times.pop_front();
+    /// A `die` event at `at`, after which the container's RestartCount reads `restart_count`.
+    /// A count that did not rise means Docker is not restarting it: not a loop death.
+    pub fn died(&mut self, container: &str, restart_count: i64, at: DateTime<Utc>) -> Option<Loop> {
+        let track = self.seen.entry(container.to_string()).or_default();
+        let new = match track.restart_count {
+            Some((last, _)) if restart_count >= last => restart_count - last,
+            // First sight, or the count was reset (a manual start): this death at least.
+            Some(_) | None => i64::from(restart_count > 0),
+        };
+        self.record(container, restart_count, new, at, true)
+    }
+
+    /// RestartCount read by discovery at `now`; a rise since the last reading is deaths no
+    /// event reported (the connection to Docker was down).
+    pub fn observed(
+        &mut self,
+        container: &str,
+        restart_count: i64,
+        now: DateTime<Utc>,
+    ) -> Option<Loop> {
+        let track = self.seen.entry(container.to_string()).or_default();
+        let new = match track.restart_count {
+            Some((last, _)) if restart_count >= last => restart_count - last,
+            // First sight (the daemon just started) or reset: nothing known to be new.
+            Some(_) | None => 0,
+        };
+        self.record(container, restart_count, new, now, false)
+    }
+
+    /// `new` deaths up to `at`; `with_event`: the newest was reported by its own event.
+    fn record(
+        &mut self,
+        container: &str,
+        restart_count: i64,
+        new: i64,
+        at: DateTime<Utc>,
+        with_event: bool,
+    ) -> Option<Loop> {
+        let track = self
+            .seen
+            .get_mut(container)
+            .expect("entry made by the caller");
+        let since = track.restart_count.map(|(_, t)| t);
+        track.restart_count = Some((restart_count, at));
+        if new <= 0 {
+            return None;
         }
-        if times.len() >= self.deaths {
-            times.clear();
-            return true;
+        // The newest death is at `at`; the ones in between are spread evenly since the last
+        // reading (only their number is known).
+        let new = new as usize;
+        let from = since.filter(|s| *s < at).unwrap_or(at);
+        let step = (at - from) / new as i32;
+        for i in 1..new {
+            track.deaths.push_back(from + step * i as i32);
         }
-        false
+        track.deaths.push_back(at);
+        while track.deaths.front().is_some_and(|t| at - *t > self.window) {
+            track.deaths.pop_front();
+        }
+        if track.deaths.len() < self.deaths {
+            return None;
+        }
+        let found = Loop {
+            deaths: track.deaths.len(),
+            missed: (new - usize::from(with_event)).min(track.deaths.len()),
+            last_death: at,
+        };
+        // One loop is reported once; counting starts again.
+        track.deaths.clear();
+        Some(found)
     }
 
     /// Deaths counted for `container` in the current window.
     pub fn recent(&self, container: &str) -> usize {
-        self.seen.get(container).map_or(0, VecDeque::len)
+        self.seen.get(container).map_or(0, |t| t.deaths.len())
     }
 
-    /// A container removed or released starts afresh.
+    /// A container removed or released starts afresh (its restart count is read again).
     pub fn forget(&mut self, container: &str) {
         self.seen.remove(container);
     }
@@ -56,21 +132,38 @@ mod tests {
     }
 
     #[test]
-    fn three_deaths_in_the_window_are_a_loop_reported_once() {
+    fn three_restarted_deaths_in_the_window_are_a_loop_reported_once() {
         let mut d = Detector::new(3, 120);
-        assert!(!d.death("server", at(0)));
-        assert!(!d.death("server", at(10)));
-        assert!(d.death("server", at(20)));
+        d.observed("server", 0, at(0));
+        assert_eq!(d.died("server", 1, at(1)), None);
+        assert_eq!(d.died("server", 2, at(10)), None);
+        let found = d.died("server", 3, at(20)).expect("a loop");
+        assert_eq!(
+            (found.deaths, found.missed, found.last_death),
+            (3, 0, at(20))
+        );
         assert_eq!(d.recent("server"), 0);
-        assert!(!d.death("server", at(30)));
+        assert_eq!(d.died("server", 4, at(30)), None);
     }
 
     #[test]
-    fn deaths_spread_wider_than_the_window_are_not() {
+    fn deaths_docker_does_not_restart_never_count() {
+        let mut d = Detector::new(2, 60);
+        d.observed("server", 5, at(0));
+        // `docker stop`, `docker restart`: the count does not rise.
+        for t in 1..10 {
+            assert_eq!(d.died("server", 5, at(t)), None);
+        }
+        assert_eq!(d.recent("server"), 0);
+    }
+
+    #[test]
+    fn deaths_spread_wider_than_the_window_are_not_a_loop() {
         let mut d = Detector::new(3, 120);
-        assert!(!d.death("server", at(0)));
-        assert!(!d.death("server", at(100)));
-        assert!(!d.death("server", at(230)));
+        d.observed("server", 0, at(0));
+        assert!(d.died("server", 1, at(0)).is_none());
+        assert!(d.died("server", 2, at(100)).is_none());
+        assert!(d.died("server", 3, at(230)).is_none());
         assert_eq!(
             d.recent("server"),
             1,
@@ -78,18 +171,43 @@ mod tests {
         );
         // Two restarts then up: never a loop.
         let mut d = Detector::new(3, 120);
-        assert!(!d.death("ml", at(0)));
-        assert!(!d.death("ml", at(5)));
+        d.observed("ml", 0, at(0));
+        assert!(d.died("ml", 1, at(0)).is_none());
+        assert!(d.died("ml", 2, at(5)).is_none());
+        assert!(d.observed("ml", 2, at(60)).is_none());
         assert_eq!(d.recent("ml"), 2);
     }
 
     #[test]
-    fn containers_are_counted_apart_and_can_be_forgotten() {
+    fn restarts_missed_while_disconnected_come_from_the_count() {
+        let mut d = Detector::new(3, 120);
+        d.observed("db", 1, at(0));
+        // Reconnected 30 s later: four restarts happened meanwhile.
+        let found = d.observed("db", 5, at(30)).expect("a loop");
+        assert_eq!((found.deaths, found.missed), (4, 4));
+        // The same rise seen again by a late `die` event is not counted twice.
+        assert_eq!(d.died("db", 5, at(30)), None);
+        // Missed restarts spread over hours are not a loop.
+        let mut d = Detector::new(3, 120);
+        d.observed("db", 0, at(0));
+        assert_eq!(d.observed("db", 3, at(3 * 3600)), None);
+        assert_eq!(d.recent("db"), 1);
+    }
+
+    #[test]
+    fn first_sight_and_resets() {
         let mut d = Detector::new(2, 60);
-        assert!(!d.death("a", at(0)));
-        assert!(!d.death("b", at(1)));
-        d.forget("a");
-        assert!(!d.death("a", at(2)));
-        assert!(d.death("b", at(3)));
+        // The daemon starts on a container restarted 7 times long ago: nothing new.
+        assert_eq!(d.observed("a", 7, at(0)), None);
+        assert_eq!(d.recent("a"), 0);
+        // A die on a container never seen before counts once if Docker restarted it.
+        assert_eq!(d.died("b", 1, at(1)), None);
+        assert_eq!(d.recent("b"), 1);
+        // A manual start resets the count: the next restarted death counts once.
+        d.observed("a", 0, at(2));
+        assert_eq!(d.died("a", 1, at(3)), None);
+        assert!(d.died("a", 2, at(4)).is_some());
+        d.forget("b");
+        assert_eq!(d.recent("b"), 0);
     }
 }

@@ -63,6 +63,8 @@ impl Category {
 const PHRASES: &[(Category, &str)] = &[
     (Category::Migration, "corrupted migrations"),
     (Category::Migration, "migration failed"),
+    (Category::Migration, "migrations failed"),
+    (Category::Migration, "invalid upgrade path"),
     (Category::Migration, "error running migration"),
     (Category::Migration, "migrationerror"),
     (Category::Migration, "failed to run migrations"),
@@ -140,6 +142,14 @@ pub fn scan<'a>(logs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Findi
         }
     }
     found.into_values().collect()
+}
+
+/// Puts the findings in the looping service's own log first (stable otherwise): a
+/// database that will not start makes the server log `ECONNREFUSED`, but the database's own
+/// line is the cause.
+pub fn rank(findings: &mut [Finding], service: &str) {
+    let prefix = format!("{service}: ");
+    findings.sort_by_key(|f| !f.lines.iter().any(|l| l.starts_with(&prefix)));
 }
 
 /// The way out.
@@ -278,6 +288,29 @@ Error: EACCES: permission denied, open '/data/upload/.immich'
                 Category::DatabaseVersion
             ]
         );
+    }
+
+    #[test]
+    fn the_looping_services_own_findings_come_first() {
+        let mut found = scan([
+            (
+                "immich-server",
+                "Error: connect ECONNREFUSED 172.18.0.2:5432\n",
+            ),
+            (
+                "database",
+                "FATAL:  database files are incompatible with server\n",
+            ),
+        ]);
+        assert_eq!(found[0].category, Category::DatabaseUnreachable);
+        rank(&mut found, "database");
+        assert_eq!(found[0].category, Category::DatabaseVersion);
+        match decide(None, None, &found) {
+            Decision::FixForward { hint, .. } => {
+                assert!(hint.contains("PostgreSQL major"), "{hint}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

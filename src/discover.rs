@@ -111,6 +111,20 @@ pub struct ImmichVersion {
     pub label: Option<String>,
 }
 
+impl Stack {
+    /// The containers of the stack that were found: server, machine learning, redis, database.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        [
+            &self.server,
+            &self.machine_learning,
+            &self.redis,
+            &self.database,
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 impl ImmichVersion {
     /// The most specific human name: the label, then a version-looking tag, then any tag.
     pub fn name(&self) -> String {

@@ -37,7 +37,14 @@ pub struct Incident {
     pub at: DateTime<Utc>,
     pub service: String,
     pub container: String,
+    /// Deaths within the window.
     pub deaths: u32,
+    /// Of those, deaths known only from Docker's RestartCount: their events were missed
+    /// while the connection to Docker was down.
+    #[serde(default)]
+    pub missed_deaths: u32,
+    #[serde(default)]
+    pub last_death_at: Option<DateTime<Utc>>,
     pub window_secs: u64,
     pub baseline: Option<String>,
     pub pending: Option<String>,
@@ -53,6 +60,8 @@ pub struct Halted {
     pub service: String,
     pub container: String,
     pub restart_policy: String,
+    #[serde(default)]
+    pub halted_at: Option<DateTime<Utc>>,
 }
 
 /// Logs (timestamps kept) and inspect output of every container of the stack.
@@ -68,13 +77,7 @@ pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
         logs: Vec::new(),
         inspect: Vec::new(),
     };
-    let services = [
-        &stack.server,
-        &stack.machine_learning,
-        &stack.redis,
-        &stack.database,
-    ];
-    for service in services.into_iter().flatten() {
+    for service in stack.services() {
         let options = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
+use bollard::query_parameters::InspectContainerOptions;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +33,8 @@ const COMPOSE_DEBOUNCE: Duration = crate::compose_watch::DEFAULT_DEBOUNCE;
 const DELAYS_KEPT: usize = 200;
 const RELEASES_KEPT: usize = 20;
 const STATE_FILE: &str = "protection.json";
+/// How long a crash loop's diagnosis may wait for the database's migration list.
+const FACTS_TIMEOUT: Duration = Duration::from_secs(3);
 /// A snapshot sealed for a pending change covers a server start this long after; older, the
 /// old server may have written since, so the new one is frozen and snapshotted again.
 const COVER_FRESH: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
@@ -146,6 +149,17 @@ pub struct Protection {
     /// The newest incident.
     #[serde(default)]
     pub incident: Option<crate::incident::Incident>,
+    /// The change the server has just made (the new version started): still "the update in
+    /// progress" for a crash loop until the new server has run a whole crash-loop window
+    /// without dying.
+    #[serde(default)]
+    pub settling: Option<Settling>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settling {
+    pub change: PendingChange,
+    pub since: DateTime<Utc>,
 }
 
 impl Default for Protection {
@@ -162,6 +176,7 @@ impl Default for Protection {
             fail_open: false,
             halted: Vec::new(),
             incident: None,
+            settling: None,
         }
     }
 }
@@ -577,7 +592,12 @@ impl Guard {
                 version,
                 image_id: image_id.to_string(),
             });
-            self.protection.pending = None;
+            if let Some(change) = self.protection.pending.take() {
+                self.protection.settling = Some(Settling {
+                    change,
+                    since: Utc::now(),
+                });
+            }
         }
         self.publish();
     }
@@ -820,6 +840,8 @@ impl Guard {
         if first {
             self.resume_after_restart(&stack).await;
         }
+        self.reconcile_restarts(&stack).await;
+        self.settle(&stack);
         self.publish();
     }
 
@@ -1161,22 +1183,129 @@ impl Guard {
         if event.project.as_deref() != Some(stack.project.as_str()) {
             return;
         }
-        if !self.deaths.death(&event.name, event.at) {
+        let Some(docker) = self.docker() else { return };
+        if self.is_halted(&event.container_id) {
             return;
         }
-        let Some(docker) = self.docker() else { return };
+        // Docker raises RestartCount before it sends `die` when its policy restarts the
+        // container: that is what makes this death part of a loop.
+        let restart_count = match docker
+            .inspect_container(&event.container_id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(inspect) => inspect.restart_count.unwrap_or(0),
+            Err(_) => {
+                // Removed: a recreated container starts afresh.
+                self.deaths.forget(&event.container_id);
+                return;
+            }
+        };
+        let Some(found) = self
+            .deaths
+            .died(&event.container_id, restart_count, event.at)
+        else {
+            return;
+        };
         let service = event.service.clone().unwrap_or_else(|| event.name.clone());
-        tracing::error!(container = %event.name, deaths = self.config.crash_loop.deaths, window_secs = self.config.crash_loop.window_secs, "crash loop");
-        // Evidence first, before anything is changed.
+        self.crash_loop(
+            docker,
+            stack,
+            service,
+            event.container_id,
+            event.name,
+            found,
+        )
+        .await;
+    }
+
+    /// Deaths whose events were missed (Docker was unreachable) show in RestartCount.
+    async fn reconcile_restarts(&mut self, stack: &Stack) {
+        let now = Utc::now();
+        for service in stack.services() {
+            if self.is_halted(&service.container_id) {
+                continue;
+            }
+            let Some(found) =
+                self.deaths
+                    .observed(&service.container_id, service.restart_count, now)
+            else {
+                continue;
+            };
+            let Some(docker) = self.docker() else { return };
+            self.crash_loop(
+                docker,
+                stack.clone(),
+                service.service.clone(),
+                service.container_id.clone(),
+                service.container_name.clone(),
+                found,
+            )
+            .await;
+        }
+    }
+
+    /// The update is over once the new server has run a whole crash-loop window without a
+    /// death.
+    fn settle(&mut self, stack: &Stack) {
+        let Some(settling) = &self.protection.settling else {
+            return;
+        };
+        let window = chrono::TimeDelta::seconds(self.config.crash_loop.window_secs as i64);
+        if let Some(server) = &stack.server
+            && server.state == "running"
+            && !self.is_halted(&server.container_id)
+            && self.deaths.recent(&server.container_id) == 0
+            && Utc::now() - settling.since > window
+        {
+            tracing::info!(change = %format!("{} → {}", settling.change.from, settling.change.to), "the update has settled");
+            self.protection.settling = None;
+        }
+    }
+
+    /// The change a crash loop belongs to: the one pending, or the one just made.
+    fn change_in_progress(&self) -> Option<&PendingChange> {
+        self.protection
+            .pending
+            .as_ref()
+            .or(self.protection.settling.as_ref().map(|s| &s.change))
+    }
+
+    fn is_halted(&self, container_id: &str) -> bool {
+        self.protection
+            .halted
+            .iter()
+            .any(|h| h.container == container_id)
+    }
+
+    /// Evidence first, then the diagnosis, then the halt.
+    async fn crash_loop(
+        &mut self,
+        docker: Docker,
+        stack: Stack,
+        service: String,
+        container_id: String,
+        name: String,
+        found: crate::crashloop::Loop,
+    ) {
+        tracing::error!(container = %name, deaths = found.deaths, missed = found.missed, window_secs = self.config.crash_loop.window_secs, "crash loop");
+        let is_database = stack
+            .database
+            .as_ref()
+            .is_some_and(|d| d.container_id == container_id);
         let evidence = crate::incident::collect(&docker, &stack).await;
-        let findings =
+        let mut findings =
             crate::diagnose::scan(evidence.logs.iter().map(|(s, l)| (s.as_str(), l.as_str())));
+        crate::diagnose::rank(&mut findings, &service);
+        // A looping database cannot answer; otherwise ask it briefly, the halt must not wait.
         let applied_now = match &stack.db {
-            Some(access) => crate::snapshot::db::facts(access)
-                .await
-                .ok()
-                .map(|f| f.migrations),
-            None => None,
+            Some(access) if !is_database => {
+                tokio::time::timeout(FACTS_TIMEOUT, crate::snapshot::db::facts(access))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|f| f.migrations)
+            }
+            _ => None,
         };
         let before = self.pre_update_snapshot();
         let decision = crate::diagnose::decide(
@@ -1196,14 +1325,18 @@ impl Guard {
             id: crate::incident::incident_id(at, &service, &dir),
             at,
             service: service.clone(),
-            container: event.name.clone(),
-            deaths: self.config.crash_loop.deaths,
+            container: name.clone(),
+            deaths: found.deaths as u32,
+            missed_deaths: found.missed as u32,
+            last_death_at: Some(found.last_death),
             window_secs: self.config.crash_loop.window_secs,
-            baseline: self.protection.baseline.as_ref().map(|b| b.version.clone()),
+            // The version the database ran with before the update, if one is in progress.
+            baseline: self
+                .change_in_progress()
+                .map(|p| p.from.clone())
+                .or_else(|| self.protection.baseline.as_ref().map(|b| b.version.clone())),
             pending: self
-                .protection
-                .pending
-                .as_ref()
+                .change_in_progress()
                 .map(|p| format!("{} → {}", p.from, p.to)),
             findings,
             decision,
@@ -1211,18 +1344,24 @@ impl Guard {
             dir: dir.clone(),
         };
         // Halting the database halts the server too: it would crash-loop next.
-        let mut targets = vec![(service.clone(), event.container_id.clone())];
-        if stack
-            .database
-            .as_ref()
-            .is_some_and(|d| d.container_id == event.container_id)
-            && let Some(server) = &stack.server
-        {
+        let mut targets = vec![(service.clone(), container_id.clone())];
+        if is_database && let Some(server) = &stack.server {
             targets.push((server.service.clone(), server.container_id.clone()));
         }
         let view = serde_json::to_value(&self.protection).unwrap_or_default();
         let written = crate::incident::write_bundle(&dir, &incident, &evidence, &stack, &view);
         for (service, container) in targets {
+            // Halted before (the server by its own loop): keep the policy recorded then, not
+            // the `no` it has now.
+            if let Some(earlier) = self
+                .protection
+                .halted
+                .iter()
+                .find(|h| h.container == container)
+            {
+                incident.halted.push(earlier.clone());
+                continue;
+            }
             match crate::incident::halt(&docker, &container).await {
                 Ok(policy) => {
                     tracing::warn!(service = %service, restart_policy = %policy, "halted: restart policy set to no, container stopped");
@@ -1230,11 +1369,9 @@ impl Guard {
                         service,
                         container,
                         restart_policy: policy,
+                        halted_at: Some(Utc::now()),
                     };
                     incident.halted.push(halted.clone());
-                    self.protection
-                        .halted
-                        .retain(|h| h.container != halted.container);
                     self.protection.halted.push(halted);
                 }
                 Err(e) => tracing::error!(service = %service, error = %e, "could not halt"),
@@ -1257,8 +1394,8 @@ impl Guard {
             format!("{service} crash-looped and was halted"),
             format!(
                 "{} died {} times within {} s; halted. Incident {}. {:?}",
-                event.name,
-                self.config.crash_loop.deaths,
+                name,
+                found.deaths,
                 self.config.crash_loop.window_secs,
                 incident.id,
                 incident.decision
@@ -1273,9 +1410,7 @@ impl Guard {
         let store = Store::open(&self.config.snapshot_dir()).ok()?;
         let list = store.list().ok()?;
         let from = self
-            .protection
-            .pending
-            .as_ref()
+            .change_in_progress()
             .map(|p| p.from.clone())
             .or_else(|| {
                 self.protection
@@ -1313,6 +1448,7 @@ impl Guard {
             .await
             .map_err(|e| format!("could not release {}: {e}", halted.service))?;
         self.protection.halted.remove(i);
+        self.deaths.forget(&halted.container);
         let message = format!(
             "{} started with its restart policy {} back",
             halted.service, halted.restart_policy

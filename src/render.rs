@@ -116,6 +116,15 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
                 .unwrap_or_else(|| ", no snapshot sealed for it yet".into())
         );
     }
+    if let Some(s) = &p.settling {
+        let _ = writeln!(
+            out,
+            "update settling: {} → {} started {}; a crash loop now is diagnosed against it",
+            s.change.from,
+            s.change.to,
+            s.since.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
     if let Some(f) = &p.frozen {
         let _ = writeln!(
             out,
@@ -317,6 +326,13 @@ pub fn incident(i: &crate::incident::Incident) -> String {
         i.window_secs,
         i.at.format("%Y-%m-%d %H:%M:%S UTC")
     );
+    if i.missed_deaths > 0 {
+        let _ = writeln!(
+            out,
+            "{} of these deaths came from Docker's restart count (their events were missed while Docker was unreachable)",
+            i.missed_deaths
+        );
+    }
     let _ = writeln!(out, "bundle: {}", i.dir.join(&i.id).display());
     if let Some(p) = &i.pending {
         let _ = writeln!(out, "update in progress: {p}");
@@ -326,6 +342,12 @@ pub fn incident(i: &crate::incident::Incident) -> String {
             out,
             "halted: {} (restart policy was {}; `immich-guard release {}`)",
             h.service, h.restart_policy, h.service
+        );
+    }
+    if i.halted.len() > 1 {
+        let _ = writeln!(
+            out,
+            "release in this order, once the cause is fixed: the database before the server"
         );
     }
     if i.findings.is_empty() {
@@ -344,7 +366,7 @@ pub fn incident(i: &crate::incident::Incident) -> String {
             why,
         } => writeln!(
             out,
-            "recommended: restore\n  {why}\n  immich-guard restore {snapshot}   # database + storage, then IMMICH_VERSION={version}"
+            "recommended: restore\n  {why}\n  restore snapshot {snapshot} (database and storage together) and pin IMMICH_VERSION={version}: docs/recovery.md §4 (`immich-guard list` shows where it is)"
         ),
         Decision::Rollback { version, why } => writeln!(
             out,

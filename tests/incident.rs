@@ -1,17 +1,69 @@
-//! Crash loops (issue 5, first part): a container of the stack that dies N times within W
-//! seconds while Docker restarts it is halted (restart policy `no`, recorded, then stopped)
-//! after an incident bundle has kept the logs and inspect output of every service; the
-//! diagnosis names the category; `release <service>` gives the policy back.
+//! Crash loops (issue 5): a container of the stack that dies N times within W seconds while
+//! Docker restarts it is halted (restart policy `no`, recorded, then stopped) after an incident
+//! bundle has kept the logs and inspect output of every service; the diagnosis names the
+//! category and the decision names the way out; `release <service>` gives the policy back.
+//! Each case is a real crash of the stand-in server or of the real PostgreSQL.
 
 mod harness;
 
 use std::time::Duration;
 
 use harness::compose::docker_ok;
+use harness::docker_proxy::DockerProxy;
 use harness::guard::{Guard, GuardOptions};
-use harness::{Stack, StackSpec, docker_available};
-use immich_guard::diagnose::Category;
+use harness::{Stack, StackSpec, docker_available, ensure_images};
+use immich_guard::diagnose::{Category, Decision};
+use immich_guard::incident::Incident;
 use immich_guard::protect::ProtectState;
+use immich_guard::status::StatusReport;
+
+const LONG: Duration = Duration::from_secs(120);
+/// Inside the server container: when this file (under the upload location) exists, its
+/// content is the stand-in's crash mode.
+const CRASH_FILE: &str = "/data/.standin-crash";
+
+/// A stack under `restart: always` whose server boots in 300 ms and crashes once
+/// `crash_from_now_on` says so.
+fn crashable() -> StackSpec {
+    StackSpec::default()
+        .restart("always")
+        .boot_delay_ms(300)
+        .env("STANDIN_CRASH_FILE", CRASH_FILE)
+}
+
+/// A daemon watching `stack`, 3 deaths in 120 s make a loop; `extra` is more TOML.
+fn guard_for(stack: &Stack, snapshots: &std::path::Path, extra: &str) -> Guard {
+    let guard = Guard::start(GuardOptions {
+        extra_toml: &format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n{extra}",
+            stack.project,
+            snapshots.display().to_string()
+        ),
+        ..Default::default()
+    });
+    guard.wait_socket(Duration::from_secs(10));
+    guard
+}
+
+fn wait_halted(guard: &Guard, containers: usize) -> StatusReport {
+    guard.wait_status(&format!("{containers} halted"), LONG, |s| {
+        s.state.protection.halted.len() >= containers && s.state.protection.incident.is_some()
+    })
+}
+
+/// From now on the server crashes at every boot in `mode`.
+fn crash_from_now_on(stack: &Stack, mode: &str) {
+    std::fs::write(stack.upload.join(".standin-crash"), mode).unwrap();
+}
+
+fn policy(container: &str) -> String {
+    docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.RestartPolicy.Name}}",
+        container,
+    ])
+}
 
 #[test]
 fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
@@ -31,31 +83,13 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     );
     stack.wait_db_ready(Duration::from_secs(60));
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n",
-            stack.project,
-            snapshots.path().display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
-    let s = guard.wait_status("a halt", Duration::from_secs(90), |s| {
-        !s.state.protection.halted.is_empty()
-    });
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let s = wait_halted(&guard, 1);
     let p = s.state.protection;
     assert_eq!(p.state, ProtectState::Halted);
     let server = stack.container_name("immich-server");
     assert_eq!(p.halted[0].restart_policy, "always");
-    assert_eq!(
-        docker_ok(&[
-            "inspect",
-            "-f",
-            "{{.HostConfig.RestartPolicy.Name}}",
-            &server
-        ]),
-        "no"
-    );
+    assert_eq!(policy(&server), "no");
     let state = stack.state("immich-server").unwrap();
     assert_eq!(state.status, "exited", "{state:?}");
 
@@ -110,13 +144,196 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     // Release gives the policy back and starts it.
     let out = guard.cli(&["release", "immich-server"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(
-        docker_ok(&[
-            "inspect",
-            "-f",
-            "{{.HostConfig.RestartPolicy.Name}}",
-            &server
-        ]),
-        "always"
+    assert_eq!(policy(&server), "always");
+}
+
+#[test]
+fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snapshot() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.120.0"]);
+    let stack = Stack::up(StackSpec {
+        version: "v1.119.0".into(),
+        ..crashable()
+    });
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    guard.wait_status("a baseline", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    let s = guard.wait_status("the pre-update snapshot", LONG, |s| {
+        s.state.last_snapshot.is_some()
+    });
+    let snapshot = s.state.last_snapshot.unwrap().id;
+
+    // v1.120.0 applies the first of its two migrations, then fails on the second, at every boot.
+    crash_from_now_on(&stack, "migration");
+    stack.compose(&["up", "-d"]);
+    let s = wait_halted(&guard, 1);
+    let incident = s.state.protection.incident.unwrap();
+    assert_eq!(incident.service, "immich-server");
+    let applied = stack.applied_migrations();
+    assert!(
+        applied.iter().any(|m| m == "1731000000000-AddMemories"),
+        "{applied:?}"
     );
+    assert!(!applied.iter().any(|m| m == "1731000000001-AddMemoryAssets"));
+    assert!(
+        incident
+            .findings
+            .iter()
+            .any(|f| f.category == Category::Migration && f.lines[0].contains("migrations failed")),
+        "{:?}",
+        incident.findings
+    );
+    match &incident.decision {
+        Decision::Restore {
+            snapshot: named,
+            version,
+            why,
+        } => {
+            assert_eq!(named, &snapshot);
+            assert_eq!(version, "v1.119.0");
+            assert!(why.contains("1731000000000-AddMemories"), "{why}");
+        }
+        other => panic!("expected restore, got {other:?}; log:\n{}", guard.log()),
+    }
+    assert_eq!(incident.baseline.as_deref(), Some("v1.119.0"));
+    assert_eq!(incident.pending.as_deref(), Some("v1.119.0 → v1.120.0"));
+    let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
+    assert!(
+        text.contains("recommended: restore")
+            && text.contains(&snapshot)
+            && text.contains("IMMICH_VERSION=v1.119.0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(StackSpec::default().restart("always").boot_delay_ms(300));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    guard.wait_status("the stack", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    // Data files of another PostgreSQL major version, as after an image change.
+    let database = stack.container_name("database");
+    docker_ok(&["stop", &database]);
+    std::fs::write(stack.db_data.join("PG_VERSION"), "14\n").unwrap();
+    docker_ok(&["start", &database]);
+
+    let s = wait_halted(&guard, 2);
+    let p = s.state.protection;
+    let incident = p.incident.unwrap();
+    assert_eq!(incident.service, "database");
+    let halted: Vec<&str> = incident.halted.iter().map(|h| h.service.as_str()).collect();
+    assert_eq!(halted, ["database", "immich-server"], "database first");
+    assert!(incident.halted.iter().all(|h| h.restart_policy == "always"));
+    let server = stack.container_name("immich-server");
+    for container in [&database, &server] {
+        assert_eq!(policy(container), "no", "{container}");
+    }
+    assert_eq!(stack.state("database").unwrap().status, "exited");
+    assert_eq!(stack.state("immich-server").unwrap().status, "exited");
+    assert!(
+        incident
+            .findings
+            .iter()
+            .any(|f| f.category == Category::DatabaseVersion
+                && f.lines
+                    .iter()
+                    .any(|l| l.starts_with("database:") && l.contains("incompatible"))),
+        "{:?}",
+        incident.findings
+    );
+    assert!(
+        matches!(&incident.decision, Decision::FixForward { hint, .. } if hint.contains("PostgreSQL major version")),
+        "{:?}",
+        incident.decision
+    );
+}
+
+#[test]
+fn a_container_that_restarts_twice_then_stays_up_is_not_halted() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(crashable().env("STANDIN_CRASH_TIMES", "2"));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    guard.wait_status("the stack", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    crash_from_now_on(&stack, "boot");
+    // The admin's restart is a death Docker did not restart: it never counts. Then two
+    // crashes at boot, then up.
+    docker_ok(&["restart", &stack.container_name("immich-server")]);
+    stack.wait_restarts("immich-server", 2, LONG);
+    stack.wait_server_ready(LONG).unwrap();
+    // Long enough for a third death's event and a discovery pass to reach the daemon.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = guard.status();
+    assert!(
+        s.state.protection.halted.is_empty(),
+        "{:?}",
+        s.state.protection.halted
+    );
+    assert!(s.state.protection.incident.is_none());
+    let state = stack.state("immich-server").unwrap();
+    assert_eq!((state.status.as_str(), state.restart_count), ("running", 2));
+    assert_eq!(policy(&stack.container_name("immich-server")), "always");
+    assert!(
+        guard.log().contains("docker event"),
+        "the daemon saw the deaths"
+    );
+}
+
+#[test]
+fn deaths_missed_while_docker_was_unreachable_are_counted_from_restart_count() {
+    if !docker_available() {
+        return;
+    }
+    let stack = Stack::up(crashable());
+    let snapshots = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_path = dir.path().join("docker.sock");
+    let mut proxy = DockerProxy::start(&proxy_path);
+    let guard = guard_for(
+        &stack,
+        snapshots.path(),
+        &format!(
+            "\n[docker]\nhost = \"unix://{}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 300\n",
+            proxy_path.display()
+        ),
+    );
+    guard.wait_status("the stack", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    proxy.stop();
+    guard.wait_status("Docker lost", Duration::from_secs(10), |s| {
+        !s.state.docker.reachable
+    });
+    crash_from_now_on(&stack, "boot");
+    docker_ok(&["restart", &stack.container_name("immich-server")]);
+    stack.wait_restarts("immich-server", 4, LONG);
+    assert!(guard.status().state.protection.halted.is_empty());
+
+    let _proxy = DockerProxy::start(&proxy_path);
+    let s = wait_halted(&guard, 1);
+    let incident: Incident = s.state.protection.incident.unwrap();
+    assert_eq!(incident.service, "immich-server");
+    assert!(
+        incident.missed_deaths >= 2,
+        "deaths while disconnected come from RestartCount: {incident:?}"
+    );
+    assert_eq!(incident.halted[0].restart_policy, "always");
+    assert_eq!(policy(&stack.container_name("immich-server")), "no");
+    let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
+    assert!(text.contains("came from Docker's restart count"), "{text}");
 }

@@ -14,7 +14,10 @@
 //! `DB_USERNAME`, `DB_PASSWORD`, `DB_DATABASE_NAME`, `DB_SKIP_MIGRATIONS`,
 //! `IMMICH_MEDIA_LOCATION` (/data), `IMMICH_PORT` (2283), `STANDIN_BOOT_DELAY_MS` (2000),
 //! `STANDIN_DB_TIMEOUT_MS` (30000), `STANDIN_SEED_ASSETS` (3), `STANDIN_ASSETS_PER_BOOT` (1),
-//! `STANDIN_CRASH` (`boot` | `migration`), `STANDIN_CRASH_MESSAGE`.
+//! `STANDIN_CRASH` (`boot` | `migration`), `STANDIN_CRASH_MESSAGE`, `STANDIN_CRASH_FILE` (a
+//! path; when that file exists its content is the crash mode, so a test can make a running
+//! container crash-loop without recreating it), `STANDIN_CRASH_TIMES` (crash only the first N
+//! boots of this container: a restart loop that recovers by itself).
 //!
 //! Only std and crates the package already depends on; never the `immich_guard` library.
 
@@ -271,7 +274,7 @@ async fn server() {
     )))
     .await;
 
-    let crash = env_or("STANDIN_CRASH", "");
+    let crash = crash_mode();
     if crash == "boot" {
         fail(
             "Api:Bootstrap",
@@ -331,6 +334,39 @@ async fn server() {
         ),
     })
     .await
+}
+
+/// `STANDIN_CRASH`, or the content of `STANDIN_CRASH_FILE` when it exists; nothing once
+/// `STANDIN_CRASH_TIMES` boots of this container have crashed (counted in its own /tmp, which
+/// lives as long as the container).
+fn crash_mode() -> String {
+    let mut mode = env_or("STANDIN_CRASH", "");
+    if let Ok(path) = std::env::var("STANDIN_CRASH_FILE")
+        && let Ok(content) = std::fs::read_to_string(&path)
+    {
+        mode = content.trim().to_string();
+    }
+    if mode.is_empty() {
+        return mode;
+    }
+    if let Ok(times) = std::env::var("STANDIN_CRASH_TIMES") {
+        let times: u64 = times.trim().parse().unwrap_or_else(|_| {
+            fail(
+                "Bootstrap",
+                &format!("invalid STANDIN_CRASH_TIMES={times:?}"),
+            )
+        });
+        let counter = Path::new("/tmp/standin-crashes");
+        let crashed: u64 = std::fs::read_to_string(counter)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if crashed >= times {
+            return String::new();
+        }
+        let _ = std::fs::write(counter, (crashed + 1).to_string());
+    }
+    mode
 }
 
 /// Connects like the server does at boot: resolve, connect, retry while the database is not
