@@ -168,6 +168,21 @@ pub enum Decision {
     FixForward { hint: String, why: String },
 }
 
+impl Decision {
+    /// One line for a notification.
+    pub fn summary(&self) -> String {
+        match self {
+            Decision::Restore {
+                snapshot, version, ..
+            } => format!("restore snapshot {snapshot} (database and storage) and pin {version}."),
+            Decision::Rollback { version, .. } => {
+                format!("roll back by pinning {version}; no migration was applied.")
+            }
+            Decision::FixForward { hint, .. } => format!("fix forward: {hint}."),
+        }
+    }
+}
+
 /// `applied_now`: migrations in the database now; `before`: those of the last pre-update
 /// snapshot (`snapshot` id, `version`). `findings` pick the fix-forward hint.
 pub fn decide(

@@ -1393,12 +1393,23 @@ impl Guard {
             EventKind::CrashLoop,
             format!("{service} crash-looped and was halted"),
             format!(
-                "{} died {} times within {} s; halted. Incident {}. {:?}",
+                "{} died {} times within {} s; halted ({}). Diagnosis: {}. Recommended: {} Details: immich-guard incident {}",
                 name,
                 found.deaths,
                 self.config.crash_loop.window_secs,
+                incident
+                    .halted
+                    .iter()
+                    .map(|h| h.service.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                incident
+                    .findings
+                    .first()
+                    .map(|f| format!("{:?}", f.category))
+                    .unwrap_or_else(|| "no known failure phrase".into()),
+                incident.decision.summary(),
                 incident.id,
-                incident.decision
             ),
         );
         self.protection.incident = Some(incident);

@@ -47,6 +47,34 @@ pub enum DbError {
     },
     #[error("database {what}: {detail}")]
     Sql { what: String, detail: String },
+    #[error("database connection to {target}: {detail}")]
+    Connect { target: String, detail: String },
+}
+
+impl DbError {
+    /// A database that is starting (or restarting, or being recreated) answers in seconds;
+    /// worth waiting for. A stopped one, a wrong password or a failed dump is not.
+    pub fn is_transient(&self) -> bool {
+        const STARTING: &[&str] = &[
+            "starting up",
+            "not yet accepting",
+            "shutting down",
+            "connection refused",
+            "timed out",
+            "timeout",
+            "no route to host",
+            "unknown (database container not running",
+        ];
+        match self {
+            DbError::Connect { detail, .. } => {
+                let detail = detail.to_lowercase();
+                STARTING.iter().any(|p| detail.contains(p))
+            }
+            DbError::NotRunning { state, .. } => matches!(state.as_str(), "restarting" | "created"),
+            DbError::NoContainer { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,9 +295,9 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
             detail: e.to_string(),
         }
     };
-    let host = access.host.as_deref().ok_or_else(|| DbError::Sql {
-        what: "address".into(),
-        detail: "unknown (database container not running, or set database.host)".into(),
+    let host = access.host.as_deref().ok_or_else(|| DbError::Connect {
+        target: "the database".into(),
+        detail: "address unknown (database container not running, or set database.host)".into(),
     })?;
     let mut config = tokio_postgres::Config::new();
     config
@@ -279,10 +307,10 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         .password(&access.password)
         .dbname(&access.database)
         .connect_timeout(std::time::Duration::from_secs(10));
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(sql(&format!("connection to {host}:{}", access.port)))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| DbError::Connect {
+        target: format!("{host}:{}", access.port),
+        detail: e.to_string(),
+    })?;
     let conn = tokio::spawn(connection);
 
     let mut counts = Vec::new();

@@ -49,6 +49,13 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// Worth trying again in a moment: the database is starting or being recreated.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SnapshotError::Db(e) if e.is_transient())
+    }
+}
+
 /// What to record about why a snapshot is taken.
 #[derive(Debug, Clone, Default)]
 pub struct Request {

@@ -12,6 +12,10 @@ use super::{Request, take};
 use crate::config::Config;
 use crate::status::{DaemonState, SnapshotSeen};
 
+/// How long a snapshot waits for a database that is starting.
+const DB_START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const DB_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub enum Event {
     Progress(String),
@@ -106,25 +110,52 @@ async fn run_one(
     request: &Request,
     progress: mpsc::UnboundedSender<String>,
 ) -> Result<Meta, String> {
-    let connection = docker.borrow().clone();
-    let Some((docker, host)) = connection else {
-        return Err("Docker is unreachable; see `immich-guard status`".into());
-    };
-    let (stack, why) = {
-        let s = state.borrow();
-        (s.stack.clone(), s.discovery_error.clone())
-    };
-    let stack = stack.ok_or_else(|| {
-        format!(
-            "no stack to snapshot: {}",
-            why.unwrap_or_else(|| "discovery has not run yet".into())
-        )
-    })?;
     state.send_modify(|s| s.activity = format!("snapshotting ({})", request.trigger));
     let report = move |line: String| {
         let _ = progress.send(line);
     };
-    let result = take(&docker, &host, &stack, config, request, &report).await;
+    // A database that is starting (the whole stack came up at once, or it is being
+    // recreated) is waited for; the daemon rediscovers the stack meanwhile, so a new
+    // container or address is picked up on the next try.
+    let deadline = tokio::time::Instant::now() + DB_START_WAIT;
+    let mut said = String::new();
+    let result = loop {
+        let connection = docker.borrow().clone();
+        let Some((docker, host)) = connection else {
+            break Err("Docker is unreachable; see `immich-guard status`".into());
+        };
+        let (stack, why) = {
+            let s = state.borrow();
+            (s.stack.clone(), s.discovery_error.clone())
+        };
+        let attempt = match stack {
+            Some(stack) => take(&docker, &host, &stack, config, request, &report)
+                .await
+                .map_err(|e| (e.is_transient(), e.to_string())),
+            // Between `compose down` and `up` there is no stack for a moment.
+            None => Err((
+                true,
+                format!(
+                    "no stack to snapshot: {}",
+                    why.unwrap_or_else(|| "discovery has not run yet".into())
+                ),
+            )),
+        };
+        match attempt {
+            Ok(meta) => break Ok(meta),
+            Err((true, message)) if tokio::time::Instant::now() < deadline => {
+                if message != said {
+                    report(format!(
+                        "waiting up to {} s for the database: {message}",
+                        DB_START_WAIT.as_secs()
+                    ));
+                    said = message;
+                }
+                tokio::time::sleep(DB_RETRY).await;
+            }
+            Err((_, message)) => break Err(message),
+        }
+    };
     state.send_modify(|s| {
         s.activity = "watching".to_string();
         match &result {
@@ -139,5 +170,5 @@ async fn run_one(
             Err(e) => s.last_snapshot_error = Some(e.to_string()),
         }
     });
-    result.map_err(|e| e.to_string())
+    result
 }
