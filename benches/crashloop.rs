@@ -5,6 +5,8 @@
 //! Needs Docker; `cargo bench --bench crashloop`. IMMICH_GUARD_BENCH_LOOPS sets the number
 //! of loops (default 20).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
@@ -12,16 +14,12 @@ use std::time::Duration;
 
 use harness::guard::{Guard, GuardOptions};
 use harness::{Stack, StackSpec, docker_available, ensure_images};
-use immich_guard::protect::percentiles;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") || !docker_available() {
         return;
     }
-    let loops: usize = std::env::var("IMMICH_GUARD_BENCH_LOOPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let loops = common::env_num("IMMICH_GUARD_BENCH_LOOPS", 20) as usize;
     ensure_images(&["v1.119.0"]);
     let stack = Stack::up(
         StackSpec::new("v1.119.0")
@@ -59,21 +57,14 @@ fn main() {
         eprint!(".");
     }
     eprintln!();
-    let (p50, p99) = percentiles(&delays).expect("delays");
-    let max = delays.iter().copied().fold(0.0, f64::max);
     println!();
     println!(
         "crash-loop halt, Nth death (die event) → stopped with policy no, {} loops of 3 deaths in {:.0} s; {} cores",
         delays.len(),
         started.elapsed().as_secs_f64(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        common::cores()
     );
-    println!("| what | value | target |");
-    println!("|------|-------|--------|");
-    let mark = |ok: bool| if ok { "✓" } else { "✗" };
-    println!("| p50 | {p50:.0} ms | |");
-    println!("| p99 | {p99:.0} ms | |");
-    println!("| max | {max:.0} ms | ≤ 2000 ms {} |", mark(max <= 2000.0));
+    common::latency_table(&delays, [None, None, Some(2000.0)]);
     drop(guard);
     drop(stack);
 }

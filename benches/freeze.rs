@@ -3,6 +3,8 @@
 //! targets (p50 < 20 ms, p99 < 100 ms). Needs Docker; `cargo bench --bench freeze`.
 //! IMMICH_GUARD_BENCH_STARTS sets the number of starts (default 50).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
@@ -10,16 +12,13 @@ use std::time::Duration;
 
 use harness::guard::{Guard, GuardOptions};
 use harness::{Stack, StackSpec, build_server_image, docker_available, ensure_images};
-use immich_guard::protect::{ProtectState, percentiles};
+use immich_guard::protect::ProtectState;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") || !docker_available() {
         return;
     }
-    let starts: usize = std::env::var("IMMICH_GUARD_BENCH_STARTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let starts = common::env_num("IMMICH_GUARD_BENCH_STARTS", 50) as usize;
     let images = ensure_images(&["v1.119.0"]);
     // Two images of the same version: every switch is a start no snapshot covers, and never
     // a downgrade.
@@ -51,21 +50,14 @@ fn main() {
     }
     eprintln!();
     let delays = guard.status().state.protection.freeze_delays_ms;
-    let (p50, p99) = percentiles(&delays).expect("delays");
-    let max = delays.iter().copied().fold(0.0, f64::max);
     println!();
     println!(
         "freeze delay, start event → paused, {} starts in {:.0} s; {} cores",
         delays.len(),
         started.elapsed().as_secs_f64(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        common::cores()
     );
-    println!("| what | value | target |");
-    println!("|------|-------|--------|");
-    let mark = |ok: bool| if ok { "✓" } else { "✗" };
-    println!("| p50 | {p50:.1} ms | < 20 ms {} |", mark(p50 < 20.0));
-    println!("| p99 | {p99:.1} ms | < 100 ms {} |", mark(p99 < 100.0));
-    println!("| max | {max:.1} ms | |");
+    common::latency_table(&delays, [Some(20.0), Some(100.0), None]);
     drop(guard);
     drop(stack);
 }

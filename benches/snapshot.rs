@@ -9,6 +9,9 @@
 //! `IMMICH_GUARD_BENCH_ROWS` and `IMMICH_GUARD_BENCH_FILES` scale the inputs; `..._RUNS`
 //! sets the runs per side (median reported).
 
+#[path = "common.rs"]
+#[allow(dead_code)] // the latency table is for the latency benches
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
@@ -19,13 +22,6 @@ use std::time::{Duration, Instant};
 use harness::{Stack, StackSpec};
 use immich_guard::snapshot::db;
 use immich_guard::snapshot::storage::{Options, Plan, StorageMethod, snapshot_tree};
-
-fn env_num(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -175,15 +171,15 @@ fn main() {
     }
     // IMMICH_GUARD_BENCH_ONLY=storage|dump runs one half (the storage half needs no Docker).
     let only = std::env::var("IMMICH_GUARD_BENCH_ONLY").unwrap_or_default();
-    let runs = env_num("IMMICH_GUARD_BENCH_RUNS", 3);
-    let rows = env_num("IMMICH_GUARD_BENCH_ROWS", 1_200_000);
-    let files = env_num("IMMICH_GUARD_BENCH_FILES", 200_000);
+    let runs = common::env_num("IMMICH_GUARD_BENCH_RUNS", 3);
+    let rows = common::env_num("IMMICH_GUARD_BENCH_ROWS", 1_200_000);
+    let files = common::env_num("IMMICH_GUARD_BENCH_FILES", 200_000);
     let dump = (only != "storage" && harness::docker_available()).then(|| bench_dump(runs, rows));
     let tree = (only != "dump").then(|| bench_storage(runs, files));
     println!();
     println!(
         "median of {runs} runs each, alternating; {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        common::cores()
     );
     println!(
         "| {:<34} | {:>11} | {:>11} | {:<36} | {:>5} | target |",

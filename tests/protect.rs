@@ -415,27 +415,22 @@ fn down_edit_up_waits_for_the_database_and_snapshots_before_migrations() {
     if !docker_available() {
         return;
     }
-    let Watched {
-        guard,
-        stack,
-        assets_before,
-        _snapshots,
-        ..
-    } = watched_v119();
+    let w = watched_v119();
+    let (guard, stack, assets_before) = (&w.guard, &w.stack, w.assets_before);
     // Immich's documented way: down, change the version, up. The .env change comes while
     // there is no database to dump; the database and the new server then start together.
     stack.compose(&["down"]);
     stack.set_env("IMMICH_VERSION", "v1.120.0");
     std::thread::sleep(Duration::from_secs(2));
     stack.compose(&["up", "-d"]);
-    assert_upgraded(&stack, assets_before);
+    assert_upgraded(stack, assets_before);
     let s = guard.wait_status("idle on the new baseline", LONG, |s| {
         let p = &s.state.protection;
         p.state == ProtectState::Idle
             && p.baseline.as_ref().is_some_and(|b| b.version == "v1.120.0")
     });
     assert!(s.state.protection.hold.is_none());
-    let all = list(&guard);
+    let all = list(guard);
     assert_eq!(all.len(), 1, "{all:?}");
     assert_pre_migration(&all[0], assets_before);
     assert!(
