@@ -96,6 +96,18 @@ impl DaemonState {
                     f.container_name, f.version
                 );
             }
+            (ProtectState::Halted, _, _) => {
+                let halted: Vec<&str> = p.halted.iter().map(|h| h.service.as_str()).collect();
+                return format!(
+                    "HALTED {} (crash loop){}; see `immich-guard incident`",
+                    halted.join(", "),
+                    p.incident
+                        .as_ref()
+                        .and_then(|i| i.findings.first())
+                        .map(|f| format!(": {:?}", f.category))
+                        .unwrap_or_default()
+                );
+            }
             _ => {}
         }
         match (&self.stack, &self.discovery_error) {
@@ -153,6 +165,25 @@ mod tests {
         assert_eq!(
             s.status_line(),
             "no stack to protect: no Immich stack found"
+        );
+    }
+
+    #[test]
+    fn status_line_says_what_is_halted() {
+        let mut s = DaemonState::new("unix:///x".into());
+        s.docker.reachable = true;
+        for service in ["database", "immich-server"] {
+            s.protection.halted.push(crate::incident::Halted {
+                service: service.into(),
+                container: format!("{service}-id"),
+                restart_policy: "always".into(),
+                halted_at: None,
+            });
+        }
+        s.protection.state = ProtectState::Halted;
+        assert_eq!(
+            s.status_line(),
+            "HALTED database, immich-server (crash loop); see `immich-guard incident`"
         );
     }
 
