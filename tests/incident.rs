@@ -11,6 +11,7 @@ use std::time::Duration;
 use harness::compose::docker_ok;
 use harness::docker_proxy::DockerProxy;
 use harness::guard::{Guard, GuardOptions};
+use harness::webhook::webhook;
 use harness::{Stack, StackSpec, docker_available, ensure_images};
 use immich_guard::diagnose::{Category, Decision};
 use immich_guard::incident::Incident;
@@ -218,7 +219,12 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
     }
     let stack = Stack::up(StackSpec::default().restart("always").boot_delay_ms(300));
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = guard_for(&stack, snapshots.path(), "");
+    let (hook, received) = webhook();
+    let guard = guard_for(
+        &stack,
+        snapshots.path(),
+        &format!("\n[notify]\nwebhook_url = {hook:?}\n"),
+    );
     guard.wait_status("the stack", Duration::from_secs(30), |s| {
         s.state.protection.baseline.is_some()
     });
@@ -256,6 +262,31 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
         matches!(&incident.decision, Decision::FixForward { hint, .. } if hint.contains("PostgreSQL major version")),
         "{:?}",
         incident.decision
+    );
+    // The admin is told, in words.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let notice = loop {
+        let found = received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|b| b["kind"] == "crash-loop")
+            .cloned();
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no crash-loop notification"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let message = notice["message"].as_str().unwrap();
+    assert!(
+        message.contains("halted (database, immich-server)")
+            && message.contains("DatabaseVersion")
+            && message.contains(&format!("immich-guard incident {}", incident.id)),
+        "{message}"
     );
 }
 

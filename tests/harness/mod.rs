@@ -10,6 +10,7 @@ pub mod compose;
 pub mod docker_proxy;
 pub mod guard;
 pub mod images;
+pub mod webhook;
 
 pub use compose::{ContainerState, ScratchPostgres, Stack, StackSpec};
 pub use images::{Images, build_ml_image, build_server_image, ensure_images};
