@@ -45,11 +45,18 @@ impl Detector {
     pub fn died(&mut self, container: &str, restart_count: i64, at: DateTime<Utc>) -> Option<Loop> {
         let track = self.seen.entry(container.to_string()).or_default();
         let new = match track.restart_count {
-            Some((last, _)) if restart_count >= last => restart_count - last,
-            // First sight, or the count was reset (a manual start): this death at least.
-            Some(_) | None => i64::from(restart_count > 0),
+            Some((last, _)) => rise(last, restart_count),
+            // First sight: this death, if Docker restarted it.
+            None => i64::from(restart_count > 0),
         };
         self.record(container, restart_count, new, at, true)
+    }
+
+    /// A `die` the admin caused (`docker stop`, `kill`, `restart`): never a loop death, but
+    /// `docker restart` raises RestartCount on the way (Docker 20.10), so the count is taken.
+    pub fn stopped(&mut self, container: &str, restart_count: i64, at: DateTime<Utc>) {
+        let track = self.seen.entry(container.to_string()).or_default();
+        track.restart_count = Some((restart_count, at));
     }
 
     /// RestartCount read by discovery at `now`; a rise since the last reading is deaths no
@@ -62,9 +69,9 @@ impl Detector {
     ) -> Option<Loop> {
         let track = self.seen.entry(container.to_string()).or_default();
         let new = match track.restart_count {
-            Some((last, _)) if restart_count >= last => restart_count - last,
-            // First sight (the daemon just started) or reset: nothing known to be new.
-            Some(_) | None => 0,
+            Some((last, _)) => rise(last, restart_count),
+            // First sight (the daemon just started): nothing known to be new.
+            None => 0,
         };
         self.record(container, restart_count, new, now, false)
     }
@@ -123,6 +130,12 @@ impl Detector {
     }
 }
 
+/// Restarts between two readings. A count below the last one was reset by a manual start
+/// since; everything it counts came after the reset.
+fn rise(last: i64, now: i64) -> i64 {
+    if now >= last { now - last } else { now }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +168,19 @@ mod tests {
             assert_eq!(d.died("server", 5, at(t)), None);
         }
         assert_eq!(d.recent("server"), 0);
+    }
+
+    #[test]
+    fn a_docker_restart_is_not_a_death_even_though_it_raises_the_count() {
+        let mut d = Detector::new(3, 120);
+        d.observed("server", 0, at(0));
+        // `docker restart`: die with RestartCount raised to 1, then the start resets it.
+        d.stopped("server", 1, at(1));
+        d.observed("server", 0, at(2));
+        // Two crashes at boot, then up: two deaths, not three.
+        assert_eq!(d.died("server", 1, at(3)), None);
+        assert_eq!(d.died("server", 2, at(4)), None);
+        assert_eq!(d.recent("server"), 2);
     }
 
     #[test]
@@ -207,6 +233,10 @@ mod tests {
         d.observed("a", 0, at(2));
         assert_eq!(d.died("a", 1, at(3)), None);
         assert!(d.died("a", 2, at(4)).is_some());
+        // Reset and restarted twice between two readings: both count.
+        d.observed("c", 5, at(0));
+        let found = d.observed("c", 2, at(10)).expect("two deaths make a loop here");
+        assert_eq!((found.deaths, found.missed), (2, 2));
         d.forget("b");
         assert_eq!(d.recent("b"), 0);
     }

@@ -336,7 +336,7 @@ fn protection_input(event: &EventMessage) -> Option<Input> {
         event.typ.as_ref()?.to_string().as_str(),
         event.action.as_deref()?,
     ) {
-        ("container", action @ ("start" | "die")) => {
+        ("container", action @ ("start" | "die" | "kill")) => {
             let container = ContainerEvent {
                 container_id: actor.id.clone()?,
                 name: attributes.get("name").cloned().unwrap_or_default(),
@@ -345,10 +345,10 @@ fn protection_input(event: &EventMessage) -> Option<Input> {
                 service: attributes.get("com.docker.compose.service").cloned(),
                 at,
             };
-            Some(if action == "start" {
-                Input::Started(container)
-            } else {
-                Input::Died(container)
+            Some(match action {
+                "start" => Input::Started(container),
+                "kill" => Input::Killed(container),
+                _ => Input::Died(container),
             })
         }
         ("image", "pull" | "tag" | "load" | "import") => Some(Input::Image {

@@ -202,12 +202,20 @@ pub async fn unhalt(
     policy: &str,
 ) -> Result<(), bollard::errors::Error> {
     set_restart_policy(docker, container, policy).await?;
-    docker
+    match docker
         .start_container(
             container,
             None::<bollard::query_parameters::StartContainerOptions>,
         )
         .await
+    {
+        // Already started by hand (`docker compose up -d` starts stopped containers): the
+        // policy was all that was missing.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        other => other,
+    }
 }
 
 async fn set_restart_policy(

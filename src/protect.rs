@@ -248,6 +248,8 @@ pub enum Input {
     Discovered(Box<Stack>),
     /// A container of some compose project died.
     Died(ContainerEvent),
+    /// Someone sent it a signal (`docker stop`, `kill`, `restart`): its next death is theirs.
+    Killed(ContainerEvent),
     Release {
         force: bool,
         /// A halted service to give its restart policy back and start.
@@ -314,6 +316,9 @@ pub struct Guard {
     release_waiters: Vec<oneshot::Sender<Result<String, String>>>,
     state_file: PathBuf,
     deaths: crate::crashloop::Detector,
+    /// Containers sent a signal by someone (a stop, kill or restart by hand), until they
+    /// start again.
+    stopping: std::collections::HashSet<String>,
 }
 
 impl Guard {
@@ -353,6 +358,7 @@ impl Guard {
             release_waiters: Vec::new(),
             state_file,
             deaths,
+            stopping: Default::default(),
         };
         guard.refresh_snapshot_index();
         guard.publish();
@@ -384,7 +390,17 @@ impl Guard {
 
     async fn handle(&mut self, input: Input) {
         match input {
-            Input::Started(event) => self.on_start(event).await,
+            Input::Started(event) => {
+                let id = event.container_id.clone();
+                self.on_start(event).await;
+                // After a stop/restart by hand, the start resets Docker's RestartCount.
+                if self.stopping.remove(&id) {
+                    self.take_restart_count(&id).await;
+                }
+            }
+            Input::Killed(event) => {
+                self.stopping.insert(event.container_id);
+            }
             Input::Image { reference } => self.on_image(&reference).await,
             Input::Discovered(stack) => self.on_discovered(*stack).await,
             Input::Died(event) => self.on_died(event).await,
@@ -840,6 +856,7 @@ impl Guard {
         if first {
             self.resume_after_restart(&stack).await;
         }
+        self.forget_removed_halts(&stack);
         self.reconcile_restarts(&stack).await;
         self.settle(&stack);
         self.publish();
@@ -1187,6 +1204,10 @@ impl Guard {
         if self.is_halted(&event.container_id) {
             return;
         }
+        if self.stopping.contains(&event.container_id) {
+            self.take_restart_count(&event.container_id).await;
+            return;
+        }
         // Docker raises RestartCount before it sends `die` when its policy restarts the
         // container: that is what makes this death part of a loop.
         let restart_count = match docker
@@ -1218,6 +1239,18 @@ impl Guard {
         .await;
     }
 
+    /// Takes RestartCount after a stop or start by hand, counting no death.
+    async fn take_restart_count(&mut self, container_id: &str) {
+        let Some(docker) = self.docker() else { return };
+        if let Ok(inspect) = docker
+            .inspect_container(container_id, None::<InspectContainerOptions>)
+            .await
+        {
+            self.deaths
+                .stopped(container_id, inspect.restart_count.unwrap_or(0), Utc::now());
+        }
+    }
+
     /// Deaths whose events were missed (Docker was unreachable) show in RestartCount.
     async fn reconcile_restarts(&mut self, stack: &Stack) {
         let now = Utc::now();
@@ -1242,6 +1275,20 @@ impl Guard {
             )
             .await;
         }
+    }
+
+    /// A halted container that was removed (recreated by `docker compose up -d` after a
+    /// config change, with its compose restart policy) is no longer halted.
+    fn forget_removed_halts(&mut self, stack: &Stack) {
+        let present: Vec<&str> = stack.services().map(|s| s.container_id.as_str()).collect();
+        self.stopping.retain(|id| present.contains(&id.as_str()));
+        self.protection.halted.retain(|h| {
+            let kept = present.contains(&h.container.as_str());
+            if !kept {
+                tracing::info!(service = %h.service, "the halted container was removed or recreated; no longer halted");
+            }
+            kept
+        });
     }
 
     /// The update is over once the new server has run a whole crash-loop window without a

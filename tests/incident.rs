@@ -288,6 +288,24 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
             && message.contains(&format!("immich-guard incident {}", incident.id)),
         "{message}"
     );
+
+    // The admin fixes the files and starts the database by hand, then releases both: the
+    // running database gets its policy back, the server starts on it.
+    std::fs::write(stack.db_data.join("PG_VERSION"), "15\n").unwrap();
+    docker_ok(&["start", &database]);
+    stack.wait_db_ready(Duration::from_secs(60));
+    for service in ["database", "immich-server"] {
+        let out = guard.cli(&["release", service]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    for container in [&database, &server] {
+        assert_eq!(policy(container), "always", "{container}");
+    }
+    stack.wait_server_ready(LONG).unwrap();
+    let s = guard.wait_status("nothing halted", Duration::from_secs(10), |s| {
+        s.state.protection.halted.is_empty()
+    });
+    assert_eq!(s.state.protection.state, ProtectState::Idle);
 }
 
 #[test]
