@@ -235,7 +235,9 @@ mod tests {
         assert!(d.died("a", 2, at(4)).is_some());
         // Reset and restarted twice between two readings: both count.
         d.observed("c", 5, at(0));
-        let found = d.observed("c", 2, at(10)).expect("two deaths make a loop here");
+        let found = d
+            .observed("c", 2, at(10))
+            .expect("two deaths make a loop here");
         assert_eq!((found.deaths, found.missed), (2, 2));
         d.forget("b");
         assert_eq!(d.recent("b"), 0);
