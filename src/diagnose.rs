@@ -93,6 +93,7 @@ const PHRASES: &[(Category, &str)] = &[
     (Category::VectorExtension, "vchord"),
     (Category::VectorExtension, "pgvecto"),
     (Category::VectorExtension, "extension \"vector"),
+    (Category::VectorExtension, "no vector extension"),
 ];
 
 /// Lines quoted per category: enough to see the error, not the whole log.
@@ -292,7 +293,8 @@ Error: EACCES: permission denied, open '/data/upload/.immich'
     fn database_phrases_are_recognised() {
         let log = "Error: connect ECONNREFUSED 172.18.0.2:5432\n\
                    error: password authentication failed for user \"postgres\"\n\
-                   FATAL:  database files are incompatible with server\n";
+                   FATAL:  database files are incompatible with server\n\
+                   Error: No vector extension found\n";
         let found = scan([("database", log)]);
         let categories: Vec<Category> = found.iter().map(|f| f.category).collect();
         assert_eq!(
@@ -300,7 +302,8 @@ Error: EACCES: permission denied, open '/data/upload/.immich'
             vec![
                 Category::DatabasePassword,
                 Category::DatabaseUnreachable,
-                Category::DatabaseVersion
+                Category::DatabaseVersion,
+                Category::VectorExtension
             ]
         );
     }

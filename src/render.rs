@@ -366,7 +366,7 @@ pub fn incident(i: &crate::incident::Incident) -> String {
             why,
         } => writeln!(
             out,
-            "recommended: restore\n  {why}\n  restore snapshot {snapshot} (database and storage together) and pin IMMICH_VERSION={version}: docs/recovery.md §4 (`immich-guard list` shows where it is)"
+            "recommended: restore\n  {why}\n  restore snapshot {snapshot} (database and storage together) and pin IMMICH_VERSION={version}: docs/recovery.md §4 (the snapshot is <snapshots.dir>/{snapshot})"
         ),
         Decision::Rollback { version, why } => writeln!(
             out,
