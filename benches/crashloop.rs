@@ -12,7 +12,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::guard::{Guard, GuardOptions};
+use harness::guard::Guard;
 use harness::{Stack, StackSpec, docker_available, ensure_images};
 
 fn main() {
@@ -30,15 +30,11 @@ fn main() {
     );
     stack.wait_db_ready(Duration::from_secs(60));
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n",
-            stack.project,
-            snapshots.path().display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
+    let guard = Guard::watching(
+        &stack,
+        snapshots.path(),
+        "\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n",
+    );
     let started = std::time::Instant::now();
     let mut delays = Vec::new();
     let mut last_id = String::new();

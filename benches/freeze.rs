@@ -10,7 +10,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::guard::{Guard, GuardOptions};
+use harness::guard::Guard;
 use harness::{Stack, StackSpec, build_server_image, docker_available, ensure_images};
 use immich_guard::protect::ProtectState;
 
@@ -26,15 +26,7 @@ fn main() {
     let b = build_server_image("v1.119.0", "bench-freeze", "freeze-b");
     let stack = Stack::up(StackSpec::new("v1.119.0").boot_delay_ms(1000));
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\nkeep_last = 2\n",
-            stack.project,
-            snapshots.path().display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
+    let guard = Guard::watching(&stack, snapshots.path(), "keep_last = 2\n");
     guard.wait_status("a baseline", Duration::from_secs(30), |s| {
         s.state.protection.baseline.is_some()
     });

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use harness::compose::docker_ok;
 use harness::docker_proxy::DockerProxy;
-use harness::guard::{Guard, GuardOptions};
-use harness::webhook::webhook;
+use harness::guard::Guard;
+use harness::webhook::{bodies_once, webhook};
 use harness::{Stack, StackSpec, docker_available, ensure_images};
 use immich_guard::diagnose::{Category, Decision};
 use immich_guard::incident::Incident;
@@ -34,16 +34,11 @@ fn crashable() -> StackSpec {
 
 /// A daemon watching `stack`, 3 deaths in 120 s make a loop; `extra` is more TOML.
 fn guard_for(stack: &Stack, snapshots: &std::path::Path, extra: &str) -> Guard {
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n{extra}",
-            stack.project,
-            snapshots.display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
-    guard
+    Guard::watching(
+        stack,
+        snapshots,
+        &format!("\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n{extra}"),
+    )
 }
 
 fn wait_halted(guard: &Guard, containers: usize) -> StatusReport {
@@ -264,23 +259,10 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
         incident.decision
     );
     // The admin is told, in words.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let notice = loop {
-        let found = received
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|b| b["kind"] == "crash-loop")
-            .cloned();
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no crash-loop notification"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let notice = bodies_once(&received, "crash-loop", Duration::from_secs(10))
+        .into_iter()
+        .find(|b| b["kind"] == "crash-loop")
+        .expect("a crash-loop notification");
     let message = notice["message"].as_str().unwrap();
     assert!(
         message.contains("halted (database, immich-server)")
@@ -324,7 +306,9 @@ fn a_container_that_restarts_twice_then_stays_up_is_not_halted() {
     // crashes at boot, then up.
     docker_ok(&["restart", &stack.container_name("immich-server")]);
     stack.wait_restarts("immich-server", 2, LONG);
-    stack.wait_server_ready(LONG).unwrap();
+    stack
+        .wait_server_ready(LONG)
+        .unwrap_or_else(|e| panic!("{e}; guard log:\n{}", guard.log()));
     // Long enough for a third death's event and a discovery pass to reach the daemon.
     std::thread::sleep(Duration::from_secs(3));
     let s = guard.status();

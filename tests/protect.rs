@@ -12,9 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::compose::docker_ok;
-use harness::guard::{Guard, GuardOptions};
+use harness::guard::Guard;
 use harness::images::{build_server_image, ensure_images, server_repo};
-use harness::webhook::webhook;
+use harness::webhook::{bodies_once, webhook};
 use harness::{Images, Stack, StackSpec, docker_available};
 use immich_guard::protect::{HoldKind, ProtectState};
 use immich_guard::snapshot::store::Meta;
@@ -25,15 +25,7 @@ const BOOT_DELAY_MS: u64 = 3000;
 const LONG: Duration = Duration::from_secs(120);
 
 fn guard_for(stack: &Stack, snapshots: &std::path::Path, extra: &str) -> Guard {
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n{extra}",
-            stack.project,
-            snapshots.display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
+    let guard = Guard::watching(stack, snapshots, extra);
     guard.wait_status("a baseline", Duration::from_secs(30), |s| {
         s.state.protection.baseline.is_some()
     });
@@ -67,6 +59,14 @@ fn assert_pre_migration(meta: &Meta, assets_before: u64) {
         meta.db.migrations
     );
     assert_eq!(meta.db.assets, Some(assets_before as i64));
+}
+
+fn assert_label(meta: &Meta, text: &str) {
+    assert!(
+        meta.label.as_deref().unwrap_or("").contains(text),
+        "{:?}",
+        meta.label
+    );
 }
 
 fn assert_upgraded(stack: &Stack, assets_before: u64) {
@@ -135,14 +135,7 @@ fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
     stack.set_env("IMMICH_VERSION", "v1.120.0");
     let meta = wait_snapshot(&guard, "pre-update");
     assert_pre_migration(&meta, assets_before);
-    assert!(
-        meta.label
-            .as_deref()
-            .unwrap_or("")
-            .contains("v1.119.0 → v1.120.0"),
-        "{:?}",
-        meta.label
-    );
+    assert_label(&meta, "v1.119.0 → v1.120.0");
     // The pull: the image is re-tagged (already known: no second snapshot).
     docker_ok(&[
         "tag",
@@ -293,17 +286,7 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     assert!(p.releases.last().is_some_and(|r| r.forced), "{p:?}");
 
     // The admin heard of it: a webhook POST for the hold and for the release.
-    let kinds = |want: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let bodies = received.lock().unwrap().clone();
-            if bodies.iter().any(|b| b["kind"] == want) || std::time::Instant::now() > deadline {
-                return bodies;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let bodies = kinds("released");
+    let bodies = bodies_once(&received, "released", Duration::from_secs(20));
     assert!(
         bodies
             .iter()
@@ -360,14 +343,7 @@ fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
     let guard = guard.restart();
     let meta = wait_snapshot(&guard, "pre-update");
     assert_pre_migration(&meta, assets_before);
-    assert!(
-        meta.label
-            .as_deref()
-            .unwrap_or("")
-            .contains("startup reconcile"),
-        "{:?}",
-        meta.label
-    );
+    assert_label(&meta, "startup reconcile");
     stack.compose(&["up", "-d"]);
     assert_upgraded(&stack, assets_before);
 }

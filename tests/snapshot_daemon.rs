@@ -7,20 +7,12 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::guard::{GUARD_BIN, Guard, GuardOptions};
+use harness::guard::{GUARD_BIN, Guard};
 use harness::{Stack, StackSpec, docker_available};
 use immich_guard::snapshot::store::Meta;
 
 fn guard_for(stack: &Stack, snapshots: &std::path::Path) -> Guard {
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n",
-            stack.project,
-            snapshots.display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
+    let guard = Guard::watching(stack, snapshots, "");
     guard.wait_status("stack discovered", Duration::from_secs(30), |s| {
         s.state.stack.is_some()
     });
@@ -117,15 +109,7 @@ fn only_root_may_take_a_snapshot() {
     }
     let stack = Stack::up(StackSpec::default());
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = Guard::start(GuardOptions {
-        extra_toml: &format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n",
-            stack.project,
-            snapshots.path().display().to_string()
-        ),
-        ..Default::default()
-    });
-    guard.wait_socket(Duration::from_secs(10));
+    let guard = Guard::watching(&stack, snapshots.path(), "");
     // Let the unprivileged user reach the socket at all, as control.group would.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&guard.socket, std::fs::Permissions::from_mode(0o666)).unwrap();

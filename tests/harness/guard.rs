@@ -28,6 +28,21 @@ pub struct GuardOptions<'a> {
 }
 
 impl Guard {
+    /// A daemon watching `stack` (by project) with its snapshots in `snapshots`; `extra_toml`
+    /// adds tables. Returns once the socket answers.
+    pub fn watching(stack: &super::Stack, snapshots: &Path, extra_toml: &str) -> Guard {
+        let guard = Guard::start(GuardOptions {
+            extra_toml: &format!(
+                "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n{extra_toml}",
+                stack.project,
+                snapshots.display().to_string()
+            ),
+            ..Default::default()
+        });
+        guard.wait_socket(Duration::from_secs(10));
+        guard
+    }
+
     pub fn start(options: GuardOptions<'_>) -> Guard {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/guard.sock");

@@ -1,10 +1,10 @@
 //! A webhook receiver for the notification tests.
 
+/// Every JSON body the receiver got, in order.
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
 /// A webhook receiver on 127.0.0.1: every JSON body POSTed to it, answered 200.
-pub fn webhook() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-) {
+pub fn webhook() -> (String, Received) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -37,4 +37,20 @@ pub fn webhook() -> (
         }
     });
     (url, bodies)
+}
+
+/// The bodies received, as soon as one of `kind` is among them or after `timeout`.
+pub fn bodies_once(
+    received: &Received,
+    kind: &str,
+    timeout: std::time::Duration,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let bodies = received.lock().unwrap().clone();
+        if bodies.iter().any(|b| b["kind"] == kind) || std::time::Instant::now() > deadline {
+            return bodies;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
