@@ -40,16 +40,23 @@ impl Detector {
         }
     }
 
-    /// A `die` event at `at`, after which the container's RestartCount reads `restart_count`.
-    /// A count that did not rise means Docker is not restarting it: not a loop death.
-    pub fn died(&mut self, container: &str, restart_count: i64, at: DateTime<Utc>) -> Option<Loop> {
+    /// A `die` event at `at`, after which the container's RestartCount read `restart_count`
+    /// (at `read_at`). A count that did not rise means Docker is not restarting it: not a
+    /// loop death.
+    pub fn died(
+        &mut self,
+        container: &str,
+        restart_count: i64,
+        at: DateTime<Utc>,
+        read_at: DateTime<Utc>,
+    ) -> Option<Loop> {
         let track = self.seen.entry(container.to_string()).or_default();
         let new = match track.restart_count {
             Some((last, _)) => rise(last, restart_count),
             // First sight: this death, if Docker restarted it.
             None => i64::from(restart_count > 0),
         };
-        self.record(container, restart_count, new, at, true)
+        self.record(container, (restart_count, read_at), new, at, true)
     }
 
     /// A `die` the admin caused (`docker stop`, `kill`, `restart`): never a loop death, but
@@ -59,8 +66,10 @@ impl Detector {
         track.restart_count = Some((restart_count, at));
     }
 
-    /// RestartCount read by discovery at `now`; a rise since the last reading is deaths no
-    /// event reported (the connection to Docker was down).
+    /// RestartCount read by discovery, whose listing began at `now`; a rise since the last
+    /// reading is deaths no event reported (the connection to Docker was down). A reading
+    /// older than the last one is ignored: a discovery that listed before a `die` was
+    /// inspected would otherwise look like a reset, and the next death like several.
     pub fn observed(
         &mut self,
         container: &str,
@@ -69,18 +78,20 @@ impl Detector {
     ) -> Option<Loop> {
         let track = self.seen.entry(container.to_string()).or_default();
         let new = match track.restart_count {
+            Some((_, read_at)) if read_at >= now => return None,
             Some((last, _)) => rise(last, restart_count),
             // First sight (the daemon just started): nothing known to be new.
             None => 0,
         };
-        self.record(container, restart_count, new, now, false)
+        self.record(container, (restart_count, now), new, now, false)
     }
 
-    /// `new` deaths up to `at`; `with_event`: the newest was reported by its own event.
+    /// `new` deaths up to `at`, the newest at `at`; `reading` is the count and when it was
+    /// read; `with_event`: the newest was reported by its own event.
     fn record(
         &mut self,
         container: &str,
-        restart_count: i64,
+        reading: (i64, DateTime<Utc>),
         new: i64,
         at: DateTime<Utc>,
         with_event: bool,
@@ -90,7 +101,7 @@ impl Detector {
             .get_mut(container)
             .expect("entry made by the caller");
         let since = track.restart_count.map(|(_, t)| t);
-        track.restart_count = Some((restart_count, at));
+        track.restart_count = Some(reading);
         if new <= 0 {
             return None;
         }
@@ -148,15 +159,15 @@ mod tests {
     fn three_restarted_deaths_in_the_window_are_a_loop_reported_once() {
         let mut d = Detector::new(3, 120);
         d.observed("server", 0, at(0));
-        assert_eq!(d.died("server", 1, at(1)), None);
-        assert_eq!(d.died("server", 2, at(10)), None);
-        let found = d.died("server", 3, at(20)).expect("a loop");
+        assert_eq!(d.died("server", 1, at(1), at(1)), None);
+        assert_eq!(d.died("server", 2, at(10), at(10)), None);
+        let found = d.died("server", 3, at(20), at(20)).expect("a loop");
         assert_eq!(
             (found.deaths, found.missed, found.last_death),
             (3, 0, at(20))
         );
         assert_eq!(d.recent("server"), 0);
-        assert_eq!(d.died("server", 4, at(30)), None);
+        assert_eq!(d.died("server", 4, at(30), at(30)), None);
     }
 
     #[test]
@@ -165,7 +176,7 @@ mod tests {
         d.observed("server", 5, at(0));
         // `docker stop`, `docker restart`: the count does not rise.
         for t in 1..10 {
-            assert_eq!(d.died("server", 5, at(t)), None);
+            assert_eq!(d.died("server", 5, at(t), at(t)), None);
         }
         assert_eq!(d.recent("server"), 0);
     }
@@ -178,8 +189,8 @@ mod tests {
         d.stopped("server", 1, at(1));
         d.observed("server", 0, at(2));
         // Two crashes at boot, then up: two deaths, not three.
-        assert_eq!(d.died("server", 1, at(3)), None);
-        assert_eq!(d.died("server", 2, at(4)), None);
+        assert_eq!(d.died("server", 1, at(3), at(3)), None);
+        assert_eq!(d.died("server", 2, at(4), at(4)), None);
         assert_eq!(d.recent("server"), 2);
     }
 
@@ -187,9 +198,9 @@ mod tests {
     fn deaths_spread_wider_than_the_window_are_not_a_loop() {
         let mut d = Detector::new(3, 120);
         d.observed("server", 0, at(0));
-        assert!(d.died("server", 1, at(0)).is_none());
-        assert!(d.died("server", 2, at(100)).is_none());
-        assert!(d.died("server", 3, at(230)).is_none());
+        assert!(d.died("server", 1, at(0), at(0)).is_none());
+        assert!(d.died("server", 2, at(100), at(100)).is_none());
+        assert!(d.died("server", 3, at(230), at(230)).is_none());
         assert_eq!(
             d.recent("server"),
             1,
@@ -198,10 +209,22 @@ mod tests {
         // Two restarts then up: never a loop.
         let mut d = Detector::new(3, 120);
         d.observed("ml", 0, at(0));
-        assert!(d.died("ml", 1, at(0)).is_none());
-        assert!(d.died("ml", 2, at(5)).is_none());
+        assert!(d.died("ml", 1, at(0), at(0)).is_none());
+        assert!(d.died("ml", 2, at(5), at(5)).is_none());
         assert!(d.observed("ml", 2, at(60)).is_none());
         assert_eq!(d.recent("ml"), 2);
+    }
+
+    #[test]
+    fn a_discovery_that_listed_before_a_death_was_read_is_ignored() {
+        let mut d = Detector::new(3, 120);
+        d.observed("server", 0, at(0));
+        // The die of the first crash is read at 11 s; a discovery that listed at 10 s (count
+        // still 0) arrives after it and must not look like a reset.
+        assert_eq!(d.died("server", 1, at(10), at(11)), None);
+        assert_eq!(d.observed("server", 0, at(10)), None);
+        assert_eq!(d.died("server", 2, at(12), at(12)), None);
+        assert_eq!(d.recent("server"), 2, "two deaths, not three");
     }
 
     #[test]
@@ -212,7 +235,7 @@ mod tests {
         let found = d.observed("db", 5, at(30)).expect("a loop");
         assert_eq!((found.deaths, found.missed), (4, 4));
         // The same rise seen again by a late `die` event is not counted twice.
-        assert_eq!(d.died("db", 5, at(30)), None);
+        assert_eq!(d.died("db", 5, at(30), at(30)), None);
         // Missed restarts spread over hours are not a loop.
         let mut d = Detector::new(3, 120);
         d.observed("db", 0, at(0));
@@ -227,12 +250,12 @@ mod tests {
         assert_eq!(d.observed("a", 7, at(0)), None);
         assert_eq!(d.recent("a"), 0);
         // A die on a container never seen before counts once if Docker restarted it.
-        assert_eq!(d.died("b", 1, at(1)), None);
+        assert_eq!(d.died("b", 1, at(1), at(1)), None);
         assert_eq!(d.recent("b"), 1);
         // A manual start resets the count: the next restarted death counts once.
         d.observed("a", 0, at(2));
-        assert_eq!(d.died("a", 1, at(3)), None);
-        assert!(d.died("a", 2, at(4)).is_some());
+        assert_eq!(d.died("a", 1, at(3), at(3)), None);
+        assert!(d.died("a", 2, at(4), at(4)).is_some());
         // Reset and restarted twice between two readings: both count.
         d.observed("c", 5, at(0));
         let found = d

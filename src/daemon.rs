@@ -371,6 +371,7 @@ async fn refresh(
     state: &State,
     guard: &GuardHandle,
 ) -> Result<(), DockerError> {
+    let listed_at = Utc::now();
     match discover::discover(docker, host, config).await {
         Ok(stack) => {
             let before = state.borrow().stack.clone();
@@ -386,7 +387,10 @@ async fn refresh(
                     tracing::warn!(project = %stack.project, "{note}");
                 }
             }
-            guard.send(Input::Discovered(Box::new(stack.clone())));
+            guard.send(Input::Discovered {
+                stack: Box::new(stack.clone()),
+                listed_at,
+            });
             state.send_modify(|s| {
                 s.stack = Some(stack);
                 s.discovery_error = None;

@@ -245,7 +245,11 @@ pub enum Input {
     Image {
         reference: String,
     },
-    Discovered(Box<Stack>),
+    /// A discovery's result; `listed_at`: when it began listing containers.
+    Discovered {
+        stack: Box<Stack>,
+        listed_at: DateTime<Utc>,
+    },
     /// A container of some compose project died.
     Died(ContainerEvent),
     /// Someone sent it a signal (`docker stop`, `kill`, `restart`): its next death is theirs.
@@ -402,7 +406,7 @@ impl Guard {
                 self.stopping.insert(event.container_id);
             }
             Input::Image { reference } => self.on_image(&reference).await,
-            Input::Discovered(stack) => self.on_discovered(*stack).await,
+            Input::Discovered { stack, listed_at } => self.on_discovered(*stack, listed_at).await,
             Input::Died(event) => self.on_died(event).await,
             Input::Release {
                 service: Some(service),
@@ -799,7 +803,7 @@ impl Guard {
         self.publish();
     }
 
-    async fn on_discovered(&mut self, stack: Stack) {
+    async fn on_discovered(&mut self, stack: Stack, listed_at: DateTime<Utc>) {
         if let Some(server) = &stack.server {
             self.image_ids
                 .insert(server.image.clone(), server.image_id.clone());
@@ -856,8 +860,8 @@ impl Guard {
         if first {
             self.resume_after_restart(&stack).await;
         }
-        self.forget_removed_halts(&stack);
-        self.reconcile_restarts(&stack).await;
+        self.forget_removed(&stack);
+        self.reconcile_restarts(&stack, listed_at).await;
         self.settle(&stack);
         self.publish();
     }
@@ -1204,26 +1208,25 @@ impl Guard {
         if self.is_halted(&event.container_id) {
             return;
         }
-        if self.stopping.contains(&event.container_id) {
-            self.take_restart_count(&event.container_id).await;
-            return;
-        }
         // Docker raises RestartCount before it sends `die` when its policy restarts the
         // container: that is what makes this death part of a loop.
-        let restart_count = match docker
-            .inspect_container(&event.container_id, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(inspect) => inspect.restart_count.unwrap_or(0),
-            Err(_) => {
-                // Removed: a recreated container starts afresh.
-                self.deaths.forget(&event.container_id);
-                return;
-            }
+        let read = restart_count(&docker, &event.container_id).await;
+        let read_at = Utc::now();
+        let Some(restart_count) = read else {
+            // Removed: a recreated container starts afresh.
+            self.deaths.forget(&event.container_id);
+            return;
         };
+        let by_hand = self.stopping.contains(&event.container_id);
+        tracing::debug!(container = %event.name, restart_count, by_hand, "died");
+        if by_hand {
+            self.deaths
+                .stopped(&event.container_id, restart_count, read_at);
+            return;
+        }
         let Some(found) = self
             .deaths
-            .died(&event.container_id, restart_count, event.at)
+            .died(&event.container_id, restart_count, event.at, read_at)
         else {
             return;
         };
@@ -1239,28 +1242,24 @@ impl Guard {
         .await;
     }
 
-    /// Takes RestartCount after a stop or start by hand, counting no death.
+    /// Takes RestartCount after a start by hand (which resets it), counting no death.
     async fn take_restart_count(&mut self, container_id: &str) {
         let Some(docker) = self.docker() else { return };
-        if let Ok(inspect) = docker
-            .inspect_container(container_id, None::<InspectContainerOptions>)
-            .await
-        {
-            self.deaths
-                .stopped(container_id, inspect.restart_count.unwrap_or(0), Utc::now());
+        if let Some(count) = restart_count(&docker, container_id).await {
+            tracing::debug!(container = %container_id, restart_count = count, "started by hand");
+            self.deaths.stopped(container_id, count, Utc::now());
         }
     }
 
     /// Deaths whose events were missed (Docker was unreachable) show in RestartCount.
-    async fn reconcile_restarts(&mut self, stack: &Stack) {
-        let now = Utc::now();
+    async fn reconcile_restarts(&mut self, stack: &Stack, listed_at: DateTime<Utc>) {
         for service in stack.services() {
             if self.is_halted(&service.container_id) {
                 continue;
             }
             let Some(found) =
                 self.deaths
-                    .observed(&service.container_id, service.restart_count, now)
+                    .observed(&service.container_id, service.restart_count, listed_at)
             else {
                 continue;
             };
@@ -1277,9 +1276,9 @@ impl Guard {
         }
     }
 
-    /// A halted container that was removed (recreated by `docker compose up -d` after a
-    /// config change, with its compose restart policy) is no longer halted.
-    fn forget_removed_halts(&mut self, stack: &Stack) {
+    /// A container that was removed (recreated by `docker compose up -d` after a config
+    /// change, with its compose restart policy) is no longer halted nor being stopped.
+    fn forget_removed(&mut self, stack: &Stack) {
         let present: Vec<&str> = stack.services().map(|s| s.container_id.as_str()).collect();
         self.stopping.retain(|id| present.contains(&id.as_str()));
         self.protection.halted.retain(|h| {
@@ -1553,6 +1552,15 @@ impl Guard {
         }
         self.state.send_modify(|s| s.protection = p);
     }
+}
+
+/// Docker's RestartCount of a container; None when it is gone.
+async fn restart_count(docker: &Docker, container_id: &str) -> Option<i64> {
+    docker
+        .inspect_container(container_id, None::<InspectContainerOptions>)
+        .await
+        .ok()
+        .map(|i| i.restart_count.unwrap_or(0))
 }
 
 fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
