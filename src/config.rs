@@ -3,7 +3,9 @@
 //! daemon starts anything, with an error that names the file, the key and the value.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +30,34 @@ pub enum ConfigError {
         reason: String,
     },
 }
+
+/// A setting that works today but may not when the daemon needs it (the Docker socket is not
+/// there yet): `check-config` prints it, `run` logs it and goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub path: PathBuf,
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "config file {}: {} = {}: {}",
+            self.path.display(),
+            self.key,
+            self.value,
+            self.reason
+        )
+    }
+}
+
+/// Kernel pseudo-filesystems: nothing written there is kept, most of it cannot be created.
+const PSEUDO_FS_ROOTS: &[&str] = &["/proc", "/sys"];
+/// `sun_path` holds 108 bytes, the last one a NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -136,6 +166,20 @@ pub struct ControlConfig {
     pub socket: PathBuf,
     /// Group allowed to connect to the socket (read-only verbs). Default: root only.
     pub group: Option<String>,
+}
+
+impl ControlConfig {
+    /// The socket's group as a gid; `Err` says why the group cannot be used.
+    pub fn gid(&self) -> Result<Option<nix::unistd::Gid>, String> {
+        let Some(group) = &self.group else {
+            return Ok(None);
+        };
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => Ok(Some(g.gid)),
+            Ok(None) => Err("no such group on this system (see `getent group`)".to_string()),
+            Err(e) => Err(format!("cannot look the group up: {e}")),
+        }
+    }
 }
 
 impl Default for ControlConfig {
@@ -277,15 +321,58 @@ impl Config {
             ("snapshots.dir", self.snapshots.dir.as_ref()),
         ];
         for (key, value) in absolute {
-            if let Some(p) = value
-                && !p.is_absolute()
-            {
+            let Some(p) = value else { continue };
+            if p.as_os_str().as_bytes().contains(&0) {
+                return invalid(key, p, "must not contain a NUL byte");
+            }
+            if !p.is_absolute() {
                 return invalid(
                     key,
                     p,
                     "must be an absolute path (the daemon's working dir is not yours)",
                 );
             }
+        }
+        // Where the daemon writes: a kernel pseudo-filesystem keeps nothing.
+        let written: [(&'static str, Option<&PathBuf>); 3] = [
+            ("control.socket", Some(&self.control.socket)),
+            ("daemon.data_dir", Some(&self.daemon.data_dir)),
+            ("snapshots.dir", self.snapshots.dir.as_ref()),
+        ];
+        for (key, value) in written {
+            if let Some(p) = value
+                && let Some(root) = pseudo_fs_root(p)
+            {
+                return invalid(
+                    key,
+                    p,
+                    &format!(
+                        "is under {root}, a kernel pseudo-filesystem: nothing can be kept there"
+                    ),
+                );
+            }
+        }
+        let socket_len = self.control.socket.as_os_str().len();
+        if socket_len > MAX_SOCKET_PATH {
+            return invalid(
+                "control.socket",
+                &self.control.socket,
+                &format!(
+                    "is {socket_len} bytes long; a Unix socket path may have at most {MAX_SOCKET_PATH}"
+                ),
+            );
+        }
+        if self.control.socket.file_name().is_none() {
+            return invalid("control.socket", &self.control.socket, "must name a file");
+        }
+        if let Some(group) = &self.control.group
+            && group.trim().is_empty()
+        {
+            return invalid(
+                "control.group",
+                group,
+                "must not be empty; leave the key out for root only",
+            );
         }
         let names: [(&'static str, Option<&String>); 5] = [
             ("stack.project", self.stack.project.as_ref()),
@@ -315,15 +402,9 @@ impl Config {
             return invalid("database.port", &0, "must be between 1 and 65535");
         }
         if let Some(host) = &self.docker.host
-            && !(host.starts_with("unix://")
-                || host.starts_with("tcp://")
-                || host.starts_with("http://"))
+            && let Err(reason) = docker_socket(host)
         {
-            return invalid(
-                "docker.host",
-                host,
-                "must start with unix://, tcp:// or http://",
-            );
+            return invalid("docker.host", host, &reason);
         }
         if self.docker.reconnect_min_ms == 0 {
             return invalid("docker.reconnect_min_ms", &0, "must be at least 1 ms");
@@ -416,6 +497,181 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// What can only be checked on this machine, at this moment: the socket's group exists,
+    /// the paths can be made what the daemon needs, the Docker host can work. `check-config`
+    /// and `run` both call it after `parse`, so a config that passes one passes the other.
+    pub fn check_environment(&self, path: &Path) -> Result<Vec<ConfigWarning>, ConfigError> {
+        let invalid = |key: &'static str, value: &dyn fmt::Debug, reason: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                value: format!("{value:?}"),
+                reason,
+            })
+        };
+        if let (Some(group), Err(reason)) = (&self.control.group, self.control.gid()) {
+            return invalid("control.group", group, reason);
+        }
+        if let Err(reason) = usable_dir(&self.daemon.data_dir) {
+            return invalid("daemon.data_dir", &self.daemon.data_dir, reason);
+        }
+        if let Err(reason) = usable_dir(&self.snapshot_dir()) {
+            return invalid("snapshots.dir", &self.snapshot_dir(), reason);
+        }
+        let socket = &self.control.socket;
+        let socket_dir = socket.parent().unwrap_or(Path::new("/"));
+        match std::fs::symlink_metadata(socket) {
+            Ok(meta) if meta.file_type().is_socket() => {}
+            Ok(meta) => {
+                let what = if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "a file that is not a socket"
+                };
+                return invalid(
+                    "control.socket",
+                    socket,
+                    format!("{what} is in the way; remove it or choose another path"),
+                );
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                if let Err(reason) = usable_dir(socket_dir) {
+                    return invalid("control.socket", socket, format!("its directory: {reason}"));
+                }
+            }
+            Err(e) => return invalid("control.socket", socket, format!("cannot be checked: {e}")),
+        }
+        let mut warnings = Vec::new();
+        // The host in effect, as `run` will use it; say where it came from when not from here.
+        let (host, origin) = match (&self.docker.host, std::env::var("DOCKER_HOST")) {
+            (Some(host), _) => (host.clone(), ""),
+            (None, Ok(env)) if !env.is_empty() => (env, " (from DOCKER_HOST)"),
+            _ => (crate::docker::engine_host(None), " (the default)"),
+        };
+        let value = format!("{host:?}{origin}");
+        let docker_socket = match docker_socket(&host) {
+            Ok(socket) => socket,
+            Err(reason) => return invalid("docker.host", &format_args!("{value}"), reason),
+        };
+        if let Some(socket) = docker_socket {
+            match std::fs::metadata(&socket) {
+                Ok(meta) if meta.file_type().is_socket() => {}
+                Ok(_) => {
+                    return invalid(
+                        "docker.host",
+                        &format_args!("{value}"),
+                        format!("{} exists but is not a socket", socket.display()),
+                    );
+                }
+                // Docker may be starting (or installed later): the daemon waits for it.
+                Err(e) => warnings.push(ConfigWarning {
+                    path: path.to_path_buf(),
+                    key: "docker.host",
+                    value,
+                    reason: if e.kind() == std::io::ErrorKind::NotFound {
+                        format!(
+                            "no socket at {} yet; the daemon will wait for Docker to start",
+                            socket.display()
+                        )
+                    } else {
+                        format!("cannot check {}: {e}", socket.display())
+                    },
+                }),
+            }
+        }
+        Ok(warnings)
+    }
+}
+
+/// The kernel pseudo-filesystem `path` is under, judged from its text (`..` resolved).
+fn pseudo_fs_root(path: &Path) -> Option<&'static str> {
+    let mut clean = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    PSEUDO_FS_ROOTS
+        .iter()
+        .copied()
+        .find(|root| clean.starts_with(root))
+}
+
+/// The socket path of a `unix://` Docker host (`None` for tcp/http), or why the host
+/// cannot work.
+fn docker_socket(host: &str) -> Result<Option<PathBuf>, String> {
+    if let Some(path) = host.strip_prefix("unix://") {
+        let path = PathBuf::from(path);
+        if path.as_os_str().as_bytes().contains(&0) {
+            return Err("must not contain a NUL byte".to_string());
+        }
+        if !path.is_absolute() {
+            return Err("unix:// must be followed by an absolute socket path".to_string());
+        }
+        return Ok(Some(path));
+    }
+    if !(host.starts_with("tcp://") || host.starts_with("http://")) {
+        return Err("must start with unix://, tcp:// or http://".to_string());
+    }
+    match reqwest::Url::parse(host) {
+        Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(None),
+        Ok(_) => Err("names no host".to_string()),
+        Err(e) => Err(format!("not a valid address: {e}")),
+    }
+}
+
+/// Whether the daemon can have a directory at `dir`: it is one, or the nearest part of the
+/// path that exists is a directory it can create it in, and none of it is on a kernel
+/// pseudo-filesystem (a symlink into /proc counts).
+fn usable_dir(dir: &Path) -> Result<(), String> {
+    let existing = dir
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+        .unwrap_or(Path::new("/"));
+    let meta = std::fs::metadata(existing)
+        .map_err(|e| format!("cannot check {}: {e}", existing.display()))?;
+    if !meta.is_dir() {
+        return Err(if existing == dir {
+            "exists and is not a directory".to_string()
+        } else {
+            format!(
+                "{} is not a directory, so nothing can be created under it",
+                existing.display()
+            )
+        });
+    }
+    use nix::sys::statfs::{PROC_SUPER_MAGIC, SYSFS_MAGIC, statfs};
+    if let Ok(fs) = statfs(existing)
+        && [PROC_SUPER_MAGIC, SYSFS_MAGIC].contains(&fs.filesystem_type())
+    {
+        return Err(format!(
+            "{} is on a kernel pseudo-filesystem: nothing can be kept there",
+            existing.display()
+        ));
+    }
+    // Only root's view is the daemon's; an admin checking as themselves may not write here.
+    if nix::unistd::geteuid().is_root()
+        && nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK)
+            == Err(nix::errno::Errno::EROFS)
+    {
+        return Err(format!(
+            "{} is on a read-only filesystem",
+            existing.display()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -632,5 +888,229 @@ mod tests {
         assert_eq!(c.notify.ntfy_token.as_deref(), Some("tk_hunter2"));
         assert!(!serde_json::to_string(&c).unwrap().contains("tk_hunter2"));
         assert!(!toml::to_string(&c).unwrap().contains("tk_hunter2"));
+    }
+
+    #[test]
+    fn a_nul_byte_in_any_path_key_is_refused() {
+        for (table, key) in [
+            ("stack", "compose_dir"),
+            ("stack", "env_file"),
+            ("stack", "upload_location"),
+            ("stack", "db_data_location"),
+            ("control", "socket"),
+            ("daemon", "data_dir"),
+            ("snapshots", "dir"),
+        ] {
+            let e = refused(&format!("[{table}]\n{key} = \"/srv/a\\u0000b\"\n"));
+            assert!(
+                e.contains(&format!(
+                    "{table}.{key} = \"/srv/a\\0b\": must not contain a NUL byte"
+                )),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn written_paths_under_proc_or_sys_are_refused() {
+        for (table, key, value, root) in [
+            ("daemon", "data_dir", "/proc/immich-guard", "/proc"),
+            ("daemon", "data_dir", "/sys/fs/immich-guard", "/sys"),
+            ("snapshots", "dir", "/var/lib/../../proc/1/x", "/proc"),
+            ("control", "socket", "/sys/guard.sock", "/sys"),
+        ] {
+            let e = refused(&format!("[{table}]\n{key} = {value:?}\n"));
+            assert!(e.contains(&format!("{table}.{key} = {value:?}")), "{e}");
+            assert!(e.contains(&format!("is under {root}")), "{e}");
+        }
+        // Only a whole component counts.
+        assert!(parse("[daemon]\ndata_dir = \"/process/immich-guard\"\n").is_ok());
+        assert!(parse("[daemon]\ndata_dir = \"/system/immich-guard\"\n").is_ok());
+    }
+
+    #[test]
+    fn socket_path_must_fit_a_unix_socket_address() {
+        let long = format!("/run/{}/guard.sock", "x".repeat(100));
+        let e = refused(&format!("[control]\nsocket = {long:?}\n"));
+        assert!(
+            e.contains("control.socket") && e.contains("at most 107"),
+            "{e}"
+        );
+        let fits = format!("/{}", "x".repeat(106));
+        assert!(parse(&format!("[control]\nsocket = {fits:?}\n")).is_ok());
+        let e = refused("[control]\nsocket = \"/\"\n");
+        assert!(
+            e.contains("control.socket = \"/\": must name a file"),
+            "{e}"
+        );
+        let e = refused("[control]\ngroup = \"\"\n");
+        assert!(e.contains("control.group = \"\""), "{e}");
+    }
+
+    #[test]
+    fn docker_hosts_that_cannot_work_are_refused() {
+        for (host, reason) in [
+            (
+                "ftp://example",
+                "must start with unix://, tcp:// or http://",
+            ),
+            (
+                "ssh://me@example",
+                "must start with unix://, tcp:// or http://",
+            ),
+            ("unix://var/run/docker.sock", "absolute socket path"),
+            ("unix://", "absolute socket path"),
+            ("tcp://", "names no host"),
+        ] {
+            let e = refused(&format!("[docker]\nhost = {host:?}\n"));
+            assert!(e.contains(&format!("docker.host = {host:?}")), "{e}");
+            assert!(e.contains(reason), "{host}: {e}");
+        }
+        for host in [
+            "unix:///var/run/docker.sock",
+            "tcp://10.0.0.2:2375",
+            "http://docker.lan:2375",
+        ] {
+            assert!(
+                parse(&format!("[docker]\nhost = {host:?}\n")).is_ok(),
+                "{host}"
+            );
+        }
+    }
+
+    /// A config whose paths all live in `dir`, with a Docker socket that is really there
+    /// (bound in `dir`), so only what a test changes can fail.
+    fn local(dir: &Path) -> (Config, std::os::unix::net::UnixListener) {
+        let docker = dir.join("docker.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&docker).unwrap();
+        let mut c = Config::default();
+        c.daemon.data_dir = dir.join("data");
+        c.control.socket = dir.join("run/guard.sock");
+        c.docker.host = Some(format!("unix://{}", docker.display()));
+        (c, listener)
+    }
+
+    fn environment_error(c: &Config) -> String {
+        c.check_environment(Path::new("/etc/immich-guard/config.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_local_config_passes_the_environment_check_without_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _docker) = local(dir.path());
+        let warnings = c
+            .check_environment(Path::new("/etc/immich-guard/config.toml"))
+            .unwrap();
+        assert_eq!(warnings, vec![]);
+        // Checking creates nothing.
+        assert!(!dir.path().join("data").exists());
+        assert!(!dir.path().join("run").exists());
+    }
+
+    #[test]
+    fn a_group_that_does_not_exist_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _docker) = local(dir.path());
+        c.control.group = Some("no-such-group-immich-guard".into());
+        let e = environment_error(&c);
+        assert!(
+            e.starts_with("config file /etc/immich-guard/config.toml: control.group = \"no-such-group-immich-guard\": no such group"),
+            "{e}"
+        );
+        c.control.group = Some("root".into());
+        assert!(c.check_environment(Path::new("c.toml")).is_ok());
+    }
+
+    #[test]
+    fn a_directory_or_file_where_the_socket_goes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _docker) = local(dir.path());
+        c.control.socket = dir.path().join("sockdir");
+        std::fs::create_dir(&c.control.socket).unwrap();
+        let e = environment_error(&c);
+        assert!(e.contains("control.socket = \""), "{e}");
+        assert!(e.contains("a directory is in the way"), "{e}");
+        c.control.socket = dir.path().join("plain");
+        std::fs::write(&c.control.socket, "").unwrap();
+        assert!(environment_error(&c).contains("not a socket"));
+        // Its dir cannot be made under a file.
+        c.control.socket = dir.path().join("plain/guard.sock");
+        let e = environment_error(&c);
+        assert!(
+            e.contains("control.socket") && e.contains("is not a directory"),
+            "{e}"
+        );
+        // A stale socket is fine: the daemon replaces it.
+        c.control.socket = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&c.control.socket).unwrap());
+        assert!(c.check_environment(Path::new("c.toml")).is_ok());
+    }
+
+    #[test]
+    fn data_and_snapshot_dirs_must_be_or_become_directories_off_proc() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _docker) = local(dir.path());
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        c.daemon.data_dir = dir.path().join("file");
+        let e = environment_error(&c);
+        assert!(
+            e.contains("daemon.data_dir") && e.contains("exists and is not a directory"),
+            "{e}"
+        );
+        c.daemon.data_dir = dir.path().join("file/data");
+        let e = environment_error(&c);
+        assert!(
+            e.contains("daemon.data_dir") && e.contains("is not a directory, so nothing"),
+            "{e}"
+        );
+        // A symlink into /proc is /proc, whatever the path says.
+        std::os::unix::fs::symlink("/proc/self", dir.path().join("proc-link")).unwrap();
+        c.daemon.data_dir = dir.path().join("proc-link/data");
+        let e = environment_error(&c);
+        assert!(
+            e.contains("daemon.data_dir") && e.contains("kernel pseudo-filesystem"),
+            "{e}"
+        );
+        c.daemon.data_dir = dir.path().join("data");
+        c.snapshots.dir = Some(dir.path().join("file/snapshots"));
+        let e = environment_error(&c);
+        assert!(
+            e.contains("snapshots.dir") && e.contains("file/snapshots"),
+            "{e}"
+        );
+        // The default snapshot dir is checked under the key that moves it.
+        c.snapshots.dir = None;
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/snapshots"), "").unwrap();
+        let e = environment_error(&c);
+        assert!(
+            e.contains("snapshots.dir") && e.contains("data/snapshots"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn docker_socket_missing_is_a_warning_and_not_a_socket_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _docker) = local(dir.path());
+        let missing = dir.path().join("missing/docker.sock");
+        c.docker.host = Some(format!("unix://{}", missing.display()));
+        let warnings = c.check_environment(Path::new("c.toml")).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let w = warnings[0].to_string();
+        assert!(
+            w.starts_with("config file c.toml: docker.host = \"unix://"),
+            "{w}"
+        );
+        assert!(w.contains("will wait for Docker"), "{w}");
+        std::fs::write(dir.path().join("docker.txt"), "").unwrap();
+        c.docker.host = Some(format!("unix://{}/docker.txt", dir.path().display()));
+        let e = environment_error(&c);
+        assert!(
+            e.contains("docker.host") && e.contains("exists but is not a socket"),
+            "{e}"
+        );
     }
 }

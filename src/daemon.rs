@@ -45,6 +45,8 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
@@ -58,6 +60,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+
+    // Before touching anything another daemon may be using.
+    let _lock = crate::lock::acquire(&config)?;
 
     // A snapshot interrupted by a crash or a kill is never usable: remove it before anything
     // can list it. Sealed snapshots are not touched.

@@ -174,6 +174,28 @@ pub fn list(dir: &Path) -> Vec<Incident> {
     all
 }
 
+/// What `incident [ID]` shows: every incident, or only the one named (an error when there is
+/// none by that name).
+pub fn find(dir: &Path, id: Option<&str>) -> Result<Vec<Incident>, String> {
+    // "No incidents" must mean none, not "not allowed to look".
+    if let Err(e) = std::fs::read_dir(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(format!(
+            "cannot read the incidents in {}: {e}",
+            dir.display()
+        ));
+    }
+    let mut incidents = list(dir);
+    if let Some(id) = id {
+        incidents.retain(|i| i.id == id);
+        if incidents.is_empty() {
+            return Err(format!("no incident {id} in {}", dir.display()));
+        }
+    }
+    Ok(incidents)
+}
+
 /// Sets the restart policy to `no` (the old one returned) and stops the container.
 pub async fn halt(docker: &Docker, container: &str) -> Result<String, bollard::errors::Error> {
     let inspect = docker

@@ -1,14 +1,16 @@
 //! The `immich-guard` binary: the daemon (`run`) and its clients. anyhow lives here only.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use immich_guard::config::{self, Config, LogFormat};
-use immich_guard::control::{Request, Response, client};
-use immich_guard::{daemon, discover, docker, render};
+use immich_guard::control::client::{self, ClientError};
+use immich_guard::control::{Request, Response};
+use immich_guard::snapshot::store::{Meta, Store};
+use immich_guard::{daemon, discover, docker, incident, render};
 
 #[derive(Parser)]
 #[command(
@@ -53,7 +55,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the sealed snapshots.
+    /// List the sealed snapshots (read from the snapshot dir when the daemon is down).
     List {
         #[arg(long)]
         json: bool,
@@ -71,12 +73,14 @@ enum Command {
         json: bool,
     },
     /// Show the newest incident (crash loop), or the one named: diagnosis, decision, bundle.
+    /// Read from the data dir when the daemon is down.
     Incident {
         id: Option<String>,
         #[arg(long)]
         json: bool,
     },
-    /// Check the config file and print the effective settings.
+    /// Check the config file as `run` would (also the paths, the socket's group and the
+    /// Docker host on this machine) and print the effective settings.
     CheckConfig,
 }
 
@@ -127,6 +131,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 config_found = path.exists(),
                 "immich-guard starting"
             );
+            for warning in config.check_environment(&path)? {
+                tracing::warn!("{warning}");
+            }
             runtime.block_on(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -141,6 +148,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => runtime.block_on(release_cmd(&config, service, force, json)),
         Command::CheckConfig => {
+            for warning in config.check_environment(&path)? {
+                eprintln!("immich-guard: warning: {warning}");
+            }
             println!("{}: OK", path.display());
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(ExitCode::SUCCESS)
@@ -248,12 +258,36 @@ async fn snapshot_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The daemon's answer, or `None` when no daemon listens on the socket: the caller then reads
+/// `dir` itself (a recovery tool must work while the daemon is down), and this says so.
+async fn ask_or_read(
+    config: &Config,
+    request: &Request,
+    dir: &Path,
+) -> anyhow::Result<Option<Response>> {
+    let why = match client::request(&config.control.socket, request).await {
+        Ok(response) => return Ok(Some(response)),
+        Err(ClientError::NotRunning { path }) => format!("no socket at {}", path.display()),
+        Err(ClientError::Refused { path }) => format!("connect to {} refused", path.display()),
+        Err(e) => return Err(e.into()),
+    };
+    eprintln!(
+        "immich-guard: daemon not running ({why}); read {} directly",
+        dir.display()
+    );
+    Ok(None)
+}
+
 async fn incident_cmd(config: &Config, id: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
-    let response = client::request(&config.control.socket, &Request::Incidents { id }).await?;
-    let incidents = expect(response, |r| match r {
-        Response::Incidents { incidents } => Some(incidents),
-        _ => None,
-    })?;
+    let dir = config.daemon.data_dir.join(incident::DIR);
+    let request = Request::Incidents { id: id.clone() };
+    let incidents = match ask_or_read(config, &request, &dir).await? {
+        Some(response) => expect(response, |r| match r {
+            Response::Incidents { incidents } => Some(incidents),
+            _ => None,
+        })?,
+        None => incident::find(&dir, id.as_deref()).map_err(anyhow::Error::msg)?,
+    };
     let Some(incident) = incidents.last() else {
         println!("no incidents");
         return Ok(ExitCode::SUCCESS);
@@ -287,15 +321,27 @@ async fn release_cmd(
 }
 
 async fn list_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let response = client::request(&config.control.socket, &Request::List {}).await?;
-    let snapshots = expect(response, |r| match r {
-        Response::List { snapshots } => Some(snapshots),
-        _ => None,
-    })?;
+    let dir = config.snapshot_dir();
+    let snapshots = match ask_or_read(config, &Request::List {}, &dir).await? {
+        Some(response) => expect(response, |r| match r {
+            Response::List { snapshots } => Some(snapshots),
+            _ => None,
+        })?,
+        None => read_snapshots(&dir)?,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
     } else {
         print!("{}", render::snapshots(&snapshots));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sealed snapshots in `dir`, as the daemon lists them; a dir never created has none (and
+/// is not created by looking).
+fn read_snapshots(dir: &Path) -> anyhow::Result<Vec<Meta>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(Store::open(dir)?.list()?)
 }

@@ -67,18 +67,11 @@ impl ControlServer {
                 source,
             }
         };
-        let gid = match &config.group {
-            Some(group) => Some(
-                nix::unistd::Group::from_name(group)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| ControlError::NoSuchGroup {
-                        group: group.clone(),
-                    })?
-                    .gid,
-            ),
-            None => None,
-        };
+        // Checked with the config at start (Config::check_environment); this is the group
+        // vanishing since.
+        let gid = config.gid().map_err(|_| ControlError::NoSuchGroup {
+            group: config.group.clone().unwrap_or_default(),
+        })?;
         if let Some(dir) = path.parent()
             && !dir.exists()
         {
@@ -212,16 +205,9 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 send(&mut write, &response).await
             }
             Request::Incidents { id } => {
-                let mut incidents = crate::incident::list(&control.incident_dir);
-                if let Some(id) = &id {
-                    incidents.retain(|i| &i.id == id);
-                }
-                let response = match (&id, incidents.is_empty()) {
-                    (Some(id), true) => Response::error(format!(
-                        "no incident {id} in {}",
-                        control.incident_dir.display()
-                    )),
-                    _ => Response::Incidents { incidents },
+                let response = match crate::incident::find(&control.incident_dir, id.as_deref()) {
+                    Ok(incidents) => Response::Incidents { incidents },
+                    Err(message) => Response::error(message),
                 };
                 send(&mut write, &response).await
             }
