@@ -270,7 +270,12 @@ fn second_daemon_on_the_same_socket_is_refused() {
     let out = guard.cli(&["run"]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("already listening"), "{err}");
+    // Refused by the data dir's lock before it reaches the socket (tests/check_config.rs).
+    let pid = guard.status().pid;
+    assert!(
+        err.contains(&format!("(pid {pid}) is already running")),
+        "{err}"
+    );
     // The first daemon is unharmed.
     guard.status();
 }
