@@ -79,7 +79,7 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     );
     stack.wait_db_ready(Duration::from_secs(60));
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = guard_for(&stack, snapshots.path(), "");
+    let mut guard = guard_for(&stack, snapshots.path(), "");
     let s = wait_halted(&guard, 1);
     let p = s.state.protection;
     assert_eq!(p.state, ProtectState::Halted);
@@ -141,6 +141,27 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     let out = guard.cli(&["release", "immich-server"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(policy(&server), "always");
+
+    // With the daemon down, `incident` reads the bundle from the data dir: the same incident,
+    // the same text, and a note on stderr that it did.
+    let online = guard.cli(&["incident", "--json"]);
+    let online_text = guard.cli(&["incident", &incident.id]).stdout;
+    assert!(guard.terminate().success());
+    let offline = guard.cli(&["incident", "--json"]);
+    assert!(offline.status.success(), "{offline:?}");
+    assert!(
+        String::from_utf8_lossy(&offline.stderr).contains("daemon not running"),
+        "{offline:?}"
+    );
+    let parsed: Incident = serde_json::from_slice(&offline.stdout).unwrap();
+    assert_eq!(parsed.id, incident.id);
+    assert_eq!(
+        parsed,
+        serde_json::from_slice::<Incident>(&online.stdout).unwrap()
+    );
+    let out = guard.cli(&["incident", &incident.id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, online_text);
 }
 
 #[test]

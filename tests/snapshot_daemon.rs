@@ -32,7 +32,7 @@ fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
     }
     let stack = Stack::up(StackSpec::default());
     let snapshots = tempfile::tempdir().unwrap();
-    let guard = guard_for(&stack, snapshots.path());
+    let mut guard = guard_for(&stack, snapshots.path());
 
     let empty = guard.cli(&["list"]);
     assert!(String::from_utf8_lossy(&empty.stdout).contains("no sealed snapshots yet"));
@@ -70,6 +70,24 @@ fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
         "{}",
         status.status_line
     );
+
+    // With the daemon down, `list` reads the snapshot dir: the same snapshots, and a note on
+    // stderr that it did.
+    assert!(guard.terminate().success());
+    let out = guard.cli(&["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_slice::<Vec<Meta>>(&out.stdout).unwrap(),
+        listed
+    );
+    let out = guard.cli(&["list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("daemon not running")
+            && stderr.contains(&format!("read {} directly", snapshots.path().display())),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), table);
 }
 
 #[test]
