@@ -282,4 +282,21 @@ mod tests {
             "20261125T022301Z-immich-server-2"
         );
     }
+
+    #[test]
+    fn find_names_a_missing_incident_and_an_unreadable_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        // A data dir without incidents yet has none.
+        assert_eq!(find(&dir.path().join("incidents"), None), Ok(vec![]));
+        let e = find(dir.path(), Some("20261125T022301Z-immich-server")).unwrap_err();
+        assert!(
+            e.contains("no incident 20261125T022301Z-immich-server in"),
+            "{e}"
+        );
+        // Not "no incidents" when the dir cannot be read.
+        let file = dir.path().join("incidents-file");
+        std::fs::write(&file, "").unwrap();
+        let e = find(&file, None).unwrap_err();
+        assert!(e.contains("cannot read the incidents in"), "{e}");
+    }
 }
