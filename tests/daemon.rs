@@ -298,8 +298,10 @@ fn json_logs_are_one_json_object_per_line() {
     std::fs::write(
         &config,
         format!(
-            "[control]\nsocket = {:?}\n\n[daemon]\nlog_format = \"json\"\n\n{NO_DOCKER}",
-            dir.path().join("g.sock").display().to_string()
+            "[control]\nsocket = {:?}\n\n[daemon]\ndata_dir = {:?}\nlog_format = \"json\"\n\n{NO_DOCKER}",
+            dir.path().join("g.sock").display().to_string(),
+            // Never the host's /var/lib/immich-guard (an installed daemon holds its lock).
+            dir.path().join("data").display().to_string()
         ),
     )
     .unwrap();
