@@ -338,10 +338,11 @@ async fn list_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// The sealed snapshots in `dir`, as the daemon lists them; a dir never created has none (and
-/// is not created by looking).
+/// is not created by looking). One that cannot be read is an error, never "none".
 fn read_snapshots(dir: &Path) -> anyhow::Result<Vec<Meta>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => bail!("cannot read the snapshots in {}: {e}", dir.display()),
+        Ok(_) => Ok(Store::open(dir)?.list()?),
     }
-    Ok(Store::open(dir)?.list()?)
 }

@@ -348,3 +348,51 @@ fn list_and_incident_without_a_daemon_read_the_data_dir_and_say_so() {
         "{err}"
     );
 }
+
+#[test]
+fn a_data_dir_the_user_may_not_read_is_an_error_not_an_empty_list() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root to run the CLI as another user");
+        return;
+    }
+    // World-readable down to the data dir, which is root's alone, as the daemon keeps it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("snapshots")).unwrap();
+    std::fs::create_dir_all(data.join("incidents")).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[control]\nsocket = {:?}\n[daemon]\ndata_dir = {:?}\n",
+            dir.path().join("guard.sock").display().to_string(),
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (verb, what) in [("list", "snapshots"), ("incident", "incidents")] {
+        let out = Command::new(GUARD_BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg(verb)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{verb} as nobody: {out:?}");
+        assert!(
+            err.contains(&format!(
+                "cannot read the {what} in {}",
+                data.join(what).display()
+            )) && err.contains("Permission denied"),
+            "{verb}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{verb}: {out:?}");
+    }
+}
