@@ -117,17 +117,19 @@ fn a_flood_on_the_socket_does_not_blind_protection() {
     std::thread::sleep(Duration::from_secs(2));
     let rss_base = rss(pid);
     let mut rss_during = Sampler::start(move || rss(pid));
+    let mut fds_during = Sampler::start(move || open_fds(pid));
     let flood = Flood::start(&guard.socket, FAT_CONNECTIONS, FAT_BYTES, false);
     let answers = time_status(&guard, 10);
     let mut flood = flood;
     let client = flood.stop();
     let rss_peak = rss_during.stop();
+    let fds_peak = fds_during.stop();
     // The held connections end at the request deadline; then only the allocator is left.
     std::thread::sleep(immich_guard::control::reader::REQUEST_TIMEOUT + Duration::from_secs(2));
     let rss_after = rss(pid);
     eprintln!(
-        "fat flood: {client}; daemon VmRSS {} KiB before, {} KiB peak, {} KiB after; \
-         root status answered in {} (max {:?})",
+        "fat flood: {client}; daemon fds peak {fds_peak}; daemon VmRSS {} KiB before, \
+         {} KiB peak, {} KiB after; root status answered in {} (max {:?})",
         rss_base / 1024,
         rss_peak / 1024,
         rss_after / 1024,
@@ -139,6 +141,10 @@ fn a_flood_on_the_socket_does_not_blind_protection() {
         "the flood really ran: {client}"
     );
     assert!(answers.max < ANSWER_WITHIN);
+    assert!(
+        fds_peak <= fds_before + caps.per_uid as u64 + 40,
+        "{fds_peak}"
+    );
     assert!(rss_peak < 40 * MIB, "peak RSS {rss_peak}");
     assert!(
         rss_after <= rss_base + 4 * MIB,
