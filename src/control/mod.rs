@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::store::Meta;
 use crate::status::StatusReport;
 
-/// Longest request line the daemon reads; anything longer is refused without parsing.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line the daemon reads; anything longer is refused without parsing. A real
+/// request is well under 1 KiB; the limit is what one connection can make the daemon buffer,
+/// times the connection caps (limits.rs), so it is kept small.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
