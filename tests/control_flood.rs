@@ -52,7 +52,7 @@ fn a_flood_on_the_socket_does_not_blind_protection() {
         s.state.protection.baseline.is_some()
     });
     let pid = guard.status().pid;
-    set_fd_limit(pid, HOST_FD_LIMIT);
+    set_fd_limit(pid, HOST_FD_LIMIT, HOST_FD_LIMIT);
     assert_eq!(
         fd_limit_of(pid),
         HOST_FD_LIMIT,
@@ -171,6 +171,52 @@ fn a_flood_on_the_socket_does_not_blind_protection() {
         "RSS after {rss_after}, before {rss_base}"
     );
     assert_eq!(guard.status().pid, pid);
+
+    // Part 3: out of descriptors altogether (a limit just above what the daemon holds, as if
+    // something else had leaked them): accept backs off instead of spinning, the log says so
+    // once, and the socket serves again as soon as descriptors are back.
+    // Only the soft limit: lowering the hard one cannot be undone without CAP_SYS_RESOURCE.
+    set_fd_limit(pid, open_fds(pid) + 2, HOST_FD_LIMIT);
+    let queued: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&guard.socket).unwrap())
+        .collect();
+    let failed_before = guard.log().matches("control socket accept failed").count();
+    let cpu_before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu = cpu_ticks(pid) - cpu_before;
+    let failed_lines = guard.log().matches("control socket accept failed").count() - failed_before;
+    set_fd_limit(pid, HOST_FD_LIMIT, HOST_FD_LIMIT);
+    let start = Instant::now();
+    guard.status();
+    let recovered = start.elapsed();
+    drop(queued);
+    eprintln!(
+        "out of descriptors: {failed_lines} log lines and {cpu} CPU ticks in 5 s; status \
+         answered {recovered:?} after the limit came back"
+    );
+    assert!(
+        (1..=2).contains(&failed_lines),
+        "{failed_lines} 'accept failed' lines"
+    );
+    assert!(
+        cpu < 50,
+        "the daemon used {cpu} ticks in 5 s of failing accepts"
+    );
+    assert!(recovered < ANSWER_WITHIN, "{recovered:?}");
+    assert!(guard.log().contains("control socket accepts again"));
+}
+
+/// User + system CPU time of a process, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// The flooding side, run by the test above as a non-root uid (see `Flood::start`).
@@ -276,14 +322,14 @@ fn start_with_group(stack: &Stack, snapshots: &Path) -> Guard {
 /// Gives the daemon the open file limit of a default host, soft and hard. (Set from outside
 /// once it runs: the test process cannot lower its own hard limit and raise it back without
 /// CAP_SYS_RESOURCE. The daemon sizes its caps the same at 1024 as at any higher limit.)
-fn set_fd_limit(pid: u32, limit: u64) {
+fn set_fd_limit(pid: u32, soft: u64, hard: u64) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::prlimit(
         Some(pid),
         Resource::Nofile,
         Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
+            current: Some(soft),
+            maximum: Some(hard),
         },
     )
     .expect("prlimit the daemon");
