@@ -54,6 +54,7 @@ type DockerTx = Arc<watch::Sender<Option<(Docker, String)>>>;
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
+    crate::control::limits::raise_fd_limit();
     let host = docker::engine_host(config.docker.host.as_deref());
     let (tx, rx) = watch::channel(DaemonState::new(host.clone()));
     let state: State = Arc::new(tx);

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use harness::guard::{Guard, GuardOptions, cli};
-use immich_guard::control::Response;
+use immich_guard::control::{MAX_REQUEST_BYTES, Response};
 use immich_guard::status::StatusReport;
 
 const NO_DOCKER: &str = "[docker]\nhost = \"unix:///nonexistent/immich-guard-test/docker.sock\"\nreconnect_min_ms = 50\nreconnect_max_ms = 200\n";
@@ -139,9 +139,12 @@ fn bad_requests_get_error_answers_and_the_daemon_keeps_serving() {
     // A client that connects and says nothing must not block anyone.
     let _silent = std::os::unix::net::UnixStream::connect(&guard.socket).unwrap();
 
-    let huge = vec![b'a'; 70 * 1024];
+    let huge = vec![b'a'; MAX_REQUEST_BYTES + 6 * 1024];
     let e = error_message(&guard.raw(&huge));
-    assert!(e.contains("too large") && e.contains("65536"), "{e}");
+    assert!(
+        e.contains("too large") && e.contains(&MAX_REQUEST_BYTES.to_string()),
+        "{e}"
+    );
 
     let e = error_message(&guard.raw(b"{\"verb\":\"st\xffatus\"}\n"));
     assert!(e.contains("UTF-8"), "{e}");
@@ -157,7 +160,7 @@ fn bad_requests_get_error_answers_and_the_daemon_keeps_serving() {
 
     // A request exactly at the limit is read and judged on its content.
     let mut padded = b"{\"verb\":\"status\",\"pad\":\"".to_vec();
-    padded.resize(64 * 1024 - 2, b'x');
+    padded.resize(MAX_REQUEST_BYTES - 2, b'x');
     padded.extend_from_slice(b"\"}\n");
     let e = error_message(&guard.raw(&padded));
     assert!(e.contains("bad status request"), "{e}");

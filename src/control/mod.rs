@@ -4,6 +4,8 @@
 //! very same types, so there is no second description of the wire format.
 
 pub mod client;
+pub mod limits;
+pub mod reader;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -11,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::store::Meta;
 use crate::status::StatusReport;
 
-/// Longest request line the daemon reads; anything longer is refused without parsing.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line the daemon reads; anything longer is refused without parsing. A real
+/// request is well under 1 KiB; the limit is what one connection can make the daemon buffer,
+/// times the connection caps (limits.rs), so it is kept small.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
@@ -93,6 +97,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+    reject_duplicate_keys(text)?;
     let verb = value
         .get("verb")
         .and_then(|v| v.as_str())
@@ -105,6 +110,63 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         ));
     }
     serde_json::from_value(value).map_err(|e| format!("bad {verb} request: {e}"))
+}
+
+/// Refuses an object (at any depth) that names a key twice. serde_json keeps the last value
+/// and the tagged enum sees only that one, so `{"verb":"status","verb":"release"}` would be
+/// a release to the daemon while a reader of the first key saw a status.
+fn reject_duplicate_keys(text: &str) -> Result<(), String> {
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Unique;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Unique, D::Error> {
+            d.deserialize_any(Unique)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = Unique;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<Unique>()?;
+                if !seen.insert(key.clone()) {
+                    return Err(de::Error::custom(format_args!(
+                        "duplicate key {key:?} in the request (each key may appear once)"
+                    )));
+                }
+            }
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+            while seq.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+    }
+    serde_json::from_str::<Unique>(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -142,6 +204,31 @@ mod tests {
             "{e}"
         );
         assert!(parse_request(b"   ").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_not_resolved_to_the_last() {
+        // What serde alone does: the Value keeps the last "verb", and the request would be
+        // a release.
+        let value: serde_json::Value =
+            serde_json::from_str(r#"{"verb":"status","verb":"release"}"#).unwrap();
+        assert_eq!(value["verb"], "release");
+
+        let e = parse_request(br#"{"verb":"status","verb":"release"}"#).unwrap_err();
+        assert!(e.contains("duplicate key \"verb\""), "{e}");
+        let e = parse_request(br#"{"verb":"snapshot","label":"a","label":"b"}"#).unwrap_err();
+        assert!(e.contains("duplicate key \"label\""), "{e}");
+        let e = parse_request(br#"{"verb":"release","service":{"x":1,"x":2}}"#).unwrap_err();
+        assert!(e.contains("duplicate key \"x\""), "{e}");
+        // The same key in two objects is not a duplicate.
+        assert_eq!(
+            parse_request(br#"{"verb":"snapshot","label":"x"}"#),
+            Ok(Request::Snapshot {
+                label: Some("x".into())
+            })
+        );
+        let e = parse_request(br#"{"verb":"release","service":[{"x":1},{"x":2}]}"#).unwrap_err();
+        assert!(e.contains("bad release request"), "{e}");
     }
 
     #[test]

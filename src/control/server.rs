@@ -1,17 +1,21 @@
 //! The daemon side of the control socket. It only reads the published state (a
 //! `watch::Receiver` borrow, copied out before any await), so a slow or hostile client can
-//! never stall the workers; each connection has its own task and its own time limits.
+//! never stall the workers; each connection has its own task and its own time limits, and
+//! the connections together are capped (limits.rs) so that a flood cannot take the file
+//! descriptors and memory protection needs.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{MAX_REQUEST_BYTES, Request, Response, parse_request};
+use super::limits::{AcceptBackoff, Caps, LogEvery, Slots};
+use super::reader::{Next, RequestReader};
+use super::{Request, Response, parse_request};
 use crate::config::ControlConfig;
 use crate::protect::GuardHandle;
 use crate::snapshot::queue::{Event, SnapshotQueue};
@@ -28,8 +32,6 @@ pub struct Control {
     pub guard: GuardHandle,
 }
 
-/// How long a connection may sit without sending a complete request.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -111,16 +113,61 @@ impl ControlServer {
 
     /// Serves until the task is dropped; dropping it also ends every open connection.
     pub async fn serve(self, control: Control) {
+        let slots = Slots::new(Caps::for_fd_limit(super::limits::fd_limit()));
+        let caps = slots.caps();
+        tracing::info!(
+            total = caps.total,
+            per_uid = caps.per_uid,
+            reserved_for_root = caps.reserved,
+            "control socket connection limits"
+        );
         let mut connections = JoinSet::new();
+        let mut backoff = AcceptBackoff::default();
+        let mut accept_errors = LogEvery::new(Duration::from_secs(60));
+        let mut refusals = LogEvery::new(Duration::from_secs(60));
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        connections.spawn(serve_connection(stream, control.clone()));
+                        let failed = backoff.succeeded();
+                        if failed > 0 {
+                            tracing::info!(failed, "control socket accepts again");
+                        }
+                        // Who is asking, from the kernel (SO_PEERCRED), not from anything
+                        // the client says.
+                        let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+                        match slots.take(peer_uid, allowed_to_change(peer_uid)) {
+                            Ok(slot) => {
+                                let control = control.clone();
+                                connections.spawn(async move {
+                                    serve_connection(stream, peer_uid, control).await;
+                                    drop(slot);
+                                });
+                            }
+                            Err(refusal) => {
+                                // Never queued: one line if the socket takes it now, closed.
+                                let message = Response::error(refusal.to_string());
+                                let _ = stream.try_write(&encode(&message));
+                                drop(stream);
+                                if let Some(more) = refusals.note(std::time::Instant::now()) {
+                                    let (held, unprivileged) = slots.in_use();
+                                    tracing::warn!(
+                                        uid = ?peer_uid, reason = %refusal, more, held, unprivileged,
+                                        "control socket refused a connection"
+                                    );
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "control socket accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let delay = backoff.failed(&e);
+                        if let Some(more) = accept_errors.note(std::time::Instant::now()) {
+                            tracing::warn!(
+                                error = %e, more, retry_ms = delay.as_millis() as u64,
+                                "control socket accept failed"
+                            );
+                        }
+                        tokio::time::sleep(delay).await;
                     }
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -138,42 +185,22 @@ impl ControlServer {
     }
 }
 
-async fn serve_connection(stream: UnixStream, control: Control) {
-    // Who is asking, from the kernel (SO_PEERCRED), not from anything the client says.
-    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+async fn serve_connection(stream: UnixStream, peer_uid: Option<u32>, control: Control) {
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
+    let mut requests = RequestReader::new(read);
     loop {
-        let mut line = Vec::new();
-        // One byte more than allowed tells "exactly at the limit" from "over it".
-        let limit = (MAX_REQUEST_BYTES + 1) as u64;
-        let read = tokio::time::timeout(
-            IDLE_TIMEOUT,
-            (&mut reader).take(limit).read_until(b'\n', &mut line),
-        )
-        .await;
-        let n = match read {
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return,
+        let (request, last) = match requests.next().await {
+            Next::Request { line, last } => (parse_request(&line), last),
+            Next::Close(message) => {
+                let _ = send(&mut write, &Response::error(message)).await;
+                return;
+            }
+            Next::Gone => return,
         };
-        if n == 0 {
-            return;
-        }
-        let complete = line.last() == Some(&b'\n');
-        if complete {
-            line.pop();
-        }
-        if !complete && line.len() > MAX_REQUEST_BYTES {
-            // The rest of the line is unread: there is no way to find the next request.
-            let message =
-                format!("request too large: more than {MAX_REQUEST_BYTES} bytes without a newline");
-            let _ = send(&mut write, &Response::error(message)).await;
-            return;
-        }
-        let request = match parse_request(&line) {
+        let request = match request {
             Ok(request) => request,
             Err(message) => {
-                if send(&mut write, &Response::error(message)).await.is_err() || !complete {
+                if send(&mut write, &Response::error(message)).await.is_err() || last {
                     return;
                 }
                 continue;
@@ -251,7 +278,7 @@ async fn serve_connection(stream: UnixStream, control: Control) {
                 result
             }
         };
-        if sent.is_err() || !complete {
+        if sent.is_err() || last {
             return;
         }
     }
@@ -262,11 +289,17 @@ fn allowed_to_change(peer_uid: Option<u32>) -> bool {
     matches!(peer_uid, Some(uid) if uid == 0 || uid == me)
 }
 
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> Result<(), ()> {
+/// One answer line.
+fn encode(response: &Response) -> Vec<u8> {
     let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
         format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
     });
     out.push(b'\n');
+    out
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> Result<(), ()> {
+    let out = encode(response);
     match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
