@@ -45,12 +45,15 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivateError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
 type DockerTx = Arc<watch::Sender<Option<(Docker, String)>>>;
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    crate::private::secure_start(&config)?;
     let notifier = Notifier::from_env();
     let host = docker::engine_host(config.docker.host.as_deref());
     let (tx, rx) = watch::channel(DaemonState::new(host.clone()));

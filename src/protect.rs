@@ -1584,7 +1584,7 @@ fn load(path: &Path) -> Result<Protection, String> {
 
 fn save(path: &Path, p: &Protection) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
     crate::snapshot::store::replace_synced(path, &bytes)
