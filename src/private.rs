@@ -70,14 +70,23 @@ pub fn create_dir(path: impl AsRef<Path>) -> io::Result<()> {
     DirBuilder::new().mode(DIR_MODE).create(path)
 }
 
-/// Creates (or truncates) a file, owner-only.
+/// Creates (or truncates) a file, owner-only. A file already there (a temp file left by a
+/// crash, from an older version) is made owner-only too: the mode of `open` counts only when
+/// it creates.
 pub fn create_file(path: impl AsRef<Path>) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        // Never through a symlink planted where the daemon writes its own file.
+        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
         .mode(FILE_MODE)
-        .open(path)
+        .open(path)?;
+    let st = rustix::fs::fstat(&file)?;
+    if st.st_mode & UMASK != 0 && st.st_nlink == 1 {
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(st.st_mode & 0o7777 & !UMASK))?;
+    }
+    Ok(file)
 }
 
 /// One mode tightened at start.
@@ -189,10 +198,14 @@ impl Tightener {
     /// `storage/` itself; a read-only native snapshot (btrfs) cannot be changed, and needs
     /// not be: its parent is owner-only.
     fn storage_top(&mut self, path: &Path) {
-        if let Err(e) = self.try_one(path, true)
-            && e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error())
-        {
-            tracing::info!(path = %path.display(), "read-only native snapshot: its mode is left as taken; the snapshot dir above it is owner-only");
+        match self.try_one(path, true) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+                tracing::info!(path = %path.display(), "read-only native snapshot: its mode is left as taken; the snapshot dir above it is owner-only");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot make it owner-only")
+            }
         }
     }
 
@@ -302,6 +315,13 @@ mod tests {
         assert_eq!(mode(&dir.path().join("a/b")), 0o700);
         assert_eq!(mode(&dir.path().join("a/c")), 0o700);
         assert_eq!(mode(&dir.path().join("a/f")), 0o600);
+        // Left wide by an older version: made owner-only when written again.
+        chmod(&dir.path().join("a/f"), 0o644);
+        drop(create_file(dir.path().join("a/f")).unwrap());
+        assert_eq!(mode(&dir.path().join("a/f")), 0o600);
+        // Never written through a symlink.
+        std::os::unix::fs::symlink(dir.path().join("a/f"), dir.path().join("a/l")).unwrap();
+        assert!(create_file(dir.path().join("a/l")).is_err());
     }
 
     #[test]
