@@ -143,6 +143,18 @@ pub fn env_text(text: &str) -> String {
         .collect()
 }
 
+/// A `.env` parse error for a log or `status`: dotenvy quotes the line it could not parse,
+/// which may be the one holding the password.
+pub fn env_error(e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(line, index) => format!(
+            "cannot parse line '{}' (at character {index})",
+            env_text(line)
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Byte ranges of the key and the value of a YAML `key: value` or `- KEY=value` line.
 struct YamlPair {
     key: std::ops::Range<usize>,
@@ -318,6 +330,21 @@ mod tests {
         let mut s = Secrets::default();
         s.add_env(text);
         assert_eq!(s.values, ["s3cretpass", "abcdef123"]);
+    }
+
+    #[test]
+    fn a_line_dotenvy_cannot_parse_is_quoted_without_its_secret() {
+        let text = "IMMICH_VERSION=v1.119.0\nDB_PASSWORD=\"abc'def123\n";
+        let e = dotenvy::from_read_iter(text.as_bytes())
+            .find_map(Result::err)
+            .expect("an unbalanced quote is an error");
+        assert!(
+            e.to_string().contains("abc'def123"),
+            "dotenvy quotes the line: {e}"
+        );
+        let message = env_error(&e);
+        assert!(!message.contains("abc'def123"), "{message}");
+        assert!(message.contains("DB_PASSWORD=<redacted>"), "{message}");
     }
 
     #[test]
