@@ -42,6 +42,10 @@ fn assert_private(root: &Path, snapshot_root: &Path) -> Vec<String> {
             rel.iter().nth(1).is_some_and(|c| c == "storage") && rel.iter().count() > 2
         });
         if in_storage {
+            listing.push(format!(
+                "{m:o} {} (below storage/: the library's mode)",
+                path.display()
+            ));
             continue;
         }
         let meta = std::fs::symlink_metadata(&path).unwrap();
