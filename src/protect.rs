@@ -367,15 +367,18 @@ impl Guard {
             StateFile::default()
         });
         // A configured project is known before discovery: a restart resumes its state at
-        // once. Otherwise the state is chosen when discovery names the project.
-        let mut protection = configured
-            .map(|p| {
-                states
-                    .projects
-                    .remove(p)
-                    .unwrap_or_else(|| Protection::fresh(p))
-            })
-            .unwrap_or_default();
+        // once. So does the only project of a host that had one (a start before the first
+        // discovery is judged as before the restart); discovery corrects either.
+        let only = (states.projects.len() == 1)
+            .then(|| states.projects.keys().next().cloned())
+            .flatten();
+        let mut protection = match configured.map(str::to_string).or(only) {
+            Some(p) => states
+                .projects
+                .remove(&p)
+                .unwrap_or_else(|| Protection::fresh(&p)),
+            None => Protection::default(),
+        };
         protection.fail_open = config.protect.fail_open;
         let deaths = crate::crashloop::Detector::new(
             config.crash_loop.deaths,
@@ -913,14 +916,25 @@ impl Guard {
             return;
         }
         let previous = std::mem::take(&mut self.protection);
-        if let Some(name) = previous.project.clone() {
-            tracing::info!(from = %name, to = %stack.project, "another compose project found: its own protection state is used, the previous one's is kept");
-            self.states.projects.insert(name, previous);
-        }
         let mut next = match self.states.projects.remove(&stack.project) {
             Some(state) => state,
             None => self.adopt_unattributed(stack),
         };
+        match previous.project.clone() {
+            Some(name) => {
+                tracing::info!(from = %name, to = %stack.project, "another compose project found: its own protection state is used, the previous one's is kept");
+                self.states.projects.insert(name, previous);
+            }
+            // Before the first discovery (no project known), a server start may already have
+            // been frozen or held: that is this stack's.
+            None => {
+                next.frozen = next.frozen.take().or(previous.frozen);
+                next.hold = next.hold.take().or(previous.hold);
+                next.pending = next.pending.take().or(previous.pending);
+                next.freeze_delays_ms.extend(previous.freeze_delays_ms);
+                next.releases.extend(previous.releases);
+            }
+        }
         next.project = Some(stack.project.clone());
         next.fail_open = self.config.protect.fail_open;
         self.protection = next;
@@ -1957,6 +1971,28 @@ mod tests {
         assert_eq!(
             fed.found(running("a", "v1.119.0", "ca")).await.as_deref(),
             Some("v1.119.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_only_known_project_is_resumed_before_discovery_and_put_away_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile {
+            projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        // Held (not shown: status shows a state only with its stack) until discovery says.
+        assert_eq!(fed.state.borrow().protection.project.as_deref(), Some("a"));
+        assert_eq!(
+            fed.found(running("b", "v1.120.0", "cb")).await.as_deref(),
+            Some("v1.120.0")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert_eq!(
+            saved.projects["a"].baseline.as_ref().unwrap().version,
+            "v1.119.0"
         );
     }
 
