@@ -162,7 +162,7 @@ fn parse_env(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>, Compo
         .map(|item| {
             item.map_err(|e| ComposeError::Parse {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                message: crate::redact::env_error(&e),
             })
         })
         .collect()

@@ -47,6 +47,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivateError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
@@ -64,6 +66,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     // Before touching anything another daemon may be using.
     let _lock = crate::lock::acquire(&config)?;
+    // Owner-only data and snapshot dirs, tightened if an earlier run left them wider.
+    crate::private::secure_start(&config)?;
 
     // A snapshot interrupted by a crash or a kill is never usable: remove it before anything
     // can list it. Sealed snapshots are not touched.

@@ -411,7 +411,13 @@ pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut vars = HashMap::new();
     for item in iter {
-        let (k, v) = item.map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+        let (k, v) = item.map_err(|e| {
+            format!(
+                "cannot parse {}: {}",
+                path.display(),
+                crate::redact::env_error(&e)
+            )
+        })?;
         vars.insert(k, v);
     }
     Ok(vars)
