@@ -361,6 +361,48 @@ fn config() -> String {
     )
 }
 
+/// The unit's sandbox is in force for the running daemon, not skipped by this systemd in a
+/// container: no new privileges, a seccomp filter, capabilities within the unit's bounding
+/// set, /etc and /usr read-only, and /proc with other processes hidden and only pid dirs.
+fn assert_sandboxed(m: &Machine, pid: u32) {
+    let status = m.ok(&format!("cat /proc/{pid}/status"));
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2", "no seccomp filter");
+    // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SYS_ADMIN; Docker's default set
+    // lacks DAC_READ_SEARCH, so the container's daemon has one fewer.
+    let allowed: u64 = 0b1_1111 | 1 << 21;
+    let bounding = u64::from_str_radix(&field("CapBnd"), 16).unwrap();
+    assert_eq!(
+        bounding & !allowed,
+        0,
+        "CapBnd {bounding:x} beyond the unit's set"
+    );
+    assert_ne!(bounding & 1 << 21, 0, "CAP_SYS_ADMIN missing: {bounding:x}");
+    let mounts = m.ok(&format!("cat /proc/{pid}/mountinfo"));
+    for (dir, option) in [
+        ("/etc", "ro"),
+        ("/usr", "ro"),
+        ("/proc", "hidepid=invisible"),
+        ("/proc", "subset=pid"),
+    ] {
+        assert!(
+            mounts.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(4) == Some(&dir) && l.split([' ', ',']).any(|o| o == option)
+            }),
+            "{dir} is not mounted {option} for the daemon:\n{mounts}"
+        );
+    }
+}
+
 /// install.sh, the service's life under systemd, and uninstall.sh, in one booted machine.
 #[test]
 fn unit_under_real_systemd() {
@@ -491,6 +533,7 @@ fn unit_under_real_systemd() {
         "systemd-analyze security --no-pager {UNIT} | tail -n 1"
     ));
     eprintln!("systemd-analyze security: {}", exposure.trim());
+    assert_sandboxed(&m, up.main_pid);
 
     // A wedged daemon (stopped, so it cannot ping) is killed by the watchdog and restarted.
     let before = m.show();
