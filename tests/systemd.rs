@@ -656,6 +656,14 @@ fn unit_under_real_systemd() {
     );
     assert!(text(&refused).contains("add --yes"), "{}", text(&refused));
     assert!(m.exists("/var/lib/immich-guard/snapshots/kept-by-uninstall"));
+    // On a terminal it asks; anything but "yes" keeps everything.
+    let declined = m.sh("echo no | script -qec '/src/systemd/uninstall.sh --purge' /dev/null");
+    assert!(
+        !declined.status.success() && text(&declined).contains("Type yes"),
+        "{}",
+        text(&declined)
+    );
+    assert!(m.exists("/var/lib/immich-guard/snapshots/kept-by-uninstall"));
     let out = m.ok("/src/systemd/uninstall.sh --purge --yes");
     eprintln!("uninstall.sh --purge --yes:\n{out}");
     for path in [
