@@ -189,7 +189,8 @@ fn text(out: &Output) -> String {
 
 impl Machine {
     /// `init`: the image's /sbin/init (systemd), or another PID 1 such as `sleep infinity`.
-    fn start(image: &str, role: &str, gate: &Gate, init: &[&str]) -> Machine {
+    /// `mounts`: more `-v` arguments.
+    fn start(image: &str, role: &str, gate: &Gate, mounts: &[String], init: &[&str]) -> Machine {
         let name = format!("immich-guard-systemd-test-{}-{role}", std::process::id());
         // Machines of test processes that died are removed like their stacks.
         harness::compose::remove_leftovers();
@@ -223,8 +224,11 @@ impl Machine {
             &repo_mount,
             "-v",
             &bin_mount,
-            image,
         ];
+        for mount in mounts {
+            args.extend(["-v", mount]);
+        }
+        args.push(image);
         if !init.is_empty() {
             // Docker's init as PID 1 reaps the daemons install.sh leaves behind, as a
             // container's init would.
@@ -371,6 +375,23 @@ fn config() -> String {
 /// A group every Debian root has.
 const SOCKET_GROUP: &str = "users";
 
+/// Waits until systemd in `m` has finished booting.
+fn wait_booted(m: &Machine) {
+    let boot = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = m.sh("systemctl is-system-running");
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        if state == "running" || state == "degraded" {
+            break;
+        }
+        assert!(
+            Instant::now() < boot,
+            "systemd did not finish booting: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The unit's sandbox is in force for the running daemon, not skipped by this systemd in a
 /// container: no new privileges, a seccomp filter, capabilities within the unit's bounding
 /// set, /etc and /usr read-only, and /proc with other processes hidden and only pid dirs.
@@ -422,20 +443,8 @@ fn unit_under_real_systemd() {
     let started = Instant::now();
     let image = systemd_image();
     let gate = Gate::closed();
-    let m = Machine::start(&image, "systemd", &gate, &[]);
-    let boot = Instant::now() + Duration::from_secs(30);
-    loop {
-        let state = m.sh("systemctl is-system-running");
-        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
-        if state == "running" || state == "degraded" {
-            break;
-        }
-        assert!(
-            Instant::now() < boot,
-            "systemd did not finish booting: {state}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = Machine::start(&image, "systemd", &gate, &[], &[]);
+    wait_booted(&m);
     eprintln!(
         "systemd booted in the container after {:.1?}",
         started.elapsed()
@@ -711,7 +720,7 @@ fn install_without_systemd_running() {
     let image = systemd_image();
     let gate = Gate::closed();
     gate.open();
-    let m = Machine::start(&image, "no-systemd", &gate, &["sleep", "infinity"]);
+    let m = Machine::start(&image, "no-systemd", &gate, &[], &["sleep", "infinity"]);
     m.write("/etc/immich-guard/config.toml", &config());
     let out = m.ok("/src/systemd/install.sh --binary /opt/immich-guard");
     eprintln!("install.sh:\n{out}");
@@ -819,4 +828,72 @@ fn install_without_systemd_running() {
         "uninstall.sh killed pid {decoy}"
     );
     eprintln!("install without systemd took {:.1?}", started.elapsed());
+}
+
+/// The job itself inside the sandbox: a snapshot of an Immich-shaped stack (pg_dumpall through
+/// Docker, a hardlink tree of the uploads, the compose config) taken by the installed service.
+/// The stack lives under the host's /tmp, which the unit's PrivateTmp hides: the machine gets
+/// it at the same path and the service through a BindPaths= drop-in, as an admin with a stack
+/// under /tmp would do; every hardening directive stays.
+#[test]
+fn snapshot_under_the_sandbox() {
+    if !harness::docker_available() {
+        return;
+    }
+    let started = Instant::now();
+    let image = systemd_image();
+    let stack = harness::Stack::up(harness::StackSpec::default());
+    let root = stack.dir.parent().unwrap().to_path_buf();
+    let root_str = root.display().to_string();
+    let gate = Gate::closed();
+    gate.open();
+    let m = Machine::start(
+        &image,
+        "snapshot",
+        &gate,
+        &[format!("{root_str}:{root_str}")],
+        &[],
+    );
+    // The daemon reaches PostgreSQL on the stack's network, as it would on the host.
+    let network = format!("{}_default", stack.project);
+    let out = docker(&["network", "connect", &network, &m.name]);
+    assert!(
+        out.status.success(),
+        "docker network connect: {}",
+        text(&out)
+    );
+    wait_booted(&m);
+    m.write(
+        &format!("/etc/systemd/system/{UNIT}.d/stack.conf"),
+        &format!("[Service]\nBindPaths={root_str}\n"),
+    );
+    // Snapshots beside the uploads: the same filesystem and mount, so a hardlink tree.
+    m.write(
+        "/etc/immich-guard/config.toml",
+        &format!(
+            "[stack]\nproject = \"{}\"\n\n[docker]\nhost = \"unix:///gate/docker.sock\"\n\n[snapshots]\ndir = \"{root_str}/snapshots\"\n",
+            stack.project
+        ),
+    );
+    let out = m.ok("/src/systemd/install.sh --binary /opt/immich-guard");
+    eprintln!("install.sh:\n{out}");
+    let snap = m.sh("immich-guard snapshot --label sandbox");
+    let snap_out = text(&snap);
+    eprintln!("immich-guard snapshot:\n{snap_out}");
+    assert!(
+        snap.status.success() && snap_out.contains("sealed snapshot"),
+        "snapshot under the sandbox failed:\n{snap_out}\n{}",
+        m.journal()
+    );
+    assert!(snap_out.contains("by hardlink tree"), "{snap_out}");
+    let sealed = std::fs::read_dir(root.join("snapshots"))
+        .expect("snapshot dir on the host")
+        .flatten()
+        .any(|e| e.path().join("meta.json").exists());
+    assert!(
+        sealed,
+        "no sealed snapshot (meta.json) under {root_str}/snapshots"
+    );
+    m.ok("/src/systemd/uninstall.sh --purge --yes");
+    eprintln!("snapshot under the sandbox took {:.1?}", started.elapsed());
 }
