@@ -41,6 +41,9 @@ done
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo $0)"
 
 if [ -z "$binary" ]; then
+    # sudo often resets PATH, and root may have no Rust toolchain at all.
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo is not on root's PATH: build as yourself (cargo build --release --locked) and run: sudo $0 --binary target/release/immich-guard"
     say "building: cargo build --release --locked --bin immich-guard"
     (cd "$repo" && cargo build --release --locked --bin immich-guard)
     binary=$repo/target/release/immich-guard
