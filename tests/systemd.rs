@@ -31,6 +31,7 @@ const DEBOOTSTRAP_ARGS: &[&str] = &[
     "--include=systemd,systemd-sysv,dbus",
     "bookworm",
 ];
+const SYSTEMD_LOCK: &str = "/tmp/immich-guard-test-systemd-image.lock";
 const IMPORT_CHANGES: &[&str] = &[r#"CMD ["/sbin/init"]"#, "ENV container=docker"];
 
 /// What the test sets in a drop-in: a watchdog short enough to wait for.
@@ -53,7 +54,16 @@ fn systemd_image() -> String {
         h.update(part.as_bytes());
     }
     let content = format!("{:x}", h.finalize());
-    let _lock = images::lock_images();
+    // Our own lock for the (slow) debootstrap, so the harness's image lock, which every test
+    // binary takes to check its cache, is held only for the import.
+    let own = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(SYSTEMD_LOCK)
+        .unwrap_or_else(|e| panic!("cannot open {SYSTEMD_LOCK}: {e}"));
+    own.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {SYSTEMD_LOCK}: {e}"));
     if images::image_label(&tag, images::CONTENT_LABEL).as_deref() == Some(content.as_str()) {
         return tag;
     }
@@ -81,6 +91,7 @@ fn systemd_image() -> String {
             .args(["-type", "f", "-delete"])
             .status();
     }
+    let _images = images::lock_images();
     let mut import = Command::new("docker");
     import.arg("import");
     for change in IMPORT_CHANGES
