@@ -78,8 +78,12 @@ if systemd_running; then
     systemctl daemon-reload
     systemctl enable "$UNIT_NAME" 2>&1 | sed "s/^/${0##*/}: /"
     say "enabled $UNIT_NAME"
-    # One left running by hand would hold the data dir's lock and the socket.
-    stop_by_pidfile
+    # One left running by hand would hold the data dir's lock and the socket; the service's
+    # own daemon also writes the pid file, and systemd restarts that one below.
+    by_hand=$(running_pid)
+    if [ -n "$by_hand" ] && [ "$by_hand" != "$(systemctl show -p MainPID --value "$UNIT_NAME")" ]; then
+        stop_by_pidfile
+    fi
     if systemctl is-active --quiet "$UNIT_NAME"; then
         say "restarting $UNIT_NAME"
         systemctl restart "$UNIT_NAME"

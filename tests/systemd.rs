@@ -757,31 +757,9 @@ fn install_without_systemd_running() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    // The pid file and its lock come with issue 10's single-daemon lock. A binary that
-    // writes none cannot be restarted by install.sh, which says so; the test then keeps the
-    // contract for it (a shell locks the file, writes its pid and execs the daemon, which
-    // inherits the locked descriptor) to check the restart all the same.
-    let emulated = !m.exists(pid_file);
-    if emulated {
-        let again = m.sh("/src/systemd/install.sh --binary /opt/immich-guard");
-        assert!(
-            !again.status.success() && text(&again).contains("holds no pid file"),
-            "{}",
-            text(&again)
-        );
-        let old = status_pid();
-        m.ok(&format!("kill -TERM {old}"));
-        wait_gone(old);
-        m.ok(&format!(
-            "cd / && setsid sh -c 'exec 9>>{pid_file}; flock -n 9; echo $$ >{pid_file}; exec immich-guard run' >>/var/log/immich-guard.log 2>&1 </dev/null &"
-        ));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !m.sh("immich-guard status").status.success() {
-            assert!(Instant::now() < deadline, "emulated daemon did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("NOTE: this daemon writes no {pid_file}: the test holds its lock for it");
-    }
+    // The daemon writes its pid to <data_dir>/daemon.pid and holds its lock (src/lock.rs):
+    // that file, never a process name, is how install.sh finds it.
+    assert!(m.exists(pid_file), "the daemon wrote no {pid_file}");
     let pid = m
         .ok(&format!("cat {pid_file}"))
         .trim()
@@ -798,14 +776,9 @@ fn install_without_systemd_running() {
     wait_gone(pid);
     let new_pid = status_pid();
     assert_ne!(new_pid, pid, "not restarted");
-    if emulated {
-        m.ok(&format!("kill -TERM {new_pid}"));
-        wait_gone(new_pid);
-    } else {
-        let out = m.ok("/src/systemd/uninstall.sh");
-        assert!(out.contains(&format!("daemon {new_pid} stopped")), "{out}");
-        wait_gone(new_pid);
-    }
+    let out = m.ok("/src/systemd/uninstall.sh");
+    assert!(out.contains(&format!("daemon {new_pid} stopped")), "{out}");
+    wait_gone(new_pid);
     let out = m.ok("/src/systemd/uninstall.sh");
     assert!(!m.exists("/usr/local/bin/immich-guard"));
     assert!(!m.exists("/etc/systemd/system/multi-user.target.wants/immich-guard.service"));
