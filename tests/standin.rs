@@ -714,3 +714,15 @@ fn images_are_cached_by_content() {
     ]);
     assert_eq!(listing, "immich-standin");
 }
+
+/// Removes everything the harness ever made (containers, networks, volumes, images with our
+/// labels, kept stacks, temp dirs, lock files); README: `cargo test --test standin --
+/// --ignored --exact cleanup`. What a running test process owns is left and listed.
+#[test]
+#[ignore = "removes every test stack and image; run by hand"]
+fn cleanup() {
+    if !docker_available() {
+        return;
+    }
+    harness::host::cleanup_and_report();
+}
