@@ -216,7 +216,24 @@ fn daemon_shows_the_stack_and_follows_a_recreate_to_a_new_version() {
         "{}",
         first.status_line
     );
-    let old_server = discovered.server.as_ref().unwrap().container_id.clone();
+    let server = discovered.server.as_ref().unwrap();
+    // Compose's naming of this generation: `<project>-immich-server-1` or `…_immich-server_1`.
+    assert_eq!(server.container_name, stack.container_name("immich-server"));
+    let compose_style = [
+        format!("{}-immich-server-1", stack.project),
+        format!("{}_immich-server_1", stack.project),
+    ];
+    assert!(
+        compose_style.contains(&server.container_name),
+        "{}",
+        server.container_name
+    );
+    assert_eq!(
+        discovered.compose_dir.as_deref(),
+        Some(stack.dir.as_path()),
+        "from com.docker.compose.project.working_dir"
+    );
+    let old_server = server.container_id.clone();
 
     let out = guard.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
