@@ -161,7 +161,13 @@ pub fn cleanup() -> Cleaned {
     }
     done.left.sort();
     done.left.dedup();
-    cleanup_images(&mut done);
+    // Images are shared by every test process: while one runs, they stay.
+    if done.left.is_empty() {
+        cleanup_images(&mut done);
+    } else {
+        done.left
+            .push("images (a test process runs; they are shared)".to_string());
+    }
     for entry in std::fs::read_dir(std::env::temp_dir())
         .into_iter()
         .flatten()
@@ -206,30 +212,33 @@ pub fn cleanup() -> Cleaned {
 fn cleanup_images(done: &mut Cleaned) {
     let scoped = std::env::var("IMMICH_GUARD_TEST_IMAGE_PREFIX").is_ok_and(|p| !p.is_empty());
     let prefix = images::prefix();
+    let mut listed = Vec::new();
     for label in [format!("{TEST_LABEL}=1"), images::CONTENT_LABEL.to_string()] {
         let filter = format!("label={label}");
-        let listed = lines(&docker(&[
+        listed.extend(lines(&docker(&[
             "images",
             "--filter",
             &filter,
             "--format",
             "{{.Repository}}:{{.Tag}}\t{{.ID}}",
-        ]));
-        for l in listed {
-            let (tag, id) = l.split_once('\t').unwrap_or((l.as_str(), ""));
-            let what = if tag.contains("<none>") { id } else { tag };
-            if scoped && !tag.starts_with(&prefix) {
-                continue;
-            }
-            let out = docker(&["rmi", what]);
-            if out.status.success() {
-                done.removed.push(format!("image {what}"));
-            } else if !String::from_utf8_lossy(&out.stderr).contains("No such image") {
-                done.left.push(format!(
-                    "image {what} ({})",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+        ])));
+    }
+    listed.sort();
+    listed.dedup();
+    for l in listed {
+        let (tag, id) = l.split_once('\t').unwrap_or((l.as_str(), ""));
+        let what = if tag.contains("<none>") { id } else { tag };
+        if scoped && !tag.starts_with(&prefix) {
+            continue;
+        }
+        let out = docker(&["rmi", what]);
+        if out.status.success() {
+            done.removed.push(format!("image {what}"));
+        } else if !String::from_utf8_lossy(&out.stderr).contains("No such image") {
+            done.left.push(format!(
+                "image {what} ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
     }
 }
