@@ -220,10 +220,13 @@ static SKIPS: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
 /// so in the test's own output.
 pub fn skip(why: &str) {
     static HOOK: Once = Once::new();
+    // Not in the `--list` child of `test_count` (a bench's own main may run there).
     HOOK.call_once(|| {
-        // SAFETY: registers a plain `extern "C" fn` without arguments, as atexit wants.
-        unsafe {
-            nix::libc::atexit(print_summary);
+        if std::env::var_os(COUNTING).is_none() {
+            // SAFETY: registers a plain `extern "C" fn` without arguments, as atexit wants.
+            unsafe {
+                nix::libc::atexit(print_summary);
+            }
         }
     });
     eprintln!("skipping: {why}");
@@ -234,21 +237,24 @@ pub fn skip(why: &str) {
         .or_default() += 1;
 }
 
-/// The number of tests in this binary, from its own `--list`.
+/// Set in the `--list` child of [`test_count`].
+const COUNTING: &str = "IMMICH_GUARD_TEST_COUNTING";
+
+/// The number of tests in this binary, from its own `--list` (none for a bench).
 fn test_count() -> Option<usize> {
     let exe = std::env::current_exe().ok()?;
     let out = Command::new(exe)
         .args(["--list", "--format", "terse"])
+        .env(COUNTING, "1")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    Some(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.ends_with(": test"))
-            .count(),
-    )
+    let n = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count();
+    (n > 0).then_some(n)
 }
 
 extern "C" fn print_summary() {
