@@ -696,6 +696,8 @@ fn images_are_cached_by_content() {
         docker_ok(&[
             "run",
             "--rm",
+            "--label",
+            "io.immich-guard.test=1",
             "--entrypoint",
             "/bin/cat",
             &tag,
@@ -706,6 +708,8 @@ fn images_are_cached_by_content() {
     let listing = docker_ok(&[
         "run",
         "--rm",
+        "--label",
+        "io.immich-guard.test=1",
         "--entrypoint",
         "/bin/sh",
         &tag,

@@ -89,6 +89,8 @@ pub fn foreign_stacks() -> Vec<ForeignStack> {
 /// stack the harness left over fails the test instead (CI must start clean); anything else
 /// (an admin's stack, a parallel run's) is a skip everywhere.
 pub fn foreign_stack_present(test: &str) -> bool {
+    // Leftovers of crashed runs go first; what stays of ours is a kept stack.
+    super::compose::remove_leftovers();
     let found = foreign_stacks();
     if found.is_empty() {
         return false;
