@@ -222,7 +222,7 @@ pub fn lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
-fn docker(args: &[&str]) -> Output {
+pub fn docker(args: &[&str]) -> Output {
     Command::new("docker")
         .args(args)
         .stdin(Stdio::null())

@@ -2,24 +2,14 @@
 //! one, another checkout's test run, a kept stack), and the cleanup of everything the harness
 //! ever made.
 
-use std::process::{Command, Output, Stdio};
-
 use super::compose::{
-    KEPT_LIST, KEPT_MARKER, OWNER_LABEL, STACK_DIR_PREFIX, TEST_LABEL, lines, pid_alive,
+    KEPT_LIST, KEPT_MARKER, OWNER_LABEL, STACK_DIR_PREFIX, TEST_LABEL, docker, lines, pid_alive,
     remove_tree,
 };
 use super::{deps, images};
 
 /// Prefix of a daemon's temp dir in [`super::guard::Guard`] (`<tmp>/immich-guard-daemon-<pid>-…`).
 pub const GUARD_DIR_PREFIX: &str = "immich-guard-daemon-";
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"))
-}
 
 /// A compose project with an Immich server container that this process did not start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,13 +153,6 @@ pub fn cleanup() -> Cleaned {
     }
     done.left.sort();
     done.left.dedup();
-    // Images are shared by every test process: while one runs, they stay.
-    if done.left.is_empty() {
-        cleanup_images(&mut done);
-    } else {
-        done.left
-            .push("images (a test process runs; they are shared)".to_string());
-    }
     for entry in std::fs::read_dir(std::env::temp_dir())
         .into_iter()
         .flatten()
@@ -199,12 +182,18 @@ pub fn cleanup() -> Cleaned {
         done.removed
             .push(format!("dir {}{kept}", entry.path().display()));
     }
+    // Images are shared by every test process: while one runs, they stay. Last, because
+    // removing a root-owned tree without root needs the base image.
     if done.left.is_empty() {
+        cleanup_images(&mut done);
         for file in [KEPT_LIST, images::LOCK_PATH] {
             if std::fs::remove_file(file).is_ok() {
                 done.removed.push(format!("file {file}"));
             }
         }
+    } else {
+        done.left
+            .push("images, the image lock (a test process runs; they are shared)".to_string());
     }
     done
 }
