@@ -254,7 +254,13 @@ fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
     assert_pre_migration(&meta, assets_before);
     stack.compose(&["up", "-d"]);
     assert_upgraded(&stack, assets_before);
-    docker_ok(&["rmi", "-f", &format!("{}:{tag}", server_repo())]);
+    // Both tags this test made (the stack built the ML image for the tag too).
+    docker_ok(&[
+        "rmi",
+        "-f",
+        &format!("{}:{tag}", server_repo()),
+        &format!("{}:{tag}", harness::images::ml_repo()),
+    ]);
 }
 
 #[test]
