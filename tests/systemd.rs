@@ -24,7 +24,7 @@ const ENGINE_SOCKET: &str = "/var/run/docker.sock";
 
 /// Bump when the recipe below changes.
 const SYSTEMD_RECIPE: &str = "immich-guard-test-systemd/1";
-const SYSTEMD_IMAGE: &str = "immich-guard-test/systemd:bookworm";
+const SYSTEMD_IMAGE: &str = "systemd:bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const DEBOOTSTRAP_ARGS: &[&str] = &[
     "--variant=minbase",
@@ -94,11 +94,10 @@ fn systemd_image() -> String {
     let _images = images::lock_images();
     let mut import = Command::new("docker");
     import.arg("import");
-    for change in IMPORT_CHANGES
-        .iter()
-        .map(|c| c.to_string())
-        .chain([format!("LABEL {}={content}", images::CONTENT_LABEL)])
-    {
+    for change in IMPORT_CHANGES.iter().map(|c| c.to_string()).chain([
+        format!("LABEL {}={content}", images::CONTENT_LABEL),
+        format!("LABEL {}=1", images::TEST_LABEL),
+    ]) {
         import.arg("--change").arg(change);
     }
     let mut tar = Command::new("tar")
@@ -206,6 +205,7 @@ impl Machine {
         // Machines of test processes that died are removed like their stacks.
         harness::compose::remove_leftovers();
         let owner = format!("{}={}", harness::compose::OWNER_LABEL, std::process::id());
+        let test_label = format!("{}=1", harness::compose::TEST_LABEL);
         let gate_mount = format!("{}:/gate", gate.dir.path().display());
         let repo_mount = format!("{REPO}:/src:ro");
         let bin_mount = format!("{GUARD_BIN}:/opt/immich-guard:ro");
@@ -219,6 +219,8 @@ impl Machine {
             &name,
             "--label",
             &owner,
+            "--label",
+            &test_label,
             "--cap-add",
             "SYS_ADMIN",
             "--security-opt",
