@@ -519,10 +519,18 @@ impl Guard {
         }
         let Some(docker) = self.docker() else { return };
         // Pause before anything else: the server must not reach its migrations.
-        let paused = docker
-            .pause_container(&event.container_id)
-            .await
-            .map_err(|e| e.to_string());
+        let paused = docker.pause_container(&event.container_id).await;
+        if let Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) = &paused
+        {
+            // A start event read after the container was removed (seen with compose v2's
+            // recreate): nothing runs that could migrate; the new container's own start
+            // event comes next and is judged on its own.
+            tracing::info!(container = %event.name, id = %event.container_id, "a started server is already gone; nothing to freeze");
+            return;
+        }
+        let paused = paused.map_err(|e| e.to_string());
         let delay_ms = (Utc::now() - event.at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         let (image_id, version) = self.container_image(&docker, &event.container_id).await;
         if let Err(e) = &paused {
