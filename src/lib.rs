@@ -21,3 +21,4 @@ pub mod render;
 pub mod snapshot;
 pub mod status;
 pub mod systemd;
+pub mod verify;

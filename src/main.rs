@@ -79,6 +79,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check that the stack is whole: containers, ping, version, counts, originals, markers,
+    /// schema. Runs here, not in the daemon (it must work while the daemon is down). Exits
+    /// non-zero when a check fails.
+    Verify {
+        /// Compare with this snapshot (default: the newest of the running version, if any).
+        #[arg(long)]
+        against: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file as `run` would (also the paths, the socket's group and the
     /// Docker host on this machine) and print the effective settings.
     CheckConfig,
@@ -151,6 +161,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             json,
         } => runtime.block_on(release_cmd(&config, service, force, json)),
+        Command::Verify { against, json } => runtime.block_on(verify_cmd(&config, against, json)),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -349,4 +360,28 @@ fn read_snapshots(dir: &Path) -> anyhow::Result<Vec<Meta>> {
         Err(e) => bail!("cannot read the snapshots in {}: {e}", dir.display()),
         Ok(_) => Ok(Store::open(dir)?.list()?),
     }
+}
+
+async fn verify_cmd(
+    config: &Config,
+    against: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use immich_guard::verify;
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let docker = docker::connect(&host).await?;
+    let stack = discover::discover(&docker, &host, config).await?;
+    let (baseline, note) =
+        verify::choose_baseline(&config.snapshot_dir(), against.as_deref(), &stack)?;
+    let report = verify::verify(&docker, &host, &stack, baseline.as_ref(), &note).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render::verify(&report));
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -379,6 +379,37 @@ pub fn incident(i: &crate::incident::Incident) -> String {
     out
 }
 
+/// The `verify` checklist: one line per check with its outcome and numbers, then the verdict.
+pub fn verify(r: &crate::verify::Report) -> String {
+    use crate::verify::Outcome;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "verify {} against {}{}",
+        r.project,
+        r.baseline_note,
+        r.server_url
+            .as_ref()
+            .map(|u| format!("; server at {u}"))
+            .unwrap_or_default()
+    );
+    for c in &r.checks {
+        let mark = match c.outcome {
+            Outcome::Pass => "PASS",
+            Outcome::Fail => "FAIL",
+            Outcome::Skipped => "SKIP",
+        };
+        let _ = writeln!(out, "  [{mark}] {:<11} {}", c.name, c.detail);
+    }
+    let failed = r.failures().count();
+    let _ = if failed == 0 {
+        writeln!(out, "PASSED: {} checks, none failed", r.checks.len())
+    } else {
+        writeln!(out, "FAILED: {failed} of {} checks failed", r.checks.len())
+    };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +456,37 @@ mod tests {
         assert_eq!(duration(90000), "1d1h");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 << 20), "3.0 MiB");
+    }
+
+    #[test]
+    fn verify_checklist_has_one_line_per_check_and_a_verdict() {
+        use crate::verify::{Check, Outcome, Report};
+        let check = |name: &str, outcome, detail: &str| Check {
+            name: name.into(),
+            outcome,
+            detail: detail.into(),
+        };
+        let report = Report {
+            project: "immich".into(),
+            against: Some("snap".into()),
+            baseline_note: "snapshot snap (--against)".into(),
+            expected_version: Some("v1.119.0".into()),
+            server_url: Some("http://172.18.0.5:2283".into()),
+            at: chrono::Utc::now(),
+            passed: false,
+            checks: vec![
+                check("ping", Outcome::Pass, "/api/server/ping answered pong"),
+                check("assets", Outcome::Fail, "0 now, 40000 in the snapshot"),
+                check("schema", Outcome::Skipped, "skipped: not in this image"),
+            ],
+        };
+        assert_eq!(
+            verify(&report),
+            "verify immich against snapshot snap (--against); server at http://172.18.0.5:2283\n\
+             \x20 [PASS] ping        /api/server/ping answered pong\n\
+             \x20 [FAIL] assets      0 now, 40000 in the snapshot\n\
+             \x20 [SKIP] schema      skipped: not in this image\n\
+             FAILED: 1 of 3 checks failed\n"
+        );
     }
 }
