@@ -371,9 +371,8 @@ async fn verify_cmd(
     let host = docker::engine_host(config.docker.host.as_deref());
     let docker = docker::connect(&host).await?;
     let stack = discover::discover(&docker, &host, config).await?;
-    let (baseline, note) =
-        verify::choose_baseline(&config.snapshot_dir(), against.as_deref(), &stack)?;
-    let report = verify::verify(&docker, &host, &stack, baseline.as_ref(), &note).await;
+    let plan = verify::choose_plan(&config.snapshot_dir(), against.as_deref(), &stack)?;
+    let report = verify::verify(&docker, &host, &stack, &plan).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -385,7 +385,7 @@ pub fn verify(r: &crate::verify::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "verify {} against {}{}",
+        "verify {}: {}{}",
         r.project,
         r.baseline_note,
         r.server_url
@@ -482,7 +482,7 @@ mod tests {
         };
         assert_eq!(
             verify(&report),
-            "verify immich against snapshot snap (--against); server at http://172.18.0.5:2283\n\
+            "verify immich: snapshot snap (--against); server at http://172.18.0.5:2283\n\
              \x20 [PASS] ping        /api/server/ping answered pong\n\
              \x20 [FAIL] assets      0 now, 40000 in the snapshot\n\
              \x20 [SKIP] schema      skipped: not in this image\n\

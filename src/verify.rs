@@ -141,14 +141,51 @@ impl Baseline {
     }
 }
 
-/// The snapshot to compare with: `against` when given (it must be sealed), else the newest
-/// sealed snapshot of the running version of this project, else none. Returns the baseline
-/// and a note saying which and why, for the report.
-pub fn choose_baseline(
-    dir: &Path,
-    against: Option<&str>,
-    stack: &Stack,
-) -> Result<(Option<Baseline>, String), VerifyError> {
+/// What one verify compares with: the snapshot (if any), why that one, and the version the
+/// server must answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub baseline: Option<Baseline>,
+    /// Said in the report: `snapshot X (--against)`, `no sealed snapshot of v1.2.3 …`.
+    pub note: String,
+    pub expected_version: Option<String>,
+}
+
+impl Plan {
+    /// After a restore (and `--against`): everything as the snapshot recorded it, its version
+    /// included.
+    pub fn against(meta: &Meta, dir: &Path, note: String) -> Plan {
+        Plan {
+            baseline: Some(Baseline::of(meta, dir)),
+            note,
+            expected_version: Some(meta.version.clone()),
+        }
+    }
+
+    /// After an upgrade settled: nothing lost since the pre-update snapshot (counts,
+    /// originals, markers), while the server answers the version its image names.
+    pub fn after_upgrade(meta: &Meta, dir: &Path, running: Option<&ImmichVersion>) -> Plan {
+        Plan {
+            baseline: Some(Baseline::of(meta, dir)),
+            note: format!("pre-update snapshot {} ({})", meta.id, meta.version),
+            expected_version: image_version(running),
+        }
+    }
+
+    /// The stack alone: no snapshot.
+    pub fn stack_only(note: String, running: Option<&ImmichVersion>) -> Plan {
+        Plan {
+            baseline: None,
+            note,
+            expected_version: image_version(running),
+        }
+    }
+}
+
+/// The plan for the CLI: the snapshot `against` when given (it must be sealed), else the
+/// newest sealed snapshot of the running version of this project, else the stack alone.
+/// `dir` is the snapshot dir; it is only read.
+pub fn choose_plan(dir: &Path, against: Option<&str>, stack: &Stack) -> Result<Plan, VerifyError> {
     if let Some(id) = against {
         let snap = dir.join(id);
         let meta_path = snap.join(META_FILE);
@@ -167,10 +204,8 @@ pub fn choose_baseline(
         };
         let meta: Meta = serde_json::from_str(&text)
             .map_err(|e| no(format!(": {} is unreadable: {e}", meta_path.display())))?;
-        return Ok((
-            Some(Baseline::of(&meta, &snap)),
-            format!("snapshot {} (--against)", meta.id),
-        ));
+        let note = format!("snapshot {} (--against)", meta.id);
+        return Ok(Plan::against(&meta, &snap, note));
     }
     let all = match std::fs::metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -183,17 +218,17 @@ pub fn choose_baseline(
     };
     let running = stack.version.as_ref();
     Ok(match newest_of_running(&all, &stack.project, running) {
-        Some(meta) => (
-            Some(Baseline::of(meta, &dir.join(&meta.id))),
-            format!("snapshot {} (newest of the running version)", meta.id),
-        ),
-        None => (
-            None,
+        Some(meta) => {
+            let note = format!("snapshot {} (newest of the running version)", meta.id);
+            Plan::against(meta, &dir.join(&meta.id), note)
+        }
+        None => Plan::stack_only(
             format!(
                 "no sealed snapshot of {} in {}: stack checks only",
                 running.map_or("the running version".into(), |v| v.name()),
                 dir.display()
             ),
+            running,
         ),
     })
 }
@@ -213,18 +248,12 @@ pub fn newest_of_running<'a>(
         .max_by_key(|m| (m.sealed_at, m.id.clone()))
 }
 
-/// The version verify expects the server to answer: the snapshot's, else the one the image
-/// names (label or a version tag); `None` when the image names none (`:release`).
-pub fn expected_version(
-    baseline: Option<&Baseline>,
-    running: Option<&ImmichVersion>,
-) -> Option<String> {
-    match baseline {
-        Some(b) => Some(b.version.clone()),
-        None => running
-            .map(|v| v.name())
-            .filter(|n| parse_version(n).is_some()),
-    }
+/// The version the running image names (its label or a version tag); `None` when it names
+/// none (`:release` without a label).
+pub fn image_version(running: Option<&ImmichVersion>) -> Option<String> {
+    running
+        .map(|v| v.name())
+        .filter(|n| parse_version(n).is_some())
 }
 
 /// `v1.2.3`, `1.2.3`, `v1.2.3-rc1` → (1, 2, 3).
@@ -256,6 +285,10 @@ pub struct ContainerFact {
     /// The healthcheck's status, when the container has one.
     pub health: Option<String>,
 }
+
+/// Per original of a snapshot's manifest: (path, recorded size, what is there now); or why
+/// they could not be looked at.
+pub type Originals = Result<Vec<(String, u64, Observed)>, String>;
 
 /// An HTTP answer (status, body) or why there was none.
 pub type Probe = Result<(u16, String), String>;
@@ -290,7 +323,7 @@ pub struct Facts {
     pub counts: Result<Counts, String>,
     /// Per original of the baseline's manifest: (path, recorded size, now). `None` without a
     /// baseline.
-    pub originals: Option<Result<Vec<(String, u64, Observed)>, String>>,
+    pub originals: Option<Originals>,
     /// Per marker folder, what is at `<folder>/.immich`; `Err` when the upload location is
     /// unknown.
     pub markers: Result<Vec<(String, Observed)>, String>,
@@ -482,10 +515,7 @@ fn size_may_change(path: &str) -> bool {
     path.to_ascii_lowercase().ends_with(".xmp")
 }
 
-pub fn check_originals(
-    found: Option<&Result<Vec<(String, u64, Observed)>, String>>,
-    baseline: Option<&Baseline>,
-) -> Check {
+pub fn check_originals(found: Option<&Originals>, baseline: Option<&Baseline>) -> Check {
     let (found, baseline) = match (found, baseline) {
         (Some(f), Some(b)) => (f, b),
         _ => {
@@ -675,22 +705,16 @@ fn name_some(list: &[String]) -> String {
 // ---- gathering (I/O) ----
 
 /// Gathers the facts and judges them: the one call restore and the daemon make.
-pub async fn verify(
-    docker: &Docker,
-    docker_host: &str,
-    stack: &Stack,
-    baseline: Option<&Baseline>,
-    baseline_note: &str,
-) -> Report {
+pub async fn verify(docker: &Docker, docker_host: &str, stack: &Stack, plan: &Plan) -> Report {
+    let baseline = plan.baseline.as_ref();
     let facts = gather(docker, docker_host, stack, baseline).await;
-    let expected = expected_version(baseline, stack.version.as_ref());
-    let checks = evaluate(&facts, baseline, expected.as_deref());
+    let checks = evaluate(&facts, baseline, plan.expected_version.as_deref());
     let passed = checks.iter().all(|c| c.outcome != Outcome::Fail);
     Report {
         project: stack.project.clone(),
         against: baseline.map(|b| b.id.clone()),
-        baseline_note: baseline_note.to_string(),
-        expected_version: expected,
+        baseline_note: plan.note.clone(),
+        expected_version: plan.expected_version.clone(),
         server_url: facts.server_url,
         at: Utc::now(),
         passed,
@@ -905,7 +929,7 @@ pub async fn get(url: &str) -> Probe {
 }
 
 type StorageFacts = (
-    Option<Result<Vec<(String, u64, Observed)>, String>>,
+    Option<Originals>,
     Result<Vec<(String, Observed)>, String>,
     Option<BTreeSet<String>>,
 );
@@ -1317,6 +1341,66 @@ mod tests {
             paths,
             ["upload/u/a.jpg", "library/u/2024/b.heic", "profile/u/p.jpg"]
         );
+    }
+
+    fn image(tag: &str) -> ImmichVersion {
+        ImmichVersion {
+            tag: Some(tag.into()),
+            image_id: format!("sha256:{tag}"),
+            repo_digests: Vec::new(),
+            repo_tags: Vec::new(),
+            label: None,
+        }
+    }
+
+    #[test]
+    fn plans_expect_the_snapshot_version_or_the_image_version() {
+        let meta: Meta = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": "20261125T020000Z-v1.119.0-pre-update", "trigger": "pre-update",
+            "label": null, "project": "immich", "version": "v1.119.0",
+            "image_id": "sha256:v1.119.0", "repo_digests": [], "env_version": "v1.120.0",
+            "started_at": "2026-11-25T02:00:00Z", "sealed_at": "2026-11-25T02:00:05Z",
+            "db": {"migrations": [], "typeorm_migrations": 0, "kysely_migrations": 0,
+                   "assets": 40000, "users": 2, "database_bytes": 1},
+            "dump": {"sql_bytes": 1, "bytes": 1, "sha256": "00", "duration_ms": 1},
+            "storage": {"method": "hardlink", "files": 1, "dirs": 1, "symlinks": 0, "bytes": 1,
+                        "excluded": ["thumbs"], "manifest_bytes": 1, "duration_ms": 1},
+            "upload_location": "/srv/immich/library", "config_files": [], "size_bytes": 1
+        }))
+        .unwrap();
+        let dir = Path::new("/snaps").join(&meta.id);
+        let running = image("v1.120.0");
+        // Restore / --against: the snapshot's version.
+        let p = Plan::against(&meta, &dir, "x".into());
+        assert_eq!(p.expected_version.as_deref(), Some("v1.119.0"));
+        assert_eq!(
+            p.baseline.as_ref().unwrap().manifest,
+            dir.join(MANIFEST_FILE)
+        );
+        assert_eq!(p.baseline.as_ref().unwrap().assets, meta.db.assets);
+        // After an upgrade: counts from the pre-update snapshot, the new image's version.
+        let p = Plan::after_upgrade(&meta, &dir, Some(&running));
+        assert_eq!(p.expected_version.as_deref(), Some("v1.120.0"));
+        assert_eq!(p.baseline.unwrap().id, meta.id);
+        // `:release` names no version: nothing to expect.
+        assert_eq!(
+            Plan::stack_only(String::new(), Some(&image("release"))).expected_version,
+            None
+        );
+        // The newest of the running version, by name or by image, of this project only.
+        let mut other = meta.clone();
+        other.id = "later".into();
+        other.sealed_at = meta.sealed_at + chrono::Duration::hours(1);
+        other.project = "someone-else".into();
+        let all = vec![meta.clone(), other];
+        let v119 = image("v1.119.0");
+        assert_eq!(
+            newest_of_running(&all, &meta.project, Some(&v119))
+                .unwrap()
+                .id,
+            meta.id
+        );
+        assert!(newest_of_running(&all, &meta.project, Some(&running)).is_none());
     }
 
     #[test]
