@@ -252,6 +252,45 @@ fn verify_passes_a_healthy_stack_and_catches_each_fault_on_its_own() {
         "immich-admin schema-check: No schema drift detected"
     );
 
+    // A healthcheck counts where there is one: redis recreated with one that fails until
+    // /tmp/healthy exists.
+    let yaml = std::fs::read_to_string(&stack.compose_file).unwrap();
+    let anchor = format!("    container_name: {redis}\n");
+    assert!(yaml.contains(&anchor));
+    let check = "    healthcheck:\n      test: [\"CMD-SHELL\", \"test -e /tmp/healthy\"]\n      interval: 1s\n      timeout: 1s\n      retries: 1\n";
+    std::fs::write(
+        &stack.compose_file,
+        yaml.replace(&anchor, &format!("{anchor}{check}")),
+    )
+    .unwrap();
+    stack.compose(&["up", "-d"]);
+    stack.wait_server_ready(Duration::from_secs(60)).unwrap();
+    let health = || docker_ok(&["inspect", "-f", "{{.State.Health.Status}}", &redis]);
+    let start = std::time::Instant::now();
+    while health() != "unhealthy" {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", health());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (out, report) = verify(&config, &["--against", &meta.id]);
+    fails_only(
+        &out,
+        &report,
+        "containers",
+        &format!("3/4 running; redis ({redis}) running but unhealthy"),
+    );
+    docker_ok(&["exec", &redis, "touch", "/tmp/healthy"]);
+    while health() != "healthy" {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", health());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (out, report) = verify(&config, &["--against", &meta.id]);
+    passes(&out, &report);
+    assert!(
+        detail(&report, "containers").contains("redis (healthy)"),
+        "{}",
+        detail(&report, "containers")
+    );
+
     // The server on another version than the snapshot's.
     harness::ensure_images(&["v1.120.0"]);
     stack.set_env("IMMICH_VERSION", "v1.120.0");
@@ -266,8 +305,13 @@ fn verify_passes_a_healthy_stack_and_catches_each_fault_on_its_own() {
         "version",
         "server answers v1.120.0, expected v1.119.0",
     );
-    // The upgrade's boot uploaded one more: more than the snapshot is fine.
-    assert_eq!(detail(&report, "assets"), "5 now, 4 in the snapshot");
+    // Each boot since uploaded one more: more than the snapshot is fine.
+    let now = stack.asset_count();
+    assert!(now > 4);
+    assert_eq!(
+        detail(&report, "assets"),
+        format!("{now} now, 4 in the snapshot")
+    );
 
     // No snapshot of v1.120.0 yet: only the stack is judged, and it is fine.
     let (out, report) = verify(&config, &[]);
