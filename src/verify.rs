@@ -748,32 +748,38 @@ pub async fn gather(
             }
             continue;
         };
-        let inspect = docker
+        let inspected = docker
             .inspect_container(&service.container_id, None::<InspectContainerOptions>)
             .await;
-        let fact = match &inspect {
+        let name = Some(service.container_name.clone());
+        let (fact, inspected) = match inspected {
             Ok(c) => {
                 let state = c.state.clone().unwrap_or_default();
-                ContainerFact {
+                let fact = ContainerFact {
                     role,
-                    name: Some(service.container_name.clone()),
+                    name,
                     state: state.status.map(|s| s.to_string()).unwrap_or_default(),
                     health: state
                         .health
                         .and_then(|h| h.status)
                         .map(|s| s.to_string())
                         .filter(|s| !s.is_empty() && s != "none"),
-                }
+                };
+                (fact, Some(c))
             }
-            Err(e) => ContainerFact {
-                role,
-                name: Some(service.container_name.clone()),
-                state: format!("cannot inspect: {}", classify(docker_host, clone_err(e))),
-                health: None,
-            },
+            Err(e) => {
+                let state = format!("cannot inspect: {}", classify(docker_host, e));
+                let fact = ContainerFact {
+                    role,
+                    name,
+                    state,
+                    health: None,
+                };
+                (fact, None)
+            }
         };
         if role == "server" {
-            server = inspect.ok().map(|c| (c, fact.state == "running"));
+            server = inspected.map(|c| (c, fact.state == "running"));
         }
         containers.push(fact);
     }
@@ -827,22 +833,6 @@ pub async fn gather(
         markers,
         marker_baseline,
         schema,
-    }
-}
-
-/// bollard's error is not `Clone`; what `classify` needs of it survives a re-wrap.
-fn clone_err(e: &bollard::errors::Error) -> bollard::errors::Error {
-    match e {
-        bollard::errors::Error::DockerResponseServerError {
-            status_code,
-            message,
-        } => bollard::errors::Error::DockerResponseServerError {
-            status_code: *status_code,
-            message: message.clone(),
-        },
-        other => bollard::errors::Error::IOError {
-            err: std::io::Error::other(error_chain(other)),
-        },
     }
 }
 

@@ -127,7 +127,9 @@ fn verify_passes_a_healthy_stack_and_catches_each_fault_on_its_own() {
     assert_eq!((meta.db.assets, meta.db.users), (Some(4), Some(1)));
 
     // Healthy, against its snapshot: every line passes; schema-check is not in the image.
+    let started = std::time::Instant::now();
     let (out, report) = verify(&config, &["--against", &meta.id]);
+    eprintln!("verify --against took {:?}", started.elapsed());
     passes(&out, &report);
     assert_eq!(report.against.as_deref(), Some(meta.id.as_str()));
     let outcome = |r: &Report, name: &str| r.check(name).unwrap().outcome;
