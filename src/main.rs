@@ -417,11 +417,16 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
             println!("{line}");
         }
     };
+    // A refusal is said once, as the error at the end.
     say(format!(
         "pin {} to {}: {}",
         stack.project,
         plan.version,
-        verdict.describe(&plan.version)
+        if go {
+            verdict.describe(&plan.version)
+        } else {
+            "refused (below); the changes it would make:".to_string()
+        }
     ));
     for edit in &plan.edits {
         for change in &edit.changes {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use harness::compose::docker_ok;
 use harness::guard::Guard;
-use harness::images::server_repo;
+use harness::images::{ml_repo, server_repo};
 use harness::{Stack, StackSpec, docker_available, ensure_images};
 use immich_guard::pin::{PinRecord, Verdict};
 use immich_guard::snapshot::store::Meta;
@@ -203,4 +203,90 @@ fn pin_allows_a_rollback_without_migrations_and_refuses_one_across_them() {
         "{:?}",
         recorded[1].verdict
     );
+}
+
+/// A compose file that names the tags itself (no `${IMMICH_VERSION}`), machine learning on a
+/// `-cuda` variant: pin edits those two `image:` lines and nothing else, with the daemon
+/// stopped, and compose then runs the pinned version.
+#[test]
+fn pin_edits_image_lines_that_name_the_tag_with_the_daemon_stopped() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.119.1"]);
+    for v in ["v1.119.0", "v1.119.1"] {
+        docker_ok(&[
+            "tag",
+            &format!("{}:{v}", ml_repo()),
+            &format!("{}:{v}-cuda", ml_repo()),
+        ]);
+    }
+    let stack = Stack::create(StackSpec::new("v1.119.0"));
+    let templated = std::fs::read_to_string(&stack.compose_file).unwrap();
+    let direct = |v: &str| {
+        templated
+            .replace(
+                &format!("{}:${{IMMICH_VERSION:-release}}", server_repo()),
+                &format!("\"{}:{v}\"  # pinned by hand", server_repo()),
+            )
+            .replace(
+                &format!("{}:${{IMMICH_VERSION:-release}}", ml_repo()),
+                &format!("{}:{v}-cuda", ml_repo()),
+            )
+    };
+    let v119 = direct("v1.119.0");
+    assert_ne!(v119, templated, "the harness compose file changed shape");
+    std::fs::write(&stack.compose_file, &v119).unwrap();
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.119.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snapshots = tempfile::tempdir().unwrap();
+    let mut guard = Guard::watching(&stack, snapshots.path(), "");
+    guard.wait_status("a baseline", Duration::from_secs(60), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    let out = guard.cli(&["snapshot", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    guard.terminate();
+
+    // Upgraded by hand to v1.119.1 (no migrations), then pinned back.
+    std::fs::write(&stack.compose_file, direct("v1.119.1")).unwrap();
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.119.1", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let env_before = std::fs::read(&stack.env_file).unwrap();
+    let out = guard.cli(&["pin", "v1.119.0", "--yes"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    eprintln!("--- pin v1.119.0 --yes (direct tags, daemon stopped) ---\n{said}");
+    assert_eq!(
+        std::fs::read_to_string(&stack.compose_file).unwrap(),
+        v119,
+        "exactly the two image lines, quoting and comment kept"
+    );
+    // .env names v1.119.0 already (the harness wrote it): untouched.
+    assert_eq!(std::fs::read(&stack.env_file).unwrap(), env_before);
+    let backups: Vec<_> = std::fs::read_dir(&stack.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("docker-compose.yml.immich-guard-") && n.ends_with(".bak"))
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.119.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ml = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.Config.Image}}",
+        &stack.container_name("immich-machine-learning"),
+    ]);
+    assert_eq!(ml.trim(), format!("{}:v1.119.0-cuda", ml_repo()));
+    for v in ["v1.119.0", "v1.119.1"] {
+        docker_ok(&["rmi", &format!("{}:{v}-cuda", ml_repo())]);
+    }
 }

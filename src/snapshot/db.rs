@@ -403,6 +403,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_password_goes_in_the_exec_environment_only_when_known() {
+        let mut access = DbAccess {
+            user: "postgres".into(),
+            password: "s3cret".into(),
+            password_known: true,
+            database: "immich".into(),
+            host: None,
+            port: 5432,
+        };
+        assert_eq!(exec_env(&access), Some(vec!["PGPASSWORD=s3cret".into()]));
+        access.password_known = false;
+        assert_eq!(exec_env(&access), None);
+    }
+
+    #[test]
     fn compressed_file_checksum_is_of_the_bytes_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sql.zst");
