@@ -578,8 +578,16 @@ pub fn apply(plan: &Plan, backup: &Backup, at: DateTime<Utc>) -> Result<Applied,
             Some(m) => (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid()))),
             None => (0o644, dir_owner(&edit.path)),
         };
-        write_file(&edit.path, &edit.after, mode, owner)?;
-        applied.written.push(edit.path.clone());
+        // A symlinked .env (kept in a dotfiles repo, say) stays a link: its target is edited.
+        let target = match &meta {
+            Some(_) => std::fs::canonicalize(&edit.path).map_err(|source| PinError::Read {
+                path: edit.path.clone(),
+                source,
+            })?,
+            None => edit.path.clone(),
+        };
+        write_file(&target, &edit.after, mode, owner)?;
+        applied.written.push(target);
     }
     Ok(applied)
 }
@@ -1059,6 +1067,24 @@ DB_PASSWORD=postgres\n";
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(names.is_empty(), "{names:?}");
+        // A symlink stays one; its target is what changes.
+        let real = dir.path().join("env.real");
+        std::fs::write(&real, ENV).unwrap();
+        std::fs::remove_file(&env).unwrap();
+        std::os::unix::fs::symlink("env.real", &env).unwrap();
+        let relinked = plan_in(dir.path(), &["docker-compose.yml"], "v1.118.0").unwrap();
+        apply(&relinked, &Backup::None, at).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&env)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            std::fs::read_to_string(&real)
+                .unwrap()
+                .contains("IMMICH_VERSION=v1.118.0  #")
+        );
         // Planned on the old content: refused now.
         assert!(matches!(
             apply(&plan, &Backup::None, at),
