@@ -24,6 +24,13 @@ use crate::snapshot::store::{Meta, sync_dir};
 const KEY: &str = "IMMICH_VERSION";
 /// Under the data dir: one JSON line per pin made, forced or not.
 pub const LOG_FILE: &str = "pins.jsonl";
+/// The files `docker compose` reads when given none, in its order of preference.
+const COMPOSE_DEFAULTS: &[&str] = &[
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yaml",
+    "docker-compose.yml",
+];
 /// Machine-learning image variants: the tag is `<version><suffix>` (`v1.119.0-cuda`).
 const ML_SUFFIXES: &[&str] = &["-cuda", "-openvino", "-armnn", "-rknn", "-rocm"];
 
@@ -155,6 +162,18 @@ pub fn plan(
     let mut env_used = false;
     let mut images_seen = 0;
     let mut composes = Vec::new();
+    // No config files known (labels missing): the file compose itself would pick.
+    let defaults: Vec<PathBuf> = COMPOSE_DEFAULTS
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|p| p.is_file())
+        .take(1)
+        .collect();
+    let compose_files = if compose_files.is_empty() {
+        &defaults[..]
+    } else {
+        compose_files
+    };
     for file in compose_files {
         let path = dir.join(file);
         let before = std::fs::read(&path).map_err(|source| PinError::Read {
@@ -962,6 +981,10 @@ DB_PASSWORD=postgres\n";
                 new: "IMMICH_VERSION=v1.119.0".into()
             }]
         );
+        // No compose files named: the one compose picks by default.
+        let dir = project(&[("docker-compose.yml", COMPOSE_ENV), (".env", "A=1\n")]);
+        let plan = plan_in(dir.path(), &[], "v1.119.0").unwrap();
+        assert_eq!(after(&plan, ".env"), "A=1\nIMMICH_VERSION=v1.119.0\n");
         // Not read by the images and not there: not added.
         assert!(edit_env("A=1\n", "v1.119.0", false).changes.is_empty());
 
