@@ -428,17 +428,8 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
             "refused (below); the changes it would make:".to_string()
         }
     ));
-    for edit in &plan.edits {
-        for change in &edit.changes {
-            let at = format!("{}:{}", edit.path.display(), change.line);
-            match &change.old {
-                Some(old) => say(format!("  {at}\n    - {old}\n    + {}", change.new)),
-                None => say(format!("  {at} (appended)\n    + {}", change.new)),
-            }
-        }
-    }
-    for note in &plan.notes {
-        say(format!("  note: {note}"));
+    for line in plan.lines() {
+        say(line);
     }
     let report = |applied: Option<&pin::Applied>, log: Option<&Path>| {
         serde_json::json!({

@@ -102,6 +102,25 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+impl Plan {
+    /// The changes as the admin reads them before they are made: per changed line its place,
+    /// `- old` and `+ new`; then the notes.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for edit in &self.edits {
+            for change in &edit.changes {
+                let at = format!("{}:{}", edit.path.display(), change.line);
+                match &change.old {
+                    Some(old) => out.push(format!("  {at}\n    - {old}\n    + {}", change.new)),
+                    None => out.push(format!("  {at} (appended)\n    + {}", change.new)),
+                }
+            }
+        }
+        out.extend(self.notes.iter().map(|n| format!("  note: {n}")));
+        out
+    }
+}
+
 /// `1.119.0` → `v1.119.0`; anything a Docker tag cannot hold is refused.
 pub fn normalize_version(version: &str) -> Result<String, PinError> {
     let v = version.trim();
