@@ -165,7 +165,7 @@ pub(crate) fn parse_env(
         .map(|item| {
             item.map_err(|e| ComposeError::Parse {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                message: crate::redact::env_error(&e),
             })
         })
         .collect()

@@ -47,6 +47,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivateError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
@@ -64,6 +66,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     // Before touching anything another daemon may be using.
     let _lock = crate::lock::acquire(&config)?;
+    // Owner-only data and snapshot dirs, tightened if an earlier run left them wider.
+    crate::private::secure_start(&config)?;
 
     // A snapshot interrupted by a crash or a kill is never usable: remove it before anything
     // can list it. Sealed snapshots are not touched.
@@ -104,27 +108,50 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ));
 
     // READY once the socket listens and the first discovery attempt has an outcome, whether
-    // a stack or a reason why not.
+    // a stack or a reason why not. A stop asked for meanwhile is obeyed at once: systemd
+    // would otherwise wait out FIRST_DISCOVERY_WAIT before its stop could even begin.
     let mut first = rx.clone();
-    // `wait_for` hands back a read guard on the state: drop it at once, or every writer
-    // blocks on it.
-    let timed_out = tokio::time::timeout(
-        FIRST_DISCOVERY_WAIT,
-        first.wait_for(|s| {
-            s.docker.error.is_some() || s.discovered_at.is_some() || s.discovery_error.is_some()
-        }),
-    )
-    .await
-    .is_err();
-    if timed_out {
-        tracing::warn!("first discovery is taking long; reporting ready anyway");
+    let stop_early = tokio::select! {
+        waited = tokio::time::timeout(
+            FIRST_DISCOVERY_WAIT,
+            first.wait_for(|s| {
+                s.docker.error.is_some() || s.discovered_at.is_some() || s.discovery_error.is_some()
+            }),
+        ) => {
+            // `wait_for` hands back a read guard on the state: drop it at once, or every
+            // writer blocks on it.
+            if waited.is_err() {
+                tracing::warn!("first discovery is taking long; reporting ready anyway");
+            }
+            false
+        }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM before ready: stopping"); true }
+        _ = sigint.recv() => { tracing::info!("SIGINT before ready: stopping"); true }
+    };
+    if !stop_early {
+        let line = rx.borrow().status_line();
+        notifier.ready(&line);
+        tracing::info!(status = %line, "ready");
+        serve_until_stopped(&notifier, rx.clone(), line, &mut sigterm, &mut sigint).await;
     }
-    let line = rx.borrow().status_line();
-    notifier.ready(&line);
-    tracing::info!(status = %line, "ready");
+    notifier.stopping();
+    supervisor.abort();
+    control_task.abort();
+    let _ = supervisor.await;
+    let _ = control_task.await;
+    std::fs::remove_file(&socket_path).ok();
+    tracing::info!("stopped");
+    Ok(())
+}
 
-    let mut changes = rx.clone();
-    let mut last_line = line;
+/// The main loop after READY=1: watchdog pings, STATUS= on every change, until a signal.
+async fn serve_until_stopped(
+    notifier: &Notifier,
+    mut changes: watch::Receiver<DaemonState>,
+    mut last_line: String,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
     let mut watchdog = notifier.watchdog_interval().map(|period| {
         tracing::info!(
             period_ms = period.as_millis() as u64,
@@ -152,14 +179,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    notifier.stopping();
-    supervisor.abort();
-    control_task.abort();
-    let _ = supervisor.await;
-    let _ = control_task.await;
-    std::fs::remove_file(&socket_path).ok();
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Keeps a Docker connection, with backoff while the engine is away.

@@ -411,7 +411,13 @@ pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut vars = HashMap::new();
     for item in iter {
-        let (k, v) = item.map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+        let (k, v) = item.map_err(|e| {
+            format!(
+                "cannot parse {}: {}",
+                path.display(),
+                crate::redact::env_error(&e)
+            )
+        })?;
         vars.insert(k, v);
     }
     Ok(vars)
@@ -1000,6 +1006,63 @@ mod tests {
             ("valkey/valkey", Some("8".into()))
         );
         assert_eq!(split_image("sha256:abcd"), ("", None));
+    }
+
+    /// The test harness tags its stand-ins `immich-guard-test/immich-server:…` so it never
+    /// touches a host's real tags; stock references (tag, `release`, digest) must still be
+    /// found by the repository name alone, and the stand-in references as well.
+    #[test]
+    fn stock_and_test_image_references_are_found_by_repository_name() {
+        let role = |image: &str| {
+            ContainerInfo {
+                image: image.into(),
+                name: "renamed".into(),
+                ..Default::default()
+            }
+            .role()
+        };
+        let digest = "sha256:5f1b7e8c1d0a4e6f8b9c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a";
+        for repo in [
+            "ghcr.io/immich-app/immich-server",
+            "immich-guard-test/immich-server",
+            "harness/immich-server",
+            "registry.local:5000/immich-app/immich-server",
+        ] {
+            for image in [
+                format!("{repo}:v1.119.0"),
+                format!("{repo}:release"),
+                format!("{repo}@{digest}"),
+                format!("{repo}:v1.119.0@{digest}"),
+                repo.to_string(),
+            ] {
+                assert_eq!(role(&image), Some(Role::Server), "{image}");
+                let ml = image.replace("immich-server", "immich-machine-learning");
+                assert_eq!(role(&ml), Some(Role::MachineLearning), "{ml}");
+            }
+        }
+        assert_eq!(role("immich-guard-test/valkey:8"), Some(Role::Redis));
+        assert_eq!(role("immich-guard-test/postgres:15"), Some(Role::Database));
+        assert_eq!(role("ghcr.io/immich-app/immich-server-fork:v1"), None);
+
+        // The whole stack with the stand-in's references is discovered like the stock one.
+        let mut stack = stock("immich");
+        for c in &mut stack {
+            c.image = c
+                .image
+                .replace("ghcr.io/immich-app/immich-", "immich-guard-test/immich-")
+                .replace(
+                    "docker.io/valkey/valkey:8-bookworm",
+                    "immich-guard-test/valkey:8",
+                );
+        }
+        let s = assemble(&Config::default(), &stack, &images(), &env_with_version).unwrap();
+        assert_eq!(s.project, "immich");
+        assert_eq!(s.server.unwrap().container_name, "immich_server");
+        assert_eq!(
+            s.machine_learning.unwrap().container_name,
+            "immich_machine_learning"
+        );
+        assert_eq!(s.redis.unwrap().container_name, "immich_redis");
     }
 
     #[test]

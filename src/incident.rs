@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnose::{Decision, Finding};
 use crate::discover::Stack;
+use crate::redact::{self, Secrets};
 use crate::snapshot::store::PARTIAL_PREFIX;
 
 /// Under the data dir.
@@ -64,19 +65,20 @@ pub struct Halted {
     pub halted_at: Option<DateTime<Utc>>,
 }
 
-/// Logs (timestamps kept) and inspect output of every container of the stack.
+/// Logs (timestamps kept) and inspect output of every container of the stack, secrets
+/// removed.
 pub struct Evidence {
     /// (service, log text)
     pub logs: Vec<(String, String)>,
     /// (service, inspect JSON)
     pub inspect: Vec<(String, String)>,
+    /// The stack's secret values, for what the bundle adds later (config copies).
+    pub secrets: Secrets,
 }
 
 pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
-    let mut evidence = Evidence {
-        logs: Vec::new(),
-        inspect: Vec::new(),
-    };
+    let mut logs = Vec::new();
+    let mut inspects = Vec::new();
     for service in stack.services() {
         let options = LogsOptionsBuilder::default()
             .stdout(true)
@@ -95,15 +97,54 @@ pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
                 }
             }
         }
-        evidence.logs.push((service.service.clone(), text));
+        logs.push((service.service.clone(), text));
         let inspect = docker
             .inspect_container(&service.container_id, None::<InspectContainerOptions>)
             .await
-            .map(|i| serde_json::to_string_pretty(&i).unwrap_or_default())
-            .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()));
-        evidence.inspect.push((service.service.clone(), inspect));
+            .map(|i| serde_json::to_value(&i).unwrap_or_default())
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+        inspects.push((service.service.clone(), inspect));
     }
-    evidence
+    let secrets = stack_secrets(stack, inspects.iter().map(|(_, v)| v));
+    Evidence {
+        logs: logs
+            .into_iter()
+            .map(|(service, text)| (service, secrets.scrub_lines(&text)))
+            .collect(),
+        inspect: inspects
+            .into_iter()
+            .map(|(service, mut v)| {
+                redact::json(&mut v, &secrets);
+                (
+                    service,
+                    serde_json::to_string_pretty(&v).unwrap_or_default(),
+                )
+            })
+            .collect(),
+        secrets,
+    }
+}
+
+/// Every secret value known for the stack: the database password, and the values of secret
+/// keys in `.env`, the compose files and the containers' environments.
+pub fn stack_secrets<'a>(
+    stack: &Stack,
+    inspects: impl IntoIterator<Item = &'a serde_json::Value>,
+) -> Secrets {
+    let mut secrets = Secrets::default();
+    if let Some(db) = stack.db.as_ref().filter(|db| db.password_known) {
+        secrets.add(&db.password);
+    }
+    for path in &stack.compose_files {
+        secrets.add_compose(&std::fs::read_to_string(path).unwrap_or_default());
+    }
+    if let Some(env) = &stack.env_file {
+        secrets.add_env(&std::fs::read_to_string(env).unwrap_or_default());
+    }
+    for inspect in inspects {
+        redact::add_json(&mut secrets, inspect);
+    }
+    secrets
 }
 
 /// `<UTC time>-<service>`; unique within the dir.
@@ -123,12 +164,12 @@ pub fn write_bundle(
         let path = path.to_path_buf();
         move |source| IncidentError::Write { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(err(dir))?;
+    crate::private::create_dir_all(dir).map_err(err(dir))?;
     let partial = dir.join(format!("{PARTIAL_PREFIX}{}", incident.id));
     let final_dir = dir.join(&incident.id);
-    std::fs::create_dir_all(partial.join("logs")).map_err(err(&partial))?;
-    std::fs::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
-    std::fs::create_dir_all(partial.join("config")).map_err(err(&partial))?;
+    crate::private::create_dir_all(partial.join("logs")).map_err(err(&partial))?;
+    crate::private::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
+    crate::private::create_dir_all(partial.join("config")).map_err(err(&partial))?;
     let write = |path: PathBuf, bytes: &[u8]| {
         crate::snapshot::store::write_synced(&path, bytes).map_err(err(&path))
     };
@@ -141,14 +182,28 @@ pub fn write_bundle(
             json.as_bytes(),
         )?;
     }
-    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
-        if let (Some(name), Ok(bytes)) = (path.file_name(), std::fs::read(path)) {
-            write(partial.join("config").join(name), &bytes)?;
+    // Copies for sharing: secret values out (a snapshot keeps the real ones for a restore).
+    let copies = stack
+        .compose_files
+        .iter()
+        .map(|p| (p, redact::compose_text as fn(&str) -> String))
+        .chain(
+            stack
+                .env_file
+                .iter()
+                .map(|p| (p, redact::env_text as fn(&str) -> String)),
+        );
+    for (path, strip) in copies {
+        if let (Some(name), Ok(text)) = (path.file_name(), std::fs::read_to_string(path)) {
+            let text = evidence.secrets.scrub(&strip(&text));
+            write(partial.join("config").join(name), text.as_bytes())?;
         }
     }
     let incident_json = serde_json::to_vec_pretty(incident).expect("incident serializes");
     write(partial.join(INCIDENT_FILE), &incident_json)?;
-    let guard_json = serde_json::to_vec_pretty(guard_view).expect("a JSON value serializes");
+    let mut guard_view = guard_view.clone();
+    redact::json(&mut guard_view, &evidence.secrets);
+    let guard_json = serde_json::to_vec_pretty(&guard_view).expect("a JSON value serializes");
     write(partial.join("guard.json"), &guard_json)?;
     for sub in ["logs", "inspect", "config", ""] {
         let d = partial.join(sub);

@@ -129,6 +129,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(socket) = cli.socket {
         config.control.socket = socket;
     }
+    // Before any thread or file exists: the daemon's files are its owner's alone.
+    if matches!(cli.command, Command::Run { .. }) {
+        immich_guard::private::restrict_umask();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -130,9 +130,13 @@ pub struct Release {
     pub what: String,
 }
 
-/// Everything protection knows; published in `status` and persisted.
+/// Everything protection knows about one compose project; published in `status` and
+/// persisted in `protection.json` under the project's name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Protection {
+    /// The compose project this state belongs to; None before any stack was found.
+    #[serde(default)]
+    pub project: Option<String>,
     pub state: ProtectState,
     pub baseline: Option<Baseline>,
     pub pending: Option<PendingChange>,
@@ -165,6 +169,7 @@ pub struct Settling {
 impl Default for Protection {
     fn default() -> Self {
         Protection {
+            project: None,
             state: ProtectState::Idle,
             baseline: None,
             pending: None,
@@ -185,6 +190,24 @@ impl Protection {
     /// p50 and p99 of the freeze delays seen, in ms.
     pub fn delay_percentiles(&self) -> Option<(f64, f64)> {
         percentiles(&self.freeze_delays_ms)
+    }
+
+    /// A state with nothing known yet, for `project`.
+    pub fn fresh(project: &str) -> Protection {
+        Protection {
+            project: Some(project.to_string()),
+            ..Protection::default()
+        }
+    }
+
+    /// The containers this state names (halted, frozen, held): what ties a state of unknown
+    /// project to a stack.
+    fn containers(&self) -> impl Iterator<Item = &str> {
+        self.halted
+            .iter()
+            .map(|h| h.container.as_str())
+            .chain(self.frozen.iter().map(|f| f.container.as_str()))
+            .chain(self.hold.iter().map(|h| h.container.as_str()))
     }
 
     fn settle_state(&mut self, snapshotting: bool) {
@@ -305,7 +328,10 @@ pub struct Guard {
     queue: SnapshotQueue,
     notifier: Notifier,
     tx: mpsc::UnboundedSender<Input>,
+    /// The state of the project being protected (`protection.project`).
     protection: Protection,
+    /// Every other project's state, kept for when it comes back.
+    states: StateFile,
     stack: Option<Stack>,
     /// Image reference → ID, learned from discovery and image events.
     image_ids: HashMap<String, String>,
@@ -335,10 +361,24 @@ impl Guard {
     ) -> GuardHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let state_file = config.daemon.data_dir.join(STATE_FILE);
-        let mut protection = load(&state_file).unwrap_or_else(|e| {
+        let configured = config.stack.project.as_deref();
+        let mut states = load(&state_file, configured).unwrap_or_else(|e| {
             tracing::warn!(file = %state_file.display(), error = %e, "cannot read the protection state; starting afresh");
-            Protection::default()
+            StateFile::default()
         });
+        // A configured project is known before discovery: a restart resumes its state at
+        // once. So does the only project of a host that had one (a start before the first
+        // discovery is judged as before the restart); discovery corrects either.
+        let only = (states.projects.len() == 1)
+            .then(|| states.projects.keys().next().cloned())
+            .flatten();
+        let mut protection = match configured.map(str::to_string).or(only) {
+            Some(p) => states
+                .projects
+                .remove(&p)
+                .unwrap_or_else(|| Protection::fresh(&p)),
+            None => Protection::default(),
+        };
         protection.fail_open = config.protect.fail_open;
         let deaths = crate::crashloop::Detector::new(
             config.crash_loop.deaths,
@@ -352,6 +392,7 @@ impl Guard {
             notifier,
             tx: tx.clone(),
             protection,
+            states,
             stack: None,
             image_ids: HashMap::new(),
             versions: HashMap::new(),
@@ -478,10 +519,18 @@ impl Guard {
         }
         let Some(docker) = self.docker() else { return };
         // Pause before anything else: the server must not reach its migrations.
-        let paused = docker
-            .pause_container(&event.container_id)
-            .await
-            .map_err(|e| e.to_string());
+        let paused = docker.pause_container(&event.container_id).await;
+        if let Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) = &paused
+        {
+            // A start event read after the container was removed (seen with compose v2's
+            // recreate): nothing runs that could migrate; the new container's own start
+            // event comes next and is judged on its own.
+            tracing::info!(container = %event.name, id = %event.container_id, "a started server is already gone; nothing to freeze");
+            return;
+        }
+        let paused = paused.map_err(|e| e.to_string());
         let delay_ms = (Utc::now() - event.at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         let (image_id, version) = self.container_image(&docker, &event.container_id).await;
         if let Err(e) = &paused {
@@ -804,6 +853,7 @@ impl Guard {
     }
 
     async fn on_discovered(&mut self, stack: Stack, listed_at: DateTime<Utc>) {
+        self.switch_project(&stack);
         if let Some(server) = &stack.server {
             self.image_ids
                 .insert(server.image.clone(), server.image_id.clone());
@@ -864,6 +914,56 @@ impl Guard {
         self.reconcile_restarts(&stack, listed_at).await;
         self.settle(&stack);
         self.publish();
+    }
+
+    /// Discovery found another project than the one whose state is held: that one's state is
+    /// put away (kept for when it comes back) and the found project's own is taken, or a fresh
+    /// one. It is then resumed as after a restart.
+    fn switch_project(&mut self, stack: &Stack) {
+        if self.protection.project.as_deref() == Some(stack.project.as_str()) {
+            return;
+        }
+        let previous = std::mem::take(&mut self.protection);
+        let mut next = match self.states.projects.remove(&stack.project) {
+            Some(state) => state,
+            None => self.adopt_unattributed(stack),
+        };
+        match previous.project.clone() {
+            Some(name) => {
+                tracing::info!(from = %name, to = %stack.project, "another compose project found: its own protection state is used, the previous one's is kept");
+                self.states.projects.insert(name, previous);
+            }
+            // Before the first discovery (no project known), a server start may already have
+            // been frozen or held: that is this stack's.
+            None => {
+                next.frozen = next.frozen.take().or(previous.frozen);
+                next.hold = next.hold.take().or(previous.hold);
+                next.pending = next.pending.take().or(previous.pending);
+                next.freeze_delays_ms.extend(previous.freeze_delays_ms);
+                next.releases.extend(previous.releases);
+            }
+        }
+        next.project = Some(stack.project.clone());
+        next.fail_open = self.config.protect.fail_open;
+        self.protection = next;
+        self.stack = None;
+        self.refresh_snapshot_index();
+    }
+
+    /// The state of an older file (no project recorded) belongs to the stack whose containers
+    /// it names; otherwise the stack starts fresh and the old state stays unattributed.
+    fn adopt_unattributed(&mut self, stack: &Stack) -> Protection {
+        let ours = self.states.unattributed.as_ref().is_some_and(|old| {
+            old.containers()
+                .any(|c| stack.services().any(|s| s.container_id == c))
+        });
+        match self.states.unattributed.take_if(|_| ours) {
+            Some(old) => {
+                tracing::info!(project = %stack.project, "the protection state of an older version names this stack's containers: it is this stack's");
+                old
+            }
+            None => Protection::fresh(&stack.project),
+        }
     }
 
     /// After a daemon restart: a freeze left half-done is finished, and a `.env` that names
@@ -1475,9 +1575,10 @@ impl Guard {
                     .as_ref()
                     .and_then(|i| i.baseline.clone())
             });
-        list.into_iter()
-            .rev()
-            .find(|m| from.as_ref().is_none_or(|v| same_version(&m.version, v)))
+        list.into_iter().rev().find(|m| {
+            Some(&m.project) == self.protection.project.as_ref()
+                && from.as_ref().is_none_or(|v| same_version(&m.version, v))
+        })
     }
 
     async fn unhalt(&mut self, service: &str) -> Result<String, String> {
@@ -1538,8 +1639,12 @@ impl Guard {
             return;
         };
         if let Ok(list) = store.list() {
-            self.protection.last_snapshot_per_version =
-                list.into_iter().map(|m| (m.version, m.id)).collect();
+            let project = self.protection.project.clone();
+            self.protection.last_snapshot_per_version = list
+                .into_iter()
+                .filter(|m| project.as_ref().is_none_or(|p| &m.project == p))
+                .map(|m| (m.version, m.id))
+                .collect();
         }
     }
 
@@ -1547,7 +1652,11 @@ impl Guard {
     fn publish(&mut self) {
         self.protection.settle_state(self.snapshotting);
         let p = self.protection.clone();
-        if let Err(e) = save(&self.state_file, &p) {
+        let mut all = self.states.clone();
+        if let Some(name) = &p.project {
+            all.projects.insert(name.clone(), p.clone());
+        }
+        if let Err(e) = save(&self.state_file, &all) {
             tracing::error!(file = %self.state_file.display(), error = %e, "cannot save the protection state");
         }
         self.state.send_modify(|s| s.protection = p);
@@ -1574,17 +1683,75 @@ fn tag_of(image: &str) -> Option<String> {
     last.split_once(':').map(|(_, t)| t.to_string())
 }
 
-fn load(path: &Path) -> Result<Protection, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Protection::default()),
-        Err(e) => Err(e.to_string()),
+/// `protection.json`: each compose project's state under its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub format: u32,
+    pub projects: BTreeMap<String, Protection>,
+    /// From a file of an older version, which recorded no project, when it names containers
+    /// (halted, frozen, held): kept until the stack with those containers is found, never
+    /// shown as another stack's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattributed: Option<Protection>,
+}
+
+const STATE_FORMAT: u32 = 2;
+
+impl Default for StateFile {
+    fn default() -> Self {
+        StateFile {
+            format: STATE_FORMAT,
+            projects: BTreeMap::new(),
+            unattributed: None,
+        }
     }
 }
 
-fn save(path: &Path, p: &Protection) -> std::io::Result<()> {
+/// Reads `protection.json`. A file of an older version (one project's state, unnamed) is the
+/// state of the configured `stack.project`, or, without one, kept unattributed when it names
+/// containers, else dropped (a baseline is learned again from the running server).
+fn load(path: &Path, configured: Option<&str>) -> Result<StateFile, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StateFile::default()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if value.get("projects").is_some() {
+        let mut file: StateFile = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        for (name, state) in &mut file.projects {
+            state.project = Some(name.clone());
+        }
+        return Ok(file);
+    }
+    let old: Protection = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let mut file = StateFile::default();
+    let baseline = old.baseline.as_ref().map_or("none", |b| b.version.as_str());
+    match configured {
+        Some(project) => {
+            tracing::info!(file = %path.display(), project, baseline, "protection state of an older version: it is the configured stack's");
+            file.projects.insert(
+                project.to_string(),
+                Protection {
+                    project: Some(project.to_string()),
+                    ..old
+                },
+            );
+        }
+        None if old.containers().next().is_some() => {
+            tracing::info!(file = %path.display(), baseline, "protection state of an older version names no compose project: kept until the stack whose containers it names is found");
+            file.unattributed = Some(old);
+        }
+        None => {
+            tracing::warn!(file = %path.display(), baseline, "protection state of an older version names no compose project and no container: dropped; the baseline is learned again from the running server");
+        }
+    }
+    Ok(file)
+}
+
+fn save(path: &Path, p: &StateFile) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
     crate::snapshot::store::replace_synced(path, &bytes)
@@ -1613,22 +1780,251 @@ mod tests {
         assert_eq!(percentiles(&v), Some((51.0, 99.0)));
     }
 
+    fn with_baseline(project: &str, version: &str) -> Protection {
+        Protection {
+            baseline: Some(Baseline {
+                version: version.into(),
+                image_id: format!("sha256:{version}"),
+            }),
+            ..Protection::fresh(project)
+        }
+    }
+
     #[test]
-    fn state_survives_a_save_and_load() {
+    fn each_project_keeps_its_state_through_a_save_and_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/protection.json");
-        assert_eq!(load(&path).unwrap(), Protection::default());
-        let mut p = Protection {
-            baseline: Some(Baseline {
-                version: "v1.119.0".into(),
-                image_id: "sha256:abc".into(),
-            }),
-            ..Protection::default()
+        assert_eq!(load(&path, None).unwrap(), StateFile::default());
+        let mut a = with_baseline("a", "v1.119.0");
+        a.settle_state(true);
+        let b = with_baseline("b", "v1.120.0");
+        let file = StateFile {
+            projects: [("a".to_string(), a.clone()), ("b".to_string(), b.clone())].into(),
+            ..StateFile::default()
         };
-        p.settle_state(true);
-        save(&path, &p).unwrap();
-        assert_eq!(load(&path).unwrap(), p);
-        assert_eq!(p.state, ProtectState::Snapshotting);
+        save(&path, &file).unwrap();
+        let back = load(&path, Some("b")).unwrap();
+        assert_eq!(back, file);
+        assert_eq!(back.projects["a"].state, ProtectState::Snapshotting);
+        assert_eq!(back.projects["b"].project.as_deref(), Some("b"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"format\": 2"), "{text}");
+        // The key names the project, whatever a hand-edited field says.
+        std::fs::write(
+            &path,
+            text.replace("\"project\": \"a\"", "\"project\": \"b\""),
+        )
+        .unwrap();
+        assert_eq!(
+            load(&path, None).unwrap().projects["a"].project.as_deref(),
+            Some("a")
+        );
+    }
+
+    /// A v1.118.0 state that halted `container`.
+    fn halted_in(container: &str) -> Protection {
+        let mut p = with_baseline("x", "v1.118.0");
+        p.halted.push(crate::incident::Halted {
+            service: "immich-server".into(),
+            container: container.into(),
+            restart_policy: "always".into(),
+            halted_at: None,
+        });
+        p
+    }
+
+    /// A file of the previous format: one unnamed state.
+    fn old_file(dir: &Path, p: &Protection) -> PathBuf {
+        let mut value = serde_json::to_value(p).unwrap();
+        value.as_object_mut().unwrap().remove("project");
+        let path = dir.join("protection.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_old_file_is_the_configured_projects_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = with_baseline("x", "v1.118.0");
+        let path = old_file(dir.path(), &old);
+        let file = load(&path, Some("immich")).unwrap();
+        assert_eq!(file.projects.len(), 1);
+        let state = &file.projects["immich"];
+        assert_eq!(state.project.as_deref(), Some("immich"));
+        assert_eq!(state.baseline, old.baseline);
+        assert_eq!(file.unattributed, None);
+    }
+
+    #[test]
+    fn an_old_file_without_a_project_is_kept_aside_or_dropped_never_adopted_blindly() {
+        let dir = tempfile::tempdir().unwrap();
+        // Only a baseline: nothing ties it to a stack.
+        let path = old_file(dir.path(), &with_baseline("x", "v1.118.0"));
+        assert_eq!(load(&path, None).unwrap(), StateFile::default());
+        // A halted container: kept aside until the stack holding it is found.
+        let path = old_file(dir.path(), &halted_in("c0ffee"));
+        let file = load(&path, None).unwrap();
+        assert!(file.projects.is_empty());
+        let kept = file.unattributed.clone().unwrap();
+        assert_eq!(kept.containers().collect::<Vec<_>>(), ["c0ffee"]);
+        // And it survives the next save.
+        save(&path, &file).unwrap();
+        assert_eq!(load(&path, None).unwrap(), file);
+    }
+
+    fn running(project: &str, version: &str, container: &str) -> Stack {
+        let image_id = format!("sha256:{version}");
+        Stack {
+            project: project.into(),
+            compose_dir: None,
+            compose_files: vec![],
+            env_file: None,
+            env_version: None,
+            server: Some(crate::discover::Service {
+                service: "immich-server".into(),
+                container_id: container.into(),
+                container_name: format!("{project}_server"),
+                image: format!("immich-server:{version}"),
+                image_id: image_id.clone(),
+                state: "running".into(),
+                restart_count: 0,
+                restart_policy: "always".into(),
+            }),
+            machine_learning: None,
+            redis: None,
+            database: None,
+            upload_location: None,
+            upload_mount: None,
+            db_data_location: None,
+            db: None,
+            version: Some(crate::discover::ImmichVersion {
+                tag: Some(version.into()),
+                image_id,
+                repo_digests: vec![],
+                repo_tags: vec![],
+                label: Some(version.into()),
+            }),
+            notes: vec![],
+        }
+    }
+
+    /// A guard without Docker, fed discoveries by hand.
+    struct Fed {
+        guard: GuardHandle,
+        state: watch::Receiver<DaemonState>,
+        file: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fed {
+        fn start(dir: tempfile::TempDir) -> Fed {
+            let mut config = Config::default();
+            config.daemon.data_dir = dir.path().to_path_buf();
+            let (tx, state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
+            let tx = Arc::new(tx);
+            let (_, docker) = watch::channel(None);
+            let queue = SnapshotQueue::start(config.clone(), docker.clone(), tx.clone());
+            let notifier = Notifier::new(&config.notify);
+            let guard = Guard::start(config, tx, docker, queue, notifier);
+            Fed {
+                guard,
+                state,
+                file: dir.path().join(STATE_FILE),
+                _dir: dir,
+            }
+        }
+
+        /// Discovery found `stack`; returns the baseline published for it.
+        async fn found(&mut self, stack: Stack) -> Option<String> {
+            let project = stack.project.clone();
+            self.guard.send(Input::Discovered {
+                stack: Box::new(stack),
+                listed_at: Utc::now(),
+            });
+            let s = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.state
+                    .wait_for(|s| s.protection.project.as_deref() == Some(project.as_str())),
+            )
+            .await
+            .expect("the guard takes the project's state")
+            .unwrap()
+            .protection
+            .clone();
+            s.baseline.map(|b| b.version)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_discovered_project_gets_its_own_state_and_the_others_are_kept() {
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        assert_eq!(
+            fed.found(running("a", "v1.119.0", "ca")).await.as_deref(),
+            Some("v1.119.0")
+        );
+        // b is found: its own baseline, never a's.
+        assert_eq!(
+            fed.found(running("b", "v1.120.0", "cb")).await.as_deref(),
+            Some("v1.120.0")
+        );
+        let file = load(&fed.file, None).unwrap();
+        assert_eq!(
+            file.projects
+                .iter()
+                .map(|(p, s)| (p.as_str(), s.baseline.as_ref().unwrap().version.as_str()))
+                .collect::<Vec<_>>(),
+            [("a", "v1.119.0"), ("b", "v1.120.0")]
+        );
+        // a comes back: its state as it was, kept while b was protected.
+        assert_eq!(
+            fed.found(running("a", "v1.119.0", "ca")).await.as_deref(),
+            Some("v1.119.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_only_known_project_is_resumed_before_discovery_and_put_away_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile {
+            projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        // Held (not shown: status shows a state only with its stack) until discovery says.
+        assert_eq!(fed.state.borrow().protection.project.as_deref(), Some("a"));
+        assert_eq!(
+            fed.found(running("b", "v1.120.0", "cb")).await.as_deref(),
+            Some("v1.120.0")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert_eq!(
+            saved.projects["a"].baseline.as_ref().unwrap().version,
+            "v1.119.0"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_old_state_is_adopted_only_by_the_stack_holding_its_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        old_file(dir.path(), &halted_in("c-old"));
+        let mut fed = Fed::start(dir);
+        // Another stack: fresh, the old state stays aside.
+        assert_eq!(
+            fed.found(running("other", "v1.120.0", "c-new"))
+                .await
+                .as_deref(),
+            Some("v1.120.0")
+        );
+        assert!(fed.state.borrow().protection.halted.is_empty());
+        assert!(load(&fed.file, None).unwrap().unattributed.is_some());
+        // The stack whose server is the halted container: the old state is its own.
+        let s = fed.found(running("mine", "v1.118.0", "c-old")).await;
+        assert_eq!(s.as_deref(), Some("v1.118.0"));
+        assert_eq!(fed.state.borrow().protection.halted.len(), 1);
+        let file = load(&fed.file, None).unwrap();
+        assert!(file.unattributed.is_none());
+        assert_eq!(file.projects["mine"].halted[0].container, "c-old");
     }
 
     #[test]

@@ -246,18 +246,18 @@ pub fn status(r: &StatusReport) -> String {
             snap.sealed_at.format("%Y-%m-%d %H:%M:%S UTC")
         );
     }
-    protection(&mut out, &s.protection);
     if let Some(e) = &s.last_snapshot_error {
         let _ = writeln!(out, "LAST SNAPSHOT FAILED: {e}");
     }
-    match (&s.stack, &s.discovery_error) {
-        (Some(stack_), _) => out.push_str(&stack(stack_)),
-        (None, Some(e)) => {
-            let _ = writeln!(out, "no stack: {e}");
+    // Without a stack the status line has said so; no state of another project is shown.
+    if let Some(stack_) = &s.stack {
+        match s.current_protection() {
+            Some(p) => protection(&mut out, p),
+            None => {
+                let _ = writeln!(out, "protection: reading the state of {}", stack_.project);
+            }
         }
-        (None, None) => {
-            let _ = writeln!(out, "no stack discovered yet");
-        }
+        out.push_str(&stack(stack_));
     }
     out
 }
@@ -382,6 +382,40 @@ pub fn incident(i: &crate::incident::Incident) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(state: crate::status::DaemonState) -> StatusReport {
+        StatusReport::from_state(&state)
+    }
+
+    #[test]
+    fn without_a_stack_status_says_so_once_and_shows_no_other_projects_state() {
+        let mut s = crate::status::DaemonState::new("unix:///var/run/docker.sock".into());
+        s.docker.reachable = true;
+        s.docker.api_version = Some("1.41".into());
+        s.discovery_error = Some("no Immich stack found".into());
+        s.protection = crate::protect::Protection {
+            baseline: Some(crate::protect::Baseline {
+                version: "v1.119.0".into(),
+                image_id: "sha256:gone".into(),
+            }),
+            ..crate::protect::Protection::fresh("vanished")
+        };
+        let text = status(&report(s));
+        assert_eq!(text.matches("no stack").count(), 1, "{text}");
+        assert!(
+            text.contains("status: no stack to protect: no Immich stack found"),
+            "{text}"
+        );
+        for absent in [
+            "v1.119.0",
+            "baseline",
+            "database runs with",
+            "protection",
+            "vanished",
+        ] {
+            assert!(!text.contains(absent), "{absent} in:\n{text}");
+        }
+    }
 
     #[test]
     fn durations_read_naturally() {

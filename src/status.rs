@@ -77,6 +77,14 @@ impl DaemonState {
         }
     }
 
+    /// The protection state of the stack found now; None without a stack, or while the state
+    /// held is still another (or a vanished) project's.
+    pub fn current_protection(&self) -> Option<&Protection> {
+        let stack = self.stack.as_ref()?;
+        (self.protection.project.as_deref() == Some(stack.project.as_str()))
+            .then_some(&self.protection)
+    }
+
     /// The status line an admin sees in `systemctl status`.
     pub fn status_line(&self) -> String {
         if !self.docker.reachable {
@@ -85,7 +93,8 @@ impl DaemonState {
                 None => "connecting to Docker".to_string(),
             };
         }
-        let p = &self.protection;
+        let idle = Protection::default();
+        let p = self.current_protection().unwrap_or(&idle);
         match (p.state, &p.hold, &p.frozen) {
             (ProtectState::Held, Some(hold), _) => {
                 return format!("HELD {}: {}", hold.container_name, hold.reason);
@@ -120,7 +129,7 @@ impl DaemonState {
                 format!("{}: stack {} ({version})", self.activity, stack.project)
             }
             (None, Some(e)) => format!("no stack to protect: {e}"),
-            (None, None) => self.activity.clone(),
+            (None, None) => "no stack discovered yet".to_string(),
         }
     }
 }
@@ -138,12 +147,17 @@ pub struct StatusReport {
 
 impl StatusReport {
     pub fn from_state(state: &DaemonState) -> Self {
+        let mut state = state.clone();
+        if state.current_protection().is_none() {
+            // Another project's state is never shown as this one's, nor a vanished one's.
+            state.protection = Protection::default();
+        }
         StatusReport {
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_secs: (Utc::now() - state.started_at).num_seconds().max(0) as u64,
             status_line: state.status_line(),
-            state: state.clone(),
+            state,
         }
     }
 }
@@ -168,10 +182,19 @@ mod tests {
         );
     }
 
+    fn stack(project: &str) -> Stack {
+        serde_json::from_value(
+            serde_json::json!({ "project": project, "compose_files": [], "notes": [] }),
+        )
+        .expect("a stack from its project alone")
+    }
+
     #[test]
     fn status_line_says_what_is_halted() {
         let mut s = DaemonState::new("unix:///x".into());
         s.docker.reachable = true;
+        s.stack = Some(stack("immich"));
+        s.protection.project = Some("immich".into());
         for service in ["database", "immich-server"] {
             s.protection.halted.push(crate::incident::Halted {
                 service: service.into(),
@@ -185,6 +208,33 @@ mod tests {
             s.status_line(),
             "HALTED database, immich-server (crash loop); see `immich-guard incident`"
         );
+    }
+
+    #[test]
+    fn another_projects_state_is_never_reported_as_this_ones() {
+        let mut s = DaemonState::new("unix:///x".into());
+        s.docker.reachable = true;
+        s.protection.project = Some("a".into());
+        s.protection.baseline = Some(crate::protect::Baseline {
+            version: "v1.119.0".into(),
+            image_id: "sha256:a".into(),
+        });
+        s.protection.state = ProtectState::Held;
+        // No stack: nothing of a's.
+        s.discovery_error = Some("no Immich stack found".into());
+        let r = StatusReport::from_state(&s);
+        assert_eq!(r.state.protection, Protection::default());
+        assert_eq!(r.status_line, "no stack to protect: no Immich stack found");
+        // Stack b found, a's state still held: nothing of a's either.
+        s.stack = Some(stack("b"));
+        s.discovery_error = None;
+        let r = StatusReport::from_state(&s);
+        assert_eq!(r.state.protection.baseline, None);
+        assert!(r.status_line.contains("stack b"), "{}", r.status_line);
+        // a itself: its state.
+        s.stack = Some(stack("a"));
+        let r = StatusReport::from_state(&s);
+        assert_eq!(r.state.protection, s.protection);
     }
 
     #[test]

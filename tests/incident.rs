@@ -66,8 +66,10 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
     if !docker_available() {
         return;
     }
+    // Compose's own container names here (no container_name:); the others have Immich's.
     let stack = Stack::up(
         StackSpec::default()
+            .compose_names()
             .restart("always")
             .no_wait()
             .boot_delay_ms(300)

@@ -100,12 +100,26 @@ struct Watched {
 }
 
 fn stack_v119() -> (Images, Stack) {
+    stack_up(spec("v1.119.0"))
+}
+
+fn stack_up(spec: StackSpec) -> (Images, Stack) {
     let images = ensure_images(&["v1.119.0", "v1.120.0"]);
-    (images, Stack::up(spec("v1.119.0")))
+    (images, Stack::up(spec))
 }
 
 fn watched_v119() -> Watched {
-    let (images, stack) = stack_v119();
+    watched(spec("v1.119.0"))
+}
+
+/// Like [`watched_v119`] with compose's own container names (`project-service-1` under v2,
+/// `project_service_1` under v1) instead of Immich's `container_name`s.
+fn watched_v119_compose_names() -> Watched {
+    watched(spec("v1.119.0").compose_names())
+}
+
+fn watched(spec: StackSpec) -> Watched {
+    let (images, stack) = stack_up(spec);
     let snapshots = tempfile::tempdir().unwrap();
     let guard = guard_for(&stack, snapshots.path(), "");
     let assets_before = stack.asset_count();
@@ -197,7 +211,7 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
         images,
         assets_before,
         _snapshots,
-    } = watched_v119();
+    } = watched_v119_compose_names();
 
     // No pull event the guard could act on first: recreate straight onto the new image ID.
     stack.recreate_server(images.server("v1.120.0"));
@@ -240,7 +254,13 @@ fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
     assert_pre_migration(&meta, assets_before);
     stack.compose(&["up", "-d"]);
     assert_upgraded(&stack, assets_before);
-    docker_ok(&["rmi", "-f", &format!("{}:{tag}", server_repo())]);
+    // Both tags this test made (the stack built the ML image for the tag too).
+    docker_ok(&[
+        "rmi",
+        "-f",
+        &format!("{}:{tag}", server_repo()),
+        &format!("{}:{tag}", harness::images::ml_repo()),
+    ]);
 }
 
 #[test]
@@ -353,7 +373,7 @@ fn down_edit_up_waits_for_the_database_and_snapshots_before_migrations() {
     if !docker_available() {
         return;
     }
-    let w = watched_v119();
+    let w = watched_v119_compose_names();
     let (guard, stack, assets_before) = (&w.guard, &w.stack, w.assets_before);
     // Immich's documented way: down, change the version, up. The .env change comes while
     // there is no database to dump; the database and the new server then start together.

@@ -1,6 +1,8 @@
 //! Discovery and the daemon against a real Immich-shaped compose stack: real Docker, real
 //! PostgreSQL, the stand-in server. Tests that need to be the only Immich stack on the host
-//! (zero config, two stacks) take the stack lock exclusively; the others share it.
+//! (zero config, two stacks) take the stack lock exclusively; the others share it. On an
+//! engine with another Immich stack (an admin's, a parallel test run's) those two skip with a
+//! line saying so; under CI=true a stack left over by the harness fails them.
 
 mod harness;
 
@@ -37,6 +39,13 @@ fn discovered(out: &std::process::Output) -> Discovered {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Zero-config discovery; `None` (the test skips) when another Immich stack turned up on the
+/// engine meanwhile, which discovery would have seen too.
+fn discover_alone(test: &str) -> Option<std::process::Output> {
+    let out = discover("");
+    (!harness::host::foreign_stack_present(test)).then_some(out)
+}
+
 fn docker_inspect(what: &str, format: &str) -> String {
     let out = Command::new("docker")
         .args(["inspect", "--format", format, what])
@@ -52,13 +61,17 @@ fn project_config(stack: &Stack) -> String {
 
 #[test]
 fn stock_shaped_stack_is_discovered_with_zero_config() {
-    if !harness::docker_available() {
+    const TEST: &str = "stock_shaped_stack_is_discovered_with_zero_config";
+    if !harness::docker_available_and_alone(TEST) {
         return;
     }
     let _only = STACKS.write().unwrap_or_else(|e| e.into_inner());
     let stack = Stack::up(StackSpec::default());
 
-    let found = discovered(&discover(""));
+    let Some(out) = discover_alone(TEST) else {
+        return;
+    };
+    let found = discovered(&out);
     assert_eq!(found.project, stack.project);
     let server = found.server.as_ref().expect("server found");
     assert_eq!(server.container_name, stack.container_name("immich-server"));
@@ -142,7 +155,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 #[test]
 fn two_stacks_need_stack_project_and_it_chooses() {
-    if !harness::docker_available() {
+    const TEST: &str = "two_stacks_need_stack_project_and_it_chooses";
+    if !harness::docker_available_and_alone(TEST) {
         return;
     }
     let _only = STACKS.write().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +166,9 @@ fn two_stacks_need_stack_project_and_it_chooses() {
         ..StackSpec::default()
     });
 
-    let out = discover("");
+    let Some(out) = discover_alone(TEST) else {
+        return;
+    };
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("found 2 Immich stacks"), "{err}");
@@ -181,7 +197,8 @@ fn daemon_shows_the_stack_and_follows_a_recreate_to_a_new_version() {
         return;
     }
     let _shared = STACKS.read().unwrap_or_else(|e| e.into_inner());
-    let stack = Stack::up(StackSpec::default());
+    // Compose's own container names (no container_name:), as many admins' files have.
+    let stack = Stack::up(StackSpec::default().compose_names());
     let guard = Guard::start(GuardOptions {
         extra_toml: &project_config(&stack),
         ..Default::default()
@@ -199,7 +216,24 @@ fn daemon_shows_the_stack_and_follows_a_recreate_to_a_new_version() {
         "{}",
         first.status_line
     );
-    let old_server = discovered.server.as_ref().unwrap().container_id.clone();
+    let server = discovered.server.as_ref().unwrap();
+    // Compose's naming of this generation: `<project>-immich-server-1` or `…_immich-server_1`.
+    assert_eq!(server.container_name, stack.container_name("immich-server"));
+    let compose_style = [
+        format!("{}-immich-server-1", stack.project),
+        format!("{}_immich-server_1", stack.project),
+    ];
+    assert!(
+        compose_style.contains(&server.container_name),
+        "{}",
+        server.container_name
+    );
+    assert_eq!(
+        discovered.compose_dir.as_deref(),
+        Some(stack.dir.as_path()),
+        "from com.docker.compose.project.working_dir"
+    );
+    let old_server = server.container_id.clone();
 
     let out = guard.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -2,6 +2,8 @@
 //! daemon without root meeting files it cannot read. Needs root and mkfs.btrfs/mkfs.xfs
 //! (`.ci/run` installs them); elsewhere these tests say why they skip, and fail under CI.
 
+mod harness;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -23,12 +25,16 @@ struct LoopFs {
 impl LoopFs {
     /// `None` (with the reason printed) where this machine cannot do it, except under CI.
     fn new(mkfs: &str, args: &[&str], size_mb: u64) -> Option<LoopFs> {
+        // Missing mkfs.btrfs/mkfs.xfs: one message for the binary (exit 1 under CI).
+        if !harness::deps::filesystems_ready() {
+            return None;
+        }
         let skip = |why: String| {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI must run the filesystem tests: {why}"
             );
-            eprintln!("skipping: {why}");
+            harness::deps::skip(&why);
             None
         };
         if !rustix::process::geteuid().is_root() {
@@ -180,6 +186,22 @@ fn a_btrfs_subvolume_gets_a_read_only_native_snapshot_without_excluded_folders()
         .unwrap();
     assert_eq!((entry.kind, entry.size), (EntryKind::File, 9));
     assert!(manifest.iter().all(|e| !e.path.starts_with("thumbs")));
+
+    // Tightened at the daemon's start: the snapshot dirs, but a read-only subvolume cannot
+    // be, and need not be (its parent is owner-only).
+    fs::set_permissions(&snapshots, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let storage_mode = fs::metadata(&storage).unwrap().mode();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = immich_guard::config::Config::default();
+    config.daemon.data_dir = data.path().join("data");
+    config.snapshots.dir = Some(snapshots.clone());
+    let changed = immich_guard::private::secure_start(&config).unwrap();
+    assert!(changed.iter().any(|c| c.path == dir), "{changed:?}");
+    for d in [&snapshots, &dir] {
+        assert_eq!(fs::metadata(d).unwrap().mode() & 0o777, 0o700);
+    }
+    assert_eq!(fs::metadata(&storage).unwrap().mode(), storage_mode);
 
     // Retention and partial cleanup go through this: the read-only subvolume goes too.
     remove_snapshot_dir(&dir).unwrap();

@@ -268,7 +268,7 @@ fn write_compressed(
     mut rx: mpsc::Receiver<bytes::Bytes>,
     path: &Path,
 ) -> std::io::Result<(u64, u64, String)> {
-    let file = std::fs::File::create(path)?;
+    let file = crate::private::create_file(path)?;
     let hashing = Hashing {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
         hasher: Sha256::new(),

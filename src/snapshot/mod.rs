@@ -177,7 +177,7 @@ pub async fn take(
     let config_dir = partial.path().join(CONFIG_DIR);
     let mut config_files = Vec::new();
     let mut config_bytes = 0;
-    std::fs::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
+    crate::private::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
         path: config_dir.clone(),
         source,
     })?;

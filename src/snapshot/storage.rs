@@ -267,7 +267,7 @@ fn reflink_works(upload: &Path, snapshots: &Path) -> bool {
         return false;
     };
     let probe = snapshots.join(format!(".reflink-probe-{}", std::process::id()));
-    let Ok(clone) = std::fs::File::create(&probe) else {
+    let Ok(clone) = crate::private::create_file(&probe) else {
         return false;
     };
     let works = rustix::fs::ioctl_ficlone(&clone, &source).is_ok();
@@ -400,7 +400,8 @@ pub fn snapshot_tree(
     let out_root = if mode == WalkMode::List {
         None
     } else {
-        std::fs::create_dir(&dest).map_err(|source| StorageError::Write {
+        // Owner-only: the tree below keeps the library's modes, unreachable to others.
+        crate::private::create_dir(&dest).map_err(|source| StorageError::Write {
             path: dest.clone(),
             source,
         })?;
@@ -872,6 +873,8 @@ impl Job<'_> {
             (FileType::Directory, out) => {
                 if let Some(out) = out {
                     rustix::fs::mkdirat(out, name, perms).map_err(target)?;
+                    // The library's mode, not the one the daemon's umask 077 left.
+                    rustix::fs::chmodat(out, name, perms, AtFlags::empty()).map_err(target)?;
                     if self.am_root {
                         self.chown_at(out, name, &st).map_err(target)?;
                     }
@@ -991,8 +994,9 @@ impl Job<'_> {
                 Some(rustix::fs::Gid::from_raw(st.st_gid)),
             )
             .map_err(|e| target(e.into()))?;
-            rustix::fs::fchmod(&to, perms).map_err(|e| target(e.into()))?;
         }
+        // After the chown (which clears set-id bits), and past the daemon's umask 077.
+        rustix::fs::fchmod(&to, perms).map_err(|e| target(e.into()))?;
         rustix::fs::futimens(
             &to,
             &rustix::fs::Timestamps {
@@ -1013,7 +1017,7 @@ impl Job<'_> {
 
 /// One JSON object per line, zstd-compressed, fsynced. Returns the bytes on disk.
 fn write_manifest(path: &Path, entries: &[ManifestEntry]) -> std::io::Result<u64> {
-    let file = std::fs::File::create(path)?;
+    let file = crate::private::create_file(path)?;
     let mut out = zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), 3)?;
     for e in entries {
         serde_json::to_writer(&mut out, e)?;

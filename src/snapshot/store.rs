@@ -92,7 +92,7 @@ pub fn snapshot_id(at: DateTime<Utc>, version: &str, trigger: &str) -> String {
 
 impl Store {
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(root).map_err(io(root, "creating it"))?;
+        crate::private::create_dir_all(root).map_err(io(root, "creating it"))?;
         Ok(Store {
             root: root.to_path_buf(),
         })
@@ -136,7 +136,7 @@ impl Store {
             super::storage::remove_snapshot_dir(&dir)
                 .map_err(io(&dir, "removing an old partial"))?;
         }
-        std::fs::create_dir(&dir).map_err(io(&dir, "creating it"))?;
+        crate::private::create_dir(&dir).map_err(io(&dir, "creating it"))?;
         Ok(Partial {
             dir,
             final_dir,
@@ -239,7 +239,7 @@ pub fn replace_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
+    let mut f = crate::private::create_file(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

@@ -2,8 +2,13 @@
 //! `.env` keys, mounts and container-name suffixes, in a temp dir under a unique project name,
 //! torn down on drop even when the test panicked. Container names carry the project, and no
 //! ports are published, so parallel tests never collide. Every container, network and volume
-//! carries `io.immich-guard.test.owner=<pid>`; leftovers of dead test processes are removed on
-//! first use.
+//! carries `io.immich-guard.test=1` and `io.immich-guard.test.owner=<pid>`; leftovers of dead
+//! test processes are removed on first use, and removals only ever filter on those labels.
+//!
+//! Both compose generations: `IMMICH_GUARD_TEST_COMPOSE=v1` (`docker-compose`) or `v2`
+//! (`docker compose`), by default v2 when it is installed. Immich's compose file sets
+//! `container_name`; a [`StackSpec::compose_names`] stack leaves it out, and the containers
+//! get compose's own names (`project-service-1` under v2, `project_service_1` under v1).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,6 +21,9 @@ use std::time::{Duration, Instant};
 use super::images;
 
 pub const OWNER_LABEL: &str = "io.immich-guard.test.owner";
+pub use super::images::TEST_LABEL;
+/// Where a kept stack (IMMICH_GUARD_KEEP_STACK=1) is written down with its `down` command.
+pub const KEPT_LIST: &str = "/tmp/immich-guard-kept-stacks.txt";
 /// Prefix of every stack's temp dir (`<tmp>/immich-guard-stack-<pid>-…`).
 pub const STACK_DIR_PREFIX: &str = "immich-guard-stack-";
 /// File in a kept stack's temp dir that protects it from the leftover sweep.
@@ -49,6 +57,9 @@ pub struct StackSpec {
     /// Wait in `up` until the server answers `/api/server/ping`.
     pub wait_ready: bool,
     pub ready_timeout: Duration,
+    /// Leave `container_name` out (Immich's file sets it): compose names the containers
+    /// `project-service-1` (v2) or `project_service_1` (v1).
+    pub compose_names: bool,
 }
 
 impl Default for StackSpec {
@@ -63,6 +74,7 @@ impl Default for StackSpec {
             server_user: None,
             wait_ready: true,
             ready_timeout: Duration::from_secs(90),
+            compose_names: false,
         }
     }
 }
@@ -110,6 +122,12 @@ impl StackSpec {
         self.wait_ready = false;
         self
     }
+
+    /// No `container_name:`; compose's own names (see [`StackSpec::compose_names`]).
+    pub fn compose_names(mut self) -> StackSpec {
+        self.compose_names = true;
+        self
+    }
 }
 
 pub struct Stack {
@@ -142,36 +160,60 @@ pub struct ContainerState {
     pub id: String,
 }
 
-/// The compose command: `IMMICH_GUARD_TEST_COMPOSE` (split on spaces), else `docker compose`
-/// when that works, else `docker-compose`.
+/// The compose command: `IMMICH_GUARD_TEST_COMPOSE` = `v1` (`docker-compose`), `v2`
+/// (`docker compose`) or a command line (split on spaces); by default `docker compose` when
+/// that works, else `docker-compose`.
 pub fn compose_command() -> Vec<String> {
     static CMD: OnceLock<Vec<String>> = OnceLock::new();
     CMD.get_or_init(|| {
-        if let Ok(c) = std::env::var("IMMICH_GUARD_TEST_COMPOSE")
-            && !c.trim().is_empty()
+        let v1 = || vec!["docker-compose".to_string()];
+        let v2 = || vec!["docker".to_string(), "compose".to_string()];
+        match std::env::var("IMMICH_GUARD_TEST_COMPOSE")
+            .as_deref()
+            .map(str::trim)
         {
-            return c.split_whitespace().map(str::to_string).collect();
+            Ok("v1") => return v1(),
+            Ok("v2") => return v2(),
+            Ok(c) if !c.is_empty() => return c.split_whitespace().map(str::to_string).collect(),
+            _ => {}
         }
-        let v2 = Command::new("docker")
+        let has_v2 = Command::new("docker")
             .args(["compose", "version"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if v2 {
-            vec!["docker".into(), "compose".into()]
-        } else {
-            vec!["docker-compose".into()]
-        }
+        if has_v2 { v2() } else { v1() }
     })
     .clone()
 }
 
-fn pid_alive(pid: &str) -> bool {
+/// Whether [`compose_command`] is compose v2 (`docker compose`, or a `docker-compose` that
+/// says it is v2), which names containers `project-service-1`.
+pub fn compose_v2() -> bool {
+    static V2: OnceLock<bool> = OnceLock::new();
+    *V2.get_or_init(|| {
+        let cmd = compose_command();
+        let out = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .args(["version", "--short"])
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let v = String::from_utf8_lossy(&o.stdout);
+                v.trim().trim_start_matches('v').starts_with('2')
+            }
+            _ => cmd.len() > 1 && cmd[1] == "compose",
+        }
+    })
+}
+
+pub fn pid_alive(pid: &str) -> bool {
     pid.parse::<u32>().is_ok() && Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn lines(out: &Output) -> Vec<String> {
+pub fn lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
@@ -180,7 +222,7 @@ fn lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
-fn docker(args: &[&str]) -> Output {
+pub fn docker(args: &[&str]) -> Output {
     Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
@@ -262,14 +304,17 @@ pub fn remove_leftovers() {
 
 /// Removes a tree that may hold files of uid 999 (database) or of containers' root; when we
 /// cannot (not root), a throwaway container of the base image does it.
-fn remove_tree(path: &Path) {
+pub fn remove_tree(path: &Path) {
     if std::fs::remove_dir_all(path).is_ok() || !path.exists() {
         return;
     }
     let mount = format!("{}:/victim", path.display());
+    let ours = format!("{TEST_LABEL}=1");
     docker(&[
         "run",
         "--rm",
+        "--label",
+        &ours,
         "-v",
         &mount,
         &images::base_image(),
@@ -526,14 +571,20 @@ impl Stack {
             })
     }
 
-    /// `<project>_immich_server` etc. (the official names with the project in front).
+    /// `<project>_immich_server` etc. (the official names with the project in front), or with
+    /// [`StackSpec::compose_names`] compose's own: `<project>-immich-server-1` (v2),
+    /// `<project>_immich-server_1` (v1).
     pub fn container_name(&self, service: &str) -> String {
         let suffix = SERVICES
             .iter()
             .find(|(s, _)| *s == service)
             .unwrap_or_else(|| panic!("no service {service:?} in the stack"))
             .1;
-        format!("{}_{suffix}", self.project)
+        match (self.spec.compose_names, compose_v2()) {
+            (false, _) => format!("{}_{suffix}", self.project),
+            (true, true) => format!("{}-{service}-1", self.project),
+            (true, false) => format!("{}_{service}_1", self.project),
+        }
     }
 
     pub fn try_container_id(&self, service: &str) -> Option<String> {
@@ -804,22 +855,64 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// The shell command that removes this stack and its files.
+    pub fn down_command(&self, root: &Path) -> String {
+        format!(
+            "cd {dir} && {compose} -p {project} -f {file} --project-directory {dir} down -v --remove-orphans && rm -rf {root}",
+            dir = self.dir.display(),
+            compose = compose_command().join(" "),
+            project = self.project,
+            file = self.compose_file.display(),
+            root = root.display()
+        )
+    }
+
+    /// IMMICH_GUARD_KEEP_STACK=1: start whatever the test stopped, keep the files, and say
+    /// where the stack is and how to remove it (stderr past libtest's capture, and
+    /// [`KEPT_LIST`]).
+    fn keep(&mut self) {
+        let Some(root) = self.root.take() else {
+            return;
+        };
+        let root = root.keep();
+        let down = self.down_command(&root);
+        std::fs::write(
+            root.join(KEPT_MARKER),
+            format!("kept by IMMICH_GUARD_KEEP_STACK=1; remove with:\n{down}\n"),
+        )
+        .ok();
+        // The test may have stopped services (or left the server crashed): bring it back up.
+        let up = self.try_compose(&["up", "-d"]);
+        let state = if up.status.success() {
+            "running".to_string()
+        } else {
+            format!(
+                "NOT running (compose up -d failed: {})",
+                String::from_utf8_lossy(&up.stderr).trim()
+            )
+        };
+        let text = format!(
+            "immich-guard: kept stack {project} {state} (IMMICH_GUARD_KEEP_STACK=1)\n  compose dir: {dir}\n  remove it:   {down}\n",
+            project = self.project,
+            dir = self.dir.display(),
+        );
+        super::deps::write_stderr(&text);
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(KEPT_LIST)
+        {
+            let _ = f.write_all(text.as_bytes());
+        }
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         // For looking at a stack by hand after a test: keep it running, and its files.
         if std::env::var("IMMICH_GUARD_KEEP_STACK").as_deref() == Ok("1") {
-            if let Some(root) = self.root.take() {
-                std::fs::write(
-                    root.path().join(KEPT_MARKER),
-                    "kept by IMMICH_GUARD_KEEP_STACK=1; remove with: compose -p <project> down -v\n",
-                )
-                .ok();
-                eprintln!(
-                    "keeping stack {} in {} (IMMICH_GUARD_KEEP_STACK=1)",
-                    self.project,
-                    root.keep().display()
-                );
-            }
+            self.keep();
             return;
         }
         let out = self.try_compose(&["down", "-v", "--remove-orphans", "-t", "1"]);
@@ -830,9 +923,13 @@ impl Drop for Stack {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        // Whatever compose left (it failed, or a test made containers of its own).
-        let filter = format!("label=com.docker.compose.project={}", self.project);
-        let left = lines(&docker(&["ps", "-aq", "--filter", &filter]));
+        // Whatever compose left (it failed, or a test made containers of its own): only
+        // containers of this project that carry our label.
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        let ours = format!("label={TEST_LABEL}=1");
+        let left = lines(&docker(&[
+            "ps", "-aq", "--filter", &project, "--filter", &ours,
+        ]));
         if !left.is_empty() {
             let mut args = vec!["rm", "-f", "-v"];
             args.extend(left.iter().map(String::as_str));
@@ -949,7 +1046,21 @@ fn yaml_str(s: &str) -> String {
 pub fn compose_yaml(project: &str, spec: &StackSpec) -> String {
     let libs = "      - /usr:/usr:ro\n      - /lib:/lib:ro\n      - /lib64:/lib64:ro\n";
     let owner = std::process::id();
-    let labels = format!("    labels:\n      {OWNER_LABEL}: \"{owner}\"\n");
+    let labels =
+        format!("    labels:\n      {TEST_LABEL}: \"1\"\n      {OWNER_LABEL}: \"{owner}\"\n");
+    let name = |suffix: &str| {
+        if spec.compose_names {
+            String::new()
+        } else {
+            format!("    container_name: {project}_{suffix}\n")
+        }
+    };
+    let (server_name, ml_name, redis_name, db_name) = (
+        name("immich_server"),
+        name("immich_machine_learning"),
+        name("immich_redis"),
+        name("immich_postgres"),
+    );
     let restart = match spec.restart.trim_matches('"') {
         // YAML 1.1 reads a bare no as false
         "no" => "\"no\"".to_string(),
@@ -996,8 +1107,7 @@ pub fn compose_yaml(project: &str, spec: &StackSpec) -> String {
 
 services:
   immich-server:
-    container_name: {project}_immich_server
-    image: {server_repo}:${{IMMICH_VERSION:-release}}
+{server_name}    image: {server_repo}:${{IMMICH_VERSION:-release}}
 {user}    volumes:
       # Do not edit the next line. If you want to change the media storage location on your system, edit the value of UPLOAD_LOCATION in the .env file
       - ${{UPLOAD_LOCATION}}:/data
@@ -1010,8 +1120,7 @@ services:
     restart: {restart}
 {labels}
   immich-machine-learning:
-    container_name: {project}_immich_machine_learning
-    image: {ml_repo}:${{IMMICH_VERSION:-release}}
+{ml_name}    image: {ml_repo}:${{IMMICH_VERSION:-release}}
     volumes:
       - model-cache:/cache
 {libs}    env_file:
@@ -1019,14 +1128,12 @@ services:
     restart: {restart}
 {labels}
   redis:
-    container_name: {project}_immich_redis
-    image: {redis}
+{redis_name}    image: {redis}
     volumes:
 {libs}    restart: {restart}
 {labels}
   database:
-    container_name: {project}_immich_postgres
-    image: {postgres}
+{db_name}    image: {postgres}
     environment:
       POSTGRES_PASSWORD: ${{DB_PASSWORD}}
       POSTGRES_USER: ${{DB_USERNAME}}
@@ -1041,11 +1148,13 @@ services:
 volumes:
   model-cache:
     labels:
+      {TEST_LABEL}: "1"
       {OWNER_LABEL}: "{owner}"
 
 networks:
   default:
     labels:
+      {TEST_LABEL}: "1"
       {OWNER_LABEL}: "{owner}"
 "#
     )
@@ -1068,11 +1177,14 @@ impl ScratchPostgres {
             random_hex(2)
         );
         let owner = format!("{OWNER_LABEL}={}", std::process::id());
+        let ours = format!("{TEST_LABEL}=1");
         let out = docker(&[
             "run",
             "-d",
             "--name",
             &name,
+            "--label",
+            &ours,
             "--label",
             &owner,
             "-e",

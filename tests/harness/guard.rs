@@ -44,7 +44,14 @@ impl Guard {
     }
 
     pub fn start(options: GuardOptions<'_>) -> Guard {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(
+                "{}{}-",
+                super::host::GUARD_DIR_PREFIX,
+                std::process::id()
+            ))
+            .tempdir()
+            .expect("temp dir");
         let socket = dir.path().join("run/guard.sock");
         let config_path = dir.path().join("config.toml");
         let config = format!(

@@ -11,9 +11,14 @@
 //! a build is skipped when the tag already carries it. Builders in parallel threads and
 //! parallel test binaries serialize on a file lock.
 //!
-//! `IMMICH_GUARD_TEST_IMAGE_PREFIX` (e.g. `igdev/`) puts every tag under a prefix, so two
-//! checkouts with different stand-in binaries can share one engine without retagging each
-//! other's images; discovery still sees repositories ending in `immich-server`.
+//! Every tag lives under a prefix of our own, `immich-guard-test/` by default
+//! (`immich-guard-test/immich-server:v1.119.0`, `immich-guard-test/valkey:8`), so a test run
+//! never retags an admin's `ghcr.io/immich-app/…` or `valkey/valkey` images; discovery finds
+//! the stand-ins by their repository name ending in `immich-server`/`immich-machine-learning`.
+//! `IMMICH_GUARD_TEST_IMAGE_PREFIX` (e.g. `igdev/`) replaces the prefix, so two checkouts with
+//! different stand-in binaries can share one engine without retagging each other's images.
+//! Every image carries [`TEST_LABEL`] and [`CONTENT_LABEL`]; the harness removes and prunes
+//! only images with those labels.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,20 +31,27 @@ use sha2::{Digest, Sha256};
 pub const STANDIN_BIN: &str = env!("CARGO_BIN_EXE_immich-standin");
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Unprefixed tags and repositories (see [`tag`] for the prefixed form used by the harness).
-pub const BASE_IMAGE: &str = "immich-guard-test/base:latest";
-pub const POSTGRES_IMAGE: &str = "immich-guard-test/postgres:15";
-pub const REDIS_IMAGE: &str = "docker.io/valkey/valkey:8-bookworm";
-pub const SERVER_REPO: &str = "ghcr.io/immich-app/immich-server";
-pub const ML_REPO: &str = "ghcr.io/immich-app/immich-machine-learning";
+pub const BASE_IMAGE: &str = "base:latest";
+pub const POSTGRES_IMAGE: &str = "postgres:15";
+pub const REDIS_IMAGE: &str = "valkey:8";
+pub const SERVER_REPO: &str = "immich-server";
+pub const ML_REPO: &str = "immich-machine-learning";
+/// The prefix of every tag unless `IMMICH_GUARD_TEST_IMAGE_PREFIX` says otherwise.
+pub const DEFAULT_PREFIX: &str = "immich-guard-test/";
 pub const CONTENT_LABEL: &str = "io.immich-guard.test.content";
+/// On everything the harness creates (images, containers, networks, volumes): `1`.
+pub const TEST_LABEL: &str = "io.immich-guard.test";
 /// Bump when the recipe changes so cached images are rebuilt.
-pub const RECIPE_VERSION: &str = "immich-guard-test-images/4";
+pub const RECIPE_VERSION: &str = "immich-guard-test-images/5";
 pub const LOCK_PATH: &str = "/tmp/immich-guard-test-images.lock";
 const PATH_ENV: &str = "PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin";
 
-/// `IMMICH_GUARD_TEST_IMAGE_PREFIX`, empty by default.
+/// `IMMICH_GUARD_TEST_IMAGE_PREFIX`, else [`DEFAULT_PREFIX`].
 pub fn prefix() -> String {
-    std::env::var("IMMICH_GUARD_TEST_IMAGE_PREFIX").unwrap_or_default()
+    std::env::var("IMMICH_GUARD_TEST_IMAGE_PREFIX")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_PREFIX.to_string())
 }
 
 /// The tag the harness uses for `name` (one of the constants above, or `repo:tag`).
@@ -371,13 +383,22 @@ fn build(recipe: Recipe) -> (String, bool) {
     let content = format!("{:x}", h.finalize());
 
     let _lock = lock_images();
-    if image_label(&recipe.tag, CONTENT_LABEL).as_deref() == Some(content.as_str()) {
+    let cached = image_label(&recipe.tag, CONTENT_LABEL);
+    if cached.as_deref() == Some(content.as_str()) {
         return (image_id(&recipe.tag), false);
     }
+    // Never move a tag of an image the harness did not build (a prefix set to `ghcr.io/…`).
+    assert!(
+        cached.is_some() || try_image_id(&recipe.tag).is_none(),
+        "{} exists and is not a test image (no {CONTENT_LABEL} label); refusing to retag it. \
+         Set IMMICH_GUARD_TEST_IMAGE_PREFIX to a prefix of its own (default {DEFAULT_PREFIX}).",
+        recipe.tag
+    );
     let started = Instant::now();
     let mut import = Command::new("docker");
     import.arg("import");
     let mut changes = recipe.changes.clone();
+    changes.push(format!("LABEL {TEST_LABEL}=1"));
     changes.push(format!("LABEL {CONTENT_LABEL}={content}"));
     for c in &changes {
         import.arg("--change").arg(c);
@@ -440,12 +461,15 @@ fn build(recipe: Recipe) -> (String, bool) {
     (id, true)
 }
 
-/// Removes our images that lost their tag to a rebuild more than an hour ago and that no
-/// container uses (Docker refuses to remove those).
+/// Removes our images (both labels) that lost their tag to a rebuild more than an hour ago
+/// and that no container uses (Docker refuses to remove those). `image prune` without `-a`
+/// only takes untagged images, so nobody's tag is touched.
 fn prune_stale_images() {
     let _ = Command::new("docker")
         .args(["image", "prune", "-f", "--filter"])
         .arg(format!("label={CONTENT_LABEL}"))
+        .arg("--filter")
+        .arg(format!("label={TEST_LABEL}=1"))
         .args(["--filter", "until=1h"])
         .output();
 }
@@ -564,7 +588,7 @@ pub fn is_version(s: &str) -> bool {
     parts.len() == 3 && parts.iter().all(|p| p.parse::<u64>().is_ok())
 }
 
-/// Builds (or finds cached) the base, PostgreSQL and valkey images and, per version, the
+/// Builds (or finds cached) the base, PostgreSQL and valkey stand-in images and, per version, the
 /// server and machine-learning images tagged with that version.
 pub fn ensure_images(versions: &[&str]) -> Images {
     let mut built = Vec::new();

@@ -4,36 +4,33 @@
 //! - [`compose`]: Immich-shaped compose stacks ([`Stack`], [`StackSpec`]) and a scratch
 //!   PostgreSQL, torn down on drop.
 //! - [`guard`], [`docker_proxy`]: the daemon under test and a Docker socket proxy.
+//! - [`deps`]: the host's test dependencies, checked once, and the skip summary at exit.
+//! - [`host`]: other Immich stacks on the engine, and the cleanup of all the harness made.
 #![allow(dead_code, unused_imports)]
 
 pub mod compose;
+pub mod deps;
 pub mod docker_proxy;
 pub mod guard;
+pub mod host;
 pub mod images;
 pub mod webhook;
 
 pub use compose::{ContainerState, ScratchPostgres, Stack, StackSpec};
 pub use images::{Images, build_ml_image, build_server_image, ensure_images};
 
-/// Whether the Docker engine answers (`docker info`), checked once per process. When it does
-/// not, a test should return early: this prints "skipping: Docker not available" — except
-/// under `CI=true`, where a missing engine fails the test loudly instead of letting every
-/// Docker test skip.
+/// Whether the Docker tests can run here: docker, an answering engine, compose, busybox-static
+/// and PostgreSQL 15, all checked once per process (one message naming what is missing and
+/// the `apt-get install` line; under `CI=true` the binary exits 1 instead). When not, the
+/// calling test is counted as skipped and should return; the binary's summary at exit says
+/// how many skipped and why.
 pub fn docker_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *AVAILABLE.get_or_init(|| {
-        std::process::Command::new("docker")
-            .args(["info", "--format", "{{.ServerVersion}}"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but the Docker engine does not answer `docker info`: the Docker tests cannot run"
-        );
-        eprintln!("skipping: Docker not available");
-    }
-    ok
+    deps::docker_ready()
+}
+
+/// For a test that must be the only Immich stack on the engine (zero-config discovery): `true`
+/// (return now) when Docker is missing or another stack is there; see
+/// [`host::foreign_stack_present`].
+pub fn docker_available_and_alone(test: &str) -> bool {
+    docker_available() && !host::foreign_stack_present(test)
 }
