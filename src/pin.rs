@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -639,15 +639,11 @@ fn backup_path(backup: &Backup, file: &Path, stamp: &str) -> Result<Option<PathB
         Backup::None => None,
         Backup::Beside => Some(file.with_file_name(name)),
         Backup::Dir(dir) => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| PinError::Write {
-                    path: dir.clone(),
-                    action: "creating the backup dir",
-                    source,
-                })?;
+            crate::private::create_dir_all(dir).map_err(|source| PinError::Write {
+                path: dir.clone(),
+                action: "creating the backup dir",
+                source,
+            })?;
             Some(dir.join(name))
         }
     })
@@ -1115,7 +1111,15 @@ DB_PASSWORD=postgres\n";
         std::fs::remove_file(&env).unwrap();
         std::os::unix::fs::symlink("env.real", &env).unwrap();
         let relinked = plan_in(dir.path(), &["docker-compose.yml"], "v1.118.0").unwrap();
-        apply(&relinked, &Backup::None, at).unwrap();
+        let baks = dir.path().join("data/pins");
+        let applied = apply(&relinked, &Backup::Dir(baks.clone()), at).unwrap();
+        let kept = baks.join(".env.immich-guard-20261125T022301Z.bak");
+        assert_eq!(applied.backups, vec![(env.clone(), kept.clone())]);
+        assert_eq!(
+            std::fs::metadata(&baks).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), ENV);
         assert!(
             std::fs::symlink_metadata(&env)
                 .unwrap()
