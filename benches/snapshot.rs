@@ -81,7 +81,7 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
                     &docker,
                     "unix:///var/run/docker.sock",
                     &container,
-                    "postgres",
+                    &stack.db_access(),
                     &ours_file,
                 ))
                 .unwrap();

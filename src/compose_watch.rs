@@ -26,8 +26,8 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(500);
 /// Last path segment of the image repository of the services we report: matches
 /// `ghcr.io/immich-app/…`, `altran1502/…`, mirrors and self-built images alike, as discovery
 /// does (DESIGN.md §3), so a stack discovery found is one we can describe.
-const SERVER_IMAGE: &str = "immich-server";
-const ML_IMAGE: &str = "immich-machine-learning";
+pub(crate) const SERVER_IMAGE: &str = "immich-server";
+pub(crate) const ML_IMAGE: &str = "immich-machine-learning";
 
 /// inotify cannot watch a dir that is not there (and its parent may be gone too), so while
 /// the dir is missing we look for it this often.
@@ -157,7 +157,10 @@ pub fn read_view(
     })
 }
 
-fn parse_env(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>, ComposeError> {
+pub(crate) fn parse_env(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HashMap<String, String>, ComposeError> {
     dotenvy::from_read_iter(bytes)
         .map(|item| {
             item.map_err(|e| ComposeError::Parse {
@@ -177,7 +180,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// `ghcr.io/immich-app/immich-server:v1.2@sha256:…` is an `immich-server` image;
 /// `immich-app/immich-server-fork` is not.
-fn is_image_of(image: &str, name: &str) -> bool {
+pub(crate) fn is_image_of(image: &str, name: &str) -> bool {
     let no_digest = image.split('@').next().unwrap_or(image);
     let repo = match no_digest.rfind(':') {
         // A colon after the last slash is the tag; before it, a registry port.
@@ -190,7 +193,7 @@ fn is_image_of(image: &str, name: &str) -> bool {
 /// Compose's interpolation: `$$`, `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`,
 /// `${VAR:?message}`, `${VAR?message}`, `${VAR:+replacement}`, `${VAR+replacement}`, with
 /// defaults that may themselves hold `${…}`. Errors are what compose would refuse to run with.
-fn interpolate(text: &str, env: &HashMap<String, String>) -> Result<String, String> {
+pub(crate) fn interpolate(text: &str, env: &HashMap<String, String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find('$') {

@@ -14,6 +14,7 @@ pub mod docker;
 pub mod incident;
 pub mod lock;
 pub mod notify;
+pub mod pin;
 pub mod private;
 pub mod protect;
 pub mod redact;

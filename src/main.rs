@@ -10,7 +10,7 @@ use immich_guard::config::{self, Config, LogFormat};
 use immich_guard::control::client::{self, ClientError};
 use immich_guard::control::{Request, Response};
 use immich_guard::snapshot::store::{Meta, Store};
-use immich_guard::{daemon, discover, docker, incident, render};
+use immich_guard::{daemon, discover, docker, incident, pin, render};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pin the Immich version compose runs (IMMICH_VERSION in .env, or the image: tags):
+    /// a rollback without a restore. Refused when the database holds migrations the version
+    /// never had (judged from the snapshots); runs here, not in the daemon.
+    Pin {
+        version: String,
+        /// Print what would change and the judgement; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Pin even when refused or not judgeable (recorded in the data dir's pins.jsonl).
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file as `run` would (also the paths, the socket's group and the
     /// Docker host on this machine) and print the effective settings.
     CheckConfig,
@@ -162,6 +179,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => runtime.block_on(release_cmd(&config, service, force, json)),
         Command::Verify { against, json } => runtime.block_on(verify_cmd(&config, against, json)),
+        Command::Pin {
+            version,
+            dry_run,
+            force,
+            yes,
+            json,
+        } => runtime.block_on(pin_cmd(
+            &config,
+            &version,
+            PinFlags {
+                dry_run,
+                force,
+                yes,
+                json,
+            },
+        )),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -383,4 +416,170 @@ async fn verify_cmd(
     } else {
         ExitCode::FAILURE
     })
+}
+
+struct PinFlags {
+    dry_run: bool,
+    force: bool,
+    yes: bool,
+    json: bool,
+}
+
+/// `pin`: discover the stack, plan the edit, judge it from the snapshots and the live
+/// database, print every change, confirm, apply, record.
+async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Result<ExitCode> {
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let docker = docker::connect(&host).await?;
+    let stack = discover::discover(&docker, &host, config).await?;
+    let plan = pin::plan_for(&stack, version)?;
+    let snapshots = read_snapshots(&config.snapshot_dir())?;
+    let current = match &stack.db {
+        Some(access) => immich_guard::snapshot::db::facts(access)
+            .await
+            .map(|f| f.migrations)
+            .map_err(|e| e.to_string()),
+        None => Err("database access unknown (no database container found)".to_string()),
+    };
+    let verdict = pin::judge(
+        &plan.version,
+        Some(&stack.project),
+        &snapshots,
+        current.as_deref().map_err(Clone::clone),
+    );
+    let go = verdict.allows() || flags.force;
+    let say = |line: String| {
+        // With --json, stdout is the one JSON document; the account goes to stderr.
+        if flags.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    // A refusal is said once, as the error at the end.
+    say(format!(
+        "pin {} to {}: {}",
+        stack.project,
+        plan.version,
+        if go {
+            verdict.describe(&plan.version)
+        } else {
+            "refused (below); the changes it would make:".to_string()
+        }
+    ));
+    for line in plan.lines() {
+        say(line);
+    }
+    let report = |applied: Option<&pin::Applied>, log: Option<&Path>| {
+        serde_json::json!({
+            "project": stack.project,
+            "version": plan.version,
+            "verdict": verdict,
+            "plan": plan,
+            "dry_run": flags.dry_run,
+            "forced": flags.force && !verdict.allows(),
+            "applied": applied,
+            "log": log,
+        })
+    };
+    if !go {
+        if flags.json {
+            println!("{}", serde_json::to_string_pretty(&report(None, None))?);
+        }
+        bail!(
+            "refusing to pin {}: {}; `--force` pins anyway (recorded)",
+            plan.version,
+            verdict.describe(&plan.version)
+        );
+    }
+    if plan.edits.is_empty() {
+        say(format!(
+            "the compose config already names {}; nothing to change",
+            plan.version
+        ));
+    }
+    if flags.dry_run || plan.edits.is_empty() {
+        if flags.dry_run && !plan.edits.is_empty() {
+            say("dry run: nothing changed".to_string());
+        }
+        if flags.json {
+            println!("{}", serde_json::to_string_pretty(&report(None, None))?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !flags.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("no terminal to confirm on; run again with --yes to pin");
+        }
+        eprint!(
+            "pin {} to {}{}? [y/N] ",
+            stack.project,
+            plan.version,
+            if verdict.allows() {
+                ""
+            } else {
+                " against the judgement above"
+            }
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            say("not pinned".to_string());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let at = chrono::Utc::now();
+    let applied = pin::apply(&plan, &pin::Backup::Beside, at)?;
+    for (file, backup) in &applied.backups {
+        say(format!(
+            "kept the previous {} as {} (owner-only)",
+            file.display(),
+            backup.display()
+        ));
+    }
+    for file in &applied.written {
+        say(format!("wrote {}", file.display()));
+    }
+    let log = pin::record(
+        &config.daemon.data_dir,
+        &pin::PinRecord {
+            at,
+            project: stack.project.clone(),
+            version: plan.version.clone(),
+            forced: !verdict.allows(),
+            verdict: verdict.clone(),
+            files: applied.written.clone(),
+            backups: applied.backups.iter().map(|(_, b)| b.clone()).collect(),
+            by: pin::who(),
+        },
+    )?;
+    say(format!("recorded in {}", log.display()));
+    say(format!(
+        "a running immich-guard daemon sees this edit as a version change and takes a pre-update snapshot first; then start {} with `docker compose up -d` in {}",
+        plan.version,
+        stack
+            .compose_dir
+            .as_deref()
+            .unwrap_or(Path::new("the compose dir"))
+            .display()
+    ));
+    let running = stack.version.as_ref().map(|v| v.name());
+    if let Some(running) = &running
+        && let (Some(to), Some(from)) = (
+            immich_guard::protect::parse_version(&plan.version),
+            immich_guard::protect::parse_version(running),
+        )
+        && to < from
+    {
+        say(format!(
+            "{} is older than the running {running}: the daemon holds a downgrade when the server starts (it judges by version alone); `immich-guard release --force` lets it go",
+            plan.version
+        ));
+    }
+    if flags.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report(Some(&applied), Some(&log)))?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -248,7 +248,7 @@ pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
     parts.next().is_none().then_some(v)
 }
 
-fn same_version(a: &str, b: &str) -> bool {
+pub fn same_version(a: &str, b: &str) -> bool {
     match (parse_version(a), parse_version(b)) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,

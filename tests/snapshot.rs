@@ -42,7 +42,7 @@ async fn dump_restores_into_an_empty_postgres_with_the_same_rows() {
         &docker(),
         HOST,
         &stack.container_name("database"),
-        "postgres",
+        &stack.db_access(),
         &path,
     )
     .await
@@ -86,7 +86,7 @@ async fn stopped_database_gives_a_clear_error_and_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sql.zst");
     let name = stack.container_name("database");
-    let e = db::dump(&docker(), HOST, &name, "postgres", &path)
+    let e = db::dump(&docker(), HOST, &name, &stack.db_access(), &path)
         .await
         .unwrap_err();
     assert!(matches!(e, DbError::NotRunning { .. }), "{e:?}");
@@ -144,7 +144,7 @@ async fn disk_full_during_the_dump_names_the_cause() {
         &docker(),
         HOST,
         &stack.container_name("database"),
-        "postgres",
+        &stack.db_access(),
         &path,
     )
     .await

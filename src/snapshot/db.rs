@@ -88,12 +88,22 @@ pub struct DumpFile {
     pub duration_ms: u64,
 }
 
+/// The environment of a `pg_dumpall`/`psql` exec in the database container: the password as
+/// `PGPASSWORD`, so a database that asks for one on its local socket too (hardened
+/// `pg_hba.conf`) answers. In the exec's environment only: never on a command line, which
+/// every process in the container (and `docker top`) can read.
+pub fn exec_env(access: &DbAccess) -> Option<Vec<String>> {
+    access
+        .password_known
+        .then(|| vec![format!("PGPASSWORD={}", access.password)])
+}
+
 /// Streams `pg_dumpall` from `container` into `dest` (zstd). `dest` is fsynced before return.
 pub async fn dump(
     docker: &Docker,
     host: &str,
     container: &str,
-    user: &str,
+    access: &DbAccess,
     dest: &Path,
 ) -> Result<DumpFile, DbError> {
     let started = Instant::now();
@@ -110,10 +120,17 @@ pub async fn dump(
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 cmd: Some(
-                    ["pg_dumpall", "--clean", "--if-exists", "--username", user]
-                        .map(String::from)
-                        .to_vec(),
+                    [
+                        "pg_dumpall",
+                        "--clean",
+                        "--if-exists",
+                        "--username",
+                        &access.user,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
                 ),
+                env: exec_env(access),
                 ..Default::default()
             },
         )
@@ -384,6 +401,21 @@ async fn count_first(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_goes_in_the_exec_environment_only_when_known() {
+        let mut access = DbAccess {
+            user: "postgres".into(),
+            password: "s3cret".into(),
+            password_known: true,
+            database: "immich".into(),
+            host: None,
+            port: 5432,
+        };
+        assert_eq!(exec_env(&access), Some(vec!["PGPASSWORD=s3cret".into()]));
+        access.password_known = false;
+        assert_eq!(exec_env(&access), None);
+    }
 
     #[test]
     fn compressed_file_checksum_is_of_the_bytes_on_disk() {

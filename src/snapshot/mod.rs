@@ -129,7 +129,7 @@ pub async fn take(
         docker,
         docker_host,
         &database.container_name,
-        &access.user,
+        access,
         &partial.path().join(DUMP_FILE),
     )
     .await?;

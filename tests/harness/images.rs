@@ -124,7 +124,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     # shellcheck disable=SC2086
     as_postgres "$BIN/initdb" --username="$POSTGRES_USER" --pwfile="$pwfile" -E UTF8 --locale=C ${POSTGRES_INITDB_ARGS:-} -D "$PGDATA"
     rm -f "$pwfile"
-    printf 'local all all trust\nhost all all all %s\n' "${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" > "$PGDATA/pg_hba.conf"
+    # initdb's own pg_hba.conf honours --auth-local (a hardened install asks for a password on
+    # the socket too); the official image keeps it and adds the host line
+    local_auth="$(printf '%s\n' " ${POSTGRES_INITDB_ARGS:-}" | sed -n 's/.* --auth\(-local\)\{0,1\}[= ]\([a-z0-9-]*\).*/\2/p')"
+    printf 'local all all %s\nhost all all all %s\n' "${local_auth:-trust}" "${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" > "$PGDATA/pg_hba.conf"
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
     if [ "$POSTGRES_DB" != postgres ]; then
         echo "CREATE DATABASE \"$POSTGRES_DB\";" | as_postgres "$BIN/postgres" --single -D "$PGDATA" postgres > /dev/null

@@ -1,0 +1,191 @@
+//! Authentication as deployed (issue 11 item 5): a database whose `pg_hba.conf` asks for a
+//! password on its local socket too (initdb `--auth-local=scram-sha-256`, as a hardened
+//! install does). The daemon's snapshot must dump it with the discovered password, passed in
+//! the exec's environment: never on a command line (where every process in the container and
+//! `docker top` can read it), in a log or in the status.
+
+mod harness;
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use harness::guard::Guard;
+use harness::{Stack, StackSpec, docker_available, ensure_images};
+use immich_guard::snapshot::store::Meta;
+
+const HARDENED: &str = "--data-checksums --auth-local=scram-sha-256 --auth-host=scram-sha-256";
+/// Rows of filler: enough that pg_dumpall runs long enough to be seen in the process list.
+const FILLER_ROWS: u32 = 150_000;
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker")
+}
+
+/// psql in the database container over the local socket; with `password`, given as
+/// `PGPASSWORD` through the docker CLI's own environment (`-e NAME` without a value).
+fn local_psql(stack: &Stack, password: Option<&str>, sql: &str) -> Output {
+    let db = stack.container_name("database");
+    let mut c = Command::new("docker");
+    c.arg("exec");
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p).args(["-e", "PGPASSWORD"]);
+    }
+    c.args([&db, "psql", "-X", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+        .args(["-d", "immich", "-tAc", sql])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker exec psql")
+}
+
+fn hardened_stack() -> Stack {
+    ensure_images(&["v1.119.0"]);
+    let stack = Stack::create(StackSpec::new("v1.119.0"));
+    let yaml = std::fs::read_to_string(&stack.compose_file).unwrap();
+    let hardened = yaml.replace(
+        "POSTGRES_INITDB_ARGS: '--data-checksums'",
+        &format!("POSTGRES_INITDB_ARGS: '{HARDENED}'"),
+    );
+    assert_ne!(yaml, hardened, "the harness compose file changed shape");
+    std::fs::write(&stack.compose_file, hardened).unwrap();
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_ready(stack.spec.ready_timeout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    stack
+}
+
+#[test]
+fn snapshot_of_a_database_that_wants_a_password_on_its_socket() {
+    if !docker_available() {
+        return;
+    }
+    let stack = hardened_stack();
+    let password = stack.db_password.clone();
+    let db = stack.container_name("database");
+
+    // The hardening is real: no password, no entry, exactly what pg_dumpall met before.
+    let out = local_psql(&stack, None, "SELECT 1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no password supplied"),
+        "{out:?}"
+    );
+    let out = local_psql(
+        &stack,
+        Some(&password),
+        &format!(
+            "CREATE TABLE filler AS SELECT i, repeat(md5(i::text), 8) AS pad FROM generate_series(1, {FILLER_ROWS}) i"
+        ),
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = Guard::watching(&stack, snapshots.path(), "");
+    guard.wait_status("a baseline", Duration::from_secs(60), |s| {
+        s.state.protection.baseline.is_some()
+    });
+
+    // Every process's command line in the database container, sampled in a loop inside it
+    // for as long as the snapshot runs, and `docker top` from outside.
+    let sampler = "while [ ! -e /tmp/stop-sampling ]; do for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done; done > /tmp/cmdlines 2>/dev/null";
+    assert!(
+        docker(&["exec", "-d", &db, "sh", "-c", sampler])
+            .status
+            .success()
+    );
+    let done = AtomicBool::new(false);
+    let (out, tops) = std::thread::scope(|s| {
+        let top = s.spawn(|| {
+            let mut seen = String::new();
+            while !done.load(Ordering::Relaxed) {
+                let o = docker(&["top", &db, "-eo", "pid,args"]);
+                seen.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+            seen
+        });
+        let out = guard.cli(&["snapshot", "--json"]);
+        done.store(true, Ordering::Relaxed);
+        (out, top.join().unwrap())
+    });
+    assert!(
+        docker(&["exec", &db, "touch", "/tmp/stop-sampling"])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let cmdlines = String::from_utf8_lossy(&docker(&["exec", &db, "cat", "/tmp/cmdlines"]).stdout)
+        .into_owned();
+
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        guard.log()
+    );
+    let meta: Meta = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta.version, "v1.119.0");
+    assert!(
+        meta.db
+            .migrations
+            .iter()
+            .any(|m| m == "1729000000000-AddAssetJobStatus"),
+        "{:?}",
+        meta.db.migrations
+    );
+    assert!(meta.db.assets.unwrap() > 0, "{:?}", meta.db.assets);
+    let dump = zstd::decode_all(
+        std::fs::File::open(snapshots.path().join(&meta.id).join("db.sql.zst")).unwrap(),
+    )
+    .unwrap();
+    let sql = String::from_utf8_lossy(&dump);
+    assert!(
+        sql.contains("CREATE TABLE public.filler"),
+        "the dump is whole"
+    );
+    assert!(
+        sql.contains(&format!("{FILLER_ROWS}\t")),
+        "the filler rows are in the dump"
+    );
+
+    // The password is on no command line while pg_dumpall ran, which the samples saw.
+    let unique: std::collections::BTreeSet<&str> = cmdlines.lines().collect();
+    assert!(
+        unique.iter().any(|l| l.contains("pg_dumpall")),
+        "the sampler never saw pg_dumpall run; samples:\n{unique:#?}"
+    );
+    for (what, text) in [
+        ("/proc/*/cmdline", cmdlines.as_str()),
+        ("docker top", &tops),
+    ] {
+        assert!(!text.contains(&password), "the password is in {what}");
+    }
+    eprintln!(
+        "sampled {} distinct command lines, {} docker top bytes; pg_dumpall seen in docker top: {}",
+        unique.len(),
+        tops.len(),
+        tops.contains("pg_dumpall")
+    );
+
+    // Nor in the daemon's log or the status, as text or JSON.
+    assert!(
+        !guard.log().contains(&password),
+        "the password is in the log"
+    );
+    for args in [&["status"][..], &["status", "--json"], &["list", "--json"]] {
+        let out = guard.cli(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains(&password), "the password is in {args:?}");
+    }
+    let meta_json =
+        std::fs::read_to_string(snapshots.path().join(&meta.id).join("meta.json")).unwrap();
+    assert!(
+        !meta_json.contains(&password),
+        "the password is in meta.json"
+    );
+}
