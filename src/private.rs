@@ -97,10 +97,11 @@ pub struct Tightened {
     pub new: u32,
 }
 
-/// Start of `run`: the umask, the data dir, snapshot dir and incidents dir created owner-only,
-/// and what an older version left wider tightened (each change logged).
+/// Start of `run`: the data dir, snapshot dir and incidents dir created owner-only, and what
+/// an older version left wider tightened (each change logged). The umask is set earlier, by
+/// `main` before any thread exists ([`restrict_umask`]): it is process-wide, so setting it
+/// here would race with whatever else the process's threads create.
 pub fn secure_start(config: &Config) -> Result<Vec<Tightened>, PrivateError> {
-    restrict_umask();
     let data = &config.daemon.data_dir;
     let snapshots = config.snapshot_dir();
     let incidents = data.join(crate::incident::DIR);

@@ -341,6 +341,8 @@ fn unreadable_entries_fail_by_name_or_are_skipped_and_recorded() {
     // Readable by all but owned by root: protected_hardlinks refuses the link, by name.
     let shared = root.path().join("shared");
     fs::create_dir(&shared).unwrap();
+    // Explicit: the test process's umask is not ours to rely on.
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(shared.join("c.jpg"), "c").unwrap();
     fs::set_permissions(shared.join("c.jpg"), fs::Permissions::from_mode(0o644)).unwrap();
     let snapshots = root.path().join("snapshots");
