@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
-use crate::protect::{ContainerEvent, Guard, GuardHandle, Input};
+use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
 use crate::snapshot::queue::SnapshotQueue;
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
@@ -142,6 +142,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     tracing::info!(status = %line, "status");
                     notifier.status(&line);
                     last_line = line;
+                    if quiet(&changes.borrow()) {
+                        // Back to waiting after a snapshot or an incident.
+                        crate::memory::release();
+                    }
                 }
             }
         }
@@ -154,6 +158,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     std::fs::remove_file(&socket_path).ok();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Nothing runs: the daemon waits for Docker events (also when halted after an incident).
+fn quiet(s: &DaemonState) -> bool {
+    s.activity == "watching"
+        && matches!(
+            s.protection.state,
+            ProtectState::Idle | ProtectState::Halted
+        )
 }
 
 /// Keeps a Docker connection, with backoff while the engine is away.

@@ -12,6 +12,7 @@ pub mod diagnose;
 pub mod discover;
 pub mod docker;
 pub mod incident;
+pub mod memory;
 pub mod notify;
 pub mod protect;
 pub mod render;

@@ -87,6 +87,7 @@ enum LogFormatArg {
 }
 
 fn main() -> ExitCode {
+    immich_guard::memory::configure();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
@@ -108,7 +109,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(socket) = cli.socket {
         config.control.socket = socket;
     }
+    // The daemon mostly waits: two workers keep a start event answered while another task
+    // blocks, whatever the core count (each thread costs a stack and malloc state); blocking
+    // threads of a snapshot go soon after it.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
