@@ -8,8 +8,9 @@
 //!
 //! Needs Docker; `cargo bench --bench memory`. `IMMICH_GUARD_BENCH_ASSETS` sets the seeded
 //! assets (default 2000), `IMMICH_GUARD_BENCH_SETTLE_SECS` the wait once idle before a
-//! reading (default 5). Extra environment for the daemon (e.g. `MALLOC_ARENA_MAX=1`, to see
-//! what glibc keeps) is passed on as it is: the daemon inherits the bench's environment.
+//! reading (default 5). The daemon inherits the bench's environment, so glibc's `MALLOC_*`
+//! variables reach it; the mmap threshold and arena count that src/memory.rs sets win over
+//! theirs.
 
 #[path = "common.rs"]
 #[allow(dead_code)] // the latency table is for the latency benches
