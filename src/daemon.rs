@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
-use crate::protect::{ContainerEvent, Guard, GuardHandle, Input};
+use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
 use crate::snapshot::queue::SnapshotQueue;
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
@@ -175,10 +175,23 @@ async fn serve_until_stopped(
                     tracing::info!(status = %line, "status");
                     notifier.status(&line);
                     last_line = line;
+                    if quiet(&changes.borrow()) {
+                        // Back to waiting after a snapshot or an incident.
+                        crate::memory::release();
+                    }
                 }
             }
         }
     }
+}
+
+/// Nothing runs: the daemon waits for Docker events (also when halted after an incident).
+fn quiet(s: &DaemonState) -> bool {
+    s.activity == "watching"
+        && matches!(
+            s.protection.state,
+            ProtectState::Idle | ProtectState::Halted
+        )
 }
 
 /// Keeps a Docker connection, with backoff while the engine is away.

@@ -13,6 +13,7 @@ pub mod discover;
 pub mod docker;
 pub mod incident;
 pub mod lock;
+pub mod memory;
 pub mod notify;
 pub mod pin;
 pub mod private;

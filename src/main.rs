@@ -118,6 +118,7 @@ enum LogFormatArg {
 }
 
 fn main() -> ExitCode {
+    immich_guard::memory::configure();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
@@ -143,7 +144,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     if matches!(cli.command, Command::Run { .. }) {
         immich_guard::private::restrict_umask();
     }
+    // The daemon mostly waits: two workers keep a start event answered while another task
+    // blocks, whatever the core count (each thread costs a stack and malloc state); blocking
+    // threads of a snapshot go soon after it.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
