@@ -26,14 +26,8 @@ const V137_NEW: [&str; 6] = [
     "1751000000000-AddAlbumDescription",
     "1752267649968-StandardizeNames",
 ];
-const FOLDERS: [&str; 6] = [
-    "library",
-    "upload",
-    "thumbs",
-    "encoded-video",
-    "profile",
-    "backups",
-];
+/// The folders Immich checks at boot, as the product knows them.
+use immich_guard::verify::MARKER_FOLDERS as FOLDERS;
 
 fn docker(args: &[&str]) -> std::process::Output {
     Command::new("docker").args(args).output().unwrap()
