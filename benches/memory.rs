@@ -8,7 +8,8 @@
 //!
 //! Needs Docker; `cargo bench --bench memory`. `IMMICH_GUARD_BENCH_ASSETS` sets the seeded
 //! assets (default 2000), `IMMICH_GUARD_BENCH_SETTLE_SECS` the wait once idle before a
-//! reading (default 5). The daemon inherits the bench's environment, so glibc's `MALLOC_*`
+//! reading (default 5), `IMMICH_GUARD_BENCH_SMAPS` a directory that receives the daemon's
+//! /proc/PID/smaps at each reading (which mappings carry the RSS). The daemon inherits the bench's environment, so glibc's `MALLOC_*`
 //! variables reach it; the mmap threshold and arena count that src/memory.rs sets win over
 //! theirs.
 
@@ -43,6 +44,11 @@ struct Reading {
 }
 
 fn read_status(pid: u32, phase: &'static str) -> Reading {
+    if let Some(dir) = std::env::var_os("IMMICH_GUARD_BENCH_SMAPS") {
+        let to = Path::new(&dir).join(format!("{}.smaps", phase.replace(' ', "-")));
+        std::fs::copy(format!("/proc/{pid}/smaps"), &to).expect("daemon smaps");
+        resident_text(pid, &to.with_extension("text-pages"));
+    }
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
     let field = |name: &str| {
         text.lines()
@@ -57,6 +63,33 @@ fn read_status(pid: u32, phase: &'static str) -> Reading {
         file: field("RssFile"),
         threads: field("Threads"),
     }
+}
+
+/// The file offsets of the daemon's resident code pages (from /proc/PID/pagemap), one a line,
+/// to match against the binary's symbols.
+fn resident_text(pid: u32, to: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("daemon maps");
+    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("pagemap");
+    let mut out = String::new();
+    for line in maps.lines().filter(|l| l.ends_with(GUARD_BIN)) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (start, end) = f[0].split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let offset = u64::from_str_radix(f[2], 16).unwrap();
+        for page in (start..end).step_by(4096) {
+            let mut entry = [0u8; 8];
+            pagemap.seek(SeekFrom::Start(page / 4096 * 8)).unwrap();
+            pagemap.read_exact(&mut entry).unwrap();
+            if u64::from_le_bytes(entry) >> 63 == 1 {
+                out.push_str(&format!("{} {:x}\n", f[1], offset + page - start));
+            }
+        }
+    }
+    std::fs::write(to, out).expect("text pages");
 }
 
 /// The daemon process started with `config` (the harness keeps its child to itself).

@@ -419,7 +419,11 @@ impl Config {
         if self.docker.reconcile_secs == 0 {
             return invalid("docker.reconcile_secs", &0, "must be at least 1 s");
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level) {
+        if let Err(e) = self
+            .daemon
+            .log_level
+            .parse::<tracing_subscriber::filter::Targets>()
+        {
             return invalid("daemon.log_level", &self.daemon.log_level, &e.to_string());
         }
         if self.snapshots.keep_last == 0 {

@@ -213,20 +213,27 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IMMICH_GUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.daemon.log_level));
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // Per-target levels (`info`, `immich_guard=debug,bollard=warn`): a `Targets` filter parses
+    // them without the regex engine an `EnvFilter` links in (its code would stay resident).
+    let filter = std::env::var("IMMICH_GUARD_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .or_else(|| config.daemon.log_level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     // Colours only for a person at a terminal, never into journald or a log file.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match config.daemon.log_format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().finish().with(filter).init(),
         // journald stamps every line itself; a second timestamp is noise there.
         LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.without_time().init()
+            builder.without_time().finish().with(filter).init()
         }
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.finish().with(filter).init(),
     }
 }
 
