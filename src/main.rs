@@ -224,7 +224,10 @@ fn init_logging(config: &Config) {
         .or_else(|| config.daemon.log_level.parse().ok())
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     // Colours only for a person at a terminal, never into journald or a log file.
+    // The builder's own level (INFO by default) would drop debug lines before the `Targets`
+    // filter saw them: that filter alone decides.
     let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match config.daemon.log_format {
