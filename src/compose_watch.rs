@@ -25,7 +25,7 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Last path segment of the image repository of the services we report: matches
 /// `ghcr.io/immich-app/…`, `altran1502/…`, mirrors and self-built images alike, as discovery
-/// does (DESIGN.md §3), so a stack discovery found is one we can describe.
+/// does (README.md "How it finds the stack"), so a stack discovery found is one we can describe.
 pub(crate) const SERVER_IMAGE: &str = "immich-server";
 pub(crate) const ML_IMAGE: &str = "immich-machine-learning";
 

@@ -99,7 +99,7 @@ impl Default for NotifyConfig {
     }
 }
 
-/// Passive protection (DESIGN.md §4).
+/// Passive protection (README.md "How it protects").
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProtectConfig {

@@ -2,7 +2,7 @@
 //! a category with the lines that matched, quoted; the decision model (restore, rollback or
 //! fix forward) comes from whether the new version applied migrations.
 //!
-//! The phrases are the ones Immich, Node and PostgreSQL really print (DESIGN.md §1, §6).
+//! The phrases are the ones Immich, Node and PostgreSQL really print (docs/incident-runbook.md, "The cases").
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,6 @@
-//! Passive protection (DESIGN.md §4): snapshot before every Immich version change, freeze a
-//! server that starts on an image no sealed snapshot covers, fail closed, refuse downgrades.
+//! Passive protection (README.md "How it protects"; docs/operations.md "Protection, held
+//! servers and releases"): snapshot before every Immich version change, freeze a server that
+//! starts on an image no sealed snapshot covers, fail closed, refuse downgrades.
 //!
 //! One task owns the decisions. The Docker event loop hands it container starts at once
 //! (before any debounce), image pulls/tags, and every discovery result; the compose watcher

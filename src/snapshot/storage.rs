@@ -1,9 +1,10 @@
 //! The storage half of a snapshot: a frozen view of the upload location plus a manifest of
 //! every entry (path, size, mtime, inode), written zstd-compressed.
 //!
-//! Methods, best first (DESIGN.md §5): a native snapshot when the upload location is a btrfs
-//! subvolume or on a ZFS dataset; a reflink copy where the filesystem can share extents; a
-//! hard-link tree on the same filesystem; a real copy across filesystems only when allowed.
+//! Methods, best first (README.md and docs/operations.md, "Snapshots"): a native snapshot
+//! when the upload location is a btrfs subvolume or on a ZFS dataset; a reflink copy where
+//! the filesystem can share extents; a hard-link tree on the same filesystem; a real copy
+//! across filesystems only when allowed.
 //! It reads the upload location and never writes to it; symlinks are recreated as symlinks
 //! and never followed out of the tree.
 

@@ -1,4 +1,4 @@
-//! Test images without a registry (DESIGN.md §8).
+//! Test images without a registry (README.md, the test section).
 //!
 //! Every image is one tarball we write ourselves (busybox-static with its applets, `/etc/passwd`
 //! with root/postgres/nobody, and per image the stand-in binary or the PostgreSQL entrypoint)

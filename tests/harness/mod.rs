@@ -1,4 +1,4 @@
-//! Shared test code: real Docker, real PostgreSQL, no registry (DESIGN.md §8).
+//! Shared test code: real Docker, real PostgreSQL, no registry (README.md, the test section).
 //!
 //! - [`images`]: registry-free images (`docker import` of tarballs we write), cached by content.
 //! - [`compose`]: Immich-shaped compose stacks ([`Stack`], [`StackSpec`]) and a scratch

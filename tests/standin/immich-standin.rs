@@ -1,6 +1,6 @@
 //! A stand-in for immich-server (and, by role, for machine-learning and redis) used by the
-//! integration tests (DESIGN.md §8). It behaves like the real server where immich-guard cares:
-//! it reads the `DB_*` env, boots slowly, applies its version's migrations in order and records
+//! integration tests (README.md, the test section). It behaves like the real server where
+//! immich-guard cares: it reads the `DB_*` env, boots slowly, applies its version's migrations in order and records
 //! them where Immich does (TypeORM's `migrations` before v1.133, Kysely's `kysely_migrations`
 //! from v1.133 on), refuses a database migrated by a newer version with Immich's own message,
 //! checks the `.immich` markers of the media folders, writes assets (rows + files) and serves
