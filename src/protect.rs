@@ -521,10 +521,7 @@ impl Guard {
         let Some(docker) = self.docker() else { return };
         // Pause before anything else: the server must not reach its migrations.
         let paused = docker.pause_container(&event.container_id).await;
-        if let Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) = &paused
-        {
+        if paused.as_ref().is_err_and(crate::docker::is_not_found) {
             // A start event read after the container was removed (seen with compose v2's
             // recreate): nothing runs that could migrate; the new container's own start
             // event comes next and is judged on its own.
