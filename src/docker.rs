@@ -110,6 +110,67 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// An exec's output as bollard streams it (stdout and stderr frames).
+pub type ExecOutput = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+            > + Send,
+    >,
+>;
+
+/// Starts `cmd` in `container` through the exec API with stdout and stderr attached (`env`
+/// goes into the exec's environment, never onto a command line). Returns the exec's id, for
+/// [`exec_exit_code`] once the output has ended, and the output.
+pub async fn exec_attached(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    cmd: Vec<String>,
+    env: Option<Vec<String>>,
+    output_capacity: Option<usize>,
+) -> Result<(String, ExecOutput), DockerError> {
+    use bollard::exec::{StartExecOptions, StartExecResults};
+    let exec = docker
+        .create_exec(
+            container,
+            bollard::models::ExecConfig {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(cmd),
+                env,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| classify(host, e))?;
+    let started = docker
+        .start_exec(
+            &exec.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: false,
+                output_capacity,
+            }),
+        )
+        .await
+        .map_err(|e| classify(host, e))?;
+    match started {
+        StartExecResults::Attached { output, .. } => Ok((exec.id, output)),
+        StartExecResults::Detached => Err(DockerError::Api("exec started detached".into())),
+    }
+}
+
+/// The exit code of a finished exec (-1 when the engine does not say).
+pub async fn exec_exit_code(docker: &Docker, host: &str, id: &str) -> Result<i64, DockerError> {
+    Ok(docker
+        .inspect_exec(id)
+        .await
+        .map_err(|e| classify(host, e))?
+        .exit_code
+        .unwrap_or(-1))
+}
+
 /// Whether bollard says "no such container/image" (a 404 from the engine).
 pub fn is_not_found(err: &bollard::errors::Error) -> bool {
     matches!(

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::ExecConfig;
 use bollard::query_parameters::InspectContainerOptions;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -975,47 +973,21 @@ fn read_storage(upload: Option<&Path>, manifest: Option<(&Path, &[String])>) -> 
 /// Runs `immich-admin schema-check` in the server container, bounded by a timeout.
 async fn schema_check(docker: &Docker, host: &str, container: &str) -> SchemaFact {
     let run = async {
-        let exec = docker
-            .create_exec(
-                container,
-                ExecConfig {
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    cmd: Some(vec!["immich-admin".into(), "schema-check".into()]),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| classify(host, e).to_string())?;
-        let started = docker
-            .start_exec(
-                &exec.id,
-                Some(StartExecOptions {
-                    detach: false,
-                    tty: false,
-                    output_capacity: None,
-                }),
-            )
-            .await
-            .map_err(|e| classify(host, e).to_string())?;
+        let cmd = vec!["immich-admin".into(), "schema-check".into()];
+        let (exec_id, mut stream) =
+            crate::docker::exec_attached(docker, host, container, cmd, None, None)
+                .await
+                .map_err(|e| e.to_string())?;
         let mut output = String::new();
-        if let StartExecResults::Attached {
-            output: mut stream, ..
-        } = started
-        {
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(chunk) => output.push_str(&String::from_utf8_lossy(&chunk.into_bytes())),
-                    Err(e) => return Err(classify(host, e).to_string()),
-                }
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => output.push_str(&String::from_utf8_lossy(&chunk.into_bytes())),
+                Err(e) => return Err(classify(host, e).to_string()),
             }
         }
-        let code = docker
-            .inspect_exec(&exec.id)
+        let code = crate::docker::exec_exit_code(docker, host, &exec_id)
             .await
-            .map_err(|e| classify(host, e).to_string())?
-            .exit_code
-            .unwrap_or(-1);
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((code, output))
     };
     match tokio::time::timeout(SCHEMA_TIMEOUT, run).await {

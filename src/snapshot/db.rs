@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::Docker;
-use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::ExecConfig;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -113,43 +111,25 @@ pub async fn dump(
     };
     ensure_running(docker, host, container).await?;
 
-    let exec = docker
-        .create_exec(
-            container,
-            ExecConfig {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(
-                    [
-                        "pg_dumpall",
-                        "--clean",
-                        "--if-exists",
-                        "--username",
-                        &access.user,
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                ),
-                env: exec_env(access),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| exec_err(classify(host, e).to_string()))?;
-    let started_exec = docker
-        .start_exec(
-            &exec.id,
-            Some(StartExecOptions {
-                detach: false,
-                tty: false,
-                output_capacity: Some(1 << 20),
-            }),
-        )
-        .await
-        .map_err(|e| exec_err(classify(host, e).to_string()))?;
-    let StartExecResults::Attached { mut output, .. } = started_exec else {
-        return Err(exec_err("exec started detached".into()));
-    };
+    let cmd = [
+        "pg_dumpall",
+        "--clean",
+        "--if-exists",
+        "--username",
+        &access.user,
+    ]
+    .map(String::from)
+    .to_vec();
+    let (exec_id, mut output) = crate::docker::exec_attached(
+        docker,
+        host,
+        container,
+        cmd,
+        exec_env(access),
+        Some(1 << 20),
+    )
+    .await
+    .map_err(|e| exec_err(e.to_string()))?;
 
     // Compression and hashing run on a blocking thread; the async side only moves bytes.
     let (tx, rx) = mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
@@ -189,12 +169,9 @@ pub async fn dump(
     if let Some(detail) = stream_error {
         return Err(exec_err(detail));
     }
-    let code = docker
-        .inspect_exec(&exec.id)
+    let code = crate::docker::exec_exit_code(docker, host, &exec_id)
         .await
-        .map_err(|e| exec_err(classify(host, e).to_string()))?
-        .exit_code
-        .unwrap_or(-1);
+        .map_err(|e| exec_err(e.to_string()))?;
     if code != 0 {
         let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(STDERR_KEPT)..])
             .trim()
