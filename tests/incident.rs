@@ -127,7 +127,7 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
 
     let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("HALTED: immich-server") && text.contains("Permissions"),
+        text.contains("HALTED: immich-server") && text.contains("permissions"),
         "{text}"
     );
 
@@ -212,10 +212,13 @@ fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snaps
             snapshot: named,
             version,
             why,
+            command,
+            ..
         } => {
             assert_eq!(named, &snapshot);
             assert_eq!(version, "v1.119.0");
             assert!(why.contains("1731000000000-AddMemories"), "{why}");
+            assert_eq!(command, &format!("immich-guard restore {snapshot}"));
         }
         other => panic!("expected restore, got {other:?}; log:\n{}", guard.log()),
     }
@@ -224,8 +227,8 @@ fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snaps
     let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
     assert!(
         text.contains("recommended: restore")
-            && text.contains(&snapshot)
-            && text.contains("IMMICH_VERSION=v1.119.0"),
+            && text.contains(&format!("run: immich-guard restore {snapshot}"))
+            && text.contains("pin v1.119.0"),
         "{text}"
     );
 }
@@ -289,7 +292,7 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
     let message = notice["message"].as_str().unwrap();
     assert!(
         message.contains("halted (database, immich-server)")
-            && message.contains("DatabaseVersion")
+            && message.contains("database-version")
             && message.contains(&format!("immich-guard incident {}", incident.id)),
         "{message}"
     );
