@@ -296,12 +296,15 @@ const RULES: &[Rule] = &[
         &[&["eacces", "permission denied", "operation not permitted"]],
         PG_FILES,
     ),
-    rule(
+    // Absolute `/usr/src/app/upload` paths are written from v1.136 on; a file not found
+    // there is the old mount (a permission error is not).
+    rule_unless(
         Category::UploadMountChange,
         &[
             &["/usr/src/app/upload"],
-            &["enoent", "no such file", "failed to read", "eacces"],
+            &["enoent", "no such file", "failed to read"],
         ],
+        &["eacces", "permission denied", "operation not permitted"],
     ),
     rule(
         Category::FolderIntegrity,
@@ -509,10 +512,6 @@ const RULES: &[Rule] = &[
             "can't connect to ('::'",
             "is not a valid port number",
         ]],
-    ),
-    rule(
-        Category::EmptyDatabase,
-        &[&["postgresql init process complete"]],
     ),
 ];
 
@@ -1157,10 +1156,6 @@ mod tests {
                 Category::UploadMountChange,
             ),
             (
-                "PostgreSQL init process complete; ready for start up.",
-                Category::EmptyDatabase,
-            ),
-            (
                 "1:M 30 Jul 2024 15:33:49.896 # Can't handle RDB format version 12",
                 Category::RedisPersistence,
             ),
@@ -1201,6 +1196,9 @@ mod tests {
             "pg_dump: incompatible options were ignored",
             "LOG  failed to read the config file, using defaults",
             "LOG:  database system is ready to accept connections",
+            // Every first boot of a database container logs it: an emptied database is
+            // known from the counts, not from this.
+            "PostgreSQL init process complete; ready for start up.",
             "[Nest] 7 LOG [Microservices:DatabaseRepository] Running migrations, this may take a while",
         ] {
             assert!(
