@@ -267,6 +267,9 @@ const ERROR_WORDS: &[&str] = &[
     "cannot",
     "unable",
     " but ",
+    " instead of ",
+    "only supports",
+    "outdated",
     "not available",
     "not installed",
 ];
@@ -1154,6 +1157,14 @@ mod tests {
             (
                 "Error: ENOENT: no such file or directory, open '/usr/src/app/upload/encoded-video/.immich'",
                 Category::UploadMountChange,
+            ),
+            (
+                "        The pgvecto.rs extension version is 0.1.11, but Immich only supports 0.2.0 and later minor releases.",
+                Category::VectorExtension,
+            ),
+            (
+                "        The pgvecto.rs extension version is 0.1.13 instead of 0.1.11.",
+                Category::VectorExtension,
             ),
             (
                 "1:M 30 Jul 2024 15:33:49.896 # Can't handle RDB format version 12",

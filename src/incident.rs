@@ -194,7 +194,15 @@ pub fn diagnosis_evidence(
         migrations_applied: new_migrations.as_ref().map(|m| !m.is_empty()),
         new_migrations: new_migrations.unwrap_or_default(),
         counts,
-        database_empty: None,
+        // A cluster without Immich's schema where the snapshot had one: counts cannot tell.
+        database_empty: match (now, before) {
+            (Some(now), Some(before))
+                if now.migrations.is_empty() && !before.db.migrations.is_empty() =>
+            {
+                Some(true)
+            }
+            _ => None,
+        },
         images_same_release,
         snapshot: before.map(|m| SnapshotRef {
             id: m.id.clone(),
