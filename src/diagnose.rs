@@ -910,8 +910,13 @@ fn migrations_text(evidence: &Evidence) -> String {
 }
 
 fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decision {
-    let service = evidence.looping.as_deref().unwrap_or("immich-server");
-    let release = format!("immich-guard release {service}");
+    // Without a looping service (logs diagnosed by hand) nothing was halted to release.
+    let then = match &evidence.looping {
+        Some(service) => format!(
+            "immich-guard release {service} (after the fix; `docker compose up -d` if you changed .env or the compose file)"
+        ),
+        None => "docker compose up -d (after the fix)".to_string(),
+    };
     let said = quote(findings, cause);
     let since = evidence
         .snapshot
@@ -947,9 +952,7 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                     "configuration or infrastructure"
                 }
             ),
-            command: format!(
-                "{release} (after the fix; `docker compose up -d` if you changed .env or the compose file)"
-            ),
+            command: then,
         };
     }
     let pin = |s: &SnapshotRef| Choice {
@@ -957,7 +960,8 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
         command: format!("immich-guard pin {}", s.version),
         cost: "nothing, if no migration was applied; refused by pin if one was".into(),
     };
-    let state_kept = "nothing was changed: the halted containers and the database stay as they are";
+    let state_kept =
+        "immich-guard changes nothing: what is halted stays halted, the database stays as it is";
     match (cause, evidence.migrations_applied, &evidence.snapshot) {
         (Category::DatabaseCorruption, _, Some(s)) => Decision::Restore {
             snapshot: s.id.clone(),
@@ -1019,20 +1023,29 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
         },
         (_, _, None) => Decision::Unknown {
             why: format!(
-                "{}; there is no snapshot from before this version to go back to; {state_kept}",
-                if cause == Category::Unknown {
-                    "no known failure in the logs or the facts".to_string()
-                } else {
-                    format!("{said}: a {cause} failure")
+                "{}; there is no immich-guard snapshot from before this version to go back to; {state_kept}",
+                match cause {
+                    Category::Unknown => "no known failure in the logs or the facts".to_string(),
+                    Category::DatabaseCorruption => format!(
+                        "{said}: PostgreSQL's data files are damaged, a restore is needed (rolling back only hides it)"
+                    ),
+                    _ => format!("{said}: a {cause} failure"),
                 }
             ),
-            options: vec![Choice {
-                action: "restore".into(),
-                command:
-                    "Immich's own database backup (UPLOAD_LOCATION/backups), docs/recovery.md §4"
-                        .into(),
-                cost: "discards everything written since that backup".into(),
-            }],
+            options: vec![
+                Choice {
+                    action: "rollback".into(),
+                    command: "immich-guard pin <the version that ran before>".into(),
+                    cost: "nothing if no migration was applied (docs/recovery.md §3 shows how to check); pin refuses otherwise".into(),
+                },
+                Choice {
+                    action: "restore".into(),
+                    command:
+                        "Immich's own database backup (UPLOAD_LOCATION/backups), docs/recovery.md §4"
+                            .into(),
+                    cost: "discards everything written since that backup".into(),
+                },
+            ],
         },
     }
 }
@@ -1414,7 +1427,7 @@ mod tests {
             assert_eq!(d.cause, Category::Unknown);
             match &d.decision {
                 Decision::Unknown { options, why } => {
-                    assert!(why.contains("nothing was changed"), "{why}");
+                    assert!(why.contains("changes nothing"), "{why}");
                     let actions: Vec<&str> = options.iter().map(|o| o.action.as_str()).collect();
                     assert_eq!(actions, ["rollback", "restore"]);
                     assert!(options[1].cost.contains("discards"), "{options:?}");
