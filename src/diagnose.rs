@@ -983,10 +983,8 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                 snapshot: s.id.clone(),
                 version: s.version.clone(),
                 why: format!(
-                    "{said}: the new version {} and does not start: the database is half-migrated, {} cannot run on it and the new version fails; restore {} (database and storage) and pin {}",
-                    migrations_text(evidence)
-                        .replace("migration(s) were applied", "migration(s) applied")
-                        .replace("migrations were applied", "applied migrations"),
+                    "{said}: {}{since} and the new version does not start: the database is half-migrated, {} cannot run on it and the new version fails on it; restore {} (database and storage) and pin {}",
+                    migrations_text(evidence),
                     s.version,
                     s.id,
                     s.version
