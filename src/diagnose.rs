@@ -113,8 +113,10 @@ impl Category {
             Category::MlBindAddress => 72,
             Category::RemovedService => 70,
             Category::UploadMountChange => 66,
-            Category::FolderIntegrity => 64,
-            Category::Permissions => 62,
+            // Immich follows a marker it cannot read for permissions with a generic "Failed
+            // to read" line: the permission error is the cause.
+            Category::Permissions => 64,
+            Category::FolderIntegrity => 62,
             Category::EmptyDatabase => 50,
             Category::Migration => 40,
             Category::MissingRelation => 30,
@@ -309,12 +311,14 @@ const RULES: &[Rule] = &[
         ],
         &["eacces", "permission denied", "operation not permitted"],
     ),
-    rule(
+    // A marker that cannot be read for permissions is a permission problem.
+    rule_unless(
         Category::FolderIntegrity,
         &[
             &[".immich"],
             &["enoent", "failed to read", "no such file", "eio:"],
         ],
+        &["eacces", "permission denied", "operation not permitted"],
     ),
     rule(Category::FolderIntegrity, &[&["folder integrity"]]),
     // The database.
@@ -1229,6 +1233,22 @@ mod tests {
                 categories(line)
             );
         }
+    }
+
+    #[test]
+    fn an_unreadable_marker_for_permissions_is_a_permission_problem() {
+        let line = "ERROR [Microservices:StorageService] Failed to read (/data/encoded-video/.immich): Error: EACCES: permission denied, open '/data/encoded-video/.immich'";
+        assert_eq!(categories(line), [Category::Permissions]);
+        let d = diagnose(&evidence(
+            &[(
+                "immich_server",
+                &format!(
+                    "{line}\nmicroservices worker error: Error: Failed to read: \"<UPLOAD_LOCATION>/encoded-video/.immich (/data/encoded-video/.immich) - Please see https://immich.app/docs/administration/system-integrity#folder-checks for more information.\"\n"
+                ),
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::Permissions);
     }
 
     #[test]
