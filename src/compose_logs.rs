@@ -18,6 +18,10 @@ pub fn split(text: &str, service: &str) -> (Vec<ServiceLog>, Vec<Exit>) {
     let mut current = service.to_string();
     for line in &lines {
         let (name, text) = match prefix(line) {
+            // A log viewer's `stderr | <time> | line` names the stream, not a service.
+            Some((name, text)) if compose && (name == "stdout" || name == "stderr") => {
+                (service.to_string(), text)
+            }
             Some((name, text)) if compose => (name, text),
             _ => {
                 if let Some((name, code)) = exited(line) {
@@ -166,6 +170,20 @@ immich_redis_1  | 1:M * Ready to accept connections
                 exit_code: Some(132),
                 oom_killed: false
             }]
+        );
+    }
+
+    #[test]
+    fn a_log_viewers_stream_column_is_not_a_service() {
+        let (logs, _) = split(
+            "stderr | 2025-03-02 22:44:10 | microservices worker error: boom\n",
+            "immich_server",
+        );
+        assert_eq!(logs.len(), 1);
+        assert_eq!(logs[0].service, "immich_server");
+        assert_eq!(
+            logs[0].text,
+            "2025-03-02 22:44:10 | microservices worker error: boom\n"
         );
     }
 

@@ -1034,20 +1034,24 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                     _ => format!("{said}: a {cause} failure"),
                 }
             ),
-            options: vec![
-                Choice {
-                    action: "rollback".into(),
-                    command: "immich-guard pin <the version that ran before>".into(),
-                    cost: "nothing if no migration was applied (docs/recovery.md §3 shows how to check); pin refuses otherwise".into(),
-                },
-                Choice {
+            options: {
+                let mut options = vec![Choice {
                     action: "restore".into(),
                     command:
                         "Immich's own database backup (UPLOAD_LOCATION/backups), docs/recovery.md §4"
                             .into(),
                     cost: "discards everything written since that backup".into(),
-                },
-            ],
+                }];
+                // Going back to the old version on damaged files only hides the damage.
+                if cause != Category::DatabaseCorruption {
+                    options.insert(0, Choice {
+                        action: "rollback".into(),
+                        command: "immich-guard pin <the version that ran before>".into(),
+                        cost: "nothing if no migration was applied (docs/recovery.md §3 shows how to check); pin refuses otherwise".into(),
+                    });
+                }
+                options
+            },
         },
     }
 }
@@ -1391,6 +1395,26 @@ mod tests {
                 }
                 other => panic!("{applied:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn corruption_without_a_snapshot_offers_no_rollback() {
+        let mut e = evidence(
+            &[(
+                "immich_postgres",
+                "PANIC:  could not locate a valid checkpoint record\n",
+            )],
+            None,
+        );
+        e.snapshot = None;
+        match diagnose(&e).decision {
+            Decision::Unknown { why, options } => {
+                assert!(why.contains("a restore is needed"), "{why}");
+                let actions: Vec<&str> = options.iter().map(|o| o.action.as_str()).collect();
+                assert_eq!(actions, ["restore"]);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -394,7 +394,7 @@ fn diagnosis_text(
         Decision::Unknown { why, options } => {
             let _ = writeln!(
                 out,
-                "recommended: nothing yet (unknown cause; restore is never the default)\n  {why}"
+                "recommended: nothing yet (not enough is known to choose; restore is never the default)\n  {why}"
             );
             for o in options {
                 let _ = writeln!(out, "  option {}: {} ({})", o.action, o.command, o.cost);
