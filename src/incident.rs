@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::diagnose::{Decision, Finding};
+use crate::diagnose::{Category, Decision, Finding};
 use crate::discover::Stack;
 use crate::redact::{self, Secrets};
 use crate::snapshot::store::PARTIAL_PREFIX;
@@ -49,11 +49,21 @@ pub struct Incident {
     pub window_secs: u64,
     pub baseline: Option<String>,
     pub pending: Option<String>,
+    /// The finding that explains the others (`unknown` when none did).
+    #[serde(default = "unknown")]
+    pub cause: Category,
     pub findings: Vec<Finding>,
+    /// Other facts worth knowing (a symptom explained, exit 137 without OOMKilled, …).
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub decision: Decision,
     /// Containers halted, with the restart policy each had.
     pub halted: Vec<Halted>,
     pub dir: PathBuf,
+}
+
+fn unknown() -> Category {
+    Category::Unknown
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +82,8 @@ pub struct Evidence {
     pub logs: Vec<(String, String)>,
     /// (service, inspect JSON)
     pub inspect: Vec<(String, String)>,
+    /// How each container last ended (exit code, OOMKilled), from inspect.
+    pub exits: Vec<crate::diagnose::Exit>,
     /// The stack's secret values, for what the bundle adds later (config copies).
     pub secrets: Secrets,
 }
@@ -106,7 +118,16 @@ pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
         inspects.push((service.service.clone(), inspect));
     }
     let secrets = stack_secrets(stack, inspects.iter().map(|(_, v)| v));
+    let exits = inspects
+        .iter()
+        .map(|(service, v)| crate::diagnose::Exit {
+            service: service.clone(),
+            exit_code: v["State"]["ExitCode"].as_i64(),
+            oom_killed: v["State"]["OOMKilled"].as_bool().unwrap_or(false),
+        })
+        .collect();
     Evidence {
+        exits,
         logs: logs
             .into_iter()
             .map(|(service, text)| (service, secrets.scrub_lines(&text)))
@@ -123,6 +144,84 @@ pub async fn collect(docker: &Docker, stack: &Stack) -> Evidence {
             .collect(),
         secrets,
     }
+}
+
+/// The facts the diagnosis reads (docs/incident-runbook.md §3): the logs and exits of every
+/// service, `service` looping; the database's migrations and counts now (`now`, none when it
+/// could not be asked) against the pre-update snapshot `before`; whether server and machine
+/// learning run images of the same release.
+pub fn diagnosis_evidence(
+    evidence: &Evidence,
+    stack: &Stack,
+    service: &str,
+    now: Option<&crate::snapshot::db::DbFacts>,
+    before: Option<&crate::snapshot::store::Meta>,
+) -> crate::diagnose::Evidence {
+    use crate::diagnose::{Counts, ServiceLog, SnapshotRef};
+    let new_migrations: Option<Vec<String>> = match (now, before) {
+        (Some(now), Some(before)) => Some(
+            now.migrations
+                .iter()
+                .filter(|m| !before.db.migrations.contains(m))
+                .cloned()
+                .collect(),
+        ),
+        _ => None,
+    };
+    let counts = now.map(|n| Counts {
+        assets_now: n.assets,
+        users_now: n.users,
+        assets_then: before.and_then(|b| b.db.assets),
+        users_then: before.and_then(|b| b.db.users),
+    });
+    let release =
+        |s: &Option<crate::discover::Service>| s.as_ref().and_then(|s| image_release(&s.image));
+    let images_same_release = match (release(&stack.server), release(&stack.machine_learning)) {
+        (Some(a), Some(b)) => Some(a == b),
+        _ => None,
+    };
+    crate::diagnose::Evidence {
+        logs: evidence
+            .logs
+            .iter()
+            .map(|(service, text)| ServiceLog {
+                service: service.clone(),
+                text: text.clone(),
+            })
+            .collect(),
+        exits: evidence.exits.clone(),
+        looping: Some(service.to_string()),
+        migrations_applied: new_migrations.as_ref().map(|m| !m.is_empty()),
+        new_migrations: new_migrations.unwrap_or_default(),
+        counts,
+        // A cluster without Immich's schema where the snapshot had one: counts cannot tell.
+        database_empty: match (now, before) {
+            (Some(now), Some(before))
+                if now.migrations.is_empty() && !before.db.migrations.is_empty() =>
+            {
+                Some(true)
+            }
+            _ => None,
+        },
+        images_same_release,
+        snapshot: before.map(|m| SnapshotRef {
+            id: m.id.clone(),
+            version: m.version.clone(),
+        }),
+    }
+}
+
+/// `ghcr.io/immich-app/immich-machine-learning:v1.120.0-cuda@sha256:…` → `v1.120.0`; none for
+/// a tag without a version number (`release`).
+pub fn image_release(image: &str) -> Option<String> {
+    let image = image.split('@').next()?;
+    let (_, tag) = image
+        .rsplit_once(':')
+        .filter(|(repo, _)| !repo.ends_with('/'))?;
+    let version = tag.split('-').next()?;
+    let digits = version.strip_prefix('v').unwrap_or(version);
+    (digits.starts_with(|c: char| c.is_ascii_digit()) && !tag.contains('/'))
+        .then(|| format!("v{digits}"))
 }
 
 /// Every secret value known for the stack: the database password, and the values of secret
@@ -324,6 +423,24 @@ async fn set_restart_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_releases_ignore_hardware_suffixes_and_digests() {
+        assert_eq!(
+            image_release("ghcr.io/immich-app/immich-server:v1.120.0").as_deref(),
+            Some("v1.120.0")
+        );
+        assert_eq!(
+            image_release("ghcr.io/immich-app/immich-machine-learning:v1.120.0-cuda@sha256:ab")
+                .as_deref(),
+            Some("v1.120.0")
+        );
+        assert_eq!(
+            image_release("ghcr.io/immich-app/immich-server:release"),
+            None
+        );
+        assert_eq!(image_release("localhost:5000/immich-server"), None);
+    }
 
     #[test]
     fn ids_are_unique_in_their_dir() {

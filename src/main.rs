@@ -106,6 +106,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Diagnose logs collected without the daemon (before it was installed, or from another
+    /// machine) with the engine incidents use: `docker compose logs | immich-guard diagnose -`,
+    /// or `--logs FILE [--service NAME]` (repeatable; the Nth --service names the Nth file when
+    /// it is one container's `docker logs`). Needs neither the daemon nor Docker.
+    Diagnose {
+        /// `-`: read standard input.
+        input: Option<String>,
+        /// A log file (`-` for standard input): `docker compose logs` output or one
+        /// container's log.
+        #[arg(long = "logs", value_name = "FILE")]
+        logs: Vec<PathBuf>,
+        /// The service of the --logs file in the same position (default: the file's name).
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file as `run` would (also the paths, the socket's group and the
     /// Docker host on this machine) and print the effective settings.
     CheckConfig,
@@ -201,6 +218,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
             },
         )),
+        Command::Diagnose {
+            input,
+            logs,
+            services,
+            json,
+        } => diagnose_cmd(input, logs, services, json),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -340,6 +363,64 @@ async fn ask_or_read(
         dir.display()
     );
     Ok(None)
+}
+
+fn diagnose_cmd(
+    input: Option<String>,
+    mut files: Vec<PathBuf>,
+    services: Vec<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Read;
+    match input.as_deref() {
+        Some("-") => files.insert(0, PathBuf::from("-")),
+        Some(other) => bail!(
+            "diagnose: unexpected argument {other:?}: use `-` for standard input, or --logs FILE"
+        ),
+        None if files.is_empty() => {
+            bail!(
+                "diagnose: no logs: pipe them in with `-` (`docker compose logs | immich-guard diagnose -`) or give --logs FILE"
+            )
+        }
+        None => {}
+    }
+    if services.len() > files.len() {
+        bail!(
+            "diagnose: {} --service given for {} log file(s)",
+            services.len(),
+            files.len()
+        );
+    }
+    let mut inputs = Vec::new();
+    for (n, file) in files.iter().enumerate() {
+        let mut text = String::new();
+        if file == Path::new("-") {
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("diagnose: reading standard input")?;
+        } else {
+            let bytes = std::fs::read(file)
+                .with_context(|| format!("diagnose: reading {}", file.display()))?;
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        let service = services.get(n).cloned().unwrap_or_else(|| {
+            file.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| s != "-")
+                .unwrap_or_else(|| "unknown".into())
+        });
+        inputs.push((text, service));
+    }
+    let mut evidence = immich_guard::compose_logs::evidence(&inputs);
+    // The first service named is the one that failed, if the admin said.
+    evidence.looping = services.first().cloned();
+    let diagnosis = immich_guard::diagnose::diagnose(&evidence);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&diagnosis)?);
+    } else {
+        print!("{}", render::diagnosis(&diagnosis));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn incident_cmd(config: &Config, id: Option<String>, json: bool) -> anyhow::Result<ExitCode> {

@@ -1437,32 +1437,24 @@ impl Guard {
             .as_ref()
             .is_some_and(|d| d.container_id == container_id);
         let evidence = crate::incident::collect(&docker, &stack).await;
-        let mut findings =
-            crate::diagnose::scan(evidence.logs.iter().map(|(s, l)| (s.as_str(), l.as_str())));
-        crate::diagnose::rank(&mut findings, &service);
         // A looping database cannot answer; otherwise ask it briefly, the halt must not wait.
-        let applied_now = match &stack.db {
+        let now = match &stack.db {
             Some(access) if !is_database => {
                 tokio::time::timeout(FACTS_TIMEOUT, crate::snapshot::db::facts(access))
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .map(|f| f.migrations)
             }
             _ => None,
         };
         let before = self.pre_update_snapshot();
-        let decision = crate::diagnose::decide(
-            applied_now.as_deref(),
-            before.as_ref().map(|m| {
-                (
-                    m.id.as_str(),
-                    m.version.as_str(),
-                    m.db.migrations.as_slice(),
-                )
-            }),
-            &findings,
-        );
+        let diagnosis = crate::diagnose::diagnose(&crate::incident::diagnosis_evidence(
+            &evidence,
+            &stack,
+            &service,
+            now.as_ref(),
+            before.as_ref(),
+        ));
         let dir = self.config.daemon.data_dir.join(crate::incident::DIR);
         let at = Utc::now();
         let mut incident = crate::incident::Incident {
@@ -1482,8 +1474,10 @@ impl Guard {
             pending: self
                 .change_in_progress()
                 .map(|p| format!("{} → {}", p.from, p.to)),
-            findings,
-            decision,
+            cause: diagnosis.cause,
+            findings: diagnosis.findings,
+            notes: diagnosis.notes,
+            decision: diagnosis.decision,
             halted: Vec::new(),
             dir: dir.clone(),
         };
@@ -1547,11 +1541,7 @@ impl Guard {
                     .map(|h| h.service.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
-                incident
-                    .findings
-                    .first()
-                    .map(|f| format!("{:?}", f.category))
-                    .unwrap_or_else(|| "no known failure phrase".into()),
+                incident.cause,
                 incident.decision.summary(),
                 incident.id,
             ),

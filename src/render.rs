@@ -163,17 +163,13 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
         for f in &i.findings {
             let _ = writeln!(
                 out,
-                "  {:?} ({} lines): {}",
+                "  {} ({} lines): {}",
                 f.category,
                 f.count,
                 f.lines.first().map(String::as_str).unwrap_or("")
             );
         }
-        let _ = writeln!(
-            out,
-            "  decision: {}",
-            serde_json::to_string(&i.decision).unwrap_or_default()
-        );
+        let _ = writeln!(out, "  recommended: {}", i.decision.summary());
     }
     for (version, id) in &p.last_snapshot_per_version {
         let _ = writeln!(out, "newest snapshot of {version}: {id}");
@@ -314,7 +310,6 @@ fn duration(secs: u64) -> String {
 
 /// One incident for `immich-guard incident`.
 pub fn incident(i: &crate::incident::Incident) -> String {
-    use crate::diagnose::Decision;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -350,30 +345,61 @@ pub fn incident(i: &crate::incident::Incident) -> String {
             "release in this order, once the cause is fixed: the database before the server"
         );
     }
-    if i.findings.is_empty() {
-        let _ = writeln!(out, "diagnosis: no known failure phrase in the logs");
+    out.push_str(&diagnosis_text(i.cause, &i.findings, &i.notes, &i.decision));
+    out
+}
+
+/// `immich-guard diagnose` and the diagnosis part of `immich-guard incident`: the cause, every
+/// finding with its quoted lines, the notes, and the recommendation with its command.
+pub fn diagnosis(d: &crate::diagnose::Diagnosis) -> String {
+    diagnosis_text(d.cause, &d.findings, &d.notes, &d.decision)
+}
+
+fn diagnosis_text(
+    cause: crate::diagnose::Category,
+    findings: &[crate::diagnose::Finding],
+    notes: &[String],
+    decision: &crate::diagnose::Decision,
+) -> String {
+    use crate::diagnose::Decision;
+    let mut out = String::new();
+    let _ = writeln!(out, "cause: {cause}");
+    if findings.is_empty() {
+        let _ = writeln!(out, "diagnosis: no known failure in the logs or the facts");
     }
-    for f in &i.findings {
-        let _ = writeln!(out, "diagnosis: {:?} ({} lines)", f.category, f.count);
+    for (n, f) in findings.iter().enumerate() {
+        let role = if n == 0 { "" } else { " (also seen)" };
+        let _ = writeln!(out, "diagnosis: {}{role} ({} lines)", f.category, f.count);
         for line in &f.lines {
             let _ = writeln!(out, "  > {line}");
         }
     }
-    let _ = match &i.decision {
+    for note in notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    let _ = match decision {
         Decision::Restore {
-            snapshot,
-            version,
-            why,
+            why, command, cost, ..
         } => writeln!(
             out,
-            "recommended: restore\n  {why}\n  restore snapshot {snapshot} (database and storage together) and pin IMMICH_VERSION={version}: docs/recovery.md §4 (the snapshot is <snapshots.dir>/{snapshot})"
+            "recommended: restore\n  {why}\n  run: {command}\n  cost: {cost}"
         ),
-        Decision::Rollback { version, why } => writeln!(
+        Decision::Rollback { why, command, .. } => {
+            writeln!(out, "recommended: roll back\n  {why}\n  run: {command}")
+        }
+        Decision::FixForward { hint, why, command } => writeln!(
             out,
-            "recommended: roll back\n  {why}\n  set IMMICH_VERSION={version} in .env, then docker compose up -d"
+            "recommended: fix forward\n  {why}\n  {hint}\n  then: {command}"
         ),
-        Decision::FixForward { hint, why } => {
-            writeln!(out, "recommended: fix forward\n  {why}\n  {hint}")
+        Decision::Unknown { why, options } => {
+            let _ = writeln!(
+                out,
+                "recommended: nothing yet (not enough is known to choose; restore is never the default)\n  {why}"
+            );
+            for o in options {
+                let _ = writeln!(out, "  option {}: {} ({})", o.action, o.command, o.cost);
+            }
+            Ok(())
         }
     };
     out

@@ -112,8 +112,7 @@ impl DaemonState {
                     halted.join(", "),
                     p.incident
                         .as_ref()
-                        .and_then(|i| i.findings.first())
-                        .map(|f| format!(": {:?}", f.category))
+                        .map(|i| format!(": {}", i.cause))
                         .unwrap_or_default()
                 );
             }

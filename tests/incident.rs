@@ -127,7 +127,7 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
 
     let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("HALTED: immich-server") && text.contains("Permissions"),
+        text.contains("HALTED: immich-server") && text.contains("permissions"),
         "{text}"
     );
 
@@ -212,10 +212,13 @@ fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snaps
             snapshot: named,
             version,
             why,
+            command,
+            ..
         } => {
             assert_eq!(named, &snapshot);
             assert_eq!(version, "v1.119.0");
             assert!(why.contains("1731000000000-AddMemories"), "{why}");
+            assert_eq!(command, &format!("immich-guard restore {snapshot}"));
         }
         other => panic!("expected restore, got {other:?}; log:\n{}", guard.log()),
     }
@@ -224,8 +227,8 @@ fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snaps
     let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
     assert!(
         text.contains("recommended: restore")
-            && text.contains(&snapshot)
-            && text.contains("IMMICH_VERSION=v1.119.0"),
+            && text.contains(&format!("run: immich-guard restore {snapshot}"))
+            && text.contains("pin v1.119.0"),
         "{text}"
     );
 }
@@ -289,7 +292,7 @@ fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
     let message = notice["message"].as_str().unwrap();
     assert!(
         message.contains("halted (database, immich-server)")
-            && message.contains("DatabaseVersion")
+            && message.contains("database-version")
             && message.contains(&format!("immich-guard incident {}", incident.id)),
         "{message}"
     );
@@ -392,4 +395,99 @@ fn deaths_missed_while_docker_was_unreachable_are_counted_from_restart_count() {
     assert_eq!(policy(&stack.container_name("immich-server")), "no");
     let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
     assert!(text.contains("came from Docker's restart count"), "{text}");
+}
+
+#[test]
+fn a_server_looping_on_enotfound_is_diagnosed_by_the_databases_corruption() {
+    if !docker_available() {
+        return;
+    }
+    // The server gives up on an unreachable database after 1.5 s, as Immich does after its
+    // retries: the loop is the server's, the cause is in the database's log.
+    let stack = Stack::up(
+        StackSpec::default()
+            .restart("always")
+            .boot_delay_ms(300)
+            .env("STANDIN_DB_TIMEOUT_MS", "1500"),
+    );
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(&stack, snapshots.path(), "");
+    guard.wait_status("the stack", Duration::from_secs(30), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    let out = guard.cli(&["snapshot", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let snapshot = guard.status().state.last_snapshot.unwrap().id;
+
+    // Damage inside the CRC-covered part of pg_control (past the version fields): real
+    // PostgreSQL 15 refuses to start with "incorrect checksum in control file". Docker does
+    // not restart the database (policy no), so it is not the one looping; the server's
+    // DNS lookup of `database` fails from then on.
+    let database = stack.container_name("database");
+    docker_ok(&["stop", &database]);
+    docker_ok(&["update", "--restart", "no", &database]);
+    let control = stack.db_data.join("global/pg_control");
+    let mut bytes = std::fs::read(&control).unwrap();
+    for b in &mut bytes[64..72] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&control, &bytes).unwrap();
+    let _ = std::process::Command::new("docker")
+        .args(["start", &database])
+        .output();
+    let server = stack.container_name("immich-server");
+    docker_ok(&["restart", &server]);
+
+    let s = wait_halted(&guard, 1);
+    let incident = s.state.protection.incident.unwrap();
+    assert_eq!(incident.service, "immich-server");
+    assert_eq!(
+        incident.cause,
+        Category::DatabaseCorruption,
+        "{:#?}\nguard log:\n{}",
+        incident.findings,
+        guard.log()
+    );
+    let corruption = &incident.findings[0];
+    assert!(
+        corruption
+            .lines
+            .iter()
+            .any(|l| l.starts_with("database:") && l.contains("incorrect checksum in control file")),
+        "{corruption:?}"
+    );
+    let symptom = incident
+        .findings
+        .iter()
+        .find(|f| f.category == Category::DatabaseUnreachable)
+        .expect("the server's symptom is kept as a finding");
+    assert!(
+        symptom.lines[0].starts_with("immich-server:"),
+        "{symptom:?}"
+    );
+    assert!(
+        incident.notes.iter().any(|n| n.contains("is a symptom")),
+        "{:?}",
+        incident.notes
+    );
+    match &incident.decision {
+        Decision::Restore {
+            snapshot: named,
+            command,
+            why,
+            ..
+        } => {
+            assert_eq!(named, &snapshot);
+            assert_eq!(command, &format!("immich-guard restore {snapshot}"));
+            assert!(why.contains("incorrect checksum in control file"), "{why}");
+        }
+        other => panic!("expected restore, got {other:?}"),
+    }
+    let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
+    assert!(
+        text.contains("cause: database-corruption")
+            && text.contains(&format!("run: immich-guard restore {snapshot}")),
+        "{text}"
+    );
+    // The stack is the harness's to clean up; the database it leaves is the damaged one.
 }
