@@ -3,8 +3,8 @@
 //! The data path is the module layout: `discover` finds the stack, `daemon` watches Docker
 //! and publishes `status`, `control` serves it over a Unix socket, `systemd` tells systemd.
 
+pub mod compose;
 pub mod compose_logs;
-pub mod compose_watch;
 pub mod config;
 pub mod control;
 pub mod crashloop;

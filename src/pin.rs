@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::compose_watch::{ML_IMAGE, SERVER_IMAGE, interpolate, is_image_of, parse_env};
+use crate::compose::model::{ML_IMAGE, SERVER_IMAGE, interpolate, is_image_of, parse_env};
 use crate::discover::Stack;
 use crate::protect::same_version;
 use crate::snapshot::store::{Meta, sync_dir};

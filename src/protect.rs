@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::compose_watch::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
+use crate::compose::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
 use crate::notify::{Event as Notice, EventKind, Notifier};
@@ -29,7 +29,7 @@ use crate::snapshot::store::Store;
 use crate::status::DaemonState;
 
 /// How long a `.env` must be quiet before its change counts (editors write in bursts).
-const COMPOSE_DEBOUNCE: Duration = crate::compose_watch::DEFAULT_DEBOUNCE;
+const COMPOSE_DEBOUNCE: Duration = crate::compose::DEFAULT_DEBOUNCE;
 /// Freeze delays kept for `status`.
 const DELAYS_KEPT: usize = 200;
 const RELEASES_KEPT: usize = 20;
