@@ -595,7 +595,7 @@ impl Guard {
         let image_id = image_id.unwrap_or_default();
         if let Some(baseline) = self.protection.baseline.clone()
             && is_older(&version, &baseline.version)
-            && !self.pinned_rollback_noted(&version, &baseline)
+            && self.rollback_pinned(&version).is_none()
         {
             self.hold_downgrade(
                 &docker,
@@ -1073,6 +1073,19 @@ impl Guard {
             .baseline
             .as_ref()
             .is_some_and(|old| old.image_id == b.image_id);
+        if let Some(old) = &self.protection.baseline
+            && is_older(&b.version, &old.version)
+            && let Some(pin) = self.rollback_pinned(&b.version)
+        {
+            tracing::info!(
+                from = %old.version,
+                to = %b.version,
+                pinned_at = %pin.at,
+                forced = pin.forced,
+                by = %pin.by,
+                "a rollback recorded by `immich-guard pin`: not held as a downgrade"
+            );
+        }
         if !same || self.protection.baseline_since.is_none() {
             self.protection.baseline_since = Some(Utc::now());
         }
@@ -1317,22 +1330,6 @@ impl Guard {
             }
         };
         pinned_rollback(records, project, version, since)
-    }
-
-    /// Whether a downgrade to `version` is a rollback `pin` recorded; logged when it is.
-    fn pinned_rollback_noted(&self, version: &str, baseline: &Baseline) -> bool {
-        let Some(pin) = self.rollback_pinned(version) else {
-            return false;
-        };
-        tracing::info!(
-            from = %baseline.version,
-            to = %version,
-            pinned_at = %pin.at,
-            forced = pin.forced,
-            by = %pin.by,
-            "a rollback recorded by `immich-guard pin`: not held as a downgrade"
-        );
-        true
     }
 
     /// What `pin` would say about going back to `version`: from the sealed snapshots and the
