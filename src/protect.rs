@@ -1601,6 +1601,7 @@ impl Guard {
     }
 
     async fn on_wakeup(&mut self) {
+        let before = self.protection.clone();
         if let Some(stack) = self.stack.clone() {
             self.settle(&stack);
         }
@@ -1613,7 +1614,11 @@ impl Guard {
         {
             self.start_verify();
         }
-        self.publish();
+        // Woken again every few seconds while a server is not ready: the file is written
+        // only when something changed.
+        if self.protection != before {
+            self.publish();
+        }
     }
 
     /// Runs the verify that is due in its own task (it waits for ping and reads the whole
@@ -1680,6 +1685,23 @@ impl Guard {
         self.verifying = false;
         if self.protection.project.as_deref() != Some(report.project.as_str()) {
             tracing::warn!(project = %report.project, "a verify finished for a stack no longer protected; dropped");
+            return;
+        }
+        let current = self
+            .stack
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .map(|s| s.container_id.clone());
+        if server.is_some() && current.is_some() && server != current {
+            // Recreated while the checklist ran: judge the server that runs now.
+            tracing::info!(
+                "the server was recreated during the verify; verifying the new one after a crash-loop window"
+            );
+            let not_before = Utc::now() + self.crash_loop_window();
+            if let Some(d) = &mut self.protection.verifies.due {
+                d.not_before = not_before;
+            }
+            self.publish();
             return;
         }
         if self.protection.verifies.due.as_ref() == Some(&due) {

@@ -81,11 +81,20 @@ fn assert_degraded(s: &StatusReport, snapshot: &str, assets_before: u64) {
     );
 }
 
-#[test]
-fn an_upgrade_onto_a_fresh_empty_database_is_degraded_until_acknowledged() {
-    if !docker_available() {
-        return;
-    }
+/// A stack upgraded from v1.119.0 to v1.120.0 onto a fresh, empty database, and the daemon
+/// that saw it: DEGRADED, checked.
+struct Degraded {
+    stack: Stack,
+    guard: Guard,
+    received: harness::webhook::Received,
+    /// The pre-update snapshot.
+    pre: Meta,
+    assets_before: u64,
+    assets_now: u64,
+    _snapshots: tempfile::TempDir,
+}
+
+fn upgraded_onto_an_empty_database() -> Degraded {
     ensure_images(&["v1.119.0", "v1.120.0"]);
     let stack = Stack::up(StackSpec::new("v1.119.0").seed_assets(40));
     let snapshots = tempfile::tempdir().unwrap();
@@ -155,6 +164,32 @@ fn an_upgrade_onto_a_fresh_empty_database_is_degraded_until_acknowledged() {
         log.contains("DEGRADED: verify after upgrade failed"),
         "{log}"
     );
+    Degraded {
+        stack,
+        guard,
+        received,
+        pre,
+        assets_before,
+        assets_now,
+        _snapshots: snapshots,
+    }
+}
+
+#[test]
+fn an_upgrade_onto_a_fresh_empty_database_is_degraded_until_acknowledged() {
+    if !docker_available() {
+        return;
+    }
+    // Bound, not `..`: the stack and the snapshot dir must live as long as the test.
+    let Degraded {
+        stack: _stack,
+        guard,
+        received,
+        pre,
+        assets_before,
+        assets_now,
+        _snapshots,
+    } = upgraded_onto_an_empty_database();
 
     // The webhook: kind, the snapshot to restore, the failed line.
     let bodies = bodies_once(&received, "degraded", Duration::from_secs(20));
@@ -231,4 +266,52 @@ fn an_upgrade_onto_a_fresh_empty_database_is_degraded_until_acknowledged() {
     let out = guard.cli(&["ack"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("not DEGRADED"), "{}", text(&out));
+}
+
+/// The fix forward: `DB_DATA_LOCATION` back, `docker compose up -d`. The new server container
+/// is verified again once it has run a crash-loop window; it passes, and DEGRADED is over.
+#[test]
+fn a_fix_brought_up_while_degraded_is_verified_again_and_clears_it() {
+    if !docker_available() {
+        return;
+    }
+    let Degraded {
+        stack,
+        guard,
+        received,
+        pre,
+        assets_before,
+        _snapshots,
+        ..
+    } = upgraded_onto_an_empty_database();
+    let failed_on = stack.container_id("immich-server");
+    stack.set_env("DB_DATA_LOCATION", &stack.db_data.display().to_string());
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.120.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(stack.container_id("immich-server"), failed_on, "recreated");
+    assert!(stack.asset_count() >= assets_before);
+
+    let s = guard.wait_status("DEGRADED cleared", LONG, |s| {
+        s.state.protection.verifies.degraded.is_none()
+    });
+    let last = s.state.protection.verifies.last.clone().unwrap();
+    assert!(last.passed, "{last:#?}");
+    assert_eq!(last.reason, "server recreated while degraded");
+    assert_eq!(last.against.as_deref(), Some(pre.id.as_str()));
+    assert_ne!(s.state.protection.state, ProtectState::Degraded);
+    let out = guard.cli(&["status"]);
+    let said = text(&out);
+    assert!(!said.contains("DEGRADED"), "{said}");
+    assert!(
+        said.contains("v1.119.0 → v1.120.0 passed against"),
+        "{said}"
+    );
+    let bodies = bodies_once(&received, "recovered", Duration::from_secs(20));
+    let body = bodies
+        .iter()
+        .find(|b| b["kind"] == "recovered")
+        .unwrap_or_else(|| panic!("no recovered notification: {bodies:#?}"));
+    assert_eq!(body["snapshot"], pre.id.as_str());
 }
