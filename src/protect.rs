@@ -2536,6 +2536,97 @@ mod tests {
         assert!(h.contains("`immich-guard release --force`"), "{h}");
     }
 
+    /// A verify report for project `a` with the asset count at `assets` against 40,000.
+    fn report_for_a(assets: i64) -> crate::verify::Report {
+        use crate::verify::{Check, Outcome};
+        let outcome = if assets >= 40_000 {
+            Outcome::Pass
+        } else {
+            Outcome::Fail
+        };
+        crate::verify::Report {
+            project: "a".into(),
+            against: Some("s-pre".into()),
+            baseline_note: String::new(),
+            expected_version: Some("v1.120.0".into()),
+            server_url: None,
+            at: Utc::now(),
+            passed: outcome == Outcome::Pass,
+            checks: vec![Check {
+                name: "assets".into(),
+                outcome,
+                detail: format!("{assets} now, 40000 in the snapshot"),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_verify_is_degraded_persisted_and_cleared_by_ack() {
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(running("a", "v1.120.0", "ca")).await;
+        let due = VerifyDue {
+            from: "v1.119.0".into(),
+            to: "v1.120.0".into(),
+            snapshot: Some("s-pre".into()),
+            not_before: Utc::now(),
+            reason: "upgrade settled".into(),
+        };
+        fed.guard.send(Input::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        });
+        let wait = |state: ProtectState| {
+            let mut rx = fed.state.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    rx.wait_for(|s| s.protection.state == state),
+                )
+                .await
+                .expect("the state")
+                .unwrap()
+                .protection
+                .clone()
+            }
+        };
+        let p = wait(ProtectState::Degraded).await;
+        assert_eq!(
+            p.verifies.degraded.as_ref().unwrap().snapshot.as_deref(),
+            Some("s-pre")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].verifies.degraded.is_some());
+        assert_eq!(saved.projects["a"].state, ProtectState::Degraded);
+
+        assert!(
+            fed.guard
+                .ack()
+                .await
+                .unwrap()
+                .contains("v1.119.0 → v1.120.0")
+        );
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.degraded.is_none());
+        assert!(!p.verifies.last.unwrap().passed);
+        assert!(fed.guard.ack().await.unwrap_err().contains("not DEGRADED"));
+
+        // Degraded again, then a later verify passes: cleared.
+        fed.guard.send(Input::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        });
+        wait(ProtectState::Degraded).await;
+        fed.guard.send(Input::Verified {
+            due,
+            report: Box::new(report_for_a(40_001)),
+            server: Some("ca".into()),
+        });
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.last.unwrap().passed);
+    }
+
     #[test]
     fn tags_come_from_the_last_path_part() {
         assert_eq!(

@@ -240,6 +240,14 @@ mod tests {
     }
 
     #[test]
+    fn ack_is_a_verb_only_root_may_send() {
+        let ack = parse_request(br#"{"verb":"ack"}"#).unwrap();
+        assert_eq!(ack, Request::Ack {});
+        assert!(ack.is_mutating());
+        assert!(!Request::Status {}.is_mutating());
+    }
+
+    #[test]
     fn request_wire_format_is_stable() {
         assert_eq!(
             serde_json::to_string(&Request::Status {}).unwrap(),
