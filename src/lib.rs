@@ -17,6 +17,7 @@ pub mod lock;
 pub mod memory;
 pub mod notify;
 pub mod pin;
+pub mod post_upgrade;
 pub mod private;
 pub mod protect;
 pub mod redact;

@@ -72,6 +72,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Acknowledge a DEGRADED stack (the verify after an upgrade failed): `status` stops
+    /// showing it. Nothing is changed on the stack; a later passing verify clears it as well.
+    Ack {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the newest incident (crash loop), or the one named: diagnosis, decision, bundle.
     /// Read from the data dir when the daemon is down.
     Incident {
@@ -201,6 +207,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             json,
         } => runtime.block_on(release_cmd(&config, service, force, json)),
+        Command::Ack { json } => runtime.block_on(ack_cmd(&config, json)),
         Command::Verify { against, json } => runtime.block_on(verify_cmd(&config, against, json)),
         Command::Pin {
             version,
@@ -465,6 +472,20 @@ async fn release_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn ack_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let response = client::request(&config.control.socket, &Request::Ack {}).await?;
+    let message = expect(response, |r| match r {
+        Response::Acknowledged { message } => Some(message),
+        _ => None,
+    })?;
+    if json {
+        println!("{}", serde_json::json!({ "acknowledged": message }));
+    } else {
+        println!("{message}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn list_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let dir = config.snapshot_dir();
     let snapshots = match ask_or_read(config, &Request::List {}, &dir).await? {
@@ -590,12 +611,17 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
     }
     if plan.edits.is_empty() {
         say(format!(
-            "the compose config already names {}; nothing to change",
-            plan.version
+            "the compose config already names {}; nothing to change{}",
+            plan.version,
+            if flags.dry_run {
+                ""
+            } else {
+                " (the judgement is recorded: a running daemon lets this rollback start)"
+            }
         ));
     }
-    if flags.dry_run || plan.edits.is_empty() {
-        if flags.dry_run && !plan.edits.is_empty() {
+    if flags.dry_run {
+        if !plan.edits.is_empty() {
             say("dry run: nothing changed".to_string());
         }
         if flags.json {
@@ -603,7 +629,8 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if !flags.yes {
+    // Nothing to edit: only the record is made, which changes no file.
+    if !flags.yes && !plan.edits.is_empty() {
         if !std::io::stdin().is_terminal() {
             bail!("no terminal to confirm on; run again with --yes to pin");
         }
@@ -650,15 +677,17 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
         },
     )?;
     say(format!("recorded in {}", log.display()));
-    say(format!(
-        "a running immich-guard daemon sees this edit as a version change and takes a pre-update snapshot first; then start {} with `docker compose up -d` in {}",
-        plan.version,
-        stack
-            .compose_dir
-            .as_deref()
-            .unwrap_or(Path::new("the compose dir"))
-            .display()
-    ));
+    if !plan.edits.is_empty() {
+        say(format!(
+            "a running immich-guard daemon sees this edit as a version change and takes a pre-update snapshot first; then start {} with `docker compose up -d` in {}",
+            plan.version,
+            stack
+                .compose_dir
+                .as_deref()
+                .unwrap_or(Path::new("the compose dir"))
+                .display()
+        ));
+    }
     let running = stack.version.as_ref().map(|v| v.name());
     if let Some(running) = &running
         && let (Some(to), Some(from)) = (
@@ -668,7 +697,7 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
         && to < from
     {
         say(format!(
-            "{} is older than the running {running}: the daemon holds a downgrade when the server starts (it judges by version alone); `immich-guard release --force` lets it go",
+            "{} is older than the running {running}: the daemon lets this rollback start because it is recorded here (a server it already holds: `immich-guard release`); a downgrade not recorded by `pin` stays held",
             plan.version
         ));
     }

@@ -23,13 +23,20 @@ pub enum EventKind {
     Held,
     Released,
     CrashLoop,
+    /// The verify after an upgrade failed (docs/operations.md "DEGRADED").
+    Degraded,
+    /// A later verify passed: DEGRADED is over.
+    Recovered,
 }
 
 impl EventKind {
     /// ntfy priority: 4 (high) for what needs the admin, 3 (default) otherwise.
     fn priority(self) -> u8 {
         match self {
-            EventKind::Held | EventKind::CrashLoop | EventKind::SnapshotFailed => 4,
+            EventKind::Held
+            | EventKind::CrashLoop
+            | EventKind::SnapshotFailed
+            | EventKind::Degraded => 4,
             _ => 3,
         }
     }
@@ -39,6 +46,7 @@ impl EventKind {
             EventKind::SnapshotSealed => "floppy_disk",
             EventKind::Frozen => "ice_cube",
             EventKind::Released => "unlock",
+            EventKind::Recovered => "white_check_mark",
             _ => "warning",
         }
     }
@@ -393,6 +401,7 @@ mod tests {
             EventKind::Held,
             EventKind::CrashLoop,
             EventKind::SnapshotFailed,
+            EventKind::Degraded,
         ] {
             assert_eq!(kind.priority(), 4, "{kind:?}");
         }
@@ -400,6 +409,7 @@ mod tests {
             EventKind::SnapshotSealed,
             EventKind::Frozen,
             EventKind::Released,
+            EventKind::Recovered,
         ] {
             assert_eq!(kind.priority(), 3, "{kind:?}");
         }

@@ -24,6 +24,7 @@ use crate::compose::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
 use crate::notify::{Event as Notice, EventKind, Notifier};
+use crate::post_upgrade::{Verifies, VerifyDue};
 use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
 use crate::snapshot::store::Store;
 use crate::status::DaemonState;
@@ -56,6 +57,9 @@ pub enum ProtectState {
     Held,
     /// A crash-looping container was stopped; see the incident.
     Halted,
+    /// The verify after an upgrade failed (docs/operations.md "DEGRADED"): shown until
+    /// `immich-guard ack` or a later verify passes.
+    Degraded,
 }
 
 /// A version change seen before the new server runs, and the snapshot that covers it.
@@ -159,6 +163,12 @@ pub struct Protection {
     /// without dying.
     #[serde(default)]
     pub settling: Option<Settling>,
+    /// When the baseline became what it is: a pin recorded before it judged another database.
+    #[serde(default)]
+    pub baseline_since: Option<DateTime<Utc>>,
+    /// Verify after every upgrade: the one owed, the newest result, DEGRADED.
+    #[serde(default)]
+    pub verifies: Verifies,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +193,8 @@ impl Default for Protection {
             halted: Vec::new(),
             incident: None,
             settling: None,
+            baseline_since: None,
+            verifies: Verifies::default(),
         }
     }
 }
@@ -218,6 +230,8 @@ impl Protection {
             ProtectState::Halted
         } else if self.frozen.is_some() {
             ProtectState::Frozen
+        } else if self.verifies.degraded.is_some() {
+            ProtectState::Degraded
         } else if snapshotting {
             ProtectState::Snapshotting
         } else {
@@ -285,6 +299,17 @@ pub enum Input {
         reply: oneshot::Sender<Result<String, String>>,
     },
     SnapshotDone(Result<(String, String), String>),
+    /// `immich-guard ack`: the admin has seen the DEGRADED.
+    Ack {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// A verify the daemon owed has run (post_upgrade.rs).
+    Verified {
+        due: VerifyDue,
+        report: Box<crate::verify::Report>,
+        /// The server container it ran against.
+        server: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +345,14 @@ impl GuardHandle {
         rx.await
             .unwrap_or_else(|_| Err("protection has stopped".into()))
     }
+
+    /// Acknowledges a DEGRADED; the answer says what was cleared.
+    pub async fn ack(&self) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Ack { reply });
+        rx.await
+            .unwrap_or_else(|_| Err("protection has stopped".into()))
+    }
 }
 
 pub struct Guard {
@@ -350,6 +383,8 @@ pub struct Guard {
     /// Containers sent a signal by someone (a stop, kill or restart by hand), until they
     /// start again.
     stopping: std::collections::HashSet<String>,
+    /// A post-upgrade verify is running (its result comes back as `Input::Verified`).
+    verifying: bool,
 }
 
 impl Guard {
@@ -405,6 +440,7 @@ impl Guard {
             state_file,
             deaths,
             stopping: Default::default(),
+            verifying: false,
         };
         guard.refresh_snapshot_index();
         guard.publish();
@@ -414,9 +450,19 @@ impl Guard {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
         loop {
+            let wakeup = self.next_wakeup();
             let compose = async {
                 match self.compose_rx.as_mut() {
                     Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let wait = async {
+                match wakeup {
+                    Some(at) => {
+                        let left = (at - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(left).await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -426,6 +472,7 @@ impl Guard {
                     None => return,
                 },
                 Some(event) = compose => self.on_compose(event).await,
+                () = wait => self.on_wakeup().await,
             }
         }
     }
@@ -464,6 +511,14 @@ impl Guard {
                 service: None,
             } => self.on_release(force, reply).await,
             Input::SnapshotDone(result) => self.on_snapshot_done(result).await,
+            Input::Ack { reply } => {
+                let _ = reply.send(self.acknowledge());
+            }
+            Input::Verified {
+                due,
+                report,
+                server,
+            } => self.on_verified(due, *report, server),
         }
     }
 
@@ -540,6 +595,7 @@ impl Guard {
         let image_id = image_id.unwrap_or_default();
         if let Some(baseline) = self.protection.baseline.clone()
             && is_older(&version, &baseline.version)
+            && self.rollback_pinned(&version).is_none()
         {
             self.hold_downgrade(
                 &docker,
@@ -619,11 +675,12 @@ impl Guard {
             if b.image_id == image_id {
                 return true;
             }
-            // A downgrade is never covered: the old version cannot run on a newer schema.
+            // A downgrade is never covered (the old version cannot run on a newer schema),
+            // unless `immich-guard pin` judged and recorded this very rollback.
             if self
                 .versions
                 .get(image_id)
-                .is_none_or(|v| is_older(v, &b.version))
+                .is_none_or(|v| is_older(v, &b.version) && self.rollback_pinned(v).is_none())
             {
                 return false;
             }
@@ -655,7 +712,7 @@ impl Guard {
             .is_none_or(|b| b.image_id != image_id);
         if changed {
             tracing::info!(version = %version, image = %crate::discover::short_id(image_id), "the server runs a new version; it is the new baseline");
-            self.protection.baseline = Some(Baseline {
+            self.set_baseline(Baseline {
                 version,
                 image_id: image_id.to_string(),
             });
@@ -870,7 +927,7 @@ impl Guard {
         match (&self.protection.baseline, running) {
             (None, Some((server, version))) => {
                 tracing::info!(version = %version.name(), "baseline: the version the database runs with");
-                self.protection.baseline = Some(Baseline {
+                self.set_baseline(Baseline {
                     version: version.name(),
                     image_id: server.image_id.clone(),
                 });
@@ -886,7 +943,7 @@ impl Guard {
                         now = %version.name(),
                         "the server changed version while the guard was not running"
                     );
-                    self.protection.baseline = Some(Baseline {
+                    self.set_baseline(Baseline {
                         version: version.name(),
                         image_id: server.image_id.clone(),
                     });
@@ -911,6 +968,7 @@ impl Guard {
         self.forget_removed(&stack);
         self.reconcile_restarts(&stack, listed_at).await;
         self.settle(&stack);
+        self.reverify_recreated(&stack);
         self.publish();
     }
 
@@ -1006,6 +1064,32 @@ impl Guard {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the compose dir")
             }
         }
+    }
+
+    /// The database runs with `b` from now on; a change of image restarts `baseline_since`.
+    fn set_baseline(&mut self, b: Baseline) {
+        let same = self
+            .protection
+            .baseline
+            .as_ref()
+            .is_some_and(|old| old.image_id == b.image_id);
+        if let Some(old) = &self.protection.baseline
+            && is_older(&b.version, &old.version)
+            && let Some(pin) = self.rollback_pinned(&b.version)
+        {
+            tracing::info!(
+                from = %old.version,
+                to = %b.version,
+                pinned_at = %pin.at,
+                forced = pin.forced,
+                by = %pin.by,
+                "a rollback recorded by `immich-guard pin`: not held as a downgrade"
+            );
+        }
+        if !same || self.protection.baseline_since.is_none() {
+            self.protection.baseline_since = Some(Utc::now());
+        }
+        self.protection.baseline = Some(b);
     }
 
     fn baseline_version(&self) -> String {
@@ -1167,12 +1251,19 @@ impl Guard {
             Some(frozen.image_id.clone())
         };
         if let Some(image_id) = image_id {
-            self.protection.baseline = Some(Baseline {
+            self.set_baseline(Baseline {
                 version: frozen.version.clone(),
                 image_id,
             });
         }
-        self.protection.pending = None;
+        // Released onto its version: the change is made, and settles (then is verified) as
+        // one accepted at its start.
+        if let Some(change) = self.protection.pending.take() {
+            self.protection.settling = Some(Settling {
+                change,
+                since: Utc::now(),
+            });
+        }
         message
     }
 
@@ -1193,22 +1284,14 @@ impl Guard {
                 )
                 .await;
         }
+        let verdict = self.judge_rollback(version).await;
         let snapshot = self
             .protection
             .last_snapshot_per_version
             .iter()
             .find(|(v, _)| same_version(v, version))
             .map(|(_, id)| id.clone());
-        let hint = match &snapshot {
-            Some(id) => format!(
-                "to go back to {version}, restore the snapshot taken on it: `immich-guard restore {id}`; or fix forward: set IMMICH_VERSION={} (or newer) and `up -d`",
-                baseline.version
-            ),
-            None => format!(
-                "no sealed snapshot of {version} exists; fix forward: set IMMICH_VERSION={} (or newer) and `up -d`",
-                baseline.version
-            ),
-        };
+        let hint = downgrade_hint(version, &baseline.version, &verdict, snapshot.as_deref());
         let hold = Hold {
             kind: HoldKind::Downgrade,
             container: event.container_id.clone(),
@@ -1233,13 +1316,65 @@ impl Guard {
         self.publish();
     }
 
+    /// The newest pin of this project, when it is a rollback to `version` that `pin` allowed
+    /// (or was forced to), made since the database took its current version: a pin made
+    /// before judged a database that has changed since.
+    fn rollback_pinned(&self, version: &str) -> Option<crate::pin::PinRecord> {
+        let project = self.protection.project.as_deref()?;
+        let since = self.protection.baseline_since?;
+        let records = match crate::pin::records(&self.config.daemon.data_dir) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pins; a downgrade is held");
+                return None;
+            }
+        };
+        pinned_rollback(records, project, version, since)
+    }
+
+    /// What `pin` would say about going back to `version`: from the sealed snapshots and the
+    /// database's migrations (asked briefly: the server is paused meanwhile).
+    async fn judge_rollback(&self, version: &str) -> crate::pin::Verdict {
+        let snapshots = Store::open(&self.config.snapshot_dir())
+            .and_then(|s| s.list())
+            .unwrap_or_default();
+        let current = match self.stack.as_ref().and_then(|s| s.db.as_ref()) {
+            Some(access) => {
+                match tokio::time::timeout(FACTS_TIMEOUT, crate::snapshot::db::facts(access)).await
+                {
+                    Ok(Ok(f)) => Ok(f.migrations),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {} s", FACTS_TIMEOUT.as_secs())),
+                }
+            }
+            None => Err("database access unknown".to_string()),
+        };
+        crate::pin::judge(
+            version,
+            self.protection.project.as_deref(),
+            &snapshots,
+            current.as_deref().map_err(Clone::clone),
+        )
+    }
+
     async fn on_release(&mut self, force: bool, reply: oneshot::Sender<Result<String, String>>) {
         if let Some(hold) = self.protection.hold.clone() {
             if !force && hold.kind == HoldKind::Downgrade {
-                let _ = reply.send(Err(format!(
-                    "{}; {}; `release --force` starts it anyway",
-                    hold.reason, hold.hint
-                )));
+                if let Some(pin) = self.rollback_pinned(&hold.version) {
+                    // `immich-guard pin` judged and recorded this rollback since the hold.
+                    self.protection.hold = None;
+                    let frozen = Frozen::from(&hold);
+                    let message = self.thaw(&frozen).await;
+                    let what = format!(
+                        "{message} (rollback recorded by `immich-guard pin` at {})",
+                        pin.at.format("%Y-%m-%d %H:%M:%S UTC")
+                    );
+                    self.record_release(&hold.container_name, false, &what);
+                    let _ = reply.send(Ok(what));
+                    self.publish();
+                    return;
+                }
+                let _ = reply.send(Err(format!("{}; {}", hold.reason, hold.hint)));
                 return;
             }
             if !force {
@@ -1388,22 +1523,278 @@ impl Guard {
         });
     }
 
+    fn crash_loop_window(&self) -> chrono::TimeDelta {
+        chrono::TimeDelta::seconds(self.config.crash_loop.window_secs as i64)
+    }
+
     /// The update is over once the new server has run a whole crash-loop window without a
-    /// death.
+    /// death; then it owes a verify against the pre-update snapshot (post_upgrade.rs).
     fn settle(&mut self, stack: &Stack) {
         let Some(settling) = &self.protection.settling else {
             return;
         };
-        let window = chrono::TimeDelta::seconds(self.config.crash_loop.window_secs as i64);
-        if let Some(server) = &stack.server
-            && server.state == "running"
-            && !self.is_halted(&server.container_id)
-            && self.deaths.recent(&server.container_id) == 0
-            && Utc::now() - settling.since > window
-        {
-            tracing::info!(change = %format!("{} → {}", settling.change.from, settling.change.to), "the update has settled");
-            self.protection.settling = None;
+        let Some(server) = &stack.server else { return };
+        let settled = crate::post_upgrade::settled(
+            settling.since,
+            Utc::now(),
+            self.crash_loop_window(),
+            server.state == "running" && !self.is_halted(&server.container_id),
+            self.deaths.recent(&server.container_id),
+        );
+        if !settled {
+            return;
         }
+        let change = settling.change.clone();
+        tracing::info!(change = %format!("{} → {}", change.from, change.to), "the update has settled; verifying it");
+        self.protection.settling = None;
+        self.protection.verifies.due = Some(VerifyDue {
+            from: change.from,
+            to: change.to,
+            snapshot: change.snapshot,
+            not_before: Utc::now(),
+            reason: "upgrade settled".into(),
+        });
+        self.start_verify();
+    }
+
+    /// While DEGRADED, a server container other than the one that failed (the admin's fix,
+    /// brought up by compose) is verified again once it has run a crash-loop window.
+    fn reverify_recreated(&mut self, stack: &Stack) {
+        let Some(server) = stack.server.as_ref().filter(|s| s.state == "running") else {
+            return;
+        };
+        let window = self.crash_loop_window();
+        if let Some(due) =
+            self.protection
+                .verifies
+                .reverify_for(&server.container_id, Utc::now(), window)
+        {
+            tracing::info!(container = %server.container_name, "a new server container while DEGRADED; verifying it again after a crash-loop window");
+            self.protection.verifies.due = Some(due);
+        }
+    }
+
+    /// When the guard must look again without an input: the end of a settling window, or a
+    /// verify that is due. A time already past (the server was not ready then) is retried
+    /// every few seconds, never in a busy loop.
+    fn next_wakeup(&self) -> Option<DateTime<Utc>> {
+        const AGAIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+        let settle = self
+            .protection
+            .settling
+            .as_ref()
+            .map(|s| s.since + self.crash_loop_window() + chrono::TimeDelta::seconds(1));
+        let verify = self
+            .protection
+            .verifies
+            .due
+            .as_ref()
+            .filter(|_| !self.verifying)
+            .map(|d| d.not_before);
+        let at = settle.into_iter().chain(verify).min()?;
+        let now = Utc::now();
+        Some(if at <= now - chrono::TimeDelta::seconds(1) {
+            now + AGAIN
+        } else {
+            at
+        })
+    }
+
+    async fn on_wakeup(&mut self) {
+        let before = self.protection.clone();
+        if let Some(stack) = self.stack.clone() {
+            self.settle(&stack);
+        }
+        if self
+            .protection
+            .verifies
+            .due
+            .as_ref()
+            .is_some_and(|d| d.not_before <= Utc::now())
+        {
+            self.start_verify();
+        }
+        // Woken again every few seconds while a server is not ready: the file is written
+        // only when something changed.
+        if self.protection != before {
+            self.publish();
+        }
+    }
+
+    /// Runs the verify that is due in its own task (it waits for ping and reads the whole
+    /// upload location: never on the path of a freeze).
+    fn start_verify(&mut self) {
+        if self.verifying {
+            return;
+        }
+        let Some(due) = self.protection.verifies.due.clone() else {
+            return;
+        };
+        let Some((docker, host)) = self.docker.borrow().clone() else {
+            return;
+        };
+        let Some(stack) = self.stack.clone() else {
+            return;
+        };
+        let plan = self.verify_plan(&due, &stack);
+        tracing::info!(change = %format!("{} → {}", due.from, due.to), against = %plan.note, reason = %due.reason, "verify after upgrade");
+        self.verifying = true;
+        let server = stack.server.as_ref().map(|s| s.container_id.clone());
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let report = crate::post_upgrade::run(&docker, &host, &stack, &plan).await;
+            let _ = tx.send(Input::Verified {
+                due,
+                report: Box::new(report),
+                server,
+            });
+        });
+    }
+
+    /// Compared with the change's own snapshot, else the newest sealed one of the version it
+    /// came from, else the stack alone.
+    fn verify_plan(&self, due: &VerifyDue, stack: &Stack) -> crate::verify::Plan {
+        let dir = self.config.snapshot_dir();
+        let all = Store::open(&dir).and_then(|s| s.list()).unwrap_or_default();
+        let meta = all
+            .iter()
+            .rev()
+            .find(|m| due.snapshot.as_deref() == Some(m.id.as_str()))
+            .or_else(|| {
+                all.iter()
+                    .rev()
+                    .find(|m| m.project == stack.project && same_version(&m.version, &due.from))
+            });
+        match meta {
+            Some(m) => {
+                crate::verify::Plan::after_upgrade(m, &dir.join(&m.id), stack.version.as_ref())
+            }
+            None => crate::verify::Plan::stack_only(
+                format!("no sealed snapshot of {}: stack checks only", due.from),
+                stack.version.as_ref(),
+            ),
+        }
+    }
+
+    fn on_verified(
+        &mut self,
+        due: VerifyDue,
+        report: crate::verify::Report,
+        server: Option<String>,
+    ) {
+        self.verifying = false;
+        if self.protection.project.as_deref() != Some(report.project.as_str()) {
+            tracing::warn!(project = %report.project, "a verify finished for a stack no longer protected; dropped");
+            return;
+        }
+        let current = self
+            .stack
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .map(|s| s.container_id.clone());
+        if server.is_some() && current.is_some() && server != current {
+            // Recreated while the checklist ran: judge the server that runs now.
+            tracing::info!(
+                "the server was recreated during the verify; verifying the new one after a crash-loop window"
+            );
+            let not_before = Utc::now() + self.crash_loop_window();
+            if let Some(d) = &mut self.protection.verifies.due {
+                d.not_before = not_before;
+            }
+            self.publish();
+            return;
+        }
+        if self.protection.verifies.due.as_ref() == Some(&due) {
+            self.protection.verifies.due = None;
+        }
+        let change = format!("{} → {}", due.from, due.to);
+        let verdict = crate::post_upgrade::judge(&due, &report, server);
+        let was_degraded = match verdict {
+            crate::post_upgrade::Verdict::Passed(last) => {
+                tracing::info!(change = %change, against = ?last.against, result = %last.summary(), "verify after upgrade passed");
+                let was = self
+                    .protection
+                    .verifies
+                    .record(crate::post_upgrade::Verdict::Passed(last));
+                if was {
+                    self.notify(
+                        EventKind::Recovered,
+                        format!("Immich {} verified: no longer DEGRADED", due.to),
+                        format!("A new verify of {change} passed; DEGRADED is cleared."),
+                        &due,
+                        report.against.clone(),
+                    );
+                }
+                was
+            }
+            crate::post_upgrade::Verdict::Degraded(degraded, last) => {
+                let lines: Vec<String> = degraded
+                    .failed
+                    .iter()
+                    .map(|c| format!("{}: {}", c.name, c.detail))
+                    .collect();
+                tracing::error!(change = %change, failed = %lines.join("; "), hint = %degraded.hint, "DEGRADED: verify after upgrade failed");
+                self.notify(
+                    EventKind::Degraded,
+                    format!(
+                        "Immich {} DEGRADED after the update from {}",
+                        due.to, due.from
+                    ),
+                    format!(
+                        "Verify after {change} failed:\n{}\n{}",
+                        lines
+                            .iter()
+                            .map(|l| format!("- {l}"))
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                        degraded.hint
+                    ),
+                    &due,
+                    degraded.snapshot.clone(),
+                );
+                self.protection
+                    .verifies
+                    .record(crate::post_upgrade::Verdict::Degraded(degraded, last))
+            }
+        };
+        if was_degraded && self.protection.verifies.degraded.is_none() {
+            tracing::info!("DEGRADED cleared: a later verify passed");
+        }
+        self.publish();
+    }
+
+    fn acknowledge(&mut self) -> Result<String, String> {
+        let degraded = self.protection.verifies.acknowledge()?;
+        let message = format!(
+            "acknowledged DEGRADED after {} → {} (since {}); the failed verify stays as the last result",
+            degraded.from,
+            degraded.to,
+            degraded.since.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        tracing::warn!("{message}");
+        self.publish();
+        Ok(message)
+    }
+
+    /// A notification about a verify: its change and snapshot, not the pending one's.
+    fn notify(
+        &self,
+        kind: EventKind,
+        title: String,
+        message: String,
+        due: &VerifyDue,
+        snapshot: Option<String>,
+    ) {
+        self.notifier.send(Notice {
+            kind,
+            project: self.protection.project.clone().unwrap_or_default(),
+            title,
+            message,
+            snapshot,
+            from_version: Some(due.from.clone()),
+            to_version: Some(due.to.clone()),
+            at: Utc::now(),
+        });
     }
 
     /// The change a crash loop belongs to: the one pending, or the one just made.
@@ -1658,6 +2049,52 @@ async fn restart_count(docker: &Docker, container_id: &str) -> Option<i64> {
         .await
         .ok()
         .map(|i| i.restart_count.unwrap_or(0))
+}
+
+/// The newest pin of `project` (in `records`, oldest first), when it is to `version`, was
+/// allowed or forced, and was made after `since`.
+fn pinned_rollback(
+    records: Vec<crate::pin::PinRecord>,
+    project: &str,
+    version: &str,
+    since: DateTime<Utc>,
+) -> Option<crate::pin::PinRecord> {
+    let newest = records.into_iter().rev().find(|r| r.project == project)?;
+    (same_version(&newest.version, version)
+        && (newest.verdict.allows() || newest.forced)
+        && newest.at > since)
+        .then_some(newest)
+}
+
+/// The way out of a held downgrade, as the commands that apply (docs/recovery.md).
+/// `snapshot`: the newest sealed one of `version`, if any.
+fn downgrade_hint(
+    version: &str,
+    baseline: &str,
+    verdict: &crate::pin::Verdict,
+    snapshot: Option<&str>,
+) -> String {
+    use crate::pin::Verdict;
+    let forward =
+        format!("fix forward: set IMMICH_VERSION={baseline} (or newer) and `docker compose up -d`");
+    match verdict {
+        Verdict::Allowed { .. } => format!(
+            "the database holds no migration {version} lacks: `immich-guard pin {version}` records the rollback, then `immich-guard release` lets it start; or {forward}"
+        ),
+        Verdict::Refused { .. } => format!(
+            "{}; or {forward}; `immich-guard release --force` starts {version} anyway (it cannot run on this schema)",
+            verdict.describe(version)
+        ),
+        Verdict::Unknown { .. } => format!(
+            "{}; {}{forward}, or `immich-guard release --force` to start {version} anyway (unprotected)",
+            verdict.describe(version),
+            snapshot
+                .map(|id| format!(
+                    "to go back to {version} as it was: `immich-guard restore {id}`; or "
+                ))
+                .unwrap_or_default()
+        ),
+    }
 }
 
 fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
@@ -2013,6 +2450,171 @@ mod tests {
         let file = load(&fed.file, None).unwrap();
         assert!(file.unattributed.is_none());
         assert_eq!(file.projects["mine"].halted[0].container, "c-old");
+    }
+
+    #[test]
+    fn only_the_newest_allowed_pin_since_the_baseline_lets_a_rollback_start() {
+        use crate::pin::{PinRecord, Verdict};
+        let t0 = Utc::now();
+        let pin =
+            |minutes: i64, project: &str, version: &str, verdict: Verdict, forced| PinRecord {
+                at: t0 + chrono::TimeDelta::minutes(minutes),
+                project: project.into(),
+                version: version.into(),
+                forced,
+                verdict,
+                files: vec![],
+                backups: vec![],
+                by: "root".into(),
+            };
+        let allowed = || Verdict::Allowed {
+            snapshots: vec!["s".into()],
+        };
+        let refused = || Verdict::Refused {
+            migrations: vec!["m".into()],
+            restore: "s".into(),
+        };
+        let ok = vec![pin(5, "immich", "v1.119.0", allowed(), false)];
+        assert!(pinned_rollback(ok.clone(), "immich", "1.119.0", t0).is_some());
+        // Another version, another project, or a pin older than the baseline: held.
+        assert!(pinned_rollback(ok.clone(), "immich", "v1.118.0", t0).is_none());
+        assert!(pinned_rollback(ok.clone(), "other", "v1.119.0", t0).is_none());
+        let later = t0 + chrono::TimeDelta::minutes(10);
+        assert!(pinned_rollback(ok.clone(), "immich", "v1.119.0", later).is_none());
+        // A newer pin of the project to another version replaces it.
+        let mut two = ok.clone();
+        two.push(pin(6, "immich", "v1.119.1", allowed(), false));
+        assert!(pinned_rollback(two.clone(), "immich", "v1.119.0", t0).is_none());
+        // ... but another project's newer pin does not.
+        let mut other = ok;
+        other.push(pin(6, "other", "v1.119.1", allowed(), false));
+        assert!(pinned_rollback(other, "immich", "v1.119.0", t0).is_some());
+        // Refused and not forced is never recorded by `pin`; if found, it is held. Forced is
+        // the admin's decision, recorded: it starts.
+        let no = vec![pin(5, "immich", "v1.119.0", refused(), false)];
+        assert!(pinned_rollback(no, "immich", "v1.119.0", t0).is_none());
+        let forced = vec![pin(5, "immich", "v1.119.0", refused(), true)];
+        assert!(pinned_rollback(forced, "immich", "v1.119.0", t0).is_some());
+    }
+
+    #[test]
+    fn a_held_downgrade_names_the_commands_that_apply() {
+        use crate::pin::Verdict;
+        let allowed = Verdict::Allowed {
+            snapshots: vec!["s119".into()],
+        };
+        let h = downgrade_hint("v1.119.0", "v1.119.1", &allowed, Some("s119"));
+        assert!(h.contains("`immich-guard pin v1.119.0`"), "{h}");
+        assert!(h.contains("then `immich-guard release`"), "{h}");
+        assert!(!h.contains("restore"), "{h}");
+        let refused = Verdict::Refused {
+            migrations: vec!["1731000000000-AddMemories".into()],
+            restore: "s119".into(),
+        };
+        let h = downgrade_hint("v1.119.0", "v1.120.0", &refused, Some("s119"));
+        assert!(h.contains("`immich-guard restore s119`"), "{h}");
+        assert!(h.contains("IMMICH_VERSION=v1.120.0"), "{h}");
+        assert!(h.contains("`immich-guard release --force`"), "{h}");
+        assert!(!h.contains("immich-guard pin"), "{h}");
+        let unknown = Verdict::Unknown {
+            reason: "the database's migrations could not be read: timeout".into(),
+        };
+        let h = downgrade_hint("v1.119.0", "v1.120.0", &unknown, Some("s119"));
+        assert!(h.contains("`immich-guard restore s119`"), "{h}");
+        let h = downgrade_hint("v1.118.0", "v1.120.0", &unknown, None);
+        assert!(!h.contains("restore"), "{h}");
+        assert!(h.contains("`immich-guard release --force`"), "{h}");
+    }
+
+    /// A verify report for project `a` with the asset count at `assets` against 40,000.
+    fn report_for_a(assets: i64) -> crate::verify::Report {
+        use crate::verify::{Check, Outcome};
+        let outcome = if assets >= 40_000 {
+            Outcome::Pass
+        } else {
+            Outcome::Fail
+        };
+        crate::verify::Report {
+            project: "a".into(),
+            against: Some("s-pre".into()),
+            baseline_note: String::new(),
+            expected_version: Some("v1.120.0".into()),
+            server_url: None,
+            at: Utc::now(),
+            passed: outcome == Outcome::Pass,
+            checks: vec![Check {
+                name: "assets".into(),
+                outcome,
+                detail: format!("{assets} now, 40000 in the snapshot"),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_verify_is_degraded_persisted_and_cleared_by_ack() {
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(running("a", "v1.120.0", "ca")).await;
+        let due = VerifyDue {
+            from: "v1.119.0".into(),
+            to: "v1.120.0".into(),
+            snapshot: Some("s-pre".into()),
+            not_before: Utc::now(),
+            reason: "upgrade settled".into(),
+        };
+        fed.guard.send(Input::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        });
+        let wait = |state: ProtectState| {
+            let mut rx = fed.state.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    rx.wait_for(|s| s.protection.state == state),
+                )
+                .await
+                .expect("the state")
+                .unwrap()
+                .protection
+                .clone()
+            }
+        };
+        let p = wait(ProtectState::Degraded).await;
+        assert_eq!(
+            p.verifies.degraded.as_ref().unwrap().snapshot.as_deref(),
+            Some("s-pre")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].verifies.degraded.is_some());
+        assert_eq!(saved.projects["a"].state, ProtectState::Degraded);
+
+        assert!(
+            fed.guard
+                .ack()
+                .await
+                .unwrap()
+                .contains("v1.119.0 → v1.120.0")
+        );
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.degraded.is_none());
+        assert!(!p.verifies.last.unwrap().passed);
+        assert!(fed.guard.ack().await.unwrap_err().contains("not DEGRADED"));
+
+        // Degraded again, then a later verify passes: cleared.
+        fed.guard.send(Input::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        });
+        wait(ProtectState::Degraded).await;
+        fed.guard.send(Input::Verified {
+            due,
+            report: Box::new(report_for_a(40_001)),
+            server: Some("ca".into()),
+        });
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.last.unwrap().passed);
     }
 
     #[test]

@@ -143,6 +143,47 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
         );
         let _ = writeln!(out, "  what to do: {}", h.hint);
     }
+    if let Some(d) = &p.verifies.degraded {
+        let _ = writeln!(
+            out,
+            "DEGRADED: verify after {} → {} failed at {}:",
+            d.from,
+            d.to,
+            d.since.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        for c in &d.failed {
+            let _ = writeln!(out, "  FAIL {:<10} {}", c.name, c.detail);
+        }
+        if let Some(id) = &d.snapshot {
+            let _ = writeln!(
+                out,
+                "  snapshot to restore: {id} (`immich-guard restore {id}`)"
+            );
+        }
+        let _ = writeln!(out, "  what to do: {}", d.hint);
+    }
+    if let Some(due) = &p.verifies.due {
+        let _ = writeln!(
+            out,
+            "verify due: {} → {} ({}), from {}",
+            due.from,
+            due.to,
+            due.reason,
+            due.not_before.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
+    if let Some(v) = &p.verifies.last {
+        let _ = writeln!(
+            out,
+            "last verify: {} {} → {} {} against {}: {}",
+            v.at.format("%Y-%m-%d %H:%M:%S UTC"),
+            v.from,
+            v.to,
+            if v.passed { "passed" } else { "FAILED" },
+            v.against.as_deref().unwrap_or("no snapshot"),
+            v.summary()
+        );
+    }
     for h in &p.halted {
         let _ = writeln!(
             out,

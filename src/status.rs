@@ -105,6 +105,22 @@ impl DaemonState {
                     f.container_name, f.version
                 );
             }
+            (ProtectState::Degraded, _, _) if let Some(d) = &p.verifies.degraded => {
+                return format!(
+                    "DEGRADED after {} → {}: {}; {}",
+                    d.from,
+                    d.to,
+                    d.failed
+                        .iter()
+                        .map(|c| format!("{} {}", c.name, c.detail))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    match &d.snapshot {
+                        Some(id) => format!("`immich-guard restore {id}` or `immich-guard ack`"),
+                        None => "`immich-guard ack` once looked at".to_string(),
+                    }
+                );
+            }
             (ProtectState::Halted, _, _) => {
                 let halted: Vec<&str> = p.halted.iter().map(|h| h.service.as_str()).collect();
                 return format!(
@@ -206,6 +222,38 @@ mod tests {
         assert_eq!(
             s.status_line(),
             "HALTED database, immich-server (crash loop); see `immich-guard incident`"
+        );
+    }
+
+    #[test]
+    fn status_line_says_degraded_with_the_failed_lines_and_the_snapshot() {
+        let mut s = DaemonState::new("unix:///x".into());
+        s.docker.reachable = true;
+        s.stack = Some(stack("immich"));
+        s.protection.project = Some("immich".into());
+        s.protection.verifies.degraded = Some(crate::post_upgrade::Degraded {
+            since: Utc::now(),
+            from: "v1.119.0".into(),
+            to: "v1.120.0".into(),
+            snapshot: Some("20261125T020000Z-v1.119.0-pre-update".into()),
+            failed: vec![crate::verify::Check {
+                name: "assets".into(),
+                outcome: crate::verify::Outcome::Fail,
+                detail: "0 now, 40000 in the snapshot".into(),
+            }],
+            hint: String::new(),
+            server: None,
+        });
+        s.protection.state = ProtectState::Degraded;
+        assert_eq!(
+            s.status_line(),
+            "DEGRADED after v1.119.0 → v1.120.0: assets 0 now, 40000 in the snapshot; `immich-guard restore 20261125T020000Z-v1.119.0-pre-update` or `immich-guard ack`"
+        );
+        let json = serde_json::to_value(StatusReport::from_state(&s)).unwrap();
+        assert_eq!(json["protection"]["state"], "degraded");
+        assert_eq!(
+            json["protection"]["verifies"]["degraded"]["snapshot"],
+            "20261125T020000Z-v1.119.0-pre-update"
         );
     }
 

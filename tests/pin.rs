@@ -290,3 +290,108 @@ fn pin_edits_image_lines_that_name_the_tag_with_the_daemon_stopped() {
         docker_ok(&["rmi", &format!("{}:{v}-cuda", ml_repo())]);
     }
 }
+
+/// A rollback `pin` allowed (no migration applied since) starts on the older version without
+/// a hold; a downgrade nobody recorded is still held, its hint names `pin`, and following the
+/// hint (pin, then release) lets it go.
+#[test]
+fn an_allowed_pin_rollback_starts_and_an_unrecorded_downgrade_is_held() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&["v1.119.0", "v1.119.1"]);
+    let stack = Stack::up(StackSpec::new("v1.119.0").boot_delay_ms(3000));
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = Guard::watching(&stack, snapshots.path(), "");
+    guard.wait_status("a baseline", Duration::from_secs(60), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    let out = guard.cli(&["snapshot", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    upgrade(&stack, &guard, "v1.119.1");
+
+    // Pinned back: allowed, recorded; the daemon snapshots the change and lets v1.119.0 start.
+    let out = guard.cli(&["pin", "v1.119.0", "--yes"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the daemon lets this rollback start"),
+        "{said}"
+    );
+    wait_pre_update(&guard, "→ v1.119.0");
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version("v1.119.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = guard.wait_status("the v1.119.0 baseline", LONG, |s| {
+        s.state
+            .protection
+            .baseline
+            .as_ref()
+            .is_some_and(|b| b.version == "v1.119.0")
+    });
+    assert!(
+        s.state.protection.hold.is_none(),
+        "{:?}",
+        s.state.protection.hold
+    );
+    assert!(
+        guard
+            .log()
+            .contains("a rollback recorded by `immich-guard pin`: not held as a downgrade"),
+        "{}",
+        guard.log()
+    );
+
+    // Up again, then back by hand: nobody recorded this one, so it is held.
+    upgrade(&stack, &guard, "v1.119.1");
+    stack.set_env("IMMICH_VERSION", "v1.119.0");
+    stack.compose(&["up", "-d"]);
+    let s = guard.wait_status("a downgrade hold", LONG, |s| {
+        s.state.protection.hold.is_some()
+    });
+    let hold = s.state.protection.hold.unwrap();
+    assert_eq!(hold.kind, immich_guard::protect::HoldKind::Downgrade);
+    eprintln!("--- the hold's hint ---\n{}", hold.hint);
+    assert!(
+        hold.hint.contains("`immich-guard pin v1.119.0`"),
+        "{}",
+        hold.hint
+    );
+    assert!(
+        hold.hint.contains("`immich-guard release`"),
+        "{}",
+        hold.hint
+    );
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    let out = guard.cli(&["release"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("immich-guard pin v1.119.0"),
+        "{}",
+        text(&out)
+    );
+
+    // The hint followed: pin records the judgement (nothing to edit), release lets it go.
+    let out = guard.cli(&["pin", "v1.119.0", "--yes"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("nothing to change (the judgement is recorded"),
+        "{said}"
+    );
+    let out = guard.cli(&["release"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("rollback recorded by `immich-guard pin`"),
+        "{said}"
+    );
+    stack
+        .wait_server_version("v1.119.0", LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let recorded = pins(&guard);
+    assert_eq!(recorded.len(), 2);
+    assert!(recorded.iter().all(|r| !r.forced && r.verdict.allows()));
+    assert!(recorded[1].files.is_empty(), "{:?}", recorded[1]);
+}

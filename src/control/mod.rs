@@ -42,17 +42,22 @@ pub enum Request {
         #[serde(default)]
         service: Option<String>,
     },
+    /// Acknowledge a DEGRADED (a failed verify after an upgrade): status stops showing it.
+    Ack {},
 }
 
 impl Request {
     /// Verbs that change something: only root (or the daemon's own user) may send them.
     pub fn is_mutating(&self) -> bool {
-        matches!(self, Request::Snapshot { .. } | Request::Release { .. })
+        matches!(
+            self,
+            Request::Snapshot { .. } | Request::Release { .. } | Request::Ack {}
+        )
     }
 }
 
 /// Every verb the daemon knows, for "unknown verb" answers.
-pub const VERBS: &[&str] = &["status", "snapshot", "list", "release", "incidents"];
+pub const VERBS: &[&str] = &["status", "snapshot", "list", "release", "incidents", "ack"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -71,6 +76,9 @@ pub enum Response {
     },
     Incidents {
         incidents: Vec<crate::incident::Incident>,
+    },
+    Acknowledged {
+        message: String,
     },
     Error {
         message: String,
@@ -229,6 +237,14 @@ mod tests {
         );
         let e = parse_request(br#"{"verb":"release","service":[{"x":1},{"x":2}]}"#).unwrap_err();
         assert!(e.contains("bad release request"), "{e}");
+    }
+
+    #[test]
+    fn ack_is_a_verb_only_root_may_send() {
+        let ack = parse_request(br#"{"verb":"ack"}"#).unwrap();
+        assert_eq!(ack, Request::Ack {});
+        assert!(ack.is_mutating());
+        assert!(!Request::Status {}.is_mutating());
     }
 
     #[test]

@@ -208,7 +208,7 @@ async fn serve_connection(stream: UnixStream, peer_uid: Option<u32>, control: Co
         };
         if request.is_mutating() && !allowed_to_change(peer_uid) {
             let message =
-                "permission denied: only root may change things (snapshot, release, restore)";
+                "permission denied: only root may change things (snapshot, release, ack, restore)";
             if send(&mut write, &Response::error(message)).await.is_err() {
                 return;
             }
@@ -241,6 +241,13 @@ async fn serve_connection(stream: UnixStream, peer_uid: Option<u32>, control: Co
             Request::Release { force, service } => {
                 let response = match control.guard.release(force, service).await {
                     Ok(message) => Response::Released { message },
+                    Err(message) => Response::error(message),
+                };
+                send(&mut write, &response).await
+            }
+            Request::Ack {} => {
+                let response = match control.guard.ack().await {
+                    Ok(message) => Response::Acknowledged { message },
                     Err(message) => Response::error(message),
                 };
                 send(&mut write, &response).await
