@@ -24,7 +24,7 @@ use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
 use crate::snapshot::queue::SnapshotQueue;
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen};
-use crate::systemd::Notifier;
+use crate::systemd::ServiceManager;
 
 /// Events arrive in bursts (a recreate is destroy+create+start+...): one discovery per burst.
 const DISCOVERY_DEBOUNCE: Duration = Duration::from_millis(250);
@@ -55,7 +55,7 @@ type State = Arc<watch::Sender<DaemonState>>;
 type DockerTx = Arc<watch::Sender<Option<(Docker, String)>>>;
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let notifier = Notifier::from_env();
+    let service_manager = ServiceManager::from_env();
     crate::control::limits::raise_fd_limit();
     let host = docker::engine_host(config.docker.host.as_deref());
     let (tx, rx) = watch::channel(DaemonState::new(host.clone()));
@@ -85,7 +85,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         state.clone(),
         docker_rx,
         queue.clone(),
-        crate::notify::Notifier::new(&config.notify),
+        crate::notification::Notifier::new(&config.notify),
     );
 
     let control = ControlServer::bind(&config.control)?;
@@ -130,11 +130,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     if !stop_early {
         let line = rx.borrow().status_line();
-        notifier.ready(&line);
+        service_manager.ready(&line);
         tracing::info!(status = %line, "ready");
-        serve_until_stopped(&notifier, rx.clone(), line, &mut sigterm, &mut sigint).await;
+        serve_until_stopped(
+            &service_manager,
+            rx.clone(),
+            line,
+            &mut sigterm,
+            &mut sigint,
+        )
+        .await;
     }
-    notifier.stopping();
+    service_manager.stopping();
     supervisor.abort();
     control_task.abort();
     let _ = supervisor.await;
@@ -146,13 +153,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
 /// The main loop after READY=1: watchdog pings, STATUS= on every change, until a signal.
 async fn serve_until_stopped(
-    notifier: &Notifier,
+    service_manager: &ServiceManager,
     mut changes: watch::Receiver<DaemonState>,
     mut last_line: String,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
 ) {
-    let mut watchdog = notifier.watchdog_interval().map(|period| {
+    let mut watchdog = service_manager.watchdog_interval().map(|period| {
         tracing::info!(
             period_ms = period.as_millis() as u64,
             "systemd watchdog enabled"
@@ -166,14 +173,14 @@ async fn serve_until_stopped(
             // The ping comes from this loop, so a wedged runtime stops pinging and systemd
             // restarts us.
             _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
-                notifier.watchdog();
+                service_manager.watchdog();
             }
             changed = changes.changed() => {
                 if changed.is_err() { break; }
                 let line = changes.borrow_and_update().status_line();
                 if line != last_line {
                     tracing::info!(status = %line, "status");
-                    notifier.status(&line);
+                    service_manager.status(&line);
                     last_line = line;
                     if quiet(&changes.borrow()) {
                         // Back to waiting after a snapshot or an incident.

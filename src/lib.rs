@@ -15,7 +15,7 @@ pub mod docker;
 pub mod incident;
 pub mod lock;
 pub mod memory;
-pub mod notify;
+pub mod notification;
 pub mod pin;
 pub mod post_upgrade;
 pub mod private;

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::compose::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
-use crate::notify::{Event as Notice, EventKind, Notifier};
+use crate::notification::{Event as Notice, EventKind, Notifier};
 use crate::post_upgrade::{Verifies, VerifyDue};
 use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
 use crate::snapshot::store::Store;

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-pub struct Notifier {
+/// The service manager (systemd) as sd-notify reaches it; admin notifications are
+/// `notification::Notifier`.
+pub struct ServiceManager {
     watchdog: Option<Duration>,
 }
 
-impl Notifier {
+impl ServiceManager {
     pub fn from_env() -> Self {
-        Notifier {
+        ServiceManager {
             watchdog: watchdog_timeout(
                 std::env::var("WATCHDOG_USEC").ok().as_deref(),
                 std::env::var("WATCHDOG_PID").ok().as_deref(),
