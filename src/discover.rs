@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::docker::{DockerError, classify, is_not_found};
+use crate::image_ref::ImageRef;
 
 const LABEL_PROJECT: &str = "com.docker.compose.project";
 const LABEL_SERVICE: &str = "com.docker.compose.service";
@@ -131,11 +132,11 @@ impl ImmichVersion {
         if let Some(l) = &self.label {
             return l.clone();
         }
-        let tags = self
-            .tag
-            .iter()
-            .cloned()
-            .chain(self.repo_tags.iter().filter_map(|t| split_image(t).1));
+        let tags = self.tag.iter().cloned().chain(
+            self.repo_tags
+                .iter()
+                .filter_map(|t| ImageRef::parse(t).tag().map(str::to_string)),
+        );
         let mut first = None;
         for t in tags {
             if t.starts_with('v') && t[1..].starts_with(|c: char| c.is_ascii_digit()) {
@@ -211,10 +212,11 @@ impl ContainerInfo {
     }
 
     fn role(&self) -> Option<Role> {
-        let repo = split_image(&self.image).0.to_ascii_lowercase();
-        if repo.ends_with("immich-server") {
+        let image = ImageRef::parse(&self.image);
+        let repo = image.repo().to_ascii_lowercase();
+        if image.is_server() {
             Some(Role::Server)
-        } else if repo.ends_with("immich-machine-learning") {
+        } else if image.is_ml() {
             Some(Role::MachineLearning)
         } else if ["postgres", "pgvecto", "vectorchord"]
             .iter()
@@ -256,19 +258,6 @@ enum Role {
     MachineLearning,
     Redis,
     Database,
-}
-
-/// Splits `repo[:tag][@digest]` into the repository and the tag. A bare image ID has no repo.
-pub fn split_image(image: &str) -> (&str, Option<String>) {
-    let without_digest = image.split('@').next().unwrap_or(image);
-    if image.starts_with("sha256:") {
-        return ("", None);
-    }
-    match without_digest.rsplit_once(':') {
-        // A colon after the last slash is a tag; before it, a registry port.
-        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag.to_string())),
-        _ => (without_digest, None),
-    }
 }
 
 /// Discovers the stack: one `collect` from Docker, then the pure `assemble`.
@@ -553,7 +542,7 @@ pub fn assemble(
     let version = server.map(|s| {
         let image = images.get(&s.image_id).cloned().unwrap_or_default();
         ImmichVersion {
-            tag: split_image(&s.image).1,
+            tag: ImageRef::parse(&s.image).tag().map(str::to_string),
             image_id: s.image_id.clone(),
             repo_digests: image.repo_digests,
             repo_tags: image.repo_tags,
@@ -989,23 +978,6 @@ mod tests {
         let db = s.db.unwrap();
         assert_eq!(db.host.as_deref(), Some("10.0.0.9"));
         assert_eq!(db.password, "from-config");
-    }
-
-    #[test]
-    fn image_references_split_into_repo_and_tag() {
-        assert_eq!(
-            split_image("ghcr.io/immich-app/immich-server:v1.119.0"),
-            ("ghcr.io/immich-app/immich-server", Some("v1.119.0".into()))
-        );
-        assert_eq!(
-            split_image("localhost:5000/immich-server"),
-            ("localhost:5000/immich-server", None)
-        );
-        assert_eq!(
-            split_image("valkey/valkey:8@sha256:ff"),
-            ("valkey/valkey", Some("8".into()))
-        );
-        assert_eq!(split_image("sha256:abcd"), ("", None));
     }
 
     /// The test harness tags its stand-ins `immich-guard-test/immich-server:…` so it never

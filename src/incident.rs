@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnose::{Category, Decision, Finding};
 use crate::discover::Stack;
+use crate::image_ref::ImageRef;
 use crate::redact::{self, Secrets};
 use crate::snapshot::store::PARTIAL_PREFIX;
 
@@ -174,8 +175,9 @@ pub fn diagnosis_evidence(
         assets_then: before.and_then(|b| b.db.assets),
         users_then: before.and_then(|b| b.db.users),
     });
-    let release =
-        |s: &Option<crate::discover::Service>| s.as_ref().and_then(|s| image_release(&s.image));
+    let release = |s: &Option<crate::discover::Service>| {
+        s.as_ref().and_then(|s| ImageRef::parse(&s.image).release())
+    };
     let images_same_release = match (release(&stack.server), release(&stack.machine_learning)) {
         (Some(a), Some(b)) => Some(a == b),
         _ => None,
@@ -209,19 +211,6 @@ pub fn diagnosis_evidence(
             version: m.version.clone(),
         }),
     }
-}
-
-/// `ghcr.io/immich-app/immich-machine-learning:v1.120.0-cuda@sha256:…` → `v1.120.0`; none for
-/// a tag without a version number (`release`).
-pub fn image_release(image: &str) -> Option<String> {
-    let image = image.split('@').next()?;
-    let (_, tag) = image
-        .rsplit_once(':')
-        .filter(|(repo, _)| !repo.ends_with('/'))?;
-    let version = tag.split('-').next()?;
-    let digits = version.strip_prefix('v').unwrap_or(version);
-    (digits.starts_with(|c: char| c.is_ascii_digit()) && !tag.contains('/'))
-        .then(|| format!("v{digits}"))
 }
 
 /// Every secret value known for the stack: the database password, and the values of secret
@@ -423,24 +412,6 @@ async fn set_restart_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn image_releases_ignore_hardware_suffixes_and_digests() {
-        assert_eq!(
-            image_release("ghcr.io/immich-app/immich-server:v1.120.0").as_deref(),
-            Some("v1.120.0")
-        );
-        assert_eq!(
-            image_release("ghcr.io/immich-app/immich-machine-learning:v1.120.0-cuda@sha256:ab")
-                .as_deref(),
-            Some("v1.120.0")
-        );
-        assert_eq!(
-            image_release("ghcr.io/immich-app/immich-server:release"),
-            None
-        );
-        assert_eq!(image_release("localhost:5000/immich-server"), None);
-    }
 
     #[test]
     fn ids_are_unique_in_their_dir() {

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::compose::model::{ML_IMAGE, SERVER_IMAGE, interpolate, is_image_of, parse_env};
+use crate::compose::model::{interpolate, parse_env};
 use crate::discover::Stack;
+use crate::image_ref::ImageRef;
 use crate::protect::same_version;
 use crate::snapshot::store::{Meta, sync_dir};
 
@@ -31,8 +32,6 @@ const COMPOSE_DEFAULTS: &[&str] = &[
     "docker-compose.yaml",
     "docker-compose.yml",
 ];
-/// Machine-learning image variants: the tag is `<version><suffix>` (`v1.119.0-cuda`).
-const ML_SUFFIXES: &[&str] = &["-cuda", "-openvino", "-armnn", "-rknn", "-rocm"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -429,17 +428,16 @@ fn edit_compose(
         let span = value_span(body, at).ok_or_else(|| err("unclosed quote".into()))?;
         let raw = &body[span.start..span.end];
         let resolved = interpolate(raw, env).map_err(|m| err(format!("image: {m}")))?;
-        let is_ml = is_image_of(&resolved, ML_IMAGE);
-        if !(is_ml || is_image_of(&resolved, SERVER_IMAGE)) {
+        let resolved = ImageRef::parse(&resolved);
+        let is_ml = resolved.is_ml();
+        if !(is_ml || resolved.is_server()) {
             out.push_str(body);
             out.push_str(ending);
             continue;
         }
         images += 1;
-        let (name_tag, digest) = match raw.find('@') {
-            Some(i) => (&raw[..i], Some(&raw[i..])),
-            None => (raw, None),
-        };
+        let image = ImageRef::parse(raw);
+        let digest = image.digest().map(|d| format!("@{d}"));
         if raw.contains(&format!("${{{KEY}")) || raw.contains(&format!("${KEY}")) {
             uses_env = true;
             if let Some(d) = digest {
@@ -453,22 +451,13 @@ fn edit_compose(
             out.push_str(ending);
             continue;
         }
-        let slash = name_tag.rfind('/').map_or(0, |i| i + 1);
-        if name_tag[slash..].contains('$') {
+        if image.name().contains('$') || image.tag().is_some_and(|t| t.contains('$')) {
             return Err(err(format!(
                 "image: {raw}: the tag comes from a variable other than {KEY}; pin cannot edit it, set that variable to {version}"
             )));
         }
-        let (repo, tag) = match name_tag[slash..].rfind(':') {
-            Some(i) => (&name_tag[..slash + i], Some(&name_tag[slash + i + 1..])),
-            None => (name_tag, None),
-        };
-        let suffix = if is_ml {
-            tag.map(ml_suffix).unwrap_or_default()
-        } else {
-            ""
-        };
-        let new_raw = format!("{repo}:{version}{suffix}");
+        let suffix = if is_ml { image.ml_suffix() } else { "" };
+        let new_raw = format!("{}:{version}{suffix}", image.repo());
         if let Some(d) = digest {
             notes.push(format!(
                 "{}:{}: dropped the digest {d}: it pinned the old image whatever the tag says",
@@ -496,14 +485,6 @@ fn edit_compose(
         images,
         notes,
     })
-}
-
-/// `-cuda` of `v1.119.0-cuda` or `release-cuda`; "" for a plain tag.
-fn ml_suffix(tag: &str) -> &str {
-    ML_SUFFIXES
-        .iter()
-        .find(|s| tag.ends_with(*s))
-        .map_or("", |s| &tag[tag.len() - s.len()..])
 }
 
 /// The edited files read back as compose would: `.env` parses, every compose file parses,
@@ -534,11 +515,11 @@ fn check(
                 continue;
             };
             let image = interpolate(image, &env).map_err(fail)?;
-            if !(is_image_of(&image, SERVER_IMAGE) || is_image_of(&image, ML_IMAGE)) {
+            let parsed = ImageRef::parse(&image);
+            if !(parsed.is_server() || parsed.is_ml()) {
                 continue;
             }
-            let tag = image.rsplit_once(':').map_or("", |(_, t)| t);
-            let tag = tag.strip_suffix(ml_suffix(tag)).unwrap_or(tag);
+            let tag = parsed.release_tag().unwrap_or("");
             if tag != version {
                 return Err(fail(format!(
                     "service {} would run {image}, not {version}",

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::compose::{ComposeEvent, ComposeView, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
+use crate::image_ref::ImageRef;
 use crate::notification::{Event as Notice, EventKind, Notifier};
 use crate::post_upgrade::{Verifies, VerifyDue};
 use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
@@ -528,13 +529,13 @@ impl Guard {
                 event.project.as_deref() == Some(stack.project.as_str())
                     && match &stack.server {
                         Some(server) => event.service.as_deref() == Some(&server.service),
-                        None => event.image.contains("immich-server"),
+                        None => ImageRef::parse(&event.image).is_server(),
                     }
             }
             // Before the first discovery: only the configured project, or any Immich server
             // when none is configured (one stack per host).
             None => {
-                event.image.contains("immich-server")
+                ImageRef::parse(&event.image).is_server()
                     && match &self.config.stack.project {
                         Some(project) => event.project.as_deref() == Some(project.as_str()),
                         None => true,
@@ -771,11 +772,7 @@ impl Guard {
     /// Whether `reference` is an image this stack's server runs or its compose config names:
     /// another project's images, or other tags of the repo, are none of our business.
     fn is_our_server_image(&self, reference: &str) -> bool {
-        let normal = |r: &str| {
-            r.trim_start_matches("docker.io/")
-                .trim_start_matches("library/")
-                .to_string()
-        };
+        let normal = |r: &str| ImageRef::parse(r).normalized();
         let reference = normal(reference);
         let running = self
             .stack
@@ -847,7 +844,12 @@ impl Guard {
                 let to = after
                     .immich_version
                     .clone()
-                    .or_else(|| after.server_image.as_ref().and_then(|i| tag_of(i)))
+                    .or_else(|| {
+                        after
+                            .server_image
+                            .as_deref()
+                            .and_then(|i| ImageRef::parse(i).tag().map(str::to_string))
+                    })
                     .unwrap_or_else(|| "unknown".into());
                 tracing::info!(
                     from = ?before.immich_version,
@@ -2103,11 +2105,6 @@ fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
     v.drain(..excess);
 }
 
-fn tag_of(image: &str) -> Option<String> {
-    let last = image.rsplit('/').next()?;
-    last.split_once(':').map(|(_, t)| t.to_string())
-}
-
 /// `protection.json`: each compose project's state under its name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateFile {
@@ -2615,14 +2612,5 @@ mod tests {
         });
         let p = wait(ProtectState::Idle).await;
         assert!(p.verifies.last.unwrap().passed);
-    }
-
-    #[test]
-    fn tags_come_from_the_last_path_part() {
-        assert_eq!(
-            tag_of("ghcr.io/immich-app/immich-server:v1.120.0").as_deref(),
-            Some("v1.120.0")
-        );
-        assert_eq!(tag_of("localhost:5000/immich-server"), None);
     }
 }

@@ -11,11 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// Last path segment of the image repository of the services we report: matches
-/// `ghcr.io/immich-app/…`, `altran1502/…`, mirrors and self-built images alike, as discovery
-/// does (README.md "How it finds the stack"), so a stack discovery found is one we can describe.
-pub(crate) const SERVER_IMAGE: &str = "immich-server";
-pub(crate) const ML_IMAGE: &str = "immich-machine-learning";
+use crate::image_ref::{ImageRef, ML_IMAGE, SERVER_IMAGE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComposeError {
@@ -117,7 +113,7 @@ pub fn read_view(
     let find = |name: &str| {
         images
             .iter()
-            .find(|(_, image)| is_image_of(image, name))
+            .find(|(_, image)| ImageRef::parse(image).is_of(name))
             .map(|(_, image)| image.clone())
     };
     Ok(ComposeView {
@@ -147,18 +143,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// `ghcr.io/immich-app/immich-server:v1.2@sha256:…` is an `immich-server` image;
-/// `immich-app/immich-server-fork` is not.
-pub(crate) fn is_image_of(image: &str, name: &str) -> bool {
-    let no_digest = image.split('@').next().unwrap_or(image);
-    let repo = match no_digest.rfind(':') {
-        // A colon after the last slash is the tag; before it, a registry port.
-        Some(i) if !no_digest[i..].contains('/') => &no_digest[..i],
-        _ => no_digest,
-    };
-    repo.rsplit('/').next() == Some(name)
 }
 
 /// Compose's interpolation: `$$`, `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`,
@@ -448,34 +432,6 @@ mod tests {
             view.server_image.as_deref(),
             Some("altran1502/immich-server:v1.119.0-custom")
         );
-    }
-
-    #[test]
-    fn only_immich_repositories_count() {
-        let server = SERVER_IMAGE;
-        assert!(is_image_of(
-            "ghcr.io/immich-app/immich-server:v1.2.3",
-            server
-        ));
-        assert!(is_image_of("altran1502/immich-server", server));
-        assert!(is_image_of("mirror.local:5000/immich-server", server));
-        assert!(is_image_of(
-            "mirror.local:5000/immich-app/immich-server:v1@sha256:abc",
-            server
-        ));
-        assert!(!is_image_of("mirror.local:5000/other", server));
-        assert!(!is_image_of(
-            "ghcr.io/immich-app/immich-server-fork:v1",
-            server
-        ));
-        assert!(!is_image_of(
-            "ghcr.io/immich-app/immich-machine-learning:v1",
-            server
-        ));
-        assert!(is_image_of(
-            "ghcr.io/immich-app/immich-machine-learning:v1-cuda",
-            ML_IMAGE
-        ));
     }
 
     #[test]

@@ -59,10 +59,8 @@ pub fn foreign_stacks() -> Vec<ForeignStack> {
         let f: Vec<&str> = l.split('\t').collect();
         let (project, service, image) = (*f.first()?, *f.get(1)?, *f.get(2)?);
         let owner = f.get(3).map(|s| s.trim()).filter(|s| !s.is_empty());
-        let repo = immich_guard::discover::split_image(image)
-            .0
-            .to_ascii_lowercase();
-        let server = repo.ends_with("immich-server") || service == "immich-server";
+        let server = immich_guard::image_ref::ImageRef::parse(image).is_server()
+            || service == "immich-server";
         (server && !project.is_empty() && owner != Some(me.as_str())).then(|| ForeignStack {
             project: project.to_string(),
             owner: owner.map(str::to_string),
