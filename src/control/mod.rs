@@ -3,6 +3,7 @@
 //! The types here are the protocol; the daemon serializes them and the CLI deserializes the
 //! very same types, so there is no second description of the wire format.
 
+mod answer;
 pub mod client;
 pub mod limits;
 pub mod reader;

@@ -8,19 +8,18 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::answer::{answer, encode, send};
 use super::limits::{AcceptBackoff, Caps, LogEvery, Slots};
 use super::reader::{Next, RequestReader};
-use super::{Request, Response, parse_request};
+use super::{Response, parse_request};
 use crate::config::ControlConfig;
 use crate::protect::GuardHandle;
-use crate::snapshot::queue::{Event, SnapshotQueue};
-use crate::snapshot::store::Store;
-use crate::status::{DaemonState, StatusReport};
+use crate::snapshot::queue::SnapshotQueue;
+use crate::status::DaemonState;
 
 /// What the socket answers from: the published state, the snapshot queue, the store.
 #[derive(Clone)]
@@ -31,8 +30,6 @@ pub struct Control {
     pub incident_dir: PathBuf,
     pub guard: GuardHandle,
 }
-
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -214,77 +211,7 @@ async fn serve_connection(stream: UnixStream, peer_uid: Option<u32>, control: Co
             }
             continue;
         }
-        let sent = match request {
-            Request::Status {} => {
-                // Copy out under the borrow; never hold it across an await.
-                let report = StatusReport::from_state(&control.state.borrow());
-                send(&mut write, &Response::Status(Box::new(report))).await
-            }
-            Request::List {} => {
-                let dir = control.snapshot_dir.clone();
-                let listed = tokio::task::spawn_blocking(move || Store::open(&dir)?.list())
-                    .await
-                    .expect("list thread");
-                let response = match listed {
-                    Ok(snapshots) => Response::List { snapshots },
-                    Err(e) => Response::error(e.to_string()),
-                };
-                send(&mut write, &response).await
-            }
-            Request::Incidents { id } => {
-                let response = match crate::incident::find(&control.incident_dir, id.as_deref()) {
-                    Ok(incidents) => Response::Incidents { incidents },
-                    Err(message) => Response::error(message),
-                };
-                send(&mut write, &response).await
-            }
-            Request::Release { force, service } => {
-                let response = match control.guard.release(force, service).await {
-                    Ok(message) => Response::Released { message },
-                    Err(message) => Response::error(message),
-                };
-                send(&mut write, &response).await
-            }
-            Request::Ack {} => {
-                let response = match control.guard.ack().await {
-                    Ok(message) => Response::Acknowledged { message },
-                    Err(message) => Response::error(message),
-                };
-                send(&mut write, &response).await
-            }
-            Request::Snapshot { label } => {
-                // The data belongs to the version the database last ran with, even while a
-                // newer server is frozen.
-                let baseline = control
-                    .state
-                    .borrow()
-                    .protection
-                    .baseline
-                    .as_ref()
-                    .map(|b| (b.version.clone(), b.image_id.clone()));
-                let request = crate::snapshot::Request {
-                    trigger: "manual".to_string(),
-                    label,
-                    version: baseline,
-                };
-                let mut events = control.queue.request(request).await;
-                let mut result = Ok(());
-                while let Some(event) = events.recv().await {
-                    let (response, last) = match event {
-                        Event::Progress(message) => (Response::Progress { message }, false),
-                        Event::Sealed(meta) => (Response::Snapshot(meta), true),
-                        Event::Failed(message) => (Response::error(message), true),
-                    };
-                    // A client that went away does not stop the snapshot; it just stops
-                    // hearing about it.
-                    result = send(&mut write, &response).await;
-                    if last || result.is_err() {
-                        break;
-                    }
-                }
-                result
-            }
-        };
+        let sent = answer(request, &control, &mut write).await;
         if sent.is_err() || last {
             return;
         }
@@ -294,21 +221,4 @@ async fn serve_connection(stream: UnixStream, peer_uid: Option<u32>, control: Co
 fn allowed_to_change(peer_uid: Option<u32>) -> bool {
     let me = nix::unistd::geteuid().as_raw();
     matches!(peer_uid, Some(uid) if uid == 0 || uid == me)
-}
-
-/// One answer line.
-fn encode(response: &Response) -> Vec<u8> {
-    let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
-        format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
-    });
-    out.push(b'\n');
-    out
-}
-
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> Result<(), ()> {
-    let out = encode(response);
-    match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
 }

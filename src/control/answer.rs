@@ -1,0 +1,115 @@
+//! Answering one request on the control socket: the connection loop (reading, limits,
+//! permissions) is `server.rs`; what each verb does and sends back is here.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+
+use super::server::Control;
+use super::{Request, Response};
+use crate::snapshot::queue::Event;
+use crate::snapshot::store::Store;
+use crate::status::StatusReport;
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends the answer to `request` (several lines for a snapshot's progress). `Err` when the
+/// client is gone or too slow to read.
+pub(super) async fn answer(
+    request: Request,
+    control: &Control,
+    write: &mut OwnedWriteHalf,
+) -> Result<(), ()> {
+    match request {
+        Request::Status {} => {
+            // Copy out under the borrow; never hold it across an await.
+            let report = StatusReport::from_state(&control.state.borrow());
+            send(write, &Response::Status(Box::new(report))).await
+        }
+        Request::List {} => {
+            let dir = control.snapshot_dir.clone();
+            let listed = tokio::task::spawn_blocking(move || Store::open(&dir)?.list())
+                .await
+                .expect("list thread");
+            let response = match listed {
+                Ok(snapshots) => Response::List { snapshots },
+                Err(e) => Response::error(e.to_string()),
+            };
+            send(write, &response).await
+        }
+        Request::Incidents { id } => {
+            let response = match crate::incident::find(&control.incident_dir, id.as_deref()) {
+                Ok(incidents) => Response::Incidents { incidents },
+                Err(message) => Response::error(message),
+            };
+            send(write, &response).await
+        }
+        Request::Release { force, service } => {
+            let response = match control.guard.release(force, service).await {
+                Ok(message) => Response::Released { message },
+                Err(message) => Response::error(message),
+            };
+            send(write, &response).await
+        }
+        Request::Ack {} => {
+            let response = match control.guard.ack().await {
+                Ok(message) => Response::Acknowledged { message },
+                Err(message) => Response::error(message),
+            };
+            send(write, &response).await
+        }
+        Request::Snapshot { label } => {
+            // The data belongs to the version the database last ran with, even while a
+            // newer server is frozen.
+            let baseline = control
+                .state
+                .borrow()
+                .protection
+                .baseline
+                .as_ref()
+                .map(|b| (b.version.clone(), b.image_id.clone()));
+            let request = crate::snapshot::Request {
+                trigger: "manual".to_string(),
+                label,
+                version: baseline,
+            };
+            let mut events = control.queue.request(request).await;
+            let mut result = Ok(());
+            while let Some(event) = events.recv().await {
+                let (response, last) = match event {
+                    Event::Progress(message) => (Response::Progress { message }, false),
+                    Event::Sealed(meta) => (Response::Snapshot(meta), true),
+                    Event::Failed(message) => (Response::error(message), true),
+                };
+                // A client that went away does not stop the snapshot; it just stops
+                // hearing about it.
+                result = send(write, &response).await;
+                if last || result.is_err() {
+                    break;
+                }
+            }
+            result
+        }
+    }
+}
+
+/// One answer line.
+pub(super) fn encode(response: &Response) -> Vec<u8> {
+    let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
+        format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}").into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+pub(super) async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> Result<(), ()> {
+    let out = encode(response);
+    match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
