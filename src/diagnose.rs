@@ -112,10 +112,11 @@ impl Category {
             Category::RedisPersistence => 74,
             Category::MlBindAddress => 72,
             Category::RemovedService => 70,
-            Category::UploadMountChange => 66,
             // Immich follows a marker it cannot read for permissions with a generic "Failed
-            // to read" line: the permission error is the cause.
+            // to read" line (which names `/data` from v1.137 on): the permission error is the
+            // cause.
             Category::Permissions => 64,
+            Category::UploadMountChange => 63,
             Category::FolderIntegrity => 62,
             Category::EmptyDatabase => 50,
             Category::Migration => 40,
@@ -177,7 +178,7 @@ impl Category {
                 "the database is a fresh, empty cluster: its data location changed (DB_DATA_LOCATION, a volume name, a mount); point it back at the old data directory and start again; do not let Immich write into the empty one"
             }
             Category::InvalidUpgradePath => {
-                "a required intermediate version was skipped: pin the intermediate release the error or the release notes name, let it start once, then upgrade"
+                "a required intermediate version was skipped and nothing was migrated: pin the version that ran before, then upgrade to the intermediate release the error or the release notes name (https://immich.app/errors), let it start once, then upgrade"
             }
             Category::RedisPersistence => {
                 "redis/valkey cannot load its saved data (a dump from a newer redis, or a damaged file): Immich keeps only queues there; move the redis data (dump.rdb / appendonly) aside and start again"
@@ -205,6 +206,7 @@ impl Category {
             Category::Migration
                 | Category::MissingRelation
                 | Category::DatabaseCorruption
+                | Category::InvalidUpgradePath
                 | Category::Unknown
         )
     }
@@ -253,6 +255,9 @@ const PG_FILES: &[&str] = &[
     "\"global/",
     "\"base/",
     "pg_wal",
+    // Every other file PostgreSQL names relative to its data directory: "pg_logical/…",
+    // "pg_xact/…", "PG_VERSION".
+    "\"pg_",
     "data directory",
 ];
 
@@ -276,9 +281,17 @@ const ERROR_WORDS: &[&str] = &[
     "not installed",
 ];
 
+/// Immich's migrator tables (Kysely, from v1.133): present in every migrated database.
+const MIGRATOR_TABLES: &[&str] = &["relation \"kysely_migrations"];
+
+/// The absolute `/data` media location of v1.137 and later, as a path in a log line starts.
+const DATA_MOUNT: &[&str] = &["(/data/", "'/data/", "\"/data/", " /data/"];
+
 const RULES: &[Rule] = &[
     // Migrations (Kysely, TypeORM) and the schema.
-    rule(
+    // A migrator that cannot find its own bookkeeping table ran no migration: it is looking
+    // in another schema or database (search_path, DB_DATABASE_NAME), a missing relation.
+    rule_unless(
         Category::Migration,
         &[&[
             "corrupted migrations",
@@ -288,11 +301,22 @@ const RULES: &[Rule] = &[
             "migrationerror",
             "failed to run migrations",
         ]],
+        MIGRATOR_TABLES,
     ),
-    rule(Category::Migration, &[&["migration \""], &["\" failed"]]),
+    rule_unless(
+        Category::Migration,
+        &[&["migration \""], &["\" failed"]],
+        MIGRATOR_TABLES,
+    ),
+    // PostgreSQL's "relation/column … does not exist" and, for ALTER TABLE on a constraint,
+    // `constraint "…" for table "…" does not exist` / `constraint "…" of relation "…" does
+    // not exist`: the schema is not the one the code expects.
     rule(
         Category::MissingRelation,
-        &[&["relation \"", "column \""], &["does not exist"]],
+        &[
+            &["relation \"", "column \"", "constraint \""],
+            &["does not exist"],
+        ],
     ),
     rule(Category::InvalidUpgradePath, &[&["invalid upgrade path"]]),
     // The media folders.
@@ -308,6 +332,20 @@ const RULES: &[Rule] = &[
         &[
             &["/usr/src/app/upload"],
             &["enoent", "no such file", "failed to read"],
+        ],
+        &["eacces", "permission denied", "operation not permitted"],
+    ),
+    // Only releases from v1.137 on keep media at an absolute `/data` (older ones read
+    // `upload/…` or `/usr/src/app/upload/…`); their markers were written in the folder that
+    // was mounted at `/usr/src/app/upload`. A marker missing under `/data` is that folder not
+    // being the one now mounted at `/data`: the mount change done wrong (it outranks the
+    // folder-integrity finding the same line makes).
+    rule_unless(
+        Category::UploadMountChange,
+        &[
+            &[".immich"],
+            DATA_MOUNT,
+            &["enoent", "failed to read", "no such file"],
         ],
         &["eacces", "permission denied", "operation not permitted"],
     ),
@@ -372,19 +410,11 @@ const RULES: &[Rule] = &[
         Category::DatabaseOwnership,
         &[&["has wrong ownership", "has invalid permissions"]],
     ),
+    // PostgreSQL denied its own files (a PANIC on "pg_logical/…" during a checkpoint, the
+    // server's connection failing on "global/pg_filenode.map"): their owner or mode changed.
     rule(
         Category::DatabaseOwnership,
-        &[
-            &[
-                "/var/lib/postgresql",
-                "postmaster.pid",
-                "pg_filenode.map",
-                "global/pg_control",
-                "\"global/",
-                "\"base/",
-            ],
-            &["operation not permitted", "permission denied"],
-        ],
+        &[PG_FILES, &["operation not permitted", "permission denied"]],
     ),
     rule(
         Category::DatabaseCorruption,
@@ -465,6 +495,10 @@ const RULES: &[Rule] = &[
             "layer verification failed",
             "exec format error",
             "could not load the \"sharp\" module",
+            // The "Possible solutions" sharp prints whenever its native part does not load,
+            // and Node's code for a native module that cannot be loaded.
+            "sharp.pixelplumbing.com/install",
+            "err_dlopen_failed",
         ]],
     ),
     rule(
@@ -808,6 +842,72 @@ fn fact_findings(evidence: &Evidence, found: &mut std::collections::BTreeMap<Cat
     }
 }
 
+/// PostgreSQL's lines when one of its processes died and the postmaster reset the others: the
+/// crash, not what caused it.
+const BACKEND_CRASH: &[&str] = &[
+    "terminating connection because of crash of another server process",
+    "the database system is in recovery mode",
+    "terminating any other active server processes",
+    "all server processes terminated; reinitializing",
+];
+
+/// A PostgreSQL process dying of something other than SIGKILL: a PANIC aborts (signal 6), a
+/// crash in PostgreSQL or an extension is signal 11, a backend can exit with an error code.
+const OTHER_DEATHS: &[&str] = &[
+    "segmentation fault",
+    "terminated by signal 6",
+    "terminated by signal 11",
+    "terminated by signal 7",
+    "terminated by exception",
+    "exited with exit code",
+    "panic:",
+];
+
+/// A PostgreSQL reset whose log does not name the signal: in a container with a memory limit
+/// the OOM killer's SIGKILL is what kills a backend (docs/incident-runbook.md, "Out of
+/// memory, disk full"), unless another kind of death is in the logs.
+fn crash_findings(evidence: &Evidence, found: &mut std::collections::BTreeMap<Category, Finding>) {
+    if found.contains_key(&Category::OutOfMemory) {
+        return;
+    }
+    let lines = || {
+        evidence
+            .logs
+            .iter()
+            .flat_map(|l| l.text.lines().map(move |line| (l.service.as_str(), line)))
+    };
+    let other_death = lines().any(|(_, line)| {
+        let lower = line.to_lowercase();
+        OTHER_DEATHS.iter().any(|n| lower.contains(n))
+    });
+    if other_death {
+        return;
+    }
+    for (service, line) in lines() {
+        let lower = line.to_lowercase();
+        if BACKEND_CRASH.iter().any(|n| lower.contains(n)) {
+            add(
+                found,
+                Category::OutOfMemory,
+                format!("{service}: {}", line.trim()),
+            );
+        }
+    }
+}
+
+/// An out-of-memory finding resting only on PostgreSQL's reset lines.
+fn inferred_oom(findings: &[Finding]) -> bool {
+    findings
+        .iter()
+        .find(|f| f.category == Category::OutOfMemory)
+        .is_some_and(|f| {
+            f.lines.iter().all(|l| {
+                let lower = l.to_lowercase();
+                BACKEND_CRASH.iter().any(|n| lower.contains(n))
+            })
+        })
+}
+
 /// The diagnosis of `evidence`.
 pub fn diagnose(evidence: &Evidence) -> Diagnosis {
     let mut found: std::collections::BTreeMap<Category, Finding> = scan(
@@ -820,6 +920,7 @@ pub fn diagnose(evidence: &Evidence) -> Diagnosis {
     .map(|f| (f.category, f))
     .collect();
     fact_findings(evidence, &mut found);
+    crash_findings(evidence, &mut found);
     let mut findings: Vec<Finding> = found.into_values().collect();
     // The cause first; among equals the looping service's own.
     let own = |f: &Finding| {
@@ -854,6 +955,11 @@ fn notes(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Vec<Stri
             "\"{}\" is a symptom: the {} explains it",
             f.lines[0], cause
         ));
+    }
+    if cause == Category::OutOfMemory && inferred_oom(findings) {
+        notes.push(
+            "PostgreSQL reset after one of its processes died, and no log read here names the signal: in a container that is almost always the OOM killer; confirm with `docker inspect` (OOMKilled) or `dmesg` (\"Out of memory: Killed process\")".into(),
+        );
     }
     for exit in &evidence.exits {
         if exit.exit_code == Some(137) && !exit.oom_killed && cause != Category::OutOfMemory {
@@ -927,13 +1033,28 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
         .as_ref()
         .map(|s| format!(" since {}", s.id))
         .unwrap_or_default();
-    let downgrade = findings
-        .iter()
-        .flat_map(|f| &f.lines)
-        .any(|l| l.to_lowercase().contains("corrupted migrations"));
-    if cause.fixable() || (cause == Category::Migration && downgrade) {
-        let hint = if downgrade && cause == Category::Migration {
+    let lines_of = |category: Category| {
+        findings
+            .iter()
+            .filter(move |f| f.category == category)
+            .flat_map(|f| &f.lines)
+            .map(|l| l.to_lowercase())
+    };
+    // Kysely's "corrupted migrations: previously executed migration … is missing": the
+    // database ran a newer version. (Its other "corrupted migrations" error, an executed
+    // migration found at another index, says nothing of which version is right.)
+    let downgrade = cause == Category::Migration
+        && lines_of(Category::Migration)
+            .any(|l| l.contains("previously executed migration") && l.contains("is missing"));
+    // The migrator cannot see its own table: it looks in another schema or database.
+    let elsewhere = cause == Category::MissingRelation
+        && lines_of(Category::MissingRelation)
+            .any(|l| MIGRATOR_TABLES.iter().any(|t| l.contains(t)));
+    if cause.fixable() || downgrade || elsewhere {
+        let hint = if downgrade {
             "the database was migrated by a newer version than this server: run the version it ran with (`immich-guard pin <that version>`), or restore a snapshot of this one"
+        } else if elsewhere {
+            "the server does not see Immich's tables, not even its migrator's own: the database's search_path (it must include public: `SHOW search_path;`, `ALTER DATABASE <name> RESET search_path;`) or DB_DATABASE_NAME points elsewhere"
         } else {
             cause.hint()
         };
@@ -945,17 +1066,24 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
             Some(false) => format!("; no migration was applied{since}"),
             None => String::new(),
         };
-        return Decision::FixForward {
-            hint: hint.into(),
-            why: format!(
+        let why = match cause {
+            // A lone symptom: what it rules out is known, its cause is not in these logs.
+            Category::DatabaseUnreachable => format!(
+                "{said}: the database could not be reached and no log read here says why (its container not running, renamed, or on another network; read the database container's log); nothing points at the database's contents or at the release{migrated}"
+            ),
+            _ => format!(
                 "{said}: the cause is {} ({}), outside the database's contents{migrated}",
                 cause,
-                if cause == Category::EmptyDatabase {
-                    "the data location"
-                } else {
-                    "configuration or infrastructure"
+                match cause {
+                    Category::EmptyDatabase => "the data location",
+                    _ if elsewhere => "the database's configuration",
+                    _ => "configuration or infrastructure",
                 }
             ),
+        };
+        return Decision::FixForward {
+            hint: hint.into(),
+            why,
             command: then,
         };
     }
@@ -997,6 +1125,19 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                 cost: restore_cost(s, evidence),
             }
         }
+        // Immich refuses the skipped version in its first migration, before changing anything.
+        (Category::InvalidUpgradePath, Some(false) | None, Some(s)) => Decision::Rollback {
+            version: s.version.clone(),
+            why: format!(
+                "{said}: this release refuses a database that skipped a required intermediate release, before migrating anything{}: pin {} again, then upgrade to the intermediate release the error's link names, start it once, and upgrade from there",
+                match evidence.migrations_applied {
+                    Some(false) => format!(" (no migration was applied since {})", s.id),
+                    _ => String::new(),
+                },
+                s.version
+            ),
+            command: format!("immich-guard pin {}", s.version),
+        },
         (Category::Migration | Category::MissingRelation, Some(false), Some(s)) => {
             Decision::Rollback {
                 version: s.version.clone(),
