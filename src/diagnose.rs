@@ -19,7 +19,7 @@ pub enum Category {
     Permissions,
     /// `.immich` marker files missing: the upload location is not mounted where it was.
     FolderIntegrity,
-    /// `relation "…" does not exist`: schema and code disagree.
+    /// `relation/column/constraint "…" does not exist`: schema and code disagree.
     MissingRelation,
     /// `password authentication failed`: DB_PASSWORD changed after the database was created.
     DatabasePassword,
@@ -861,6 +861,8 @@ const OTHER_DEATHS: &[&str] = &[
     "terminated by exception",
     "exited with exit code",
     "panic:",
+    // An immediate shutdown (PostgreSQL 13 and older) resets the same way.
+    "received immediate shutdown request",
 ];
 
 /// A PostgreSQL reset whose log does not name the signal: in a container with a memory limit
@@ -1658,6 +1660,199 @@ mod tests {
         assert!(
             matches!(&d.decision, Decision::FixForward { hint, .. } if hint.contains("newer version"))
         );
+    }
+
+    #[test]
+    fn a_postgres_reset_without_a_signal_is_out_of_memory() {
+        // 57P02 as the server prints it, and what clients get during the crash recovery.
+        let mut e = evidence(
+            &[
+                (
+                    "immich_server",
+                    "[Nest] 7  - ERROR [Microservices:DatabaseRepository] Kysely migrations failed: boom\n  message: 'terminating connection because of crash of another server process',\n",
+                ),
+                (
+                    "immich_postgres",
+                    "2025-05-22 00:35:36.048 UTC [96] FATAL:  the database system is in recovery mode\n",
+                ),
+            ],
+            Some(true),
+        );
+        let d = diagnose(&e);
+        assert_eq!(d.cause, Category::OutOfMemory);
+        assert_eq!(d.decision.action(), "fix-forward");
+        assert!(
+            d.notes.iter().any(|n| n.contains("OOM killer")),
+            "{:?}",
+            d.notes
+        );
+        // Another death in the logs: the reset is not memory's.
+        for other in [
+            "LOG:  server process (PID 74) was terminated by signal 11: Segmentation fault",
+            "PANIC:  could not write to file \"pg_wal/xlogtemp.31\": Input/output error",
+        ] {
+            e.logs[1].text.push_str(other);
+            e.logs[1].text.push('\n');
+            let d = diagnose(&e);
+            assert_ne!(d.cause, Category::OutOfMemory, "{other}");
+            assert!(
+                !d.findings
+                    .iter()
+                    .any(|f| f.category == Category::OutOfMemory),
+                "{other}: {:?}",
+                d.findings
+            );
+            e.logs[1].text = "FATAL:  the database system is in recovery mode\n".into();
+        }
+        // A named SIGKILL is not an inference: no note.
+        e.logs[1]
+            .text
+            .push_str("LOG:  server process (PID 74) was terminated by signal 9: Killed\n");
+        let d = diagnose(&e);
+        assert_eq!(d.cause, Category::OutOfMemory);
+        assert!(
+            !d.notes.iter().any(|n| n.contains("OOM killer")),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn a_panic_on_postgres_own_files_is_ownership_not_permissions() {
+        let d = diagnose(&evidence(
+            &[(
+                "immich_postgres",
+                "2024-01-30 07:21:52.364 CET [64] PANIC:  could not open file \"pg_logical/replorigin_checkpoint\": Permission denied\n\
+                 2024-01-30 07:21:52.371 CET [1] LOG:  checkpointer process (PID 64) was terminated by signal 6: Aborted\n\
+                 2024-01-30 07:21:54.697 CET [4297] FATAL:  the database system is in recovery mode\n",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::DatabaseOwnership);
+        let categories: Vec<Category> = d.findings.iter().map(|f| f.category).collect();
+        assert_eq!(categories, [Category::DatabaseOwnership]);
+        assert_eq!(d.decision.action(), "fix-forward");
+    }
+
+    #[test]
+    fn a_missing_constraint_is_a_missing_relation_rolled_back_when_nothing_was_applied() {
+        for line in [
+            "error: PostgresError: constraint \"FK_0f6fc2fb195f24d19b0fb0d57c1\" for table \"library\" does not exist",
+            "ERROR:  constraint \"PK_x\" of relation \"exif\" does not exist",
+            "microservices worker error: PostgresError: column \"ownerId\" does not exist",
+        ] {
+            assert_eq!(categories(line), [Category::MissingRelation], "{line}");
+            let d = diagnose(&evidence(&[("immich_server", line)], Some(false)));
+            assert_eq!(d.decision.action(), "rollback", "{line}");
+        }
+        assert!(
+            categories("ERROR:  constraint \"CHK_b0f8\" for relation \"person\" already exists")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_migrators_own_table_missing_is_a_search_path_fix_not_a_migration() {
+        let line = "[Nest] 16  - ERROR [Api:DatabaseRepository] Kysely migrations failed: PostgresError: relation \"kysely_migrations_lock\" does not exist";
+        assert_eq!(categories(line), [Category::MissingRelation]);
+        // An ordinary relation in a failed migration stays a migration failure too.
+        assert_eq!(
+            categories(
+                "Kysely migrations failed: error: relation \"memory_assets\" does not exist"
+            ),
+            [Category::Migration, Category::MissingRelation]
+        );
+        for applied in [Some(true), Some(false), None] {
+            let d = diagnose(&evidence(&[("immich_server", line)], applied));
+            assert_eq!(d.cause, Category::MissingRelation);
+            match &d.decision {
+                Decision::FixForward { hint, why, .. } => {
+                    assert!(hint.contains("search_path"), "{hint}");
+                    assert!(why.contains("the database's configuration"), "{why}");
+                }
+                other => panic!("{applied:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalid_upgrade_path_rolls_back_then_steps_through_the_intermediate_release() {
+        let log = "ERROR [Microservices:DatabaseRepository] Migrations failed: Error: Invalid upgrade path. For more information, see https://immich.app/errors#typeorm-upgrade\n";
+        for applied in [Some(false), None] {
+            let d = diagnose(&evidence(&[("immich_server", log)], applied));
+            assert_eq!(d.cause, Category::InvalidUpgradePath);
+            match &d.decision {
+                Decision::Rollback { command, why, .. } => {
+                    assert_eq!(command, "immich-guard pin v1.119.0");
+                    assert!(why.contains("intermediate release"), "{why}");
+                    assert!(why.contains("Invalid upgrade path"), "{why}");
+                }
+                other => panic!("{applied:?}: {other:?}"),
+            }
+        }
+        // Migrations applied contradicts the error: not a guess either way.
+        let d = diagnose(&evidence(&[("immich_server", log)], Some(true)));
+        assert_eq!(d.decision.action(), "unknown");
+    }
+
+    #[test]
+    fn a_marker_missing_under_data_is_the_mount_change() {
+        for line in [
+            "ERROR [Microservices:StorageService] Failed to read (/data/library/.immich): Error: ENOENT: no such file or directory, open '/data/library/.immich'",
+            "Error: Failed to read: \"<UPLOAD_LOCATION>/encoded-video/.immich (/data/encoded-video/.immich) - Please see https://docs.immich.app/administration/system-integrity#folder-checks for more information.\"",
+        ] {
+            let d = diagnose(&evidence(&[("immich_server", line)], None));
+            assert_eq!(d.cause, Category::UploadMountChange, "{line}");
+            assert_eq!(d.decision.action(), "fix-forward");
+        }
+        // Before v1.137 the marker is read relative to the old mount: folder integrity.
+        let d = diagnose(&evidence(
+            &[(
+                "immich_server",
+                "ERROR [Microservices:StorageService] Failed to read upload/encoded-video/.immich: Error: ENOENT: no such file or directory, open 'upload/encoded-video/.immich'",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::FolderIntegrity);
+    }
+
+    #[test]
+    fn sharps_install_hint_and_a_failed_dlopen_are_a_broken_image() {
+        for line in [
+            "2025-05-04 23:00:31.851 |     See https://sharp.pixelplumbing.com/install",
+            "ERR_DLOPEN_FAILED: /usr/local/lib/libvips-cpp.so.42: file too short",
+        ] {
+            assert_eq!(categories(line), [Category::CorruptImage], "{line}");
+        }
+    }
+
+    #[test]
+    fn migrations_out_of_order_are_not_a_downgrade() {
+        let log = "Migrations failed: Error: corrupted migrations: expected previously executed migration 1777415973792-AddVideoStreamTables to be at index 73 but 1776848612954-MigrateAlbumOwnerIdToAlbumUser was found in its place.\n";
+        let d = diagnose(&evidence(&[("immich_server", log)], None));
+        assert_eq!(d.cause, Category::Migration);
+        assert_eq!(d.decision.action(), "unknown");
+        let d = diagnose(&evidence(&[("immich_server", log)], Some(false)));
+        assert_eq!(d.decision.action(), "rollback");
+    }
+
+    #[test]
+    fn a_lone_unreachable_database_is_fixed_forward_saying_its_cause_is_not_in_the_logs() {
+        let d = diagnose(&evidence(
+            &[(
+                "immich-server",
+                "Error: getaddrinfo ENOTFOUND database\n    at GetAddrInfoReqWrap.onlookupall [as oncomplete] (node:dns:122:26) {\n",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::DatabaseUnreachable);
+        match &d.decision {
+            Decision::FixForward { why, hint, .. } => {
+                assert!(why.contains("no log read here says why"), "{why}");
+                assert!(hint.contains("its own log first"), "{hint}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
