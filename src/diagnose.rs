@@ -979,6 +979,15 @@ fn notes(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Vec<Stri
     notes
 }
 
+/// "a" or "an" before a category's slug.
+fn article(category: Category) -> &'static str {
+    if category.slug().starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// The line that says so.
 fn quote(findings: &[Finding], category: Category) -> String {
     findings
@@ -1156,7 +1165,7 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                 if cause == Category::Unknown {
                     "no known failure in the logs or the facts".to_string()
                 } else {
-                    format!("{said}: a {cause} failure")
+                    format!("{said}: {} {cause} failure", article(cause))
                 },
                 match evidence.migrations_applied {
                     Some(true) => format!("{}{since}", migrations_text(evidence)),
@@ -1174,17 +1183,24 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                     Category::DatabaseCorruption => format!(
                         "{said}: PostgreSQL's data files are damaged, a restore is needed (rolling back only hides it)"
                     ),
-                    _ => format!("{said}: a {cause} failure"),
+                    Category::InvalidUpgradePath => format!(
+                        "{said}: this release refuses a database that skipped a required intermediate release, before migrating anything: pin the version that ran before, then upgrade through the intermediate release the error's link names"
+                    ),
+                    _ => format!("{said}: {} {cause} failure", article(cause)),
                 }
             ),
             options: {
-                let mut options = vec![Choice {
+                let mut options = Vec::new();
+                // Refused before anything changed: nothing to restore.
+                if cause != Category::InvalidUpgradePath {
+                    options.push(Choice {
                     action: "restore".into(),
                     command:
                         "Immich's own database backup (UPLOAD_LOCATION/backups), docs/recovery.md §4"
                             .into(),
                     cost: "discards everything written since that backup".into(),
-                }];
+                    });
+                }
                 // Going back to the old version on damaged files only hides the damage.
                 if cause != Category::DatabaseCorruption {
                     options.insert(0, Choice {
@@ -1793,6 +1809,17 @@ mod tests {
         // Migrations applied contradicts the error: not a guess either way.
         let d = diagnose(&evidence(&[("immich_server", log)], Some(true)));
         assert_eq!(d.decision.action(), "unknown");
+        // Without a snapshot (logs diagnosed by hand) only the way back is offered.
+        let mut e = evidence(&[("immich_server", log)], None);
+        e.snapshot = None;
+        match diagnose(&e).decision {
+            Decision::Unknown { why, options } => {
+                assert!(why.contains("before migrating anything"), "{why}");
+                let actions: Vec<&str> = options.iter().map(|o| o.action.as_str()).collect();
+                assert_eq!(actions, ["rollback"]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
