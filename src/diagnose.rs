@@ -19,7 +19,7 @@ pub enum Category {
     Permissions,
     /// `.immich` marker files missing: the upload location is not mounted where it was.
     FolderIntegrity,
-    /// `relation "…" does not exist`: schema and code disagree.
+    /// `relation/column/constraint "…" does not exist`: schema and code disagree.
     MissingRelation,
     /// `password authentication failed`: DB_PASSWORD changed after the database was created.
     DatabasePassword,
@@ -112,10 +112,11 @@ impl Category {
             Category::RedisPersistence => 74,
             Category::MlBindAddress => 72,
             Category::RemovedService => 70,
-            Category::UploadMountChange => 66,
             // Immich follows a marker it cannot read for permissions with a generic "Failed
-            // to read" line: the permission error is the cause.
+            // to read" line (which names `/data` from v1.137 on): the permission error is the
+            // cause.
             Category::Permissions => 64,
+            Category::UploadMountChange => 63,
             Category::FolderIntegrity => 62,
             Category::EmptyDatabase => 50,
             Category::Migration => 40,
@@ -177,7 +178,7 @@ impl Category {
                 "the database is a fresh, empty cluster: its data location changed (DB_DATA_LOCATION, a volume name, a mount); point it back at the old data directory and start again; do not let Immich write into the empty one"
             }
             Category::InvalidUpgradePath => {
-                "a required intermediate version was skipped: pin the intermediate release the error or the release notes name, let it start once, then upgrade"
+                "a required intermediate version was skipped and nothing was migrated: pin the version that ran before, then upgrade to the intermediate release the error or the release notes name (https://immich.app/errors), let it start once, then upgrade"
             }
             Category::RedisPersistence => {
                 "redis/valkey cannot load its saved data (a dump from a newer redis, or a damaged file): Immich keeps only queues there; move the redis data (dump.rdb / appendonly) aside and start again"
@@ -205,6 +206,7 @@ impl Category {
             Category::Migration
                 | Category::MissingRelation
                 | Category::DatabaseCorruption
+                | Category::InvalidUpgradePath
                 | Category::Unknown
         )
     }
@@ -253,6 +255,9 @@ const PG_FILES: &[&str] = &[
     "\"global/",
     "\"base/",
     "pg_wal",
+    // Every other file PostgreSQL names relative to its data directory: "pg_logical/…",
+    // "pg_xact/…", "PG_VERSION".
+    "\"pg_",
     "data directory",
 ];
 
@@ -276,9 +281,17 @@ const ERROR_WORDS: &[&str] = &[
     "not installed",
 ];
 
+/// Immich's migrator tables (Kysely, from v1.133): present in every migrated database.
+const MIGRATOR_TABLES: &[&str] = &["relation \"kysely_migrations"];
+
+/// The absolute `/data` media location of v1.137 and later, as a path in a log line starts.
+const DATA_MOUNT: &[&str] = &["(/data/", "'/data/", "\"/data/", " /data/"];
+
 const RULES: &[Rule] = &[
     // Migrations (Kysely, TypeORM) and the schema.
-    rule(
+    // A migrator that cannot find its own bookkeeping table ran no migration: it is looking
+    // in another schema or database (search_path, DB_DATABASE_NAME), a missing relation.
+    rule_unless(
         Category::Migration,
         &[&[
             "corrupted migrations",
@@ -288,11 +301,22 @@ const RULES: &[Rule] = &[
             "migrationerror",
             "failed to run migrations",
         ]],
+        MIGRATOR_TABLES,
     ),
-    rule(Category::Migration, &[&["migration \""], &["\" failed"]]),
+    rule_unless(
+        Category::Migration,
+        &[&["migration \""], &["\" failed"]],
+        MIGRATOR_TABLES,
+    ),
+    // PostgreSQL's "relation/column … does not exist" and, for ALTER TABLE on a constraint,
+    // `constraint "…" for table "…" does not exist` / `constraint "…" of relation "…" does
+    // not exist`: the schema is not the one the code expects.
     rule(
         Category::MissingRelation,
-        &[&["relation \"", "column \""], &["does not exist"]],
+        &[
+            &["relation \"", "column \"", "constraint \""],
+            &["does not exist"],
+        ],
     ),
     rule(Category::InvalidUpgradePath, &[&["invalid upgrade path"]]),
     // The media folders.
@@ -308,6 +332,20 @@ const RULES: &[Rule] = &[
         &[
             &["/usr/src/app/upload"],
             &["enoent", "no such file", "failed to read"],
+        ],
+        &["eacces", "permission denied", "operation not permitted"],
+    ),
+    // Only releases from v1.137 on keep media at an absolute `/data` (older ones read
+    // `upload/…` or `/usr/src/app/upload/…`); their markers were written in the folder that
+    // was mounted at `/usr/src/app/upload`. A marker missing under `/data` is that folder not
+    // being the one now mounted at `/data`: the mount change done wrong (it outranks the
+    // folder-integrity finding the same line makes).
+    rule_unless(
+        Category::UploadMountChange,
+        &[
+            &[".immich"],
+            DATA_MOUNT,
+            &["enoent", "failed to read", "no such file"],
         ],
         &["eacces", "permission denied", "operation not permitted"],
     ),
@@ -372,19 +410,11 @@ const RULES: &[Rule] = &[
         Category::DatabaseOwnership,
         &[&["has wrong ownership", "has invalid permissions"]],
     ),
+    // PostgreSQL denied its own files (a PANIC on "pg_logical/…" during a checkpoint, the
+    // server's connection failing on "global/pg_filenode.map"): their owner or mode changed.
     rule(
         Category::DatabaseOwnership,
-        &[
-            &[
-                "/var/lib/postgresql",
-                "postmaster.pid",
-                "pg_filenode.map",
-                "global/pg_control",
-                "\"global/",
-                "\"base/",
-            ],
-            &["operation not permitted", "permission denied"],
-        ],
+        &[PG_FILES, &["operation not permitted", "permission denied"]],
     ),
     rule(
         Category::DatabaseCorruption,
@@ -465,6 +495,10 @@ const RULES: &[Rule] = &[
             "layer verification failed",
             "exec format error",
             "could not load the \"sharp\" module",
+            // The "Possible solutions" sharp prints whenever its native part does not load,
+            // and Node's code for a native module that cannot be loaded.
+            "sharp.pixelplumbing.com/install",
+            "err_dlopen_failed",
         ]],
     ),
     rule(
@@ -808,6 +842,74 @@ fn fact_findings(evidence: &Evidence, found: &mut std::collections::BTreeMap<Cat
     }
 }
 
+/// PostgreSQL's lines when one of its processes died and the postmaster reset the others: the
+/// crash, not what caused it.
+const BACKEND_CRASH: &[&str] = &[
+    "terminating connection because of crash of another server process",
+    "the database system is in recovery mode",
+    "terminating any other active server processes",
+    "all server processes terminated; reinitializing",
+];
+
+/// A PostgreSQL process dying of something other than SIGKILL: a PANIC aborts (signal 6), a
+/// crash in PostgreSQL or an extension is signal 11, a backend can exit with an error code.
+const OTHER_DEATHS: &[&str] = &[
+    "segmentation fault",
+    "terminated by signal 6",
+    "terminated by signal 11",
+    "terminated by signal 7",
+    "terminated by exception",
+    "exited with exit code",
+    "panic:",
+    // An immediate shutdown (PostgreSQL 13 and older) resets the same way.
+    "received immediate shutdown request",
+];
+
+/// A PostgreSQL reset whose log does not name the signal: in a container with a memory limit
+/// the OOM killer's SIGKILL is what kills a backend (docs/incident-runbook.md, "Out of
+/// memory, disk full"), unless another kind of death is in the logs.
+fn crash_findings(evidence: &Evidence, found: &mut std::collections::BTreeMap<Category, Finding>) {
+    if found.contains_key(&Category::OutOfMemory) {
+        return;
+    }
+    let lines = || {
+        evidence
+            .logs
+            .iter()
+            .flat_map(|l| l.text.lines().map(move |line| (l.service.as_str(), line)))
+    };
+    let other_death = lines().any(|(_, line)| {
+        let lower = line.to_lowercase();
+        OTHER_DEATHS.iter().any(|n| lower.contains(n))
+    });
+    if other_death {
+        return;
+    }
+    for (service, line) in lines() {
+        let lower = line.to_lowercase();
+        if BACKEND_CRASH.iter().any(|n| lower.contains(n)) {
+            add(
+                found,
+                Category::OutOfMemory,
+                format!("{service}: {}", line.trim()),
+            );
+        }
+    }
+}
+
+/// An out-of-memory finding resting only on PostgreSQL's reset lines.
+fn inferred_oom(findings: &[Finding]) -> bool {
+    findings
+        .iter()
+        .find(|f| f.category == Category::OutOfMemory)
+        .is_some_and(|f| {
+            f.lines.iter().all(|l| {
+                let lower = l.to_lowercase();
+                BACKEND_CRASH.iter().any(|n| lower.contains(n))
+            })
+        })
+}
+
 /// The diagnosis of `evidence`.
 pub fn diagnose(evidence: &Evidence) -> Diagnosis {
     let mut found: std::collections::BTreeMap<Category, Finding> = scan(
@@ -820,6 +922,7 @@ pub fn diagnose(evidence: &Evidence) -> Diagnosis {
     .map(|f| (f.category, f))
     .collect();
     fact_findings(evidence, &mut found);
+    crash_findings(evidence, &mut found);
     let mut findings: Vec<Finding> = found.into_values().collect();
     // The cause first; among equals the looping service's own.
     let own = |f: &Finding| {
@@ -855,6 +958,11 @@ fn notes(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Vec<Stri
             f.lines[0], cause
         ));
     }
+    if cause == Category::OutOfMemory && inferred_oom(findings) {
+        notes.push(
+            "PostgreSQL reset after one of its processes died, and no log read here names the signal: in a container that is almost always the OOM killer; confirm with `docker inspect` (OOMKilled) or `dmesg` (\"Out of memory: Killed process\")".into(),
+        );
+    }
     for exit in &evidence.exits {
         if exit.exit_code == Some(137) && !exit.oom_killed && cause != Category::OutOfMemory {
             notes.push(format!(
@@ -869,6 +977,15 @@ fn notes(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Vec<Stri
         );
     }
     notes
+}
+
+/// "a" or "an" before a category's slug.
+fn article(category: Category) -> &'static str {
+    if category.slug().starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 /// The line that says so.
@@ -927,13 +1044,28 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
         .as_ref()
         .map(|s| format!(" since {}", s.id))
         .unwrap_or_default();
-    let downgrade = findings
-        .iter()
-        .flat_map(|f| &f.lines)
-        .any(|l| l.to_lowercase().contains("corrupted migrations"));
-    if cause.fixable() || (cause == Category::Migration && downgrade) {
-        let hint = if downgrade && cause == Category::Migration {
+    let lines_of = |category: Category| {
+        findings
+            .iter()
+            .filter(move |f| f.category == category)
+            .flat_map(|f| &f.lines)
+            .map(|l| l.to_lowercase())
+    };
+    // Kysely's "corrupted migrations: previously executed migration … is missing": the
+    // database ran a newer version. (Its other "corrupted migrations" error, an executed
+    // migration found at another index, says nothing of which version is right.)
+    let downgrade = cause == Category::Migration
+        && lines_of(Category::Migration)
+            .any(|l| l.contains("previously executed migration") && l.contains("is missing"));
+    // The migrator cannot see its own table: it looks in another schema or database.
+    let elsewhere = cause == Category::MissingRelation
+        && lines_of(Category::MissingRelation)
+            .any(|l| MIGRATOR_TABLES.iter().any(|t| l.contains(t)));
+    if cause.fixable() || downgrade || elsewhere {
+        let hint = if downgrade {
             "the database was migrated by a newer version than this server: run the version it ran with (`immich-guard pin <that version>`), or restore a snapshot of this one"
+        } else if elsewhere {
+            "the server does not see Immich's tables, not even its migrator's own: the database's search_path (it must include public: `SHOW search_path;`, `ALTER DATABASE <name> RESET search_path;`) or DB_DATABASE_NAME points elsewhere"
         } else {
             cause.hint()
         };
@@ -945,17 +1077,24 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
             Some(false) => format!("; no migration was applied{since}"),
             None => String::new(),
         };
-        return Decision::FixForward {
-            hint: hint.into(),
-            why: format!(
+        let why = match cause {
+            // A lone symptom: what it rules out is known, its cause is not in these logs.
+            Category::DatabaseUnreachable => format!(
+                "{said}: the database could not be reached and no log read here says why (its container not running, renamed, or on another network; read the database container's log); nothing points at the database's contents or at the release{migrated}"
+            ),
+            _ => format!(
                 "{said}: the cause is {} ({}), outside the database's contents{migrated}",
                 cause,
-                if cause == Category::EmptyDatabase {
-                    "the data location"
-                } else {
-                    "configuration or infrastructure"
+                match cause {
+                    Category::EmptyDatabase => "the data location",
+                    _ if elsewhere => "the database's configuration",
+                    _ => "configuration or infrastructure",
                 }
             ),
+        };
+        return Decision::FixForward {
+            hint: hint.into(),
+            why,
             command: then,
         };
     }
@@ -997,6 +1136,19 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                 cost: restore_cost(s, evidence),
             }
         }
+        // Immich refuses the skipped version in its first migration, before changing anything.
+        (Category::InvalidUpgradePath, Some(false) | None, Some(s)) => Decision::Rollback {
+            version: s.version.clone(),
+            why: format!(
+                "{said}: this release refuses a database that skipped a required intermediate release, before migrating anything{}: pin {} again, then upgrade to the intermediate release the error's link names, start it once, and upgrade from there",
+                match evidence.migrations_applied {
+                    Some(false) => format!(" (no migration was applied since {})", s.id),
+                    _ => String::new(),
+                },
+                s.version
+            ),
+            command: format!("immich-guard pin {}", s.version),
+        },
         (Category::Migration | Category::MissingRelation, Some(false), Some(s)) => {
             Decision::Rollback {
                 version: s.version.clone(),
@@ -1013,7 +1165,7 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                 if cause == Category::Unknown {
                     "no known failure in the logs or the facts".to_string()
                 } else {
-                    format!("{said}: a {cause} failure")
+                    format!("{said}: {} {cause} failure", article(cause))
                 },
                 match evidence.migrations_applied {
                     Some(true) => format!("{}{since}", migrations_text(evidence)),
@@ -1031,17 +1183,24 @@ fn decide(evidence: &Evidence, cause: Category, findings: &[Finding]) -> Decisio
                     Category::DatabaseCorruption => format!(
                         "{said}: PostgreSQL's data files are damaged, a restore is needed (rolling back only hides it)"
                     ),
-                    _ => format!("{said}: a {cause} failure"),
+                    Category::InvalidUpgradePath => format!(
+                        "{said}: this release refuses a database that skipped a required intermediate release, before migrating anything: pin the version that ran before, then upgrade through the intermediate release the error's link names"
+                    ),
+                    _ => format!("{said}: {} {cause} failure", article(cause)),
                 }
             ),
             options: {
-                let mut options = vec![Choice {
+                let mut options = Vec::new();
+                // Refused before anything changed: nothing to restore.
+                if cause != Category::InvalidUpgradePath {
+                    options.push(Choice {
                     action: "restore".into(),
                     command:
                         "Immich's own database backup (UPLOAD_LOCATION/backups), docs/recovery.md §4"
                             .into(),
                     cost: "discards everything written since that backup".into(),
-                }];
+                    });
+                }
                 // Going back to the old version on damaged files only hides the damage.
                 if cause != Category::DatabaseCorruption {
                     options.insert(0, Choice {
@@ -1517,6 +1676,210 @@ mod tests {
         assert!(
             matches!(&d.decision, Decision::FixForward { hint, .. } if hint.contains("newer version"))
         );
+    }
+
+    #[test]
+    fn a_postgres_reset_without_a_signal_is_out_of_memory() {
+        // 57P02 as the server prints it, and what clients get during the crash recovery.
+        let mut e = evidence(
+            &[
+                (
+                    "immich_server",
+                    "[Nest] 7  - ERROR [Microservices:DatabaseRepository] Kysely migrations failed: boom\n  message: 'terminating connection because of crash of another server process',\n",
+                ),
+                (
+                    "immich_postgres",
+                    "2025-05-22 00:35:36.048 UTC [96] FATAL:  the database system is in recovery mode\n",
+                ),
+            ],
+            Some(true),
+        );
+        let d = diagnose(&e);
+        assert_eq!(d.cause, Category::OutOfMemory);
+        assert_eq!(d.decision.action(), "fix-forward");
+        assert!(
+            d.notes.iter().any(|n| n.contains("OOM killer")),
+            "{:?}",
+            d.notes
+        );
+        // Another death in the logs: the reset is not memory's.
+        for other in [
+            "LOG:  server process (PID 74) was terminated by signal 11: Segmentation fault",
+            "PANIC:  could not write to file \"pg_wal/xlogtemp.31\": Input/output error",
+        ] {
+            e.logs[1].text.push_str(other);
+            e.logs[1].text.push('\n');
+            let d = diagnose(&e);
+            assert_ne!(d.cause, Category::OutOfMemory, "{other}");
+            assert!(
+                !d.findings
+                    .iter()
+                    .any(|f| f.category == Category::OutOfMemory),
+                "{other}: {:?}",
+                d.findings
+            );
+            e.logs[1].text = "FATAL:  the database system is in recovery mode\n".into();
+        }
+        // A named SIGKILL is not an inference: no note.
+        e.logs[1]
+            .text
+            .push_str("LOG:  server process (PID 74) was terminated by signal 9: Killed\n");
+        let d = diagnose(&e);
+        assert_eq!(d.cause, Category::OutOfMemory);
+        assert!(
+            !d.notes.iter().any(|n| n.contains("OOM killer")),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn a_panic_on_postgres_own_files_is_ownership_not_permissions() {
+        let d = diagnose(&evidence(
+            &[(
+                "immich_postgres",
+                "2024-01-30 07:21:52.364 CET [64] PANIC:  could not open file \"pg_logical/replorigin_checkpoint\": Permission denied\n\
+                 2024-01-30 07:21:52.371 CET [1] LOG:  checkpointer process (PID 64) was terminated by signal 6: Aborted\n\
+                 2024-01-30 07:21:54.697 CET [4297] FATAL:  the database system is in recovery mode\n",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::DatabaseOwnership);
+        let categories: Vec<Category> = d.findings.iter().map(|f| f.category).collect();
+        assert_eq!(categories, [Category::DatabaseOwnership]);
+        assert_eq!(d.decision.action(), "fix-forward");
+    }
+
+    #[test]
+    fn a_missing_constraint_is_a_missing_relation_rolled_back_when_nothing_was_applied() {
+        for line in [
+            "error: PostgresError: constraint \"FK_0f6fc2fb195f24d19b0fb0d57c1\" for table \"library\" does not exist",
+            "ERROR:  constraint \"PK_x\" of relation \"exif\" does not exist",
+            "microservices worker error: PostgresError: column \"ownerId\" does not exist",
+        ] {
+            assert_eq!(categories(line), [Category::MissingRelation], "{line}");
+            let d = diagnose(&evidence(&[("immich_server", line)], Some(false)));
+            assert_eq!(d.decision.action(), "rollback", "{line}");
+        }
+        assert!(
+            categories("ERROR:  constraint \"CHK_b0f8\" for relation \"person\" already exists")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_migrators_own_table_missing_is_a_search_path_fix_not_a_migration() {
+        let line = "[Nest] 16  - ERROR [Api:DatabaseRepository] Kysely migrations failed: PostgresError: relation \"kysely_migrations_lock\" does not exist";
+        assert_eq!(categories(line), [Category::MissingRelation]);
+        // An ordinary relation in a failed migration stays a migration failure too.
+        assert_eq!(
+            categories(
+                "Kysely migrations failed: error: relation \"memory_assets\" does not exist"
+            ),
+            [Category::Migration, Category::MissingRelation]
+        );
+        for applied in [Some(true), Some(false), None] {
+            let d = diagnose(&evidence(&[("immich_server", line)], applied));
+            assert_eq!(d.cause, Category::MissingRelation);
+            match &d.decision {
+                Decision::FixForward { hint, why, .. } => {
+                    assert!(hint.contains("search_path"), "{hint}");
+                    assert!(why.contains("the database's configuration"), "{why}");
+                }
+                other => panic!("{applied:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalid_upgrade_path_rolls_back_then_steps_through_the_intermediate_release() {
+        let log = "ERROR [Microservices:DatabaseRepository] Migrations failed: Error: Invalid upgrade path. For more information, see https://immich.app/errors#typeorm-upgrade\n";
+        for applied in [Some(false), None] {
+            let d = diagnose(&evidence(&[("immich_server", log)], applied));
+            assert_eq!(d.cause, Category::InvalidUpgradePath);
+            match &d.decision {
+                Decision::Rollback { command, why, .. } => {
+                    assert_eq!(command, "immich-guard pin v1.119.0");
+                    assert!(why.contains("intermediate release"), "{why}");
+                    assert!(why.contains("Invalid upgrade path"), "{why}");
+                }
+                other => panic!("{applied:?}: {other:?}"),
+            }
+        }
+        // Migrations applied contradicts the error: not a guess either way.
+        let d = diagnose(&evidence(&[("immich_server", log)], Some(true)));
+        assert_eq!(d.decision.action(), "unknown");
+        // Without a snapshot (logs diagnosed by hand) only the way back is offered.
+        let mut e = evidence(&[("immich_server", log)], None);
+        e.snapshot = None;
+        match diagnose(&e).decision {
+            Decision::Unknown { why, options } => {
+                assert!(why.contains("before migrating anything"), "{why}");
+                let actions: Vec<&str> = options.iter().map(|o| o.action.as_str()).collect();
+                assert_eq!(actions, ["rollback"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_marker_missing_under_data_is_the_mount_change() {
+        for line in [
+            "ERROR [Microservices:StorageService] Failed to read (/data/library/.immich): Error: ENOENT: no such file or directory, open '/data/library/.immich'",
+            "Error: Failed to read: \"<UPLOAD_LOCATION>/encoded-video/.immich (/data/encoded-video/.immich) - Please see https://docs.immich.app/administration/system-integrity#folder-checks for more information.\"",
+        ] {
+            let d = diagnose(&evidence(&[("immich_server", line)], None));
+            assert_eq!(d.cause, Category::UploadMountChange, "{line}");
+            assert_eq!(d.decision.action(), "fix-forward");
+        }
+        // Before v1.137 the marker is read relative to the old mount: folder integrity.
+        let d = diagnose(&evidence(
+            &[(
+                "immich_server",
+                "ERROR [Microservices:StorageService] Failed to read upload/encoded-video/.immich: Error: ENOENT: no such file or directory, open 'upload/encoded-video/.immich'",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::FolderIntegrity);
+    }
+
+    #[test]
+    fn sharps_install_hint_and_a_failed_dlopen_are_a_broken_image() {
+        for line in [
+            "2025-05-04 23:00:31.851 |     See https://sharp.pixelplumbing.com/install",
+            "ERR_DLOPEN_FAILED: /usr/local/lib/libvips-cpp.so.42: file too short",
+        ] {
+            assert_eq!(categories(line), [Category::CorruptImage], "{line}");
+        }
+    }
+
+    #[test]
+    fn migrations_out_of_order_are_not_a_downgrade() {
+        let log = "Migrations failed: Error: corrupted migrations: expected previously executed migration 1777415973792-AddVideoStreamTables to be at index 73 but 1776848612954-MigrateAlbumOwnerIdToAlbumUser was found in its place.\n";
+        let d = diagnose(&evidence(&[("immich_server", log)], None));
+        assert_eq!(d.cause, Category::Migration);
+        assert_eq!(d.decision.action(), "unknown");
+        let d = diagnose(&evidence(&[("immich_server", log)], Some(false)));
+        assert_eq!(d.decision.action(), "rollback");
+    }
+
+    #[test]
+    fn a_lone_unreachable_database_is_fixed_forward_saying_its_cause_is_not_in_the_logs() {
+        let d = diagnose(&evidence(
+            &[(
+                "immich-server",
+                "Error: getaddrinfo ENOTFOUND database\n    at GetAddrInfoReqWrap.onlookupall [as oncomplete] (node:dns:122:26) {\n",
+            )],
+            None,
+        ));
+        assert_eq!(d.cause, Category::DatabaseUnreachable);
+        match &d.decision {
+            Decision::FixForward { why, hint, .. } => {
+                assert!(why.contains("no log read here says why"), "{why}");
+                assert!(hint.contains("its own log first"), "{hint}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
