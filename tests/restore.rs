@@ -6,7 +6,7 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
@@ -31,7 +31,17 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Every table of the public schema with its rows as text, sorted.
+/// Filler rows that make a dump (and its replay) big enough to be cut off half way.
+const FILLER_ROWS: u32 = 150_000;
+
+fn add_filler(stack: &Stack) {
+    stack.psql(&format!(
+        "CREATE TABLE filler AS SELECT i, repeat(md5(i::text), 8) AS pad FROM generate_series(1, {FILLER_ROWS}) i"
+    ));
+}
+
+/// Every table of the public schema with its rows as text, sorted (the filler table as its
+/// row count and a digest).
 fn db_rows(stack: &Stack) -> BTreeMap<String, Vec<String>> {
     let tables = stack.psql(
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'",
@@ -40,9 +50,12 @@ fn db_rows(stack: &Stack) -> BTreeMap<String, Vec<String>> {
         .split(',')
         .filter(|t| !t.is_empty())
         .map(|t| {
-            let rows = stack.psql(&format!(
-                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '') FROM public.\"{t}\" r"
-            ));
+            let what = if t == "filler" {
+                "count(*)::text || ' rows, md5 ' || md5(string_agg(r::text, E'\\n' ORDER BY r::text))"
+            } else {
+                "coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '')"
+            };
+            let rows = stack.psql(&format!("SELECT {what} FROM public.\"{t}\" r"));
             (
                 t.to_string(),
                 rows.lines().map(str::to_string).collect::<Vec<_>>(),
@@ -408,4 +421,258 @@ fn dry_run_prints_every_step_and_a_tampered_snapshot_is_refused_before_anything_
     let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
     assert!(text(&out).contains("is not sealed"), "{}", text(&out));
     untouched("not sealed");
+}
+
+fn killed(out: &Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(9)
+}
+
+#[test]
+fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_the_same_command() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    add_filler(&stack);
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    assert!(
+        before.meta.dump.sql_bytes > 30 << 20,
+        "{}",
+        before.meta.dump.sql_bytes
+    );
+    let deleted = upgrade_and_delete(&stack);
+    let added = added_since(&stack, &before);
+    let id = before.meta.id.as_str();
+
+    // Killed once the first chunk of the dump is in psql.
+    let out = cli_env(
+        &config,
+        &["restore", id, "--yes"],
+        &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "database-replay")],
+    );
+    assert!(killed(&out), "{}", text(&out));
+    let j = journal_of(dir.path());
+    assert_eq!(j.done, vec![Step::Preserve, Step::Stop]);
+    let pre = j.pre_restore.clone().expect("preserved before the kill");
+    // Nothing from before is lost: v2's database and files are in the pre-restore snapshot.
+    let pre_dir = dir.path().join("snapshots").join(&pre);
+    let pre_meta: Meta =
+        serde_json::from_slice(&std::fs::read(pre_dir.join("meta.json")).unwrap()).unwrap();
+    assert!(pre_meta.db.migrations.iter().any(|m| m == V2_MIGRATION));
+    for path in added.keys() {
+        assert!(pre_dir.join("storage").join(path).exists(), "{path}");
+    }
+    // status says so, and names the command that finishes it.
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = cli(&config, args);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains(&format!("immich-guard restore {id} --yes")),
+            "{args:?}: {said}"
+        );
+        assert!(said.contains("2 of 7 steps done, next: database"), "{said}");
+    }
+    let out = cli(&config, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["restore_incomplete"].as_str().is_some(),
+        "{status:#}"
+    );
+
+    // Killed again between the database and the storage: the database is the snapshot's,
+    // row for row (nothing runs that could write to it), the files are not back yet.
+    let out = cli_env(
+        &config,
+        &["restore", id, "--yes"],
+        &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "database")],
+    );
+    let said = text(&out);
+    assert!(killed(&out), "{said}");
+    assert!(
+        said.contains("continuing the interrupted restore"),
+        "{said}"
+    );
+    assert!(said.contains("1. preserve (done)"), "{said}");
+    let j = journal_of(dir.path());
+    assert_eq!(j.done, vec![Step::Preserve, Step::Stop, Step::Database]);
+    assert_eq!(db_rows(&stack), before.rows);
+    for path in deleted.keys() {
+        assert!(!stack.upload.join(path).exists(), "{path} is not back yet");
+    }
+
+    // The same command finishes it, without a second pre-restore snapshot.
+    let out = cli(&config, &["restore", id, "--yes"]);
+    let said = text(&out);
+    eprintln!("finished:\n{said}");
+    assert!(out.status.success(), "{said}");
+    let j = assert_restored(
+        &stack,
+        dir.path(),
+        &before.meta,
+        &before.rows,
+        &before.files,
+        &added,
+        &deleted,
+        &before.env,
+    );
+    assert_eq!(j.pre_restore.as_deref(), Some(pre.as_str()));
+    let pre_restores = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with("pre-restore")
+        })
+        .count();
+    assert_eq!(pre_restores, 1);
+    let out = cli(&config, &["status"]);
+    assert!(!text(&out).contains("RESTORE INCOMPLETE"), "{}", text(&out));
+}
+
+#[test]
+fn a_database_that_cannot_start_is_kept_as_files_and_replaced_by_a_working_one() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+
+    // PostgreSQL refuses a data dir that says it is of another major version.
+    docker_ok(&["stop", &stack.container_name("database")]);
+    std::fs::write(stack.db_data.join("PG_VERSION"), "99\n").unwrap();
+    let names_then: BTreeSet<String> = std::fs::read_dir(&stack.db_data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    docker_ok(&["start", &stack.container_name("database")]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        stack.try_psql("SELECT 1").is_err(),
+        "the database must not answer"
+    );
+
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("restore printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("cannot run"), "{said}");
+    stack
+        .wait_server_version(V1, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let j = journal_of(dir.path());
+    assert!(
+        matches!(&j.database, Some(journal::DbMode::FreshCluster { reason, kept: None }) if !reason.is_empty()),
+        "{:?}",
+        j.database
+    );
+    // The broken data dir, whole, in the pre-restore snapshot.
+    let pre = j.pre_restore.clone().unwrap();
+    let kept = dir
+        .path()
+        .join("snapshots")
+        .join(&pre)
+        .join("database-files");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("PG_VERSION")).unwrap(),
+        "99\n"
+    );
+    let names_kept: BTreeSet<String> = std::fs::read_dir(&kept)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names_kept, names_then);
+    // A working database with the snapshot's rows (and v1's one upload per boot).
+    assert_eq!(
+        std::fs::read_to_string(stack.db_data.join("PG_VERSION")).unwrap(),
+        "15\n"
+    );
+    let rows = db_rows(&stack);
+    assert_eq!(rows["users"], before.rows["users"]);
+    assert_eq!(rows["migrations"], before.rows["migrations"]);
+    assert!(
+        before.rows["assets"]
+            .iter()
+            .all(|r| rows["assets"].contains(r))
+    );
+    assert_eq!(rows["assets"].len(), before.rows["assets"].len() + 1);
+    let out = cli(&config, &["verify", "--against", &before.meta.id]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // That pre-restore snapshot holds no dump: it says so, and is not restored from.
+    let out = cli(&config, &["restore", &pre, "--dry-run"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("holds no database dump"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_database_that_wants_a_password_is_restored_without_it_on_a_command_line_or_in_a_log() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up_hardened(V1);
+    let password = stack.db_password.clone();
+    add_filler(&stack);
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    let deleted = upgrade_and_delete(&stack);
+    let added = added_since(&stack, &before);
+
+    // Every process's command line in the database container, sampled for as long as the
+    // restore runs.
+    let db = stack.container_name("database");
+    let sampler = "while [ ! -e /tmp/stop-sampling ]; do for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done; done > /tmp/cmdlines 2>/dev/null";
+    docker_ok(&["exec", "-d", &db, "sh", "-c", sampler]);
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    docker_ok(&["exec", &db, "touch", "/tmp/stop-sampling"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let cmdlines = docker_ok(&["exec", &db, "cat", "/tmp/cmdlines"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_restored(
+        &stack,
+        dir.path(),
+        &before.meta,
+        &before.rows,
+        &before.files,
+        &added,
+        &deleted,
+        &before.env,
+    );
+    assert!(
+        cmdlines.lines().any(|l| l.contains("psql")),
+        "the sampler never saw psql run"
+    );
+    let data = dir.path().join("data");
+    for (what, text) in [
+        ("the command lines in the database container", cmdlines),
+        ("the restore's output", said),
+        (
+            "the journal",
+            std::fs::read_to_string(journal::path(&data)).unwrap(),
+        ),
+        (
+            "the restore history",
+            std::fs::read_to_string(data.join(journal::HISTORY_FILE)).unwrap(),
+        ),
+        ("status", text(&cli(&config, &["status", "--json"]))),
+    ] {
+        assert!(!text.contains(&password), "the password is in {what}");
+    }
 }

@@ -26,6 +26,9 @@ const SEARCH_PATH_FIXED: &[u8] =
 /// Bytes per chunk handed to the exec's stdin.
 const CHUNK: usize = 256 << 10;
 const STDERR_KEPT: usize = 8192;
+/// `application_name` of the replay's sessions, so a replay cut off by a kill (whose psql
+/// goes on with what it had received) can be found and ended before the next one.
+const REPLAY_APP: &str = "immich-guard-restore";
 
 /// What the replay did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,8 +208,41 @@ pub async fn wait_ready(
     }
 }
 
-/// Drops the Immich database (terminating any session still in it, e.g. a replay cut off by
-/// a kill), so the dump's own `CREATE DATABASE` starts from nothing.
+/// Ends the sessions of an earlier replay (cut off by a kill, its psql still working through
+/// what it had received), waiting until none is left.
+pub async fn end_earlier_replays(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    access: &DbAccess,
+) -> Result<u64, RestoreError> {
+    let sql = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{REPLAY_APP}' AND pid <> pg_backend_pid()"
+    );
+    let mut ended = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: u64 = psql(docker, host, container, access, "postgres", &sql, false)
+            .await
+            .map_err(|detail| RestoreError::Sql {
+                container: container.to_string(),
+                what: "ending an earlier replay's sessions".into(),
+                detail,
+            })?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if n == 0 || Instant::now() > deadline {
+            return Ok(ended);
+        }
+        ended += n;
+        // psql may reconnect (`\connect`) before it sees the end of its input.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Drops the Immich database (terminating any session still in it), so the dump's own
+/// `CREATE DATABASE` starts from nothing.
 pub async fn drop_database(
     docker: &Docker,
     host: &str,
@@ -260,8 +296,10 @@ pub async fn replay(
     ]
     .map(String::from)
     .to_vec();
+    let mut env = exec_env(access).unwrap_or_default();
+    env.push(format!("PGAPPNAME={REPLAY_APP}"));
     let (id, output, mut input) =
-        crate::docker::exec_piped(docker, host, container, cmd, exec_env(access))
+        crate::docker::exec_piped(docker, host, container, cmd, Some(env))
             .await
             .map_err(|e| exec_err(e.to_string()))?;
 

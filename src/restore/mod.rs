@@ -686,6 +686,12 @@ pub async fn run(
             container: db_name.clone(),
             detail,
         })?;
+        let ended = database::end_earlier_replays(ctx.docker, ctx.host, &db_name, access).await?;
+        if ended > 0 {
+            progress(Progress::Note(format!(
+                "ended {ended} session(s) of the interrupted replay"
+            )));
+        }
         database::drop_database(ctx.docker, ctx.host, &db_name, access).await?;
         progress(Progress::Note(format!(
             "dropped database {}; replaying {} MB of SQL",
