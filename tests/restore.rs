@@ -484,6 +484,50 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
         "{status:#}"
     );
 
+    // A daemon started now runs, but does not protect (the restore's stops and starts are
+    // not crashes or upgrades), and says why; the restore refuses to run beside it.
+    {
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut daemon = std::process::Command::new(harness::guard::GUARD_BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join("run/guard.sock");
+        let start = std::time::Instant::now();
+        let status = loop {
+            let out = cli(&config, &["status", "--json"]);
+            if out.status.success() {
+                break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+            }
+            assert!(
+                start.elapsed() < LONG,
+                "no daemon on {socket:?}: {}",
+                text(&out)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let line = status["status_line"].as_str().unwrap().to_string();
+        assert!(line.starts_with("NOT PROTECTING: restore of"), "{line}");
+        assert!(
+            line.contains(&format!("immich-guard restore {id} --yes")),
+            "{line}"
+        );
+        let out = cli(&config, &["restore", id, "--yes"]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("stop it first"), "{}", text(&out));
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+        assert!(log.contains("not protecting: restore of"), "{log}");
+        assert!(!log.contains("freez"), "{log}");
+    }
+
     // Killed again between the database and the storage: the database is the snapshot's,
     // row for row (nothing runs that could write to it), the files are not back yet.
     let out = cli_env(
@@ -572,7 +616,8 @@ fn a_database_that_cannot_start_is_kept_as_files_and_replaced_by_a_working_one()
 
     let j = journal_of(dir.path());
     assert!(
-        matches!(&j.database, Some(journal::DbMode::FreshCluster { reason, kept: None }) if !reason.is_empty()),
+        matches!(&j.database, Some(journal::DbMode::FreshCluster { reason, kept: None })
+            if reason.contains("database files are incompatible with server")),
         "{:?}",
         j.database
     );

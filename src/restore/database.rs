@@ -181,6 +181,26 @@ pub async fn psql(
     }
 }
 
+/// The last `lines` lines of the container's log (stdout and stderr), joined by " | ": what
+/// PostgreSQL said when it refused to start.
+pub async fn log_tail(docker: &Docker, container: &str, lines: usize) -> String {
+    let options = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail(&lines.to_string())
+        .build();
+    let mut stream = docker.logs(container, Some(options));
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+    }
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Waits until the database in `container` answers a query, or says why it does not.
 pub async fn wait_ready(
     docker: &Docker,

@@ -551,7 +551,11 @@ pub async fn run(
         };
         let mode = match ready {
             Ok(()) => DbMode::Replay,
-            Err(reason) => {
+            Err(last) => {
+                let reason = match database::log_tail(ctx.docker, &db_name, 3).await {
+                    tail if tail.is_empty() => last,
+                    tail => format!("{last}; its log ends: {tail}"),
+                };
                 progress(Progress::Note(format!(
                     "{db_name} cannot run: {reason}; stopping it"
                 )));
