@@ -119,17 +119,15 @@ fn upgrade_and_delete(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
 /// exactly the one asset the v1 stand-in uploads on each boot), the deleted originals are back
 /// with their bytes, the files added after the snapshot are in the pre-restore snapshot and
 /// gone from the library, `.env` pins v1 with every other line kept, v1 answers.
-#[allow(clippy::too_many_arguments)]
 fn assert_restored(
     stack: &Stack,
     dir: &Path,
-    meta: &Meta,
-    rows_then: &BTreeMap<String, Vec<String>>,
-    files_then: &BTreeMap<String, Vec<u8>>,
+    before: &Before,
     added: &BTreeMap<String, Vec<u8>>,
     deleted: &BTreeMap<String, Vec<u8>>,
-    env_then: &str,
 ) -> Journal {
+    let (meta, rows_then, files_then, env_then) =
+        (&before.meta, &before.rows, &before.files, &before.env);
     stack
         .wait_server_version(V1, LONG)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -261,16 +259,7 @@ fn restore_brings_back_database_files_and_version_across_a_migrating_upgrade() {
     ] {
         assert!(said.contains(needle), "{needle:?} in:\n{said}");
     }
-    let j = assert_restored(
-        &stack,
-        dir.path(),
-        &before.meta,
-        &before.rows,
-        &before.files,
-        &added,
-        &deleted,
-        &before.env,
-    );
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
     assert_eq!(j.database, Some(journal::DbMode::Replay));
     assert_eq!(j.done, Step::ALL.to_vec());
     assert!(!j.no_preserve);
@@ -554,16 +543,7 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
     let said = text(&out);
     eprintln!("finished:\n{said}");
     assert!(out.status.success(), "{said}");
-    let j = assert_restored(
-        &stack,
-        dir.path(),
-        &before.meta,
-        &before.rows,
-        &before.files,
-        &added,
-        &deleted,
-        &before.env,
-    );
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
     assert_eq!(j.pre_restore.as_deref(), Some(pre.as_str()));
     let pre_restores = std::fs::read_dir(dir.path().join("snapshots"))
         .unwrap()
@@ -690,16 +670,7 @@ fn a_database_that_wants_a_password_is_restored_without_it_on_a_command_line_or_
     let cmdlines = docker_ok(&["exec", &db, "cat", "/tmp/cmdlines"]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert_restored(
-        &stack,
-        dir.path(),
-        &before.meta,
-        &before.rows,
-        &before.files,
-        &added,
-        &deleted,
-        &before.env,
-    );
+    assert_restored(&stack, dir.path(), &before, &added, &deleted);
     assert!(
         cmdlines.lines().any(|l| l.contains("psql")),
         "the sampler never saw psql run"
