@@ -175,7 +175,9 @@ impl Decision {
         match self {
             Decision::Restore {
                 snapshot, version, ..
-            } => format!("restore snapshot {snapshot} (database and storage) and pin {version}."),
+            } => format!(
+                "restore snapshot {snapshot} (database and storage) and pin {version}: `immich-guard restore {snapshot}` with the daemon stopped."
+            ),
             Decision::Rollback { version, .. } => {
                 format!("roll back by pinning {version}; no migration was applied.")
             }

@@ -96,17 +96,15 @@ fn journal_of(dir: &Path) -> Journal {
 /// Upgrades to v2 (which migrates and uploads one asset on its boot), then deletes two of
 /// the snapshot's originals with their rows, as a user deleting photos on v2 would. Returns
 /// the deleted originals.
-fn upgrade_and_delete(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
+fn upgrade_and_delete(stack: &Stack, before: &Before) -> BTreeMap<String, Vec<u8>> {
     stack.set_env("IMMICH_VERSION", V2);
     stack.compose(&["up", "-d"]);
     stack
         .wait_server_version(V2, LONG)
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(stack.applied_migrations().iter().any(|m| m == V2_MIGRATION));
-    let deleted: BTreeMap<_, _> = originals(&files(&stack.upload))
-        .into_iter()
-        .take(2)
-        .collect();
+    // Two of the snapshot's originals (not v2's own upload).
+    let deleted: BTreeMap<_, _> = originals(&before.files).into_iter().take(2).collect();
     for path in deleted.keys() {
         std::fs::remove_file(stack.upload.join(path)).unwrap();
         let id = Path::new(path).file_stem().unwrap().to_string_lossy();
@@ -237,7 +235,7 @@ fn restore_brings_back_database_files_and_version_across_a_migrating_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let config = cli_config(&stack, dir.path());
     let before = snapshot_v1(&stack, dir.path());
-    let deleted = upgrade_and_delete(&stack);
+    let deleted = upgrade_and_delete(&stack, &before);
     let added = added_since(&stack, &before);
     assert!(
         added.keys().any(|p| p.starts_with("upload/")),
@@ -433,7 +431,7 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
         "{}",
         before.meta.dump.sql_bytes
     );
-    let deleted = upgrade_and_delete(&stack);
+    let deleted = upgrade_and_delete(&stack, &before);
     let added = added_since(&stack, &before);
     let id = before.meta.id.as_str();
 
@@ -656,7 +654,7 @@ fn a_database_that_wants_a_password_is_restored_without_it_on_a_command_line_or_
     let dir = tempfile::tempdir().unwrap();
     let config = cli_config(&stack, dir.path());
     let before = snapshot_v1(&stack, dir.path());
-    let deleted = upgrade_and_delete(&stack);
+    let deleted = upgrade_and_delete(&stack, &before);
     let added = added_since(&stack, &before);
 
     // Every process's command line in the database container, sampled for as long as the
@@ -691,4 +689,65 @@ fn a_database_that_wants_a_password_is_restored_without_it_on_a_command_line_or_
     ] {
         assert!(!text.contains(&password), "the password is in {what}");
     }
+}
+
+#[test]
+fn a_btrfs_snapshot_goes_back_as_the_subvolume_and_the_live_one_is_kept() {
+    if !docker_available() {
+        return;
+    }
+    let Some(fs) = harness::loopfs::LoopFs::btrfs() else {
+        return;
+    };
+    ensure_images(&[V1, V2]);
+    let library = fs.mnt.join("library");
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(&library)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut stack = Stack::create(StackSpec::new(V1));
+    stack.set_env("UPLOAD_LOCATION", &library.display().to_string());
+    stack.upload = library.clone();
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_ready(stack.spec.ready_timeout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir_in(&fs.mnt).unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    assert_eq!(
+        before.meta.storage.method,
+        immich_guard::snapshot::storage::StorageMethod::Btrfs
+    );
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("btrfs restore printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the snapshot's subvolume is in place; the replaced one is kept as"),
+        "{said}"
+    );
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert!(immich_guard::snapshot::storage::is_btrfs_subvolume(
+        &library
+    ));
+    // The replaced subvolume is kept whole: v2's upload is in it, and so is what was deleted
+    // from the library after the restore (nothing, here) — it is the library as it was.
+    let [kept] = j.kept.as_slice() else {
+        panic!("one kept subvolume: {:?}", j.kept)
+    };
+    assert!(immich_guard::snapshot::storage::is_btrfs_subvolume(kept));
+    for (path, bytes) in &added {
+        assert_eq!(
+            std::fs::read(kept.join(path)).ok().as_ref(),
+            Some(bytes),
+            "{path}"
+        );
+    }
+    stack.compose(&["down", "-t", "1"]);
 }
