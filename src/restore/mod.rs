@@ -898,3 +898,31 @@ fn aside_name(dir: &Path) -> PathBuf {
         chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon will run the engine in a task of its own: its future must be `Send`.
+    #[allow(dead_code)]
+    fn run_can_be_spawned(ctx: &Ctx<'_>, plan: &Plan, progress: &mut (dyn FnMut(Progress) + Send)) {
+        fn send<T: Send>(_: T) {}
+        send(run(ctx, plan, progress));
+    }
+
+    #[test]
+    fn a_missing_or_unsealed_snapshot_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_snapshot(dir.path(), "nope").unwrap_err();
+        assert!(matches!(e, RestoreError::NotFound { .. }), "{e}");
+        std::fs::create_dir(dir.path().join(".partial-half")).unwrap();
+        let e = check_snapshot(dir.path(), "half").unwrap_err();
+        assert!(e.to_string().contains("is not sealed"), "{e}");
+        std::fs::create_dir(dir.path().join("nometa")).unwrap();
+        let e = check_snapshot(dir.path(), "nometa").unwrap_err();
+        assert!(e.to_string().contains("meta.json"), "{e}");
+        for bad in ["", "../x", ".partial-half"] {
+            assert!(check_snapshot(dir.path(), bad).is_err(), "{bad:?}");
+        }
+    }
+}
