@@ -24,7 +24,7 @@ const SEARCH_PATH_DUMPED: &[u8] = b"SELECT pg_catalog.set_config('search_path', 
 const SEARCH_PATH_FIXED: &[u8] =
     b"SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', true);";
 /// Bytes per chunk handed to the exec's stdin.
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 1 << 20;
 const STDERR_KEPT: usize = 8192;
 /// `application_name` of the replay's sessions, so a replay cut off by a kill (whose psql
 /// goes on with what it had received) can be found and ended before the next one.
