@@ -6,6 +6,7 @@
 //! of loops (default 20).
 
 #[path = "common.rs"]
+#[allow(dead_code)] // the ours-vs-baseline table is for the snapshot and restore benches
 mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;

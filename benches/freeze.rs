@@ -4,6 +4,7 @@
 //! IMMICH_GUARD_BENCH_STARTS sets the number of starts (default 50).
 
 #[path = "common.rs"]
+#[allow(dead_code)] // the ours-vs-baseline table is for the snapshot and restore benches
 mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;

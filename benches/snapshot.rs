@@ -12,49 +12,16 @@
 #[path = "common.rs"]
 #[allow(dead_code)] // the latency table is for the latency benches
 mod common;
+
+use common::{alternate, make_library, median, row, sh};
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{Stack, StackSpec};
 use immich_guard::snapshot::db;
 use immich_guard::snapshot::storage::{Options, Plan, StorageMethod, snapshot_tree};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn row(name: &str, ours: Duration, theirs: Duration, baseline: &str, target: f64) {
-    let ratio = ours.as_secs_f64() / theirs.as_secs_f64();
-    println!(
-        "| {name:<34} | {:>9.3} s | {:>9.3} s | {baseline:<36} | {ratio:>5.2} | {} {target:.2} |",
-        ours.as_secs_f64(),
-        theirs.as_secs_f64(),
-        if ratio <= target { "≤" } else { ">" },
-    );
-}
-
-/// Alternates which side runs first, so neither always gets the warmer cache.
-fn alternate(run: u64, ours: &mut dyn FnMut(), theirs: &mut dyn FnMut()) {
-    if run.is_multiple_of(2) {
-        ours();
-        theirs();
-    } else {
-        theirs();
-        ours();
-    }
-}
-
-fn sh(script: &str) -> Duration {
-    let start = Instant::now();
-    let status = Command::new("sh").arg("-c").arg(script).status().unwrap();
-    assert!(status.success(), "{script}");
-    start.elapsed()
-}
 
 fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
     let stack = Stack::up(StackSpec::default());
@@ -98,33 +65,6 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
         std::fs::remove_file(&theirs_file).ok();
     }
     (median(ours), median(theirs), size)
-}
-
-/// An Immich-shaped upload location: originals in library/<user>/<year>/<month>, uploads in
-/// upload/<user>/<aa>/<bb>, one thumbnail per upload.
-fn make_library(root: &Path, files: u64) {
-    let originals = files / 4;
-    let uploads = (files - originals) / 2;
-    let thumbs = files - originals - uploads;
-    for i in 0..originals {
-        let dir = root.join(format!(
-            "library/admin/{}/{:02}",
-            2010 + i % 15,
-            1 + (i / 15) % 12
-        ));
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(dir.join(format!("IMG_{i:06}.jpg")), i.to_le_bytes()).unwrap();
-    }
-    for (kind, n, suffix) in [
-        ("upload", uploads, ".jpg"),
-        ("thumbs", thumbs, "-thumbnail.webp"),
-    ] {
-        for i in 0..n {
-            let dir = root.join(format!("{kind}/u1/{:02x}/{:02x}", i % 256, (i / 256) % 256));
-            std::fs::create_dir_all(&dir).ok();
-            std::fs::write(dir.join(format!("{i:08x}{suffix}")), i.to_le_bytes()).unwrap();
-        }
-    }
 }
 
 fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
@@ -181,18 +121,7 @@ fn main() {
         "median of {runs} runs each, alternating; {} cores",
         common::cores()
     );
-    println!(
-        "| {:<34} | {:>11} | {:>11} | {:<36} | {:>5} | target |",
-        "what", "ours", "baseline", "baseline command", "ratio"
-    );
-    println!(
-        "|{}|{}|{}|{}|{}|--------|",
-        "-".repeat(36),
-        "-".repeat(13),
-        "-".repeat(13),
-        "-".repeat(38),
-        "-".repeat(7)
-    );
+    common::table_header();
     if let Some((ours, theirs, db_size)) = dump {
         row(
             &format!("DB dump, {} MB database", db_size >> 20),

@@ -80,13 +80,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
     let queue = SnapshotQueue::start(config.clone(), docker_rx.clone(), state.clone());
-    let guard = Guard::start(
-        config.clone(),
-        state.clone(),
-        docker_rx,
-        queue.clone(),
-        crate::notification::Notifier::new(&config.notify),
-    );
+    // A restore left unfinished: its stops and starts must not be judged as crashes or
+    // upgrades, and its half-restored state must not become a snapshot. The daemon runs and
+    // says so in its status until the restore is finished (README.md, "How to recover").
+    let restore = crate::restore::journal::incomplete(&config.daemon.data_dir);
+    let guard = match &restore {
+        Some(text) => {
+            tracing::warn!("not protecting: {text}");
+            state.send_modify(|s| s.restore_incomplete = Some(text.clone()));
+            GuardHandle::inert()
+        }
+        None => Guard::start(
+            config.clone(),
+            state.clone(),
+            docker_rx,
+            queue.clone(),
+            crate::notification::Notifier::new(&config.notify),
+        ),
+    };
 
     let control = ControlServer::bind(&config.control)?;
     tracing::info!(socket = %control.path().display(), "control socket listening");

@@ -130,11 +130,42 @@ pub async fn exec_attached(
     env: Option<Vec<String>>,
     output_capacity: Option<usize>,
 ) -> Result<(String, ExecOutput), DockerError> {
+    let (id, output, _) =
+        start_exec(docker, host, container, cmd, env, output_capacity, false).await?;
+    Ok((id, output))
+}
+
+/// The stdin of an exec started by [`exec_piped`].
+pub type ExecInput = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
+/// [`exec_attached`] with the exec's stdin attached too: what `docker exec -i` does. The
+/// caller writes the input (a program that must see the end of it should be told in-band,
+/// e.g. psql's `\q`: not every engine passes a half-close on to the process).
+pub async fn exec_piped(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    cmd: Vec<String>,
+    env: Option<Vec<String>>,
+) -> Result<(String, ExecOutput, ExecInput), DockerError> {
+    start_exec(docker, host, container, cmd, env, Some(1 << 16), true).await
+}
+
+async fn start_exec(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    cmd: Vec<String>,
+    env: Option<Vec<String>>,
+    output_capacity: Option<usize>,
+    stdin: bool,
+) -> Result<(String, ExecOutput, ExecInput), DockerError> {
     use bollard::exec::{StartExecOptions, StartExecResults};
     let exec = docker
         .create_exec(
             container,
             bollard::models::ExecConfig {
+                attach_stdin: Some(stdin),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 cmd: Some(cmd),
@@ -156,7 +187,7 @@ pub async fn exec_attached(
         .await
         .map_err(|e| classify(host, e))?;
     match started {
-        StartExecResults::Attached { output, .. } => Ok((exec.id, output)),
+        StartExecResults::Attached { output, input } => Ok((exec.id, output, input)),
         StartExecResults::Detached => Err(DockerError::Api("exec started detached".into())),
     }
 }

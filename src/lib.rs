@@ -23,6 +23,7 @@ pub mod private;
 pub mod protect;
 pub mod redact;
 pub mod render;
+pub mod restore;
 pub mod snapshot;
 pub mod status;
 pub mod systemd;

@@ -129,6 +129,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring the stack back to a sealed snapshot: keep the current state (a pre-restore
+    /// snapshot), stop the stack, restore database and storage, pin the snapshot's version,
+    /// start, verify. Resumable: after an interruption, run the same command again. Runs
+    /// here, with the daemon stopped.
+    Restore {
+        snapshot: String,
+        /// Print every step; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Do not keep the current state first (needs --yes; recorded).
+        #[arg(long)]
+        no_preserve: bool,
+    },
     /// Check the config file as `run` would (also the paths, the socket's group and the
     /// Docker host on this machine) and print the effective settings.
     CheckConfig,
@@ -231,6 +247,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             services,
             json,
         } => diagnose_cmd(input, logs, services, json),
+        Command::Restore {
+            snapshot,
+            dry_run,
+            yes,
+            no_preserve,
+        } => runtime.block_on(restore_cmd(&config, &snapshot, dry_run, yes, no_preserve)),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -294,14 +316,44 @@ fn expect<T>(response: Response, pick: impl FnOnce(Response) -> Option<T>) -> an
 }
 
 async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let response = client::request(&config.control.socket, &Request::Status {}).await?;
+    // An unfinished restore is said whether or not the daemon runs (it does not protect
+    // while one is unfinished, and may not run at all).
+    let restore = immich_guard::restore::journal::incomplete(&config.daemon.data_dir);
+    let response = match client::request(&config.control.socket, &Request::Status {}).await {
+        Ok(r) => r,
+        Err(e @ (ClientError::NotRunning { .. } | ClientError::Refused { .. }))
+            if restore.is_some() =>
+        {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "daemon": format!("not running: {e}"),
+                        "restore_incomplete": restore,
+                    }))?
+                );
+            } else {
+                println!("RESTORE INCOMPLETE: {}", restore.unwrap_or_default());
+                println!("daemon: not running ({e})");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let report = expect(response, |r| match r {
         Response::Status(report) => Some(report),
         _ => None,
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        if let (Some(text), Some(obj)) = (&restore, value.as_object_mut()) {
+            obj.insert("restore_incomplete".into(), text.clone().into());
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
+        if let Some(text) = &restore {
+            println!("RESTORE INCOMPLETE: {text}");
+        }
         print!("{}", render::status(&report));
     }
     Ok(ExitCode::SUCCESS)
@@ -314,18 +366,8 @@ async fn snapshot_cmd(
 ) -> anyhow::Result<ExitCode> {
     // A bar over the snapshot's steps for a person at a terminal; plain lines for logs and
     // scripts.
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(immich_guard::snapshot::STEPS);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] [{bar:24}] {pos}/{len} {wide_msg}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        bar
-    });
+    let bar = (!json && std::io::stderr().is_terminal())
+        .then(|| render::step_bar(immich_guard::snapshot::STEPS));
     let request = Request::Snapshot { label };
     let response =
         client::request_with_progress(&config.control.socket, &request, |line| match &bar {
@@ -708,4 +750,149 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `restore`: refuses while a daemon runs (it would take the restore's own stops for a
+/// crash and its starts for an upgrade), takes the daemon's data-dir lock so none can start
+/// meanwhile, checks the snapshot, prints every step, confirms, runs the engine with a bar
+/// (a terminal) or plain lines, prints the verify checklist.
+async fn restore_cmd(
+    config: &Config,
+    id: &str,
+    dry_run: bool,
+    yes: bool,
+    no_preserve: bool,
+) -> anyhow::Result<ExitCode> {
+    use immich_guard::restore::{self, Progress};
+    if no_preserve && !yes && !dry_run {
+        bail!(
+            "--no-preserve needs --yes: without a pre-restore snapshot the current database and files are not kept"
+        );
+    }
+    let stop_daemon = |how: String| {
+        anyhow::anyhow!(
+            "the immich-guard daemon is running ({how}); stop it first (`systemctl stop immich-guard`), run the restore, then start it again: a restore through the running daemon is not built yet"
+        )
+    };
+    if client::request(&config.control.socket, &Request::Status {})
+        .await
+        .is_ok()
+    {
+        return Err(stop_daemon(format!(
+            "it answers on {}",
+            config.control.socket.display()
+        )));
+    }
+    // Held for the whole restore: a daemon started meanwhile refuses to run.
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(immich_guard::lock::acquire(config).map_err(|e| match e {
+            immich_guard::lock::LockError::Held { .. } => stop_daemon(e.to_string()),
+            other => other.into(),
+        })?)
+    };
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let docker = docker::connect(&host).await?;
+    let stack = discover::discover(&docker, &host, config).await?;
+    let ctx = restore::Ctx {
+        docker: &docker,
+        host: &host,
+        config,
+        stack: &stack,
+    };
+    let plan = restore::plan(&ctx, id, restore::Options { no_preserve }).await?;
+    for line in plan.lines(&stack) {
+        println!("{line}");
+    }
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("no terminal to confirm on; run again with --yes to restore");
+        }
+        eprint!("restore {} to {}? [y/N] ", stack.project, plan.meta.id);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("not restored; nothing changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| render::step_bar(immich_guard::restore::journal::Step::ALL.len() as u64));
+    let mut progress = |p: Progress| match (&bar, p) {
+        (Some(bar), Progress::Step { n, msg, .. }) => {
+            bar.set_position(n as u64 - 1);
+            bar.set_message(msg.clone());
+            bar.println(format!("[{n}/{}] {msg}", bar.length().unwrap_or(0)));
+        }
+        (Some(bar), Progress::Note(line)) => bar.println(format!("      {line}")),
+        (None, Progress::Step { n, of, msg }) => println!("[{n}/{of}] {msg}"),
+        (None, Progress::Note(line)) => println!("      {line}"),
+    };
+    let result = restore::run(&ctx, &plan, &mut progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let journal = restore::journal::load(&config.daemon.data_dir)
+                .ok()
+                .flatten()
+                .filter(|j| !j.is_complete());
+            match journal {
+                Some(j) => {
+                    let done: Vec<&str> = j.done.iter().map(|s| s.name()).collect();
+                    bail!(
+                        "{e}\nthe restore is not finished (done: {}); once the cause is fixed, `{}` continues it",
+                        if done.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            done.join(", ")
+                        },
+                        j.finish_command()
+                    )
+                }
+                None => bail!("{e}"),
+            }
+        }
+    };
+    print!("{}", render::verify(&outcome.verify));
+    println!(
+        "restored {} to {}{}{}",
+        stack.project,
+        outcome.snapshot,
+        outcome
+            .pre_restore
+            .as_deref()
+            .map(|p| format!("; the state before is kept as snapshot {p}"))
+            .unwrap_or_else(|| "; the state before was NOT kept (--no-preserve)".into()),
+        if outcome.kept.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; set aside: {}",
+                outcome
+                    .kept
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    Ok(if outcome.verify.passed() {
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "verify failed after the restore: the lines above say what; the journal is {}",
+            outcome.journal.display()
+        );
+        ExitCode::FAILURE
+    })
 }

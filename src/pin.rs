@@ -815,18 +815,8 @@ pub fn record(data_dir: &Path, record: &PinRecord) -> Result<PathBuf, PinError> 
             source,
         }
     };
-    let mut line = serde_json::to_vec(record).expect("pin record serializes");
-    line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(fail("opening it"))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(fail("making it owner-only"))?;
-    f.write_all(&line).map_err(fail("appending"))?;
-    f.sync_all().map_err(fail("syncing it"))?;
+    let line = serde_json::to_vec(record).expect("pin record serializes");
+    crate::snapshot::store::append_line_synced(&path, &line).map_err(fail("appending"))?;
     Ok(path)
 }
 

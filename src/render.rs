@@ -6,6 +6,20 @@ use std::fmt::Write;
 use crate::discover::{Service, Stack};
 use crate::status::StatusReport;
 
+/// A bar over the steps of a snapshot or a restore, for a person at a terminal (stderr).
+pub fn step_bar(steps: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:24}] {pos}/{len} {wide_msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 pub fn stack(s: &Stack) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Immich stack: {}", s.project);

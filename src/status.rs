@@ -25,6 +25,10 @@ pub struct DaemonState {
     pub last_snapshot_error: Option<String>,
     #[serde(default)]
     pub protection: Protection,
+    /// A restore that has not finished (its journal in the data dir): the daemon does not
+    /// protect until it is finished, and says how to finish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_incomplete: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +78,7 @@ impl DaemonState {
             last_snapshot: None,
             last_snapshot_error: None,
             protection: Protection::default(),
+            restore_incomplete: None,
         }
     }
 
@@ -87,6 +92,9 @@ impl DaemonState {
 
     /// The status line an admin sees in `systemctl status`.
     pub fn status_line(&self) -> String {
+        if let Some(restore) = &self.restore_incomplete {
+            return format!("NOT PROTECTING: {restore}");
+        }
         if !self.docker.reachable {
             return match &self.docker.error {
                 Some(e) => format!("waiting for Docker: {e}"),

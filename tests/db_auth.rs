@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use harness::guard::Guard;
-use harness::{Stack, StackSpec, docker_available, ensure_images};
+use harness::{Stack, docker_available};
 use immich_guard::snapshot::store::Meta;
 
-const HARDENED: &str = "--data-checksums --auth-local=scram-sha-256 --auth-host=scram-sha-256";
 /// Rows of filler: enough that pg_dumpall runs long enough to be seen in the process list.
 const FILLER_ROWS: u32 = 150_000;
 
@@ -42,29 +41,12 @@ fn local_psql(stack: &Stack, password: Option<&str>, sql: &str) -> Output {
         .expect("run docker exec psql")
 }
 
-fn hardened_stack() -> Stack {
-    ensure_images(&["v1.119.0"]);
-    let stack = Stack::create(StackSpec::new("v1.119.0"));
-    let yaml = std::fs::read_to_string(&stack.compose_file).unwrap();
-    let hardened = yaml.replace(
-        "POSTGRES_INITDB_ARGS: '--data-checksums'",
-        &format!("POSTGRES_INITDB_ARGS: '{HARDENED}'"),
-    );
-    assert_ne!(yaml, hardened, "the harness compose file changed shape");
-    std::fs::write(&stack.compose_file, hardened).unwrap();
-    stack.compose(&["up", "-d"]);
-    stack
-        .wait_server_ready(stack.spec.ready_timeout)
-        .unwrap_or_else(|e| panic!("{e}"));
-    stack
-}
-
 #[test]
 fn snapshot_of_a_database_that_wants_a_password_on_its_socket() {
     if !docker_available() {
         return;
     }
-    let stack = hardened_stack();
+    let stack = Stack::up_hardened("v1.119.0");
     let password = stack.db_password.clone();
     let db = stack.container_name("database");
 

@@ -6,11 +6,10 @@
 mod harness;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use harness::compose::docker_ok;
+use harness::compose::{assert_env_pins, docker_ok};
 use harness::guard::Guard;
 use harness::images::{ml_repo, server_repo};
 use harness::{Stack, StackSpec, docker_available, ensure_images};
@@ -43,23 +42,6 @@ fn wait_pre_update(guard: &Guard, to: &str) -> Meta {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// `.env` as the harness wrote it, the `IMMICH_VERSION` line excepted, and that line.
-fn assert_env_pins(env: &Path, original: &str, version: &str) {
-    let now = std::fs::read_to_string(env).unwrap();
-    assert!(now.ends_with('\n'), "{now:?}");
-    let (a, b): (Vec<&str>, Vec<&str>) = (original.lines().collect(), now.lines().collect());
-    assert_eq!(a.len(), b.len(), "line count changed:\n{now}");
-    for (n, (was, is)) in a.iter().zip(&b).enumerate() {
-        if was.starts_with("IMMICH_VERSION=") {
-            assert_eq!(*is, format!("IMMICH_VERSION={version}"), "line {}", n + 1);
-        } else {
-            assert_eq!(was, is, "line {} changed", n + 1);
-        }
-    }
-    // Comments are among the lines kept: say so explicitly.
-    assert!(now.contains("# The Immich version to use. You can pin this"));
 }
 
 fn text(out: &Output) -> String {

@@ -10,48 +10,15 @@ use std::time::Duration;
 
 use harness::compose::docker_ok;
 use harness::{Stack, StackSpec, docker_available};
-use immich_guard::config::Config;
 use immich_guard::snapshot;
 use immich_guard::verify::{Outcome, Report};
 
-const HOST: &str = "unix:///var/run/docker.sock";
-
-/// A config for the CLI: the stack by project, snapshots in `dir`, a socket no daemon serves.
 fn write_config(stack: &Stack, dir: &Path) -> PathBuf {
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[daemon]\ndata_dir = {:?}\n\n[control]\nsocket = {:?}\n",
-            stack.project,
-            dir.join("snapshots").display().to_string(),
-            dir.join("data").display().to_string(),
-            dir.join("run/guard.sock").display().to_string(),
-        ),
-    )
-    .unwrap();
-    path
+    harness::guard::cli_config(stack, dir)
 }
 
-/// Takes a manual snapshot of the stack as the daemon would, through the library.
 fn snapshot_of(stack: &Stack, dir: &Path) -> snapshot::store::Meta {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let docker = bollard::Docker::connect_with_local_defaults().unwrap();
-        let mut config = Config::default();
-        config.stack.project = Some(stack.project.clone());
-        config.snapshots.dir = Some(dir.join("snapshots"));
-        let found = immich_guard::discover::discover(&docker, HOST, &config)
-            .await
-            .unwrap();
-        let request = snapshot::Request {
-            trigger: "manual".into(),
-            ..Default::default()
-        };
-        snapshot::take(&docker, HOST, &found, &config, &request, &|_| {})
-            .await
-            .unwrap()
-    })
+    harness::guard::snapshot_of(stack, dir)
 }
 
 /// Runs `verify --json` with `args`; the exit code and the report.

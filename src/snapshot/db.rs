@@ -222,10 +222,38 @@ pub async fn ensure_running(docker: &Docker, host: &str, container: &str) -> Res
 }
 
 /// Counts and hashes what reaches the file, so the checksum is of the bytes on disk.
-struct Hashing<W> {
+pub(crate) struct Hashing<W> {
     inner: W,
     hasher: Sha256,
     bytes: u64,
+}
+
+impl<W> Hashing<W> {
+    pub(crate) fn new(inner: W) -> Hashing<W> {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The writer, the bytes written and their SHA-256 (hex).
+    pub(crate) fn finish(self) -> (W, u64, String) {
+        (
+            self.inner,
+            self.bytes,
+            format!("{:x}", self.hasher.finalize()),
+        )
+    }
+}
+
+/// SHA-256 (hex) and length of a file's bytes, read in large chunks.
+pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hashing = Hashing::new(std::io::sink());
+    std::io::copy(&mut file, &mut hashing)?;
+    let (_, bytes, sha) = hashing.finish();
+    Ok((sha, bytes))
 }
 
 impl<W: Write> Write for Hashing<W> {
@@ -246,11 +274,7 @@ fn write_compressed(
     path: &Path,
 ) -> std::io::Result<(u64, u64, String)> {
     let file = crate::private::create_file(path)?;
-    let hashing = Hashing {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
+    let hashing = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let mut encoder = zstd::stream::Encoder::new(hashing, ZSTD_LEVEL)?;
     let mut sql_bytes = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
@@ -259,13 +283,10 @@ fn write_compressed(
     }
     let mut hashing = encoder.finish()?;
     hashing.flush()?;
-    let file = hashing.inner.into_inner().map_err(|e| e.into_error())?;
+    let (writer, bytes, sha256) = hashing.finish();
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok((
-        sql_bytes,
-        hashing.bytes,
-        format!("{:x}", hashing.hasher.finalize()),
-    ))
+    Ok((sql_bytes, bytes, sha256))
 }
 
 /// What the database says about itself, recorded in the snapshot's meta.

@@ -141,26 +141,7 @@ pub async fn take(
         dump.duration_ms as f64 / 1000.0,
         plan.method
     ));
-    let tree = {
-        let (upload, dir) = (upload.clone(), partial.path().to_path_buf());
-        let options = storage::Options {
-            exclude: config.snapshots.exclude.clone(),
-            skip_unreadable: config.snapshots.skip_unreadable,
-            id: id.clone(),
-        };
-        tokio::task::spawn_blocking(move || {
-            storage::snapshot_tree(
-                &upload,
-                &dir,
-                STORAGE_DIR,
-                &dir.join(MANIFEST_FILE),
-                &plan,
-                &options,
-            )
-        })
-        .await
-        .expect("storage snapshot thread")?
-    };
+    let tree = storage_tree(&upload, partial.path(), plan, config, &id).await?;
 
     progress(format!(
         "storage: {} files, {} MB in {:.1} s by {}{}",
@@ -174,30 +155,7 @@ pub async fn take(
             format!("; {} unreadable entries skipped", tree.skipped.len())
         }
     ));
-    let config_dir = partial.path().join(CONFIG_DIR);
-    let mut config_files = Vec::new();
-    let mut config_bytes = 0;
-    crate::private::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
-        path: config_dir.clone(),
-        source,
-    })?;
-    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
-        let Some(name) = path.file_name() else {
-            continue;
-        };
-        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Config {
-            path: path.clone(),
-            source,
-        })?;
-        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
-            SnapshotError::Config {
-                path: config_dir.join(name),
-                source,
-            }
-        })?;
-        config_bytes += bytes.len() as u64;
-        config_files.push(name.to_string_lossy().into_owned());
-    }
+    let (config_files, config_bytes) = copy_config(stack, partial.path())?;
 
     let copied = if tree.method.copies_data() {
         tree.bytes
@@ -244,6 +202,68 @@ pub async fn take(
         progress(format!("retention removed {}", removed.join(", ")));
     }
     Ok(meta)
+}
+
+/// The storage half of a snapshot into `snap_dir` (`storage/` and the manifest), on a
+/// blocking thread.
+pub async fn storage_tree(
+    upload: &std::path::Path,
+    snap_dir: &std::path::Path,
+    plan: storage::Plan,
+    config: &Config,
+    id: &str,
+) -> Result<storage::StorageTree, storage::StorageError> {
+    let (upload, dir) = (upload.to_path_buf(), snap_dir.to_path_buf());
+    let options = storage::Options {
+        exclude: config.snapshots.exclude.clone(),
+        skip_unreadable: config.snapshots.skip_unreadable,
+        id: id.to_string(),
+    };
+    tokio::task::spawn_blocking(move || {
+        storage::snapshot_tree(
+            &upload,
+            &dir,
+            STORAGE_DIR,
+            &dir.join(MANIFEST_FILE),
+            &plan,
+            &options,
+        )
+    })
+    .await
+    .expect("storage snapshot thread")
+}
+
+/// Copies the compose files and `.env` into `<snap_dir>/config/` (owner-only: `.env` holds the
+/// database password); returns the names copied and their bytes.
+pub fn copy_config(
+    stack: &Stack,
+    snap_dir: &std::path::Path,
+) -> Result<(Vec<String>, u64), SnapshotError> {
+    let config_dir = snap_dir.join(CONFIG_DIR);
+    let mut config_files = Vec::new();
+    let mut config_bytes = 0;
+    crate::private::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
+        path: config_dir.clone(),
+        source,
+    })?;
+    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Config {
+            path: path.clone(),
+            source,
+        })?;
+        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
+            SnapshotError::Config {
+                path: config_dir.join(name),
+                source,
+            }
+        })?;
+        config_bytes += bytes.len() as u64;
+        config_files.push(name.to_string_lossy().into_owned());
+    }
+    Ok((config_files, config_bytes))
 }
 
 /// A pg_dumpall compressed with zstd is far smaller than the database on disk; half of it is

@@ -129,6 +129,10 @@ pub struct StorageTree {
     pub bytes: u64,
     pub excluded: Vec<String>,
     pub manifest_bytes: u64,
+    /// SHA-256 of the manifest file on disk, hex; a restore refuses a manifest that differs.
+    /// Absent in snapshots made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
     pub duration_ms: u64,
     /// Where the files of this snapshot are, when not under `storage/` (ZFS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,6 +190,14 @@ const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 const ZFS_SUPER_MAGIC: i64 = 0x2fc1_2fc1;
 /// The inode of every btrfs subvolume's root directory.
 const BTRFS_SUBVOLUME_INODE: u64 = 256;
+
+/// Whether `path` is the root of a btrfs subvolume (what a restore can swap back in place).
+// `f_type`'s width differs between targets.
+#[allow(clippy::unnecessary_cast)]
+pub fn is_btrfs_subvolume(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == BTRFS_SUPER_MAGIC)
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == BTRFS_SUBVOLUME_INODE)
+}
 
 /// Chooses the method for `upload` with snapshots under `snapshots` (both must exist).
 pub fn choose_method(
@@ -440,6 +452,7 @@ pub fn snapshot_tree(
         bytes: 0,
         excluded,
         manifest_bytes: 0,
+        manifest_sha256: None,
         duration_ms: 0,
         source,
         native,
@@ -456,11 +469,13 @@ pub fn snapshot_tree(
             }
         }
     }
-    tree.manifest_bytes =
+    let (manifest_bytes, manifest_sha256) =
         write_manifest(manifest, &entries).map_err(|source| StorageError::Write {
             path: manifest.to_path_buf(),
             source,
         })?;
+    tree.manifest_bytes = manifest_bytes;
+    tree.manifest_sha256 = Some(manifest_sha256);
     tree.duration_ms = started.elapsed().as_millis() as u64;
     Ok(tree)
 }
@@ -1016,17 +1031,22 @@ impl Job<'_> {
     }
 }
 
-/// One JSON object per line, zstd-compressed, fsynced. Returns the bytes on disk.
-fn write_manifest(path: &Path, entries: &[ManifestEntry]) -> std::io::Result<u64> {
+/// One JSON object per line, zstd-compressed, fsynced. Returns the bytes on disk and their
+/// SHA-256 (hex).
+fn write_manifest(path: &Path, entries: &[ManifestEntry]) -> std::io::Result<(u64, String)> {
     let file = crate::private::create_file(path)?;
-    let mut out = zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), 3)?;
+    let hashing = super::db::Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
+    let mut out = zstd::stream::Encoder::new(hashing, 3)?;
     for e in entries {
         serde_json::to_writer(&mut out, e)?;
         out.write_all(b"\n")?;
     }
-    let file = out.finish()?.into_inner().map_err(|e| e.into_error())?;
+    let mut hashing = out.finish()?;
+    hashing.flush()?;
+    let (writer, bytes, sha256) = hashing.finish();
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(file.metadata()?.len())
+    Ok((bytes, sha256))
 }
 
 /// Reads a manifest back.

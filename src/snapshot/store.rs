@@ -237,6 +237,23 @@ pub fn replace_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Appends `line` and a newline to the owner-only log at `path` (created when missing, its
+/// mode tightened if it was wider), synced.
+pub fn append_line_synced(path: &Path, line: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mut whole = line.to_vec();
+    whole.push(b'\n');
+    f.write_all(&whole)?;
+    f.sync_all()
+}
+
 pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = crate::private::create_file(path)?;
@@ -287,6 +304,7 @@ pub(crate) mod tests {
                 bytes: 0,
                 excluded: vec![],
                 manifest_bytes: 0,
+                manifest_sha256: None,
                 duration_ms: 0,
                 source: None,
                 native: None,

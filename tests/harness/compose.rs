@@ -437,6 +437,25 @@ impl Stack {
         }
     }
 
+    /// [`Stack::up`] with a database that asks for a password on its local socket too (initdb
+    /// `--auth-local=scram-sha-256`, as a hardened install does).
+    pub fn up_hardened(version: &str) -> Stack {
+        remove_leftovers();
+        let stack = Stack::create(StackSpec::new(version));
+        let yaml = std::fs::read_to_string(&stack.compose_file).unwrap();
+        let hardened = yaml.replace(
+            "POSTGRES_INITDB_ARGS: '--data-checksums'",
+            &format!("POSTGRES_INITDB_ARGS: '{HARDENED_INITDB}'"),
+        );
+        assert_ne!(yaml, hardened, "the harness compose file changed shape");
+        std::fs::write(&stack.compose_file, hardened).unwrap();
+        stack.compose(&["up", "-d"]);
+        stack
+            .wait_server_ready(stack.spec.ready_timeout)
+            .unwrap_or_else(|e| panic!("{e}"));
+        stack
+    }
+
     /// Runs compose for this project (`-p`, `-f`, `--project-directory` set) without judging
     /// the outcome. The stack's `.env` keys are removed from compose's environment so only
     /// the file counts.
@@ -770,6 +789,7 @@ impl Stack {
         psql(
             &self.container_name("database"),
             &self.db_user,
+            &self.db_password,
             &self.db_name,
             sql,
         )
@@ -945,6 +965,28 @@ impl Drop for Stack {
     }
 }
 
+/// initdb's arguments for [`Stack::up_hardened`].
+pub const HARDENED_INITDB: &str =
+    "--data-checksums --auth-local=scram-sha-256 --auth-host=scram-sha-256";
+
+/// `.env` at `env` is `original` except its `IMMICH_VERSION` line, which names `version`:
+/// a pin that kept every other line, comments included.
+pub fn assert_env_pins(env: &Path, original: &str, version: &str) {
+    let now = std::fs::read_to_string(env).unwrap();
+    assert!(now.ends_with('\n'), "{now:?}");
+    let (a, b): (Vec<&str>, Vec<&str>) = (original.lines().collect(), now.lines().collect());
+    assert_eq!(a.len(), b.len(), "line count changed:\n{now}");
+    for (n, (was, is)) in a.iter().zip(&b).enumerate() {
+        if was.starts_with("IMMICH_VERSION=") {
+            assert_eq!(*is, format!("IMMICH_VERSION={version}"), "line {}", n + 1);
+        } else {
+            assert_eq!(was, is, "line {} changed", n + 1);
+        }
+    }
+    // Comments are among the lines kept: say so explicitly.
+    assert!(now.contains("# The Immich version to use. You can pin this"));
+}
+
 /// `docker logs` of a container, both streams through one pipe so lines keep their order.
 pub fn container_logs(container: &str) -> String {
     let Ok((mut reader, writer)) = std::io::pipe() else {
@@ -969,21 +1011,23 @@ pub fn container_logs(container: &str) -> String {
 }
 
 /// One query through `docker exec … psql`, unaligned, tuples only, stopping at the first error.
-fn psql(container: &str, user: &str, db: &str, sql: &str) -> Result<String, String> {
-    let out = docker(&[
-        "exec",
-        container,
-        "psql",
-        "-X",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-U",
-        user,
-        "-d",
-        db,
-        "-tAc",
-        sql,
-    ]);
+/// The password (for a database that asks for one on its socket too) goes to the exec as
+/// `PGPASSWORD` through the docker CLI's own environment (`-e NAME` without a value), never
+/// on a command line.
+fn psql(
+    container: &str,
+    user: &str,
+    password: &str,
+    db: &str,
+    sql: &str,
+) -> Result<String, String> {
+    let out = Command::new("docker")
+        .env("PGPASSWORD", password)
+        .args(["exec", "-e", "PGPASSWORD", container, "psql", "-X"])
+        .args(["-v", "ON_ERROR_STOP=1", "-U", user, "-d", db, "-tAc", sql])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker exec psql: {e}"));
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
@@ -1241,7 +1285,7 @@ impl ScratchPostgres {
     }
 
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        psql(&self.name, "postgres", db, sql)
+        psql(&self.name, "postgres", "scratch", db, sql)
             .unwrap_or_else(|e| panic!("psql {sql:?} in {}: {e}", self.name))
     }
 

@@ -211,11 +211,62 @@ fn spawn(config_path: &Path, log_path: &Path, env: &[(&str, String)]) -> Child {
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(GUARD_BIN)
-        .arg("--config")
+    cli_env(config, args, &[])
+}
+
+/// [`cli`] with more environment, and no terminal on stdin (a prompt is refused, not waited
+/// for).
+pub fn cli_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(GUARD_BIN);
+    cmd.arg("--config")
         .arg(config)
         .args(args)
         .env_remove("NOTIFY_SOCKET")
-        .output()
-        .expect("run immich-guard")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run immich-guard")
+}
+
+/// A config for the CLI with no daemon: the stack by project, snapshots in `<dir>/snapshots`,
+/// data in `<dir>/data`, a socket (`<dir>/run/guard.sock`) no daemon serves.
+pub fn cli_config(stack: &super::Stack, dir: &Path) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[daemon]\ndata_dir = {:?}\n\n[control]\nsocket = {:?}\n",
+            stack.project,
+            dir.join("snapshots").display().to_string(),
+            dir.join("data").display().to_string(),
+            dir.join("run/guard.sock").display().to_string(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Takes a manual snapshot of the stack as the daemon would, through the library, into
+/// `<dir>/snapshots` (the [`cli_config`] layout).
+pub fn snapshot_of(stack: &super::Stack, dir: &Path) -> immich_guard::snapshot::store::Meta {
+    use immich_guard::snapshot;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let host = "unix:///var/run/docker.sock";
+        let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+        let mut config = immich_guard::config::Config::default();
+        config.stack.project = Some(stack.project.clone());
+        config.snapshots.dir = Some(dir.join("snapshots"));
+        let found = immich_guard::discover::discover(&docker, host, &config)
+            .await
+            .unwrap();
+        let request = snapshot::Request {
+            trigger: "manual".into(),
+            ..Default::default()
+        };
+        snapshot::take(&docker, host, &found, &config, &request, &|_| {})
+            .await
+            .unwrap()
+    })
 }

@@ -14,6 +14,7 @@ pub mod docker_proxy;
 pub mod guard;
 pub mod host;
 pub mod images;
+pub mod loopfs;
 pub mod webhook;
 
 pub use compose::{ContainerState, ScratchPostgres, Stack, StackSpec};

@@ -1,0 +1,753 @@
+//! `immich-guard restore` against real stacks (real Docker, real PostgreSQL, the stand-in
+//! server), run as the CLI with no daemon: the round trip back across a migrating upgrade,
+//! a database that cannot start, a restore killed mid-way and finished by the same command,
+//! a tampered snapshot refused before anything stops, the dry run, and a database that asks
+//! for a password on its socket. Each asserts on the database rows, the files and `.env`.
+
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use harness::compose::{assert_env_pins, docker_ok};
+use harness::guard::{cli, cli_config, cli_env, snapshot_of};
+use harness::{Stack, StackSpec, docker_available, ensure_images};
+use immich_guard::restore::journal::{self, Journal, Step};
+use immich_guard::snapshot::store::Meta;
+
+const V1: &str = "v1.119.0";
+const V2: &str = "v1.120.0";
+const V2_MIGRATION: &str = "1731000000000-AddMemories";
+const LONG: Duration = Duration::from_secs(120);
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Filler rows that make a dump (and its replay) big enough to be cut off half way.
+const FILLER_ROWS: u32 = 150_000;
+
+fn add_filler(stack: &Stack) {
+    stack.psql(&format!(
+        "CREATE TABLE filler AS SELECT i, repeat(md5(i::text), 8) AS pad FROM generate_series(1, {FILLER_ROWS}) i"
+    ));
+}
+
+/// Every table of the public schema with its rows as text, sorted (the filler table as its
+/// row count and a digest).
+fn db_rows(stack: &Stack) -> BTreeMap<String, Vec<String>> {
+    let tables = stack.psql(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'",
+    );
+    tables
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let what = if t == "filler" {
+                "count(*)::text || ' rows, md5 ' || md5(string_agg(r::text, E'\\n' ORDER BY r::text))"
+            } else {
+                "coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '')"
+            };
+            let rows = stack.psql(&format!("SELECT {what} FROM public.\"{t}\" r"));
+            (
+                t.to_string(),
+                rows.lines().map(str::to_string).collect::<Vec<_>>(),
+            )
+        })
+        .collect()
+}
+
+/// Files under `root` (relative paths) with their bytes.
+fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            (
+                e.path().strip_prefix(root).unwrap().display().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The originals (`upload/…jpg`) of a file listing.
+fn originals(all: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
+    all.iter()
+        .filter(|(p, _)| p.starts_with("upload/") && p.ends_with(".jpg"))
+        .map(|(p, b)| (p.clone(), b.clone()))
+        .collect()
+}
+
+fn journal_of(dir: &Path) -> Journal {
+    journal::load(&dir.join("data"))
+        .unwrap()
+        .expect("a journal")
+}
+
+/// Upgrades to v2 (which migrates and uploads one asset on its boot), then deletes two of
+/// the snapshot's originals with their rows, as a user deleting photos on v2 would. Returns
+/// the deleted originals.
+fn upgrade_and_delete(stack: &Stack, before: &Before) -> BTreeMap<String, Vec<u8>> {
+    stack.set_env("IMMICH_VERSION", V2);
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version(V2, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(stack.applied_migrations().iter().any(|m| m == V2_MIGRATION));
+    // Two of the snapshot's originals (not v2's own upload).
+    let deleted: BTreeMap<_, _> = originals(&before.files).into_iter().take(2).collect();
+    for path in deleted.keys() {
+        std::fs::remove_file(stack.upload.join(path)).unwrap();
+        let id = Path::new(path).file_stem().unwrap().to_string_lossy();
+        stack.psql(&format!("DELETE FROM assets WHERE id = '{id}'"));
+    }
+    deleted
+}
+
+/// After a restore of `meta`: the database holds the snapshot's rows (the asset table plus
+/// exactly the one asset the v1 stand-in uploads on each boot), the deleted originals are back
+/// with their bytes, the files added after the snapshot are in the pre-restore snapshot and
+/// gone from the library, `.env` pins v1 with every other line kept, v1 answers.
+fn assert_restored(
+    stack: &Stack,
+    dir: &Path,
+    before: &Before,
+    added: &BTreeMap<String, Vec<u8>>,
+    deleted: &BTreeMap<String, Vec<u8>>,
+) -> Journal {
+    let (meta, rows_then, files_then, env_then) =
+        (&before.meta, &before.rows, &before.files, &before.env);
+    stack
+        .wait_server_version(V1, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rows_now = db_rows(stack);
+    assert_eq!(
+        rows_now.keys().collect::<Vec<_>>(),
+        rows_then.keys().collect::<Vec<_>>(),
+        "the tables are the snapshot's (v2's memories tables gone)"
+    );
+    for (table, then) in rows_then {
+        let now = &rows_now[table];
+        if table == "assets" {
+            let extra: Vec<_> = now.iter().filter(|r| !then.contains(r)).collect();
+            assert!(
+                then.iter().all(|r| now.contains(r)),
+                "every asset row of the snapshot is back"
+            );
+            assert_eq!(extra.len(), 1, "only v1's boot upload is new: {extra:#?}");
+        } else {
+            assert_eq!(now, then, "table {table} equals the snapshot row for row");
+        }
+    }
+    assert_eq!(stack.applied_migrations(), meta.db.migrations);
+
+    let files_now = files(&stack.upload);
+    for (path, bytes) in deleted {
+        assert_eq!(
+            files_now.get(path),
+            Some(bytes),
+            "{path} is back, same bytes"
+        );
+    }
+    for (path, bytes) in originals(files_then) {
+        assert_eq!(files_now.get(&path), Some(&bytes), "{path}");
+    }
+    let j = journal_of(dir);
+    assert!(j.is_complete(), "{j:?}");
+    assert_eq!(j.verify_passed, Some(true));
+    let pre = j.pre_restore.clone().expect("a pre-restore snapshot");
+    let pre_dir = dir.join("snapshots").join(&pre);
+    let pre_meta: Meta =
+        serde_json::from_slice(&std::fs::read(pre_dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        (pre_meta.trigger.as_str(), pre_meta.version.as_str()),
+        ("pre-restore", V2)
+    );
+    for (path, bytes) in added {
+        assert!(
+            !files_now.contains_key(path) || !path.starts_with("upload/"),
+            "{path} added after the snapshot is gone from the library"
+        );
+        assert_eq!(
+            std::fs::read(pre_dir.join("storage").join(path))
+                .ok()
+                .as_ref(),
+            Some(bytes),
+            "{path} is kept in the pre-restore snapshot {pre}"
+        );
+    }
+    // The .env as it was before the restore is in the pre-restore snapshot too.
+    assert!(
+        std::fs::read_to_string(pre_dir.join("config/.env"))
+            .unwrap()
+            .contains(&format!("IMMICH_VERSION={V2}"))
+    );
+    assert_env_pins(&stack.env_file, env_then, V1);
+    let mode = std::fs::metadata(journal::path(&dir.join("data")))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the journal is owner-only");
+    j
+}
+
+/// The stack on v1 with a snapshot; returns what it held.
+struct Before {
+    meta: Meta,
+    rows: BTreeMap<String, Vec<String>>,
+    files: BTreeMap<String, Vec<u8>>,
+    env: String,
+}
+
+fn snapshot_v1(stack: &Stack, dir: &Path) -> Before {
+    let meta = snapshot_of(stack, dir);
+    Before {
+        rows: db_rows(stack),
+        files: files(&stack.upload),
+        env: std::fs::read_to_string(&stack.env_file).unwrap(),
+        meta,
+    }
+}
+
+fn added_since(stack: &Stack, before: &Before) -> BTreeMap<String, Vec<u8>> {
+    files(&stack.upload)
+        .into_iter()
+        .filter(|(p, _)| !before.files.contains_key(p))
+        .collect()
+}
+
+#[test]
+fn restore_brings_back_database_files_and_version_across_a_migrating_upgrade() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+    assert!(
+        added.keys().any(|p| p.starts_with("upload/")),
+        "v2 uploaded an original: {added:?}"
+    );
+
+    let started = std::time::Instant::now();
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("restore took {:?}; it printed:\n{said}", started.elapsed());
+    assert!(out.status.success(), "{said}");
+    for needle in [
+        "1. preserve: snapshot the current state",
+        "[1/7] preserve",
+        "[3/7] database",
+        "[7/7] verify",
+        "current state kept as snapshot",
+        "restored ",
+    ] {
+        assert!(said.contains(needle), "{needle:?} in:\n{said}");
+    }
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert_eq!(j.database, Some(journal::DbMode::Replay));
+    assert_eq!(j.done, Step::ALL.to_vec());
+    assert!(!j.no_preserve);
+
+    // verify, on its own, agrees.
+    let out = cli(&config, &["verify", "--against", &before.meta.id]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The pin is recorded like any other.
+    let pins = immich_guard::pin::records(&dir.path().join("data")).unwrap();
+    assert_eq!(pins.last().map(|p| p.version.as_str()), Some(V1));
+    // And the finished restore is in the history.
+    let history =
+        std::fs::read_to_string(dir.path().join("data").join(journal::HISTORY_FILE)).unwrap();
+    assert_eq!(history.lines().count(), 1);
+}
+
+#[test]
+fn dry_run_prints_every_step_and_a_tampered_snapshot_is_refused_before_anything_stops() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    stack.set_env("IMMICH_VERSION", V2);
+    let env = std::fs::read(&stack.env_file).unwrap();
+    let server = stack.state("immich-server").unwrap();
+    let started_at = |s: &str| {
+        docker_ok(&[
+            "inspect",
+            "--format",
+            "{{.State.StartedAt}}",
+            &stack.container_name(s),
+        ])
+    };
+    let starts: Vec<String> = ["immich-server", "database", "redis"]
+        .iter()
+        .map(|s| started_at(s))
+        .collect();
+    let snapshots_now = || {
+        std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .count()
+    };
+    let untouched = |what: &str| {
+        assert_eq!(std::fs::read(&stack.env_file).unwrap(), env, "{what}: .env");
+        let now: Vec<String> = ["immich-server", "database", "redis"]
+            .iter()
+            .map(|s| started_at(s))
+            .collect();
+        assert_eq!(now, starts, "{what}: nothing was stopped or started");
+        assert_eq!(stack.state("immich-server").unwrap().status, "running");
+        assert_eq!(snapshots_now(), 1, "{what}: no snapshot taken");
+        assert!(
+            !journal::path(&dir.path().join("data")).exists(),
+            "{what}: no journal"
+        );
+        assert_eq!(stack.state("immich-server").unwrap().id, server.id);
+    };
+
+    let out = cli(&config, &["restore", &before.meta.id, "--dry-run"]);
+    let said = text(&out);
+    eprintln!("dry run printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    for needle in [
+        format!("restore {} to snapshot {}", stack.project, before.meta.id),
+        "checked: sealed; db.sql.zst and manifest.jsonl.zst match their recorded SHA-256".into(),
+        "1. preserve: snapshot the current state (trigger pre-restore): the database answers: dumped with pg_dumpall".into(),
+        format!(
+            "2. stop: {}, {}, {}",
+            stack.container_name("immich-server"),
+            stack.container_name("immich-machine-learning"),
+            stack.container_name("redis")
+        ),
+        "3. database: drop database immich in".into(),
+        "4. storage:".into(),
+        format!("5. pin: {V1}"),
+        format!("- IMMICH_VERSION={V2}"),
+        format!("+ IMMICH_VERSION={V1}"),
+        "6. start: docker".into(),
+        format!("7. verify: immich-guard verify --against {}", before.meta.id),
+        "dry run: nothing changed".into(),
+    ] {
+        assert!(said.contains(&needle), "{needle:?} in:\n{said}");
+    }
+    untouched("dry run");
+
+    // Without --yes and without a terminal: refused, nothing done.
+    let out = cli(&config, &["restore", &before.meta.id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("run again with --yes"),
+        "{}",
+        text(&out)
+    );
+    untouched("no terminal");
+    let out = cli(&config, &["restore", &before.meta.id, "--no-preserve"]);
+    assert!(
+        text(&out).contains("--no-preserve needs --yes"),
+        "{}",
+        text(&out)
+    );
+
+    // One byte of the dump changed: refused, naming the file.
+    let dump = dir
+        .path()
+        .join("snapshots")
+        .join(&before.meta.id)
+        .join("db.sql.zst");
+    let mut bytes = std::fs::read(&dump).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&dump, &bytes).unwrap();
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("tampered:\n{said}");
+    assert!(!out.status.success());
+    assert!(said.contains(&dump.display().to_string()), "{said}");
+    assert!(said.contains("does not match the SHA-256"), "{said}");
+    untouched("tampered dump");
+    bytes[middle] ^= 0x01;
+    std::fs::write(&dump, &bytes).unwrap();
+
+    // The manifest too.
+    let manifest = dump.with_file_name("manifest.jsonl.zst");
+    let original = std::fs::read(&manifest).unwrap();
+    let mut changed = original.clone();
+    *changed.last_mut().unwrap() ^= 0x80;
+    std::fs::write(&manifest, &changed).unwrap();
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    assert!(
+        text(&out).contains(&manifest.display().to_string()),
+        "{}",
+        text(&out)
+    );
+    untouched("tampered manifest");
+    std::fs::write(&manifest, &original).unwrap();
+
+    // Not sealed (interrupted): refused.
+    let snap = dir.path().join("snapshots").join(&before.meta.id);
+    let partial = dir
+        .path()
+        .join("snapshots")
+        .join(format!(".partial-{}", before.meta.id));
+    std::fs::rename(&snap, &partial).unwrap();
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    assert!(text(&out).contains("is not sealed"), "{}", text(&out));
+    untouched("not sealed");
+}
+
+fn killed(out: &Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(9)
+}
+
+#[test]
+fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_the_same_command() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    add_filler(&stack);
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    assert!(
+        before.meta.dump.sql_bytes > 30 << 20,
+        "{}",
+        before.meta.dump.sql_bytes
+    );
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+    let id = before.meta.id.as_str();
+
+    // Killed once the first chunk of the dump is in psql.
+    let out = cli_env(
+        &config,
+        &["restore", id, "--yes"],
+        &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "database-replay")],
+    );
+    assert!(killed(&out), "{}", text(&out));
+    let j = journal_of(dir.path());
+    assert_eq!(j.done, vec![Step::Preserve, Step::Stop]);
+    let pre = j.pre_restore.clone().expect("preserved before the kill");
+    // Nothing from before is lost: v2's database and files are in the pre-restore snapshot.
+    let pre_dir = dir.path().join("snapshots").join(&pre);
+    let pre_meta: Meta =
+        serde_json::from_slice(&std::fs::read(pre_dir.join("meta.json")).unwrap()).unwrap();
+    assert!(pre_meta.db.migrations.iter().any(|m| m == V2_MIGRATION));
+    for path in added.keys() {
+        assert!(pre_dir.join("storage").join(path).exists(), "{path}");
+    }
+    // status says so, and names the command that finishes it.
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = cli(&config, args);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains(&format!("immich-guard restore {id} --yes")),
+            "{args:?}: {said}"
+        );
+        assert!(said.contains("2 of 7 steps done, next: database"), "{said}");
+    }
+    let out = cli(&config, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["restore_incomplete"].as_str().is_some(),
+        "{status:#}"
+    );
+
+    // A daemon started now runs, but does not protect (the restore's stops and starts are
+    // not crashes or upgrades), and says why; the restore refuses to run beside it.
+    {
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut daemon = std::process::Command::new(harness::guard::GUARD_BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join("run/guard.sock");
+        let start = std::time::Instant::now();
+        let status = loop {
+            let out = cli(&config, &["status", "--json"]);
+            if out.status.success() {
+                break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+            }
+            assert!(
+                start.elapsed() < LONG,
+                "no daemon on {socket:?}: {}",
+                text(&out)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let line = status["status_line"].as_str().unwrap().to_string();
+        assert!(line.starts_with("NOT PROTECTING: restore of"), "{line}");
+        assert!(
+            line.contains(&format!("immich-guard restore {id} --yes")),
+            "{line}"
+        );
+        let out = cli(&config, &["restore", id, "--yes"]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("stop it first"), "{}", text(&out));
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+        assert!(log.contains("not protecting: restore of"), "{log}");
+        assert!(!log.contains("freez"), "{log}");
+    }
+
+    // Killed again between the database and the storage: the database is the snapshot's,
+    // row for row (nothing runs that could write to it), the files are not back yet.
+    let out = cli_env(
+        &config,
+        &["restore", id, "--yes"],
+        &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "database")],
+    );
+    let said = text(&out);
+    assert!(killed(&out), "{said}");
+    assert!(
+        said.contains("continuing the interrupted restore"),
+        "{said}"
+    );
+    assert!(said.contains("1. preserve (done)"), "{said}");
+    let j = journal_of(dir.path());
+    assert_eq!(j.done, vec![Step::Preserve, Step::Stop, Step::Database]);
+    assert_eq!(db_rows(&stack), before.rows);
+    for path in deleted.keys() {
+        assert!(!stack.upload.join(path).exists(), "{path} is not back yet");
+    }
+
+    // The same command finishes it, without a second pre-restore snapshot.
+    let out = cli(&config, &["restore", id, "--yes"]);
+    let said = text(&out);
+    eprintln!("finished:\n{said}");
+    assert!(out.status.success(), "{said}");
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert_eq!(j.pre_restore.as_deref(), Some(pre.as_str()));
+    let pre_restores = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with("pre-restore")
+        })
+        .count();
+    assert_eq!(pre_restores, 1);
+    let out = cli(&config, &["status"]);
+    assert!(!text(&out).contains("RESTORE INCOMPLETE"), "{}", text(&out));
+}
+
+#[test]
+fn a_database_that_cannot_start_is_kept_as_files_and_replaced_by_a_working_one() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+
+    // PostgreSQL refuses a data dir that says it is of another major version.
+    docker_ok(&["stop", &stack.container_name("database")]);
+    std::fs::write(stack.db_data.join("PG_VERSION"), "99\n").unwrap();
+    let names_then: BTreeSet<String> = std::fs::read_dir(&stack.db_data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    docker_ok(&["start", &stack.container_name("database")]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        stack.try_psql("SELECT 1").is_err(),
+        "the database must not answer"
+    );
+
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("restore printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("cannot run"), "{said}");
+    stack
+        .wait_server_version(V1, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let j = journal_of(dir.path());
+    assert!(
+        matches!(&j.database, Some(journal::DbMode::FreshCluster { reason, kept: None })
+            if reason.contains("database files are incompatible with server")),
+        "{:?}",
+        j.database
+    );
+    // The broken data dir, whole, in the pre-restore snapshot.
+    let pre = j.pre_restore.clone().unwrap();
+    let kept = dir
+        .path()
+        .join("snapshots")
+        .join(&pre)
+        .join("database-files");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("PG_VERSION")).unwrap(),
+        "99\n"
+    );
+    let names_kept: BTreeSet<String> = std::fs::read_dir(&kept)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names_kept, names_then);
+    // A working database with the snapshot's rows (and v1's one upload per boot).
+    assert_eq!(
+        std::fs::read_to_string(stack.db_data.join("PG_VERSION")).unwrap(),
+        "15\n"
+    );
+    let rows = db_rows(&stack);
+    assert_eq!(rows["users"], before.rows["users"]);
+    assert_eq!(rows["migrations"], before.rows["migrations"]);
+    assert!(
+        before.rows["assets"]
+            .iter()
+            .all(|r| rows["assets"].contains(r))
+    );
+    assert_eq!(rows["assets"].len(), before.rows["assets"].len() + 1);
+    let out = cli(&config, &["verify", "--against", &before.meta.id]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // That pre-restore snapshot holds no dump: it says so, and is not restored from.
+    let out = cli(&config, &["restore", &pre, "--dry-run"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("holds no database dump"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_database_that_wants_a_password_is_restored_without_it_on_a_command_line_or_in_a_log() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up_hardened(V1);
+    let password = stack.db_password.clone();
+    add_filler(&stack);
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+
+    // Every process's command line in the database container, sampled for as long as the
+    // restore runs.
+    let db = stack.container_name("database");
+    let sampler = "while [ ! -e /tmp/stop-sampling ]; do for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done; done > /tmp/cmdlines 2>/dev/null";
+    docker_ok(&["exec", "-d", &db, "sh", "-c", sampler]);
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    docker_ok(&["exec", &db, "touch", "/tmp/stop-sampling"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let cmdlines = docker_ok(&["exec", &db, "cat", "/tmp/cmdlines"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert!(
+        cmdlines.lines().any(|l| l.contains("psql")),
+        "the sampler never saw psql run"
+    );
+    let data = dir.path().join("data");
+    for (what, text) in [
+        ("the command lines in the database container", cmdlines),
+        ("the restore's output", said),
+        (
+            "the journal",
+            std::fs::read_to_string(journal::path(&data)).unwrap(),
+        ),
+        (
+            "the restore history",
+            std::fs::read_to_string(data.join(journal::HISTORY_FILE)).unwrap(),
+        ),
+        ("status", text(&cli(&config, &["status", "--json"]))),
+    ] {
+        assert!(!text.contains(&password), "the password is in {what}");
+    }
+}
+
+#[test]
+fn a_btrfs_snapshot_goes_back_as_the_subvolume_and_the_live_one_is_kept() {
+    if !docker_available() {
+        return;
+    }
+    let Some(fs) = harness::loopfs::LoopFs::btrfs() else {
+        return;
+    };
+    ensure_images(&[V1, V2]);
+    let library = fs.mnt.join("library");
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(&library)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut stack = Stack::create(StackSpec::new(V1));
+    stack.set_env("UPLOAD_LOCATION", &library.display().to_string());
+    stack.upload = library.clone();
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_ready(stack.spec.ready_timeout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir_in(&fs.mnt).unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    assert_eq!(
+        before.meta.storage.method,
+        immich_guard::snapshot::storage::StorageMethod::Btrfs
+    );
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+
+    let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
+    let said = text(&out);
+    eprintln!("btrfs restore printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the snapshot's subvolume is in place; the replaced one is kept as"),
+        "{said}"
+    );
+    let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert!(immich_guard::snapshot::storage::is_btrfs_subvolume(
+        &library
+    ));
+    // The replaced subvolume is kept whole: v2's upload is in it, and so is what was deleted
+    // from the library after the restore (nothing, here) — it is the library as it was.
+    let [kept] = j.kept.as_slice() else {
+        panic!("one kept subvolume: {:?}", j.kept)
+    };
+    assert!(immich_guard::snapshot::storage::is_btrfs_subvolume(kept));
+    for (path, bytes) in &added {
+        assert_eq!(
+            std::fs::read(kept.join(path)).ok().as_ref(),
+            Some(bytes),
+            "{path}"
+        );
+    }
+    stack.compose(&["down", "-t", "1"]);
+}
