@@ -394,10 +394,22 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
     }
 }
 
+/// What `status` says while `.env` is gone (docs/operations.md "A missing .env").
+pub fn env_missing_note(path: &Path) -> String {
+    format!(
+        "{} is missing: compose would run each image's default tag; no version change is inferred from its absence",
+        path.display()
+    )
+}
+
 /// Reads `KEY=value` pairs of a compose `.env` file.
 pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
-    let iter = dotenvy::from_path_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let iter = dotenvy::from_path_iter(path).map_err(|e| match e {
+        dotenvy::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            env_missing_note(path)
+        }
+        e => format!("cannot read {}: {e}", path.display()),
+    })?;
     let mut vars = HashMap::new();
     for item in iter {
         let (k, v) = item.map_err(|e| {

@@ -836,6 +836,17 @@ impl Guard {
         match event {
             ComposeEvent::Changed { before, after } => {
                 self.compose_view = Some(after.clone());
+                self.show_env(&after);
+                if after.env_missing {
+                    // Compose would fall back to `release`, but nobody chose that: an absent
+                    // file is reported, never read as a version (docs/operations.md).
+                    if !before.env_missing {
+                        tracing::warn!(
+                            "the compose .env is missing; no version change is inferred from its absence"
+                        );
+                    }
+                    return;
+                }
                 let image_changed = before.server_image != after.server_image;
                 let version_changed = before.immich_version != after.immich_version;
                 if !image_changed && !version_changed {
@@ -873,17 +884,42 @@ impl Guard {
         }
     }
 
+    /// `status` shows the `.env` version as it is now, not as the last discovery read it.
+    fn show_env(&mut self, view: &ComposeView) {
+        let apply = |stack: &mut Stack| {
+            stack.env_version = view.immich_version.clone();
+            let note = stack
+                .env_file
+                .as_deref()
+                .map(crate::discover::env_missing_note);
+            stack.notes.retain(|n| Some(n) != note.as_ref());
+            if view.env_missing
+                && let Some(note) = note
+            {
+                stack.notes.push(note);
+            }
+        };
+        if let Some(stack) = &mut self.stack {
+            apply(stack);
+        }
+        self.state.send_modify(|s| {
+            if let Some(stack) = &mut s.stack {
+                apply(stack);
+            }
+        });
+    }
+
     async fn note_env_change(&mut self, to: &str, source: &str) {
         let from = self.baseline_version();
         if same_version(to, &from) {
-            // Changed back before anything happened.
-            if self
-                .protection
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.snapshot.is_none() && p.source == ".env")
+            // Set back to the version the database runs: nothing is going to change, whatever
+            // was seen or snapshotted for the change meanwhile. A server already frozen or
+            // held for it is another matter (it exists): that stays until released.
+            if self.protection.frozen.is_none()
+                && self.protection.hold.is_none()
+                && let Some(p) = self.protection.pending.take()
             {
-                self.protection.pending = None;
+                tracing::info!(change = %format!("{} → {}", p.from, p.to), source = %p.source, now = %to, "the compose config names the baseline version again; the pending change is dropped");
                 self.publish();
             }
             return;
@@ -1180,8 +1216,26 @@ impl Guard {
             }
             Err(message) => {
                 tracing::error!(error = %message, "the protective snapshot failed");
+                let retried = !self.release_waiters.is_empty();
                 for w in self.release_waiters.drain(..) {
                     let _ = w.send(Err(format!("the snapshot failed again: {message}")));
+                }
+                if let Some(hold) = &mut self.protection.hold
+                    && hold.kind == HoldKind::SnapshotFailed
+                {
+                    // `HELD:` quotes the newest failure, not the first one.
+                    hold.reason = snapshot_failed_reason(&hold.version, &message);
+                    let (version, reason, hint) =
+                        (hold.version.clone(), hold.reason.clone(), hold.hint.clone());
+                    if retried {
+                        self.announce(
+                            EventKind::Held,
+                            format!("Immich {version} still held: snapshot failed again"),
+                            format!("{reason} {hint}"),
+                        );
+                        self.publish();
+                        return;
+                    }
                 }
                 if let Some(frozen) = self.protection.frozen.take() {
                     if self.protection.fail_open {
@@ -1202,10 +1256,7 @@ impl Guard {
                             image_id: frozen.image_id.clone(),
                             version: frozen.version.clone(),
                             paused: true,
-                            reason: format!(
-                                "the snapshot before starting {} failed: {message}",
-                                frozen.version
-                            ),
+                            reason: snapshot_failed_reason(&frozen.version, &message),
                             hint: "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one".into(),
                             since: Utc::now(),
                         };
@@ -2099,6 +2150,10 @@ fn downgrade_hint(
     }
 }
 
+fn snapshot_failed_reason(version: &str, message: &str) -> String {
+    format!("the snapshot before starting {version} failed: {message}")
+}
+
 fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
     v.push(x);
     let excess = v.len().saturating_sub(keep);
@@ -2334,6 +2389,8 @@ mod tests {
     struct Fed {
         guard: GuardHandle,
         state: watch::Receiver<DaemonState>,
+        /// Publishes the stack as the daemon's discovery does.
+        publish: Arc<watch::Sender<DaemonState>>,
         file: PathBuf,
         _dir: tempfile::TempDir,
     }
@@ -2347,10 +2404,11 @@ mod tests {
             let (_, docker) = watch::channel(None);
             let queue = SnapshotQueue::start(config.clone(), docker.clone(), tx.clone());
             let notifier = Notifier::new(&config.notify);
-            let guard = Guard::start(config, tx, docker, queue, notifier);
+            let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
             Fed {
                 guard,
                 state,
+                publish: tx,
                 file: dir.path().join(STATE_FILE),
                 _dir: dir,
             }
@@ -2359,6 +2417,10 @@ mod tests {
         /// Discovery found `stack`; returns the baseline published for it.
         async fn found(&mut self, stack: Stack) -> Option<String> {
             let project = stack.project.clone();
+            self.publish.send_modify(|s| {
+                s.stack = Some(stack.clone());
+                s.docker.reachable = true;
+            });
             self.guard.send(Input::Discovered {
                 stack: Box::new(stack),
                 listed_at: Utc::now(),
@@ -2375,6 +2437,176 @@ mod tests {
             .clone();
             s.baseline.map(|b| b.version)
         }
+    }
+
+    /// Waits until the published state satisfies `ok`.
+    async fn until(fed: &Fed, what: &str, ok: impl Fn(&DaemonState) -> bool) -> DaemonState {
+        let mut rx = fed.state.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: {:#?}", fed.state.borrow().protection))
+            .unwrap()
+            .clone()
+    }
+
+    /// A compose dir whose server image follows `.env`, as Immich's own compose file does.
+    fn compose_dir(env_version: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n",
+        )
+        .unwrap();
+        write_env(dir.path(), env_version);
+        dir
+    }
+
+    /// Writes `.env` as editors do: a new file renamed over the old one.
+    fn write_env(dir: &Path, version: &str) {
+        std::fs::write(dir.join(".env.new"), format!("IMMICH_VERSION={version}\n")).unwrap();
+        std::fs::rename(dir.join(".env.new"), dir.join(".env")).unwrap();
+    }
+
+    /// `running(...)` with its compose files in `dir` and `.env` naming `env_version`.
+    fn composed(dir: &Path, version: &str, env_version: &str) -> Stack {
+        Stack {
+            compose_dir: Some(dir.to_path_buf()),
+            compose_files: vec![dir.join("docker-compose.yml")],
+            env_file: Some(dir.join(".env")),
+            env_version: Some(env_version.into()),
+            ..running("a", version, "ca")
+        }
+    }
+
+    fn status_text(s: &DaemonState) -> String {
+        crate::render::status(&crate::status::StatusReport::from_state(s))
+    }
+
+    #[tokio::test]
+    async fn held_quotes_the_newest_failure_after_a_release_fails_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = with_baseline("a", "v1.119.0");
+        p.hold = Some(Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            paused: true,
+            reason: snapshot_failed_reason("v1.120.0", "disk full"),
+            hint: "fix it".into(),
+            since: Utc::now(),
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        assert!(status_text(&fed.state.borrow()).contains("disk full"));
+        // The retried snapshot fails for another reason (no Docker here).
+        let err = fed.guard.release(false, None).await.unwrap_err();
+        assert!(err.contains("Docker is unreachable"), "{err}");
+        let s = until(&fed, "the new reason", |s| {
+            s.protection
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.reason.contains("Docker is unreachable"))
+        })
+        .await;
+        let text = status_text(&s);
+        let held = text.lines().find(|l| l.starts_with("HELD:")).unwrap();
+        assert!(held.contains("Docker is unreachable"), "{held}");
+        assert!(!held.contains("disk full"), "{held}");
+        assert!(s.status_line().contains("Docker is unreachable"));
+        // And it is what a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(
+            saved.projects["a"]
+                .hold
+                .as_ref()
+                .unwrap()
+                .reason
+                .contains("Docker is unreachable")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_env_version_follows_edits_and_setting_it_back_drops_the_pending_change() {
+        let compose = compose_dir("v1.120.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        // The daemon (re)starts with `.env` ahead of the database: a change in progress.
+        fed.found(composed(compose.path(), "v1.119.0", "v1.120.0"))
+            .await;
+        let s = until(&fed, "the startup change", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.source == "startup reconcile")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.120.0"));
+        // The admin sets it back: status follows, and nothing is pending any more.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the edit", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.119.0"));
+        let s = until(&fed, "no pending change", |s| {
+            s.protection.pending.is_none()
+        })
+        .await;
+        assert!(!status_text(&s).contains("pending change"));
+        // Another edit is followed too, and is a change again.
+        write_env(compose.path(), "v1.121.0");
+        let s = until(&fed, "the next edit", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.to == "v1.121.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.121.0"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_env_is_reported_and_never_read_as_a_change_to_release() {
+        let compose = compose_dir("v1.119.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(composed(compose.path(), "v1.119.0", "v1.119.0"))
+            .await;
+        std::fs::remove_file(compose.path().join(".env")).unwrap();
+        let s = until(&fed, "the missing .env", |s| {
+            s.stack
+                .as_ref()
+                .unwrap()
+                .notes
+                .iter()
+                .any(|n| n.contains("is missing"))
+        })
+        .await;
+        let text = status_text(&s);
+        assert!(text.contains(".env is missing"), "{text}");
+        assert!(!text.contains(".env version:"), "{text}");
+        assert!(s.protection.pending.is_none(), "{:?}", s.protection.pending);
+        // A compose edit meanwhile is not read as `release` either.
+        std::fs::write(
+            compose.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n    restart: always\n",
+        )
+        .unwrap();
+        tokio::time::sleep(COMPOSE_DEBOUNCE * 4).await;
+        assert!(fed.state.borrow().protection.pending.is_none());
+        // Back: the warning goes, and the same version is no change.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the .env back", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(!status_text(&s).contains("is missing"));
+        assert!(s.protection.pending.is_none());
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ pub struct Meta {
     pub upload_location: PathBuf,
     /// Compose files and `.env` as copied into `config/`.
     pub config_files: Vec<String>,
+    /// Config files that were not there to copy (a deleted `.env`): recorded, not a failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_config_files: Vec<String>,
     /// Bytes this snapshot added on disk (hard links cost none).
     pub size_bytes: u64,
 }
@@ -295,6 +298,7 @@ pub(crate) mod tests {
             },
             upload_location: "/srv".into(),
             config_files: vec![],
+            missing_config_files: vec![],
             size_bytes: 0,
         }
     }
