@@ -170,6 +170,39 @@ pub struct Protection {
     /// Verify after every upgrade: the one owed, the newest result, DEGRADED.
     #[serde(default)]
     pub verifies: Verifies,
+    /// The protective snapshot running now (docs/operations.md "A snapshot that does not
+    /// finish").
+    #[serde(default)]
+    pub snapshot_run: Option<SnapshotRun>,
+}
+
+/// The protective snapshot running now, and the step it is at: what a frozen server waits on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRun {
+    pub trigger: String,
+    pub since: DateTime<Utc>,
+    /// The last progress line (what it is doing now).
+    pub step: String,
+    pub step_since: DateTime<Utc>,
+}
+
+impl SnapshotRun {
+    /// `running 4 min, 3 min at: dumping with pg_dumpall` for `status`.
+    pub fn waiting(&self, now: DateTime<Utc>) -> String {
+        format!(
+            "running {}, {} at: {}",
+            for_how_long(now - self.since),
+            for_how_long(now - self.step_since),
+            self.step
+        )
+    }
+}
+
+fn for_how_long(d: chrono::TimeDelta) -> String {
+    match d.num_seconds().max(0) {
+        s if s < 120 => format!("{s} s"),
+        s => format!("{} min", s / 60),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +229,7 @@ impl Default for Protection {
             settling: None,
             baseline_since: None,
             verifies: Verifies::default(),
+            snapshot_run: None,
         }
     }
 }
@@ -300,6 +334,8 @@ pub enum Input {
         reply: oneshot::Sender<Result<String, String>>,
     },
     SnapshotDone(Result<(String, String), String>),
+    /// A progress line of the protective snapshot running.
+    SnapshotProgress(String),
     /// `immich-guard ack`: the admin has seen the DEGRADED.
     Ack {
         reply: oneshot::Sender<Result<String, String>>,
@@ -417,6 +453,8 @@ impl Guard {
             None => Protection::default(),
         };
         protection.fail_open = config.protect.fail_open;
+        // No snapshot survives a restart; a freeze left waiting asks for a new one.
+        protection.snapshot_run = None;
         let deaths = crate::crashloop::Detector::new(
             config.crash_loop.deaths,
             config.crash_loop.window_secs,
@@ -512,6 +550,13 @@ impl Guard {
                 service: None,
             } => self.on_release(force, reply).await,
             Input::SnapshotDone(result) => self.on_snapshot_done(result).await,
+            Input::SnapshotProgress(line) => {
+                if let Some(run) = &mut self.protection.snapshot_run {
+                    run.step = line;
+                    run.step_since = Utc::now();
+                    self.publish();
+                }
+            }
             Input::Ack { reply } => {
                 let _ = reply.send(self.acknowledge());
             }
@@ -1144,6 +1189,13 @@ impl Guard {
             return;
         }
         self.snapshotting = true;
+        let now = Utc::now();
+        self.protection.snapshot_run = Some(SnapshotRun {
+            trigger: trigger.to_string(),
+            since: now,
+            step: "queued".into(),
+            step_since: now,
+        });
         let label = self
             .protection
             .pending
@@ -1166,7 +1218,10 @@ impl Guard {
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let done = match event {
-                    SnapshotEvent::Progress(_) => continue,
+                    SnapshotEvent::Progress(line) => {
+                        let _ = tx.send(Input::SnapshotProgress(line));
+                        continue;
+                    }
                     SnapshotEvent::Sealed(meta) => Ok((meta.id, meta.version)),
                     SnapshotEvent::Failed(message) => Err(message),
                 };
@@ -1182,6 +1237,7 @@ impl Guard {
 
     async fn on_snapshot_done(&mut self, result: Result<(String, String), String>) {
         self.snapshotting = false;
+        self.protection.snapshot_run = None;
         self.refresh_snapshot_index();
         match result {
             Ok((id, version)) => {
@@ -1249,23 +1305,12 @@ impl Guard {
                             &format!("fail-open: {m}"),
                         );
                     } else {
-                        let hold = Hold {
-                            kind: HoldKind::SnapshotFailed,
-                            container: frozen.container.clone(),
-                            container_name: frozen.container_name.clone(),
-                            image_id: frozen.image_id.clone(),
-                            version: frozen.version.clone(),
-                            paused: true,
-                            reason: snapshot_failed_reason(&frozen.version, &message),
-                            hint: "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one".into(),
-                            since: Utc::now(),
-                        };
-                        self.announce(
-                            EventKind::Held,
-                            format!("Immich {} held: snapshot failed", frozen.version),
-                            format!("{} {}", hold.reason, hold.hint),
+                        self.hold_frozen(
+                            &frozen,
+                            snapshot_failed_reason(&frozen.version, &message),
+                            "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
+                            "snapshot failed",
                         );
-                        self.protection.hold = Some(hold);
                     }
                 } else {
                     self.announce(
@@ -1277,6 +1322,62 @@ impl Guard {
             }
         }
         self.publish();
+    }
+
+    /// When a server frozen for the running snapshot stops waiting for it (`snapshots.
+    /// max_wait_secs`): fail closed stays, but as a hold the admin is told about and can act on.
+    fn freeze_deadline(&self) -> Option<DateTime<Utc>> {
+        self.protection.frozen.as_ref()?;
+        let run = self.protection.snapshot_run.as_ref()?;
+        let wait = chrono::TimeDelta::seconds(self.config.snapshots.max_wait_secs as i64);
+        Some(run.since + wait)
+    }
+
+    /// The snapshot has not sealed within `max_wait_secs`: the frozen server is HELD (still
+    /// paused). The snapshot keeps running; if it seals, the hold ends as after a `release`.
+    fn hold_stuck(&mut self) {
+        let (Some(frozen), Some(run)) = (
+            self.protection.frozen.take(),
+            self.protection.snapshot_run.clone(),
+        ) else {
+            return;
+        };
+        let reason = format!(
+            "the snapshot before starting {} has not sealed within snapshots.max_wait_secs ({} s): {} (since {})",
+            frozen.version,
+            self.config.snapshots.max_wait_secs,
+            run.waiting(Utc::now()),
+            run.step_since.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+        tracing::error!(reason = %reason, "held the server: its snapshot does not finish");
+        self.hold_frozen(
+            &frozen,
+            reason,
+            "find what blocks it (a lock on the database: `SELECT pid, state, query FROM pg_stat_activity`); once it seals the server is released; `immich-guard release` waits for it, `immich-guard release --force` starts the server without a snapshot",
+            "snapshot does not finish",
+        );
+        self.publish();
+    }
+
+    /// The frozen server stays paused, as a hold the admin is told about and acts on.
+    fn hold_frozen(&mut self, frozen: &Frozen, reason: String, hint: &str, title: &str) {
+        let hold = Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: frozen.container.clone(),
+            container_name: frozen.container_name.clone(),
+            image_id: frozen.image_id.clone(),
+            version: frozen.version.clone(),
+            paused: true,
+            reason,
+            hint: hint.into(),
+            since: Utc::now(),
+        };
+        self.announce(
+            EventKind::Held,
+            format!("Immich {} held: {title}", frozen.version),
+            format!("{} {}", hold.reason, hold.hint),
+        );
+        self.protection.hold = Some(hold);
     }
 
     /// Unpauses (or starts, when it had to be stopped) the frozen server; it is the baseline.
@@ -1644,7 +1745,11 @@ impl Guard {
             .as_ref()
             .filter(|_| !self.verifying)
             .map(|d| d.not_before);
-        let at = settle.into_iter().chain(verify).min()?;
+        let at = settle
+            .into_iter()
+            .chain(verify)
+            .chain(self.freeze_deadline())
+            .min()?;
         let now = Utc::now();
         Some(if at <= now - chrono::TimeDelta::seconds(1) {
             now + AGAIN
@@ -1655,6 +1760,9 @@ impl Guard {
 
     async fn on_wakeup(&mut self) {
         let before = self.protection.clone();
+        if self.freeze_deadline().is_some_and(|at| at <= Utc::now()) {
+            self.hold_stuck();
+        }
         if let Some(stack) = self.stack.clone() {
             self.settle(&stack);
         }
@@ -2397,12 +2505,20 @@ mod tests {
 
     impl Fed {
         fn start(dir: tempfile::TempDir) -> Fed {
-            let mut config = Config::default();
+            Fed::with(dir, Config::default(), false)
+        }
+
+        /// `stalled`: every snapshot runs and never finishes.
+        fn with(dir: tempfile::TempDir, mut config: Config, stalled: bool) -> Fed {
             config.daemon.data_dir = dir.path().to_path_buf();
             let (tx, state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
             let tx = Arc::new(tx);
             let (_, docker) = watch::channel(None);
-            let queue = SnapshotQueue::start(config.clone(), docker.clone(), tx.clone());
+            let queue = if stalled {
+                SnapshotQueue::stalled()
+            } else {
+                SnapshotQueue::start(config.clone(), docker.clone(), tx.clone())
+            };
             let notifier = Notifier::new(&config.notify);
             let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
             Fed {
@@ -2607,6 +2723,67 @@ mod tests {
         .await;
         assert!(!status_text(&s).contains("is missing"));
         assert!(s.protection.pending.is_none());
+    }
+
+    /// A state of project a with the server `cb` (v1.120.0) frozen by an earlier run.
+    fn frozen_file(dir: &Path) {
+        let mut p = with_baseline("a", "v1.119.0");
+        p.frozen = Some(Frozen {
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            since: Utc::now(),
+            delay_ms: 3.0,
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.join(STATE_FILE), &file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_finish_says_where_it_waits_then_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut config = Config::default();
+        config.snapshots.max_wait_secs = 2;
+        let mut fed = Fed::with(dir, config, true);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        // Frozen, and status says what it waits on and for how long.
+        let s = until(&fed, "the step", |s| {
+            s.protection
+                .snapshot_run
+                .as_ref()
+                .is_some_and(|r| r.step.contains("pg_dumpall"))
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        let line = s.status_line();
+        assert!(
+            line.contains("snapshot running") && line.contains("at: dumping with pg_dumpall"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("snapshot (pre-start) running"));
+        // Past snapshots.max_wait_secs: HELD, still paused, saying why and since when.
+        let s = until(&fed, "the hold", |s| s.protection.hold.is_some()).await;
+        let hold = s.protection.hold.clone().unwrap();
+        assert_eq!(s.protection.state, ProtectState::Held);
+        assert!(s.protection.frozen.is_none());
+        assert!(hold.paused);
+        assert!(
+            hold.reason.contains("snapshots.max_wait_secs (2 s)")
+                && hold.reason.contains("at: dumping with pg_dumpall"),
+            "{}",
+            hold.reason
+        );
+        assert!(hold.hint.contains("release --force"), "{}", hold.hint);
+        assert!(s.status_line().starts_with("HELD a_server_new"));
+        // It is persisted as a hold, which a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].hold.is_some());
+        assert!(saved.projects["a"].frozen.is_none());
     }
 
     #[tokio::test]

@@ -132,6 +132,15 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
             f.container_name, f.version, f.delay_ms
         );
     }
+    if let Some(r) = &p.snapshot_run {
+        let _ = writeln!(
+            out,
+            "snapshot ({}) {}, started {}",
+            r.trigger,
+            r.waiting(chrono::Utc::now()),
+            r.since.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
     if let Some(h) = &p.hold {
         let _ = writeln!(
             out,

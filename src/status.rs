@@ -101,8 +101,13 @@ impl DaemonState {
             }
             (ProtectState::Frozen, _, Some(f)) => {
                 return format!(
-                    "frozen {} ({}) until its snapshot is sealed",
-                    f.container_name, f.version
+                    "frozen {} ({}) until its snapshot is sealed{}",
+                    f.container_name,
+                    f.version,
+                    p.snapshot_run
+                        .as_ref()
+                        .map(|r| format!("; snapshot {}", r.waiting(Utc::now())))
+                        .unwrap_or_default()
                 );
             }
             (ProtectState::Degraded, _, _) if let Some(d) = &p.verifies.degraded => {
