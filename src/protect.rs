@@ -61,6 +61,20 @@ pub enum ProtectState {
     /// The verify after an upgrade failed (docs/operations.md "DEGRADED"): shown until
     /// `immich-guard ack` or a later verify passes.
     Degraded,
+    /// The server is paused, not by a freeze this daemon recorded (docs/operations.md "A
+    /// server paused at start"): left paused until the admin says.
+    Paused,
+}
+
+/// A server found paused with no freeze of ours recorded for it: the admin's, or a run that
+/// stopped between its pause and writing it down. Never unpaused without being asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PausedServer {
+    pub container: String,
+    pub container_name: String,
+    pub image_id: String,
+    pub version: String,
+    pub seen_at: DateTime<Utc>,
 }
 
 /// A version change seen before the new server runs, and the snapshot that covers it.
@@ -174,6 +188,8 @@ pub struct Protection {
     /// finish").
     #[serde(default)]
     pub snapshot_run: Option<SnapshotRun>,
+    #[serde(default)]
+    pub paused_server: Option<PausedServer>,
 }
 
 /// The protective snapshot running now, and the step it is at: what a frozen server waits on.
@@ -230,6 +246,7 @@ impl Default for Protection {
             baseline_since: None,
             verifies: Verifies::default(),
             snapshot_run: None,
+            paused_server: None,
         }
     }
 }
@@ -265,6 +282,8 @@ impl Protection {
             ProtectState::Halted
         } else if self.frozen.is_some() {
             ProtectState::Frozen
+        } else if self.paused_server.is_some() {
+            ProtectState::Paused
         } else if self.verifies.degraded.is_some() {
             ProtectState::Degraded
         } else if snapshotting {
@@ -1048,6 +1067,7 @@ impl Guard {
         if first {
             self.resume_after_restart(&stack).await;
         }
+        self.note_paused(&stack);
         self.forget_removed(&stack);
         self.reconcile_restarts(&stack, listed_at).await;
         self.settle(&stack);
@@ -1121,6 +1141,52 @@ impl Guard {
             let env = env.clone();
             self.note_env_change(&env, "startup reconcile").await;
         }
+    }
+
+    /// A server paused that no freeze or hold of ours names is reported, never unpaused
+    /// silently: the admin may have paused it, or a run stopped between pausing it and writing
+    /// that down. `release` takes it over (docs/operations.md "A server paused at start").
+    fn note_paused(&mut self, stack: &Stack) {
+        let paused = stack.server.as_ref().filter(|s| {
+            s.state == "paused"
+                && self
+                    .protection
+                    .frozen
+                    .as_ref()
+                    .is_none_or(|f| f.container != s.container_id)
+                && self
+                    .protection
+                    .hold
+                    .as_ref()
+                    .is_none_or(|h| h.container != s.container_id)
+        });
+        let Some(server) = paused else {
+            if let Some(was) = self.protection.paused_server.take() {
+                tracing::info!(container = %was.container_name, "the paused server is no longer paused");
+            }
+            return;
+        };
+        if self
+            .protection
+            .paused_server
+            .as_ref()
+            .is_some_and(|p| p.container == server.container_id)
+        {
+            return;
+        }
+        let version = stack
+            .version
+            .as_ref()
+            .map(|v| v.name())
+            .unwrap_or_else(|| "unknown".into());
+        tracing::warn!(container = %server.container_name, version = %version, "the server is paused and no freeze of immich-guard is recorded for it; left paused: `immich-guard release` snapshots if needed and unpauses it");
+        self.protection.paused_server = Some(PausedServer {
+            container: server.container_id.clone(),
+            container_name: server.container_name.clone(),
+            image_id: server.image_id.clone(),
+            version,
+            seen_at: Utc::now(),
+        });
     }
 
     fn watch_compose(&mut self, stack: &Stack) {
@@ -1557,6 +1623,33 @@ impl Guard {
             let message = self.thaw(&frozen).await;
             self.record_release(&frozen.container_name, true, &message);
             let _ = reply.send(Ok(format!("forced release: {message}")));
+            self.publish();
+            return;
+        }
+        if let Some(paused) = self.protection.paused_server.take() {
+            let frozen = Frozen {
+                container: paused.container,
+                container_name: paused.container_name,
+                image_id: paused.image_id,
+                version: paused.version,
+                since: Utc::now(),
+                delay_ms: 0.0,
+            };
+            if force || self.starts_freely(&frozen.image_id) {
+                let message = self.thaw(&frozen).await;
+                self.record_release(&frozen.container_name, force, &message);
+                let _ = reply.send(Ok(message));
+            } else {
+                // Its version is not what the database ran with: a freeze like any other.
+                let _ = reply.send(Ok(format!(
+                    "{} ({}) is now frozen by immich-guard: it is unpaused when a snapshot of {} is sealed",
+                    frozen.container_name,
+                    frozen.version,
+                    self.baseline_version()
+                )));
+                self.protection.frozen = Some(frozen);
+                self.request_snapshot("pre-start").await;
+            }
             self.publish();
             return;
         }
@@ -2784,6 +2877,64 @@ mod tests {
         let saved = load(&fed.file, None).unwrap();
         assert!(saved.projects["a"].hold.is_some());
         assert!(saved.projects["a"].frozen.is_none());
+    }
+
+    /// `running(...)` whose server `container` (on `version`) is paused.
+    fn paused(version: &str, container: &str) -> Stack {
+        let mut stack = running("a", version, container);
+        stack.server.as_mut().unwrap().state = "paused".into();
+        stack
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_someone_else_is_reported_left_paused_and_taken_over_by_release() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            &dir.path().join(STATE_FILE),
+            &StateFile {
+                projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+                ..StateFile::default()
+            },
+        )
+        .unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "paused", |s| {
+            s.protection.state == ProtectState::Paused
+        })
+        .await;
+        let line = s.status_line();
+        assert!(
+            line.starts_with("PAUSED a_server (v1.120.0), not by immich-guard"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("`docker unpause a_server`"));
+        assert!(s.protection.frozen.is_none() && s.protection.snapshot_run.is_none());
+        // `release`: a freeze like any other (its version is not the database's): snapshot
+        // first; here it fails (no Docker), so the server is HELD, still paused.
+        let answer = fed.guard.release(false, None).await.unwrap();
+        assert!(answer.contains("now frozen by immich-guard"), "{answer}");
+        let s = until(&fed, "held", |s| s.protection.hold.is_some()).await;
+        assert!(s.protection.paused_server.is_none());
+        assert_eq!(s.protection.hold.unwrap().container, "cb");
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_our_own_freeze_is_snapshotted_again_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut fed = Fed::with(dir, Config::default(), true);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "the snapshot", |s| {
+            s.protection.snapshot_run.is_some()
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        assert!(s.protection.paused_server.is_none());
+        assert!(
+            s.status_line()
+                .starts_with("frozen a_server_new (v1.120.0)")
+        );
     }
 
     #[tokio::test]

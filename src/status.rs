@@ -126,6 +126,12 @@ impl DaemonState {
                     }
                 );
             }
+            (ProtectState::Paused, _, _) if let Some(x) = &p.paused_server => {
+                return format!(
+                    "PAUSED {} ({}), not by immich-guard as far as it knows: left paused; `immich-guard release` snapshots if needed and unpauses it",
+                    x.container_name, x.version
+                );
+            }
             (ProtectState::Halted, _, _) => {
                 let halted: Vec<&str> = p.halted.iter().map(|h| h.service.as_str()).collect();
                 return format!(
