@@ -424,3 +424,62 @@ impl Drop for Tiny {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// Issue 12: seven `.env` saves in a row are one pending change at a time, and the state the
+/// first snapshot sealed is not dumped again while nothing is written: one snapshot covers
+/// them all, and `status` follows each edit.
+#[test]
+fn a_burst_of_env_edits_is_snapshotted_once() {
+    if !docker_available() {
+        return;
+    }
+    let Watched {
+        guard,
+        stack,
+        assets_before,
+        _snapshots,
+        ..
+    } = watched_v119();
+    let versions = [
+        "v1.120.0", "v1.120.1", "v1.120.2", "v1.120.0", "v1.120.3", "v1.120.1", "v1.120.4",
+    ];
+    for (i, version) in versions.iter().enumerate() {
+        stack.set_env("IMMICH_VERSION", version);
+        guard.wait_status(&format!("edit {i} seen"), LONG, |s| {
+            s.state
+                .protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| &p.to == version && p.snapshot.is_some())
+                && s.state
+                    .stack
+                    .as_ref()
+                    .and_then(|s| s.env_version.as_deref())
+                    == Some(version)
+        });
+        // Edits a few seconds apart, as an admin saving again and again.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let all = list(&guard);
+    assert_eq!(
+        all.len(),
+        1,
+        "one state, one snapshot: {:?}; log:\n{}",
+        all.iter().map(|m| &m.id).collect::<Vec<_>>(),
+        guard.log()
+    );
+    assert_pre_migration(&all[0], assets_before);
+    assert!(all[0].db.xid_snapshot.is_some() && all[0].upload_mark.is_some());
+    assert!(
+        guard.log().contains("it covers this change"),
+        "{}",
+        guard.log()
+    );
+    let status = guard.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(".env version:     v1.120.4"), "{text}");
+    assert!(
+        text.contains(&format!("covered by {}", all[0].id)),
+        "{text}"
+    );
+}

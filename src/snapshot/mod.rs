@@ -8,6 +8,7 @@ pub mod queue;
 pub mod retention;
 pub mod storage;
 pub mod store;
+pub mod unchanged;
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,14 @@ pub struct Request {
     pub version: Option<(String, String)>,
 }
 
+impl Request {
+    /// Taken for a version change (not asked for by the admin): an unchanged state already
+    /// sealed covers it (see `unchanged`).
+    pub fn covers_a_change(&self) -> bool {
+        matches!(self.trigger.as_str(), "pre-update" | "pre-start")
+    }
+}
+
 /// Progress lines of one snapshot: facts, dump, storage, config, seal.
 pub const STEPS: u64 = 5;
 
@@ -117,6 +126,25 @@ pub async fn take(
 
     progress(format!("snapshot {id}: reading migrations and counts"));
     let facts = db::facts(access).await?;
+    let upload_mark = unchanged::upload_mark(&upload);
+    if request.covers_a_change() {
+        let image_id = request.version.as_ref().map(|(_, image)| image.as_str());
+        let sealed = store.list()?;
+        if let Some(same) = unchanged::covering(
+            &sealed,
+            &stack.project,
+            &version,
+            image_id,
+            &facts,
+            upload_mark.as_deref(),
+        ) {
+            progress(format!(
+                "nothing written since {} (same version, migrations, transaction counter and upload folders): it covers this change",
+                same.id
+            ));
+            return Ok(same.clone());
+        }
+    }
     check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
     progress(format!(
@@ -219,6 +247,7 @@ pub async fn take(
         storage: tree,
         upload_location: upload,
         config_files: copied_config.files,
+        upload_mark,
         missing_config_files: copied_config.missing,
     };
     partial.seal(&meta)?;
