@@ -483,3 +483,107 @@ fn a_burst_of_env_edits_is_snapshotted_once() {
         "{text}"
     );
 }
+
+/// Issue 12: a server paused while no daemon ran (by hand here; a run that stopped between
+/// its pause and writing it down looks the same) is reported and left paused, never unpaused
+/// silently; `release` takes it over.
+#[test]
+fn a_server_found_paused_at_start_is_reported_and_left_paused_until_released() {
+    if !docker_available() {
+        return;
+    }
+    let Watched {
+        mut guard,
+        stack,
+        _snapshots,
+        ..
+    } = watched_v119();
+    guard.terminate();
+    docker_ok(&["pause", &stack.container_name("immich-server")]);
+    let guard = guard.restart();
+    let s = guard.wait_status("the paused server reported", LONG, |s| {
+        s.state.protection.state == ProtectState::Paused
+    });
+    assert!(s.status_line.starts_with("PAUSED "), "{}", s.status_line);
+    let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("immich-guard release"), "{text}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    // Its version is the one the database runs with: released at once, no snapshot needed.
+    let out = guard.cli(&["release"]);
+    assert!(out.status.success(), "{out:?}\n{}", guard.log());
+    stack.wait_status("immich-server", "running", LONG);
+    let s = guard.wait_status("idle again", LONG, |s| {
+        s.state.protection.state == ProtectState::Idle
+    });
+    assert!(s.state.protection.paused_server.is_none());
+}
+
+/// Issue 12: a snapshot stuck behind a database lock keeps the new server frozen (fail
+/// closed), says where it waits, and after `snapshots.max_wait_secs` becomes a HOLD with a
+/// notification; once the lock is gone the snapshot seals and the server goes on.
+#[test]
+fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
+    if !docker_available() {
+        return;
+    }
+    let (hook, bodies) = webhook();
+    let (images, stack) = stack_v119();
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(
+        &stack,
+        snapshots.path(),
+        &format!("max_wait_secs = 5\n\n[notify]\nwebhook_url = {hook:?}\n"),
+    );
+    let assets_before = stack.asset_count();
+    // Another session holds the migrations table: the snapshot's first query waits on it.
+    let mut locker = Command::new("docker")
+        .args([
+            "exec",
+            &stack.container_name("database"),
+            "psql",
+            "-U",
+            &stack.db_user,
+            "-d",
+            &stack.db_name,
+            "-c",
+            "BEGIN; LOCK TABLE migrations IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    stack.recreate_server(images.server("v1.120.0"));
+    let s = guard.wait_status("the stuck snapshot held", LONG, |s| {
+        s.state.protection.hold.is_some()
+    });
+    let hold = s.state.protection.hold.unwrap();
+    assert!(
+        hold.reason.contains("snapshots.max_wait_secs (5 s)"),
+        "{}",
+        hold.reason
+    );
+    assert!(
+        hold.reason.contains("reading migrations"),
+        "{}",
+        hold.reason
+    );
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    assert!(
+        bodies_once(&bodies, "held", Duration::from_secs(10))
+            .iter()
+            .any(|b| b["kind"] == "held"),
+        "no held notification"
+    );
+    // The admin ends the lock: the snapshot seals, the hold ends, the upgrade goes on.
+    stack.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()",
+    );
+    let _ = locker.wait();
+    let meta = wait_snapshot(&guard, "pre-start");
+    assert_pre_migration(&meta, assets_before);
+    assert_upgraded(&stack, assets_before);
+    let s = guard.wait_status("the hold ended", LONG, |s| {
+        s.state.protection.hold.is_none()
+    });
+    assert!(s.state.protection.snapshot_run.is_none());
+}
