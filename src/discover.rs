@@ -960,6 +960,17 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_env_file_is_named_as_missing_not_as_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        let e = read_env_file(&path).unwrap_err();
+        assert_eq!(e, env_missing_note(&path));
+        assert!(e.contains("no version change is inferred"), "{e}");
+        std::fs::write(&path, "IMMICH_VERSION=v1.119.0\n").unwrap();
+        assert_eq!(read_env_file(&path).unwrap()["IMMICH_VERSION"], "v1.119.0");
+    }
+
+    #[test]
     fn missing_pieces_are_named_in_notes() {
         let mut all = stock("immich");
         all[0].mounts.clear();
