@@ -233,6 +233,9 @@ pub struct SnapshotConfig {
     /// Snapshot without files or folders that cannot be read, recording them in meta.json,
     /// instead of failing.
     pub skip_unreadable: bool,
+    /// How long a server stays frozen for a snapshot that does not seal (a dump stuck behind
+    /// a database lock) before it is HELD with a notification (docs/operations.md).
+    pub max_wait_secs: u64,
 }
 
 /// Folders Immich can regenerate; everything else under the upload location is an original.
@@ -247,6 +250,7 @@ impl Default for SnapshotConfig {
             exclude: Vec::new(),
             copy_across: false,
             skip_unreadable: false,
+            max_wait_secs: 1800,
         }
     }
 }
@@ -431,6 +435,13 @@ impl Config {
                 "snapshots.keep_last",
                 &0,
                 "must be at least 1: the newest sealed snapshot is never deleted",
+            );
+        }
+        if self.snapshots.max_wait_secs == 0 {
+            return invalid(
+                "snapshots.max_wait_secs",
+                &0,
+                "must be at least 1 s: a frozen server is held once its snapshot has run this long",
             );
         }
         if let Some(x) = self
@@ -774,6 +785,15 @@ mod tests {
         assert!(parse("[database]\nport = 0\n").is_err());
         assert!(parse("[database]\nport = 70000\n").is_err());
         assert!(parse("[snapshots]\nkeep_last = 0\n").is_err());
+        let e = parse("[snapshots]\nmax_wait_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshots.max_wait_secs"), "{e}");
+        let e = parse("[snapshots]\nmax_wait_secs = \"30m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_wait_secs"), "{e}");
+        assert_eq!(Config::default().snapshots.max_wait_secs, 1800);
         assert!(parse("[crash_loop]\ndeaths = 1\n").is_err());
         let e = parse("[snapshots]\nexclude = [\"thumbs\", \"library\"]\n")
             .unwrap_err()

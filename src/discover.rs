@@ -394,10 +394,22 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
     }
 }
 
+/// What `status` says while `.env` is gone (docs/operations.md "A missing .env").
+pub fn env_missing_note(path: &Path) -> String {
+    format!(
+        "{} is missing: compose would run each image's default tag; no version change is inferred from its absence",
+        path.display()
+    )
+}
+
 /// Reads `KEY=value` pairs of a compose `.env` file.
 pub fn read_env_file(path: &Path) -> Result<HashMap<String, String>, String> {
-    let iter = dotenvy::from_path_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let iter = dotenvy::from_path_iter(path).map_err(|e| match e {
+        dotenvy::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            env_missing_note(path)
+        }
+        e => format!("cannot read {}: {e}", path.display()),
+    })?;
     let mut vars = HashMap::new();
     for item in iter {
         let (k, v) = item.map_err(|e| {
@@ -945,6 +957,17 @@ mod tests {
         let s = assemble(&Config::default(), &all, &images(), &env_with_version).unwrap();
         assert_eq!(s.upload_mount.as_deref(), Some("/usr/src/app/upload"));
         assert_eq!(s.db_data_location, Some(PathBuf::from("/srv/pg/data")));
+    }
+
+    #[test]
+    fn a_missing_env_file_is_named_as_missing_not_as_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        let e = read_env_file(&path).unwrap_err();
+        assert_eq!(e, env_missing_note(&path));
+        assert!(e.contains("no version change is inferred"), "{e}");
+        std::fs::write(&path, "IMMICH_VERSION=v1.119.0\n").unwrap();
+        assert_eq!(read_env_file(&path).unwrap()["IMMICH_VERSION"], "v1.119.0");
     }
 
     #[test]

@@ -61,6 +61,20 @@ pub enum ProtectState {
     /// The verify after an upgrade failed (docs/operations.md "DEGRADED"): shown until
     /// `immich-guard ack` or a later verify passes.
     Degraded,
+    /// The server is paused, not by a freeze this daemon recorded (docs/operations.md "A
+    /// server paused at start"): left paused until the admin says.
+    Paused,
+}
+
+/// A server found paused with no freeze of ours recorded for it: the admin's, or a run that
+/// stopped between its pause and writing it down. Never unpaused without being asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PausedServer {
+    pub container: String,
+    pub container_name: String,
+    pub image_id: String,
+    pub version: String,
+    pub seen_at: DateTime<Utc>,
 }
 
 /// A version change seen before the new server runs, and the snapshot that covers it.
@@ -170,6 +184,41 @@ pub struct Protection {
     /// Verify after every upgrade: the one owed, the newest result, DEGRADED.
     #[serde(default)]
     pub verifies: Verifies,
+    /// The protective snapshot running now (docs/operations.md "A snapshot that does not
+    /// finish").
+    #[serde(default)]
+    pub snapshot_run: Option<SnapshotRun>,
+    #[serde(default)]
+    pub paused_server: Option<PausedServer>,
+}
+
+/// The protective snapshot running now, and the step it is at: what a frozen server waits on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRun {
+    pub trigger: String,
+    pub since: DateTime<Utc>,
+    /// The last progress line (what it is doing now).
+    pub step: String,
+    pub step_since: DateTime<Utc>,
+}
+
+impl SnapshotRun {
+    /// `running 4 min, 3 min at: dumping with pg_dumpall` for `status`.
+    pub fn waiting(&self, now: DateTime<Utc>) -> String {
+        format!(
+            "running {}, {} at: {}",
+            for_how_long(now - self.since),
+            for_how_long(now - self.step_since),
+            self.step
+        )
+    }
+}
+
+fn for_how_long(d: chrono::TimeDelta) -> String {
+    match d.num_seconds().max(0) {
+        s if s < 120 => format!("{s} s"),
+        s => format!("{} min", s / 60),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +245,8 @@ impl Default for Protection {
             settling: None,
             baseline_since: None,
             verifies: Verifies::default(),
+            snapshot_run: None,
+            paused_server: None,
         }
     }
 }
@@ -231,6 +282,8 @@ impl Protection {
             ProtectState::Halted
         } else if self.frozen.is_some() {
             ProtectState::Frozen
+        } else if self.paused_server.is_some() {
+            ProtectState::Paused
         } else if self.verifies.degraded.is_some() {
             ProtectState::Degraded
         } else if snapshotting {
@@ -300,6 +353,8 @@ pub enum Input {
         reply: oneshot::Sender<Result<String, String>>,
     },
     SnapshotDone(Result<(String, String), String>),
+    /// A progress line of the protective snapshot running.
+    SnapshotProgress(String),
     /// `immich-guard ack`: the admin has seen the DEGRADED.
     Ack {
         reply: oneshot::Sender<Result<String, String>>,
@@ -424,6 +479,8 @@ impl Guard {
             None => Protection::default(),
         };
         protection.fail_open = config.protect.fail_open;
+        // No snapshot survives a restart; a freeze left waiting asks for a new one.
+        protection.snapshot_run = None;
         let deaths = crate::crashloop::Detector::new(
             config.crash_loop.deaths,
             config.crash_loop.window_secs,
@@ -519,6 +576,13 @@ impl Guard {
                 service: None,
             } => self.on_release(force, reply).await,
             Input::SnapshotDone(result) => self.on_snapshot_done(result).await,
+            Input::SnapshotProgress(line) => {
+                if let Some(run) = &mut self.protection.snapshot_run {
+                    run.step = line;
+                    run.step_since = Utc::now();
+                    self.publish();
+                }
+            }
             Input::Ack { reply } => {
                 let _ = reply.send(self.acknowledge());
             }
@@ -843,6 +907,17 @@ impl Guard {
         match event {
             ComposeEvent::Changed { before, after } => {
                 self.compose_view = Some(after.clone());
+                self.show_env(&after);
+                if after.env_missing {
+                    // Compose would fall back to `release`, but nobody chose that: an absent
+                    // file is reported, never read as a version (docs/operations.md).
+                    if !before.env_missing {
+                        tracing::warn!(
+                            "the compose .env is missing; no version change is inferred from its absence"
+                        );
+                    }
+                    return;
+                }
                 let image_changed = before.server_image != after.server_image;
                 let version_changed = before.immich_version != after.immich_version;
                 if !image_changed && !version_changed {
@@ -880,17 +955,42 @@ impl Guard {
         }
     }
 
+    /// `status` shows the `.env` version as it is now, not as the last discovery read it.
+    fn show_env(&mut self, view: &ComposeView) {
+        let apply = |stack: &mut Stack| {
+            stack.env_version = view.immich_version.clone();
+            let note = stack
+                .env_file
+                .as_deref()
+                .map(crate::discover::env_missing_note);
+            stack.notes.retain(|n| Some(n) != note.as_ref());
+            if view.env_missing
+                && let Some(note) = note
+            {
+                stack.notes.push(note);
+            }
+        };
+        if let Some(stack) = &mut self.stack {
+            apply(stack);
+        }
+        self.state.send_modify(|s| {
+            if let Some(stack) = &mut s.stack {
+                apply(stack);
+            }
+        });
+    }
+
     async fn note_env_change(&mut self, to: &str, source: &str) {
         let from = self.baseline_version();
         if same_version(to, &from) {
-            // Changed back before anything happened.
-            if self
-                .protection
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.snapshot.is_none() && p.source == ".env")
+            // Set back to the version the database runs: nothing is going to change, whatever
+            // was seen or snapshotted for the change meanwhile. A server already frozen or
+            // held for it is another matter (it exists): that stays until released.
+            if self.protection.frozen.is_none()
+                && self.protection.hold.is_none()
+                && let Some(p) = self.protection.pending.take()
             {
-                self.protection.pending = None;
+                tracing::info!(change = %format!("{} → {}", p.from, p.to), source = %p.source, now = %to, "the compose config names the baseline version again; the pending change is dropped");
                 self.publish();
             }
             return;
@@ -974,6 +1074,7 @@ impl Guard {
         if first {
             self.resume_after_restart(&stack).await;
         }
+        self.note_paused(&stack);
         self.forget_removed(&stack);
         self.reconcile_restarts(&stack, listed_at).await;
         self.settle(&stack);
@@ -1049,6 +1150,52 @@ impl Guard {
         }
     }
 
+    /// A server paused that no freeze or hold of ours names is reported, never unpaused
+    /// silently: the admin may have paused it, or a run stopped between pausing it and writing
+    /// that down. `release` takes it over (docs/operations.md "A server paused at start").
+    fn note_paused(&mut self, stack: &Stack) {
+        let paused = stack.server.as_ref().filter(|s| {
+            s.state == "paused"
+                && self
+                    .protection
+                    .frozen
+                    .as_ref()
+                    .is_none_or(|f| f.container != s.container_id)
+                && self
+                    .protection
+                    .hold
+                    .as_ref()
+                    .is_none_or(|h| h.container != s.container_id)
+        });
+        let Some(server) = paused else {
+            if let Some(was) = self.protection.paused_server.take() {
+                tracing::info!(container = %was.container_name, "the paused server is no longer paused");
+            }
+            return;
+        };
+        if self
+            .protection
+            .paused_server
+            .as_ref()
+            .is_some_and(|p| p.container == server.container_id)
+        {
+            return;
+        }
+        let version = stack
+            .version
+            .as_ref()
+            .map(|v| v.name())
+            .unwrap_or_else(|| "unknown".into());
+        tracing::warn!(container = %server.container_name, version = %version, "the server is paused and no freeze of immich-guard is recorded for it; left paused: `immich-guard release` snapshots if needed and unpauses it");
+        self.protection.paused_server = Some(PausedServer {
+            container: server.container_id.clone(),
+            container_name: server.container_name.clone(),
+            image_id: server.image_id.clone(),
+            version,
+            seen_at: Utc::now(),
+        });
+    }
+
     fn watch_compose(&mut self, stack: &Stack) {
         let Some(dir) = stack.compose_dir.clone() else {
             return;
@@ -1115,6 +1262,13 @@ impl Guard {
             return;
         }
         self.snapshotting = true;
+        let now = Utc::now();
+        self.protection.snapshot_run = Some(SnapshotRun {
+            trigger: trigger.to_string(),
+            since: now,
+            step: "queued".into(),
+            step_since: now,
+        });
         let label = self
             .protection
             .pending
@@ -1137,7 +1291,10 @@ impl Guard {
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let done = match event {
-                    SnapshotEvent::Progress(_) => continue,
+                    SnapshotEvent::Progress(line) => {
+                        let _ = tx.send(Input::SnapshotProgress(line));
+                        continue;
+                    }
                     SnapshotEvent::Sealed(meta) => Ok((meta.id, meta.version)),
                     SnapshotEvent::Failed(message) => Err(message),
                 };
@@ -1153,6 +1310,7 @@ impl Guard {
 
     async fn on_snapshot_done(&mut self, result: Result<(String, String), String>) {
         self.snapshotting = false;
+        self.protection.snapshot_run = None;
         self.refresh_snapshot_index();
         match result {
             Ok((id, version)) => {
@@ -1187,8 +1345,26 @@ impl Guard {
             }
             Err(message) => {
                 tracing::error!(error = %message, "the protective snapshot failed");
+                let retried = !self.release_waiters.is_empty();
                 for w in self.release_waiters.drain(..) {
                     let _ = w.send(Err(format!("the snapshot failed again: {message}")));
+                }
+                if let Some(hold) = &mut self.protection.hold
+                    && hold.kind == HoldKind::SnapshotFailed
+                {
+                    // `HELD:` quotes the newest failure, not the first one.
+                    hold.reason = snapshot_failed_reason(&hold.version, &message);
+                    let (version, reason, hint) =
+                        (hold.version.clone(), hold.reason.clone(), hold.hint.clone());
+                    if retried {
+                        self.announce(
+                            EventKind::Held,
+                            format!("Immich {version} still held: snapshot failed again"),
+                            format!("{reason} {hint}"),
+                        );
+                        self.publish();
+                        return;
+                    }
                 }
                 if let Some(frozen) = self.protection.frozen.take() {
                     if self.protection.fail_open {
@@ -1202,26 +1378,12 @@ impl Guard {
                             &format!("fail-open: {m}"),
                         );
                     } else {
-                        let hold = Hold {
-                            kind: HoldKind::SnapshotFailed,
-                            container: frozen.container.clone(),
-                            container_name: frozen.container_name.clone(),
-                            image_id: frozen.image_id.clone(),
-                            version: frozen.version.clone(),
-                            paused: true,
-                            reason: format!(
-                                "the snapshot before starting {} failed: {message}",
-                                frozen.version
-                            ),
-                            hint: "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one".into(),
-                            since: Utc::now(),
-                        };
-                        self.announce(
-                            EventKind::Held,
-                            format!("Immich {} held: snapshot failed", frozen.version),
-                            format!("{} {}", hold.reason, hold.hint),
+                        self.hold_frozen(
+                            &frozen,
+                            snapshot_failed_reason(&frozen.version, &message),
+                            "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
+                            "snapshot failed",
                         );
-                        self.protection.hold = Some(hold);
                     }
                 } else {
                     self.announce(
@@ -1233,6 +1395,62 @@ impl Guard {
             }
         }
         self.publish();
+    }
+
+    /// When a server frozen for the running snapshot stops waiting for it (`snapshots.
+    /// max_wait_secs`): fail closed stays, but as a hold the admin is told about and can act on.
+    fn freeze_deadline(&self) -> Option<DateTime<Utc>> {
+        self.protection.frozen.as_ref()?;
+        let run = self.protection.snapshot_run.as_ref()?;
+        let wait = chrono::TimeDelta::seconds(self.config.snapshots.max_wait_secs as i64);
+        Some(run.since + wait)
+    }
+
+    /// The snapshot has not sealed within `max_wait_secs`: the frozen server is HELD (still
+    /// paused). The snapshot keeps running; if it seals, the hold ends as after a `release`.
+    fn hold_stuck(&mut self) {
+        let (Some(frozen), Some(run)) = (
+            self.protection.frozen.take(),
+            self.protection.snapshot_run.clone(),
+        ) else {
+            return;
+        };
+        let reason = format!(
+            "the snapshot before starting {} has not sealed within snapshots.max_wait_secs ({} s): {} (since {})",
+            frozen.version,
+            self.config.snapshots.max_wait_secs,
+            run.waiting(Utc::now()),
+            run.step_since.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+        tracing::error!(reason = %reason, "held the server: its snapshot does not finish");
+        self.hold_frozen(
+            &frozen,
+            reason,
+            "find what blocks it (a lock on the database: `SELECT pid, state, query FROM pg_stat_activity`); once it seals the server is released; `immich-guard release` waits for it, `immich-guard release --force` starts the server without a snapshot",
+            "snapshot does not finish",
+        );
+        self.publish();
+    }
+
+    /// The frozen server stays paused, as a hold the admin is told about and acts on.
+    fn hold_frozen(&mut self, frozen: &Frozen, reason: String, hint: &str, title: &str) {
+        let hold = Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: frozen.container.clone(),
+            container_name: frozen.container_name.clone(),
+            image_id: frozen.image_id.clone(),
+            version: frozen.version.clone(),
+            paused: true,
+            reason,
+            hint: hint.into(),
+            since: Utc::now(),
+        };
+        self.announce(
+            EventKind::Held,
+            format!("Immich {} held: {title}", frozen.version),
+            format!("{} {}", hold.reason, hold.hint),
+        );
+        self.protection.hold = Some(hold);
     }
 
     /// Unpauses (or starts, when it had to be stopped) the frozen server; it is the baseline.
@@ -1412,6 +1630,33 @@ impl Guard {
             let message = self.thaw(&frozen).await;
             self.record_release(&frozen.container_name, true, &message);
             let _ = reply.send(Ok(format!("forced release: {message}")));
+            self.publish();
+            return;
+        }
+        if let Some(paused) = self.protection.paused_server.take() {
+            let frozen = Frozen {
+                container: paused.container,
+                container_name: paused.container_name,
+                image_id: paused.image_id,
+                version: paused.version,
+                since: Utc::now(),
+                delay_ms: 0.0,
+            };
+            if force || self.starts_freely(&frozen.image_id) {
+                let message = self.thaw(&frozen).await;
+                self.record_release(&frozen.container_name, force, &message);
+                let _ = reply.send(Ok(message));
+            } else {
+                // Its version is not what the database ran with: a freeze like any other.
+                let _ = reply.send(Ok(format!(
+                    "{} ({}) is now frozen by immich-guard: it is unpaused when a snapshot of {} is sealed",
+                    frozen.container_name,
+                    frozen.version,
+                    self.baseline_version()
+                )));
+                self.protection.frozen = Some(frozen);
+                self.request_snapshot("pre-start").await;
+            }
             self.publish();
             return;
         }
@@ -1600,7 +1845,11 @@ impl Guard {
             .as_ref()
             .filter(|_| !self.verifying)
             .map(|d| d.not_before);
-        let at = settle.into_iter().chain(verify).min()?;
+        let at = settle
+            .into_iter()
+            .chain(verify)
+            .chain(self.freeze_deadline())
+            .min()?;
         let now = Utc::now();
         Some(if at <= now - chrono::TimeDelta::seconds(1) {
             now + AGAIN
@@ -1611,6 +1860,9 @@ impl Guard {
 
     async fn on_wakeup(&mut self) {
         let before = self.protection.clone();
+        if self.freeze_deadline().is_some_and(|at| at <= Utc::now()) {
+            self.hold_stuck();
+        }
         if let Some(stack) = self.stack.clone() {
             self.settle(&stack);
         }
@@ -2106,6 +2358,10 @@ fn downgrade_hint(
     }
 }
 
+fn snapshot_failed_reason(version: &str, message: &str) -> String {
+    format!("the snapshot before starting {version} failed: {message}")
+}
+
 fn push_bounded(v: &mut Vec<f64>, x: f64, keep: usize) {
     v.push(x);
     let excess = v.len().saturating_sub(keep);
@@ -2341,23 +2597,34 @@ mod tests {
     struct Fed {
         guard: GuardHandle,
         state: watch::Receiver<DaemonState>,
+        /// Publishes the stack as the daemon's discovery does.
+        publish: Arc<watch::Sender<DaemonState>>,
         file: PathBuf,
         _dir: tempfile::TempDir,
     }
 
     impl Fed {
         fn start(dir: tempfile::TempDir) -> Fed {
-            let mut config = Config::default();
+            Fed::with(dir, Config::default(), false)
+        }
+
+        /// `stalled`: every snapshot runs and never finishes.
+        fn with(dir: tempfile::TempDir, mut config: Config, stalled: bool) -> Fed {
             config.daemon.data_dir = dir.path().to_path_buf();
             let (tx, state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
             let tx = Arc::new(tx);
             let (_, docker) = watch::channel(None);
-            let queue = SnapshotQueue::start(config.clone(), docker.clone(), tx.clone());
+            let queue = if stalled {
+                SnapshotQueue::stalled()
+            } else {
+                SnapshotQueue::start(config.clone(), docker.clone(), tx.clone())
+            };
             let notifier = Notifier::new(&config.notify);
-            let guard = Guard::start(config, tx, docker, queue, notifier);
+            let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
             Fed {
                 guard,
                 state,
+                publish: tx,
                 file: dir.path().join(STATE_FILE),
                 _dir: dir,
             }
@@ -2366,6 +2633,10 @@ mod tests {
         /// Discovery found `stack`; returns the baseline published for it.
         async fn found(&mut self, stack: Stack) -> Option<String> {
             let project = stack.project.clone();
+            self.publish.send_modify(|s| {
+                s.stack = Some(stack.clone());
+                s.docker.reachable = true;
+            });
             self.guard.send(Input::Discovered {
                 stack: Box::new(stack),
                 listed_at: Utc::now(),
@@ -2382,6 +2653,295 @@ mod tests {
             .clone();
             s.baseline.map(|b| b.version)
         }
+    }
+
+    /// Waits until the published state satisfies `ok`.
+    async fn until(fed: &Fed, what: &str, ok: impl Fn(&DaemonState) -> bool) -> DaemonState {
+        let mut rx = fed.state.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: {:#?}", fed.state.borrow().protection))
+            .unwrap()
+            .clone()
+    }
+
+    /// A compose dir whose server image follows `.env`, as Immich's own compose file does.
+    fn compose_dir(env_version: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n",
+        )
+        .unwrap();
+        write_env(dir.path(), env_version);
+        dir
+    }
+
+    /// Writes `.env` as editors do: a new file renamed over the old one.
+    fn write_env(dir: &Path, version: &str) {
+        std::fs::write(dir.join(".env.new"), format!("IMMICH_VERSION={version}\n")).unwrap();
+        std::fs::rename(dir.join(".env.new"), dir.join(".env")).unwrap();
+    }
+
+    /// `running(...)` with its compose files in `dir` and `.env` naming `env_version`.
+    fn composed(dir: &Path, version: &str, env_version: &str) -> Stack {
+        Stack {
+            compose_dir: Some(dir.to_path_buf()),
+            compose_files: vec![dir.join("docker-compose.yml")],
+            env_file: Some(dir.join(".env")),
+            env_version: Some(env_version.into()),
+            ..running("a", version, "ca")
+        }
+    }
+
+    fn status_text(s: &DaemonState) -> String {
+        crate::render::status(&crate::status::StatusReport::from_state(s))
+    }
+
+    #[tokio::test]
+    async fn held_quotes_the_newest_failure_after_a_release_fails_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = with_baseline("a", "v1.119.0");
+        p.hold = Some(Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            paused: true,
+            reason: snapshot_failed_reason("v1.120.0", "disk full"),
+            hint: "fix it".into(),
+            since: Utc::now(),
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        assert!(status_text(&fed.state.borrow()).contains("disk full"));
+        // The retried snapshot fails for another reason (no Docker here).
+        let err = fed.guard.release(false, None).await.unwrap_err();
+        assert!(err.contains("Docker is unreachable"), "{err}");
+        let s = until(&fed, "the new reason", |s| {
+            s.protection
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.reason.contains("Docker is unreachable"))
+        })
+        .await;
+        let text = status_text(&s);
+        let held = text.lines().find(|l| l.starts_with("HELD:")).unwrap();
+        assert!(held.contains("Docker is unreachable"), "{held}");
+        assert!(!held.contains("disk full"), "{held}");
+        assert!(s.status_line().contains("Docker is unreachable"));
+        // And it is what a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(
+            saved.projects["a"]
+                .hold
+                .as_ref()
+                .unwrap()
+                .reason
+                .contains("Docker is unreachable")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_env_version_follows_edits_and_setting_it_back_drops_the_pending_change() {
+        let compose = compose_dir("v1.120.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        // The daemon (re)starts with `.env` ahead of the database: a change in progress.
+        fed.found(composed(compose.path(), "v1.119.0", "v1.120.0"))
+            .await;
+        let s = until(&fed, "the startup change", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.source == "startup reconcile")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.120.0"));
+        // The admin sets it back: status follows, and nothing is pending any more.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the edit", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.119.0"));
+        let s = until(&fed, "no pending change", |s| {
+            s.protection.pending.is_none()
+        })
+        .await;
+        assert!(!status_text(&s).contains("pending change"));
+        // Another edit is followed too, and is a change again.
+        write_env(compose.path(), "v1.121.0");
+        let s = until(&fed, "the next edit", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.to == "v1.121.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.121.0"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_env_is_reported_and_never_read_as_a_change_to_release() {
+        let compose = compose_dir("v1.119.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(composed(compose.path(), "v1.119.0", "v1.119.0"))
+            .await;
+        std::fs::remove_file(compose.path().join(".env")).unwrap();
+        let s = until(&fed, "the missing .env", |s| {
+            s.stack
+                .as_ref()
+                .unwrap()
+                .notes
+                .iter()
+                .any(|n| n.contains("is missing"))
+        })
+        .await;
+        let text = status_text(&s);
+        assert!(text.contains(".env is missing"), "{text}");
+        assert!(!text.contains(".env version:"), "{text}");
+        assert!(s.protection.pending.is_none(), "{:?}", s.protection.pending);
+        // A compose edit meanwhile is not read as `release` either.
+        std::fs::write(
+            compose.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n    restart: always\n",
+        )
+        .unwrap();
+        tokio::time::sleep(COMPOSE_DEBOUNCE * 4).await;
+        assert!(fed.state.borrow().protection.pending.is_none());
+        // Back: the warning goes, and the same version is no change.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the .env back", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(!status_text(&s).contains("is missing"));
+        assert!(s.protection.pending.is_none());
+    }
+
+    /// A state of project a with the server `cb` (v1.120.0) frozen by an earlier run.
+    fn frozen_file(dir: &Path) {
+        let mut p = with_baseline("a", "v1.119.0");
+        p.frozen = Some(Frozen {
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            since: Utc::now(),
+            delay_ms: 3.0,
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.join(STATE_FILE), &file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_finish_says_where_it_waits_then_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut config = Config::default();
+        config.snapshots.max_wait_secs = 2;
+        let mut fed = Fed::with(dir, config, true);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        // Frozen, and status says what it waits on and for how long.
+        let s = until(&fed, "the step", |s| {
+            s.protection
+                .snapshot_run
+                .as_ref()
+                .is_some_and(|r| r.step.contains("pg_dumpall"))
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        let line = s.status_line();
+        assert!(
+            line.contains("snapshot running") && line.contains("at: dumping with pg_dumpall"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("snapshot (pre-start) running"));
+        // Past snapshots.max_wait_secs: HELD, still paused, saying why and since when.
+        let s = until(&fed, "the hold", |s| s.protection.hold.is_some()).await;
+        let hold = s.protection.hold.clone().unwrap();
+        assert_eq!(s.protection.state, ProtectState::Held);
+        assert!(s.protection.frozen.is_none());
+        assert!(hold.paused);
+        assert!(
+            hold.reason.contains("snapshots.max_wait_secs (2 s)")
+                && hold.reason.contains("at: dumping with pg_dumpall"),
+            "{}",
+            hold.reason
+        );
+        assert!(hold.hint.contains("release --force"), "{}", hold.hint);
+        assert!(s.status_line().starts_with("HELD a_server_new"));
+        // It is persisted as a hold, which a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].hold.is_some());
+        assert!(saved.projects["a"].frozen.is_none());
+    }
+
+    /// `running(...)` whose server `container` (on `version`) is paused.
+    fn paused(version: &str, container: &str) -> Stack {
+        let mut stack = running("a", version, container);
+        stack.server.as_mut().unwrap().state = "paused".into();
+        stack
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_someone_else_is_reported_left_paused_and_taken_over_by_release() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            &dir.path().join(STATE_FILE),
+            &StateFile {
+                projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+                ..StateFile::default()
+            },
+        )
+        .unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "paused", |s| {
+            s.protection.state == ProtectState::Paused
+        })
+        .await;
+        let line = s.status_line();
+        assert!(
+            line.starts_with("PAUSED a_server (v1.120.0), not by immich-guard"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("`docker unpause a_server`"));
+        assert!(s.protection.frozen.is_none() && s.protection.snapshot_run.is_none());
+        // `release`: a freeze like any other (its version is not the database's): snapshot
+        // first; here it fails (no Docker), so the server is HELD, still paused.
+        let answer = fed.guard.release(false, None).await.unwrap();
+        assert!(answer.contains("now frozen by immich-guard"), "{answer}");
+        let s = until(&fed, "held", |s| s.protection.hold.is_some()).await;
+        assert!(s.protection.paused_server.is_none());
+        assert_eq!(s.protection.hold.unwrap().container, "cb");
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_our_own_freeze_is_snapshotted_again_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut fed = Fed::with(dir, Config::default(), true);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "the snapshot", |s| {
+            s.protection.snapshot_run.is_some()
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        assert!(s.protection.paused_server.is_none());
+        assert!(
+            s.status_line()
+                .starts_with("frozen a_server_new (v1.120.0)")
+        );
     }
 
     #[tokio::test]

@@ -146,6 +146,25 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
             f.container_name, f.version, f.delay_ms
         );
     }
+    if let Some(x) = &p.paused_server {
+        let _ = writeln!(
+            out,
+            "PAUSED: {} ({}) found paused at {}, with no freeze of immich-guard recorded (paused by hand, or by a run that stopped before recording it); left paused: `immich-guard release` snapshots if its version needs one and unpauses it, `docker unpause {}` if you paused it",
+            x.container_name,
+            x.version,
+            x.seen_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            x.container_name
+        );
+    }
+    if let Some(r) = &p.snapshot_run {
+        let _ = writeln!(
+            out,
+            "snapshot ({}) {}, started {}",
+            r.trigger,
+            r.waiting(chrono::Utc::now()),
+            r.since.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
     if let Some(h) = &p.hold {
         let _ = writeln!(
             out,

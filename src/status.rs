@@ -109,8 +109,13 @@ impl DaemonState {
             }
             (ProtectState::Frozen, _, Some(f)) => {
                 return format!(
-                    "frozen {} ({}) until its snapshot is sealed",
-                    f.container_name, f.version
+                    "frozen {} ({}) until its snapshot is sealed{}",
+                    f.container_name,
+                    f.version,
+                    p.snapshot_run
+                        .as_ref()
+                        .map(|r| format!("; snapshot {}", r.waiting(Utc::now())))
+                        .unwrap_or_default()
                 );
             }
             (ProtectState::Degraded, _, _) if let Some(d) = &p.verifies.degraded => {
@@ -127,6 +132,12 @@ impl DaemonState {
                         Some(id) => format!("`immich-guard restore {id}` or `immich-guard ack`"),
                         None => "`immich-guard ack` once looked at".to_string(),
                     }
+                );
+            }
+            (ProtectState::Paused, _, _) if let Some(x) = &p.paused_server => {
+                return format!(
+                    "PAUSED {} ({}), not by immich-guard as far as it knows: left paused; `immich-guard release` snapshots if needed and unpauses it",
+                    x.container_name, x.version
                 );
             }
             (ProtectState::Halted, _, _) => {

@@ -424,3 +424,164 @@ impl Drop for Tiny {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// Issue 12: seven `.env` saves in a row are one pending change at a time, and the state the
+/// first snapshot sealed is not dumped again while nothing is written: one snapshot covers
+/// them all, and `status` follows each edit.
+#[test]
+fn a_burst_of_env_edits_is_snapshotted_once() {
+    if !docker_available() {
+        return;
+    }
+    let Watched {
+        guard,
+        stack,
+        assets_before,
+        _snapshots,
+        ..
+    } = watched_v119();
+    let versions = [
+        "v1.120.0", "v1.120.1", "v1.120.2", "v1.120.0", "v1.120.3", "v1.120.1", "v1.120.4",
+    ];
+    for (i, version) in versions.iter().enumerate() {
+        stack.set_env("IMMICH_VERSION", version);
+        guard.wait_status(&format!("edit {i} seen"), LONG, |s| {
+            s.state
+                .protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| &p.to == version && p.snapshot.is_some())
+                && s.state
+                    .stack
+                    .as_ref()
+                    .and_then(|s| s.env_version.as_deref())
+                    == Some(version)
+        });
+        // Edits a few seconds apart, as an admin saving again and again.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let all = list(&guard);
+    assert_eq!(
+        all.len(),
+        1,
+        "one state, one snapshot: {:?}; log:\n{}",
+        all.iter().map(|m| &m.id).collect::<Vec<_>>(),
+        guard.log()
+    );
+    assert_pre_migration(&all[0], assets_before);
+    assert!(all[0].db.xid_snapshot.is_some() && all[0].upload_mark.is_some());
+    assert!(
+        guard.log().contains("it covers this change"),
+        "{}",
+        guard.log()
+    );
+    let status = guard.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(".env version:     v1.120.4"), "{text}");
+    assert!(
+        text.contains(&format!("covered by {}", all[0].id)),
+        "{text}"
+    );
+}
+
+/// Issue 12: a server paused while no daemon ran (by hand here; a run that stopped between
+/// its pause and writing it down looks the same) is reported and left paused, never unpaused
+/// silently; `release` takes it over.
+#[test]
+fn a_server_found_paused_at_start_is_reported_and_left_paused_until_released() {
+    if !docker_available() {
+        return;
+    }
+    let Watched {
+        mut guard,
+        stack,
+        _snapshots,
+        ..
+    } = watched_v119();
+    guard.terminate();
+    docker_ok(&["pause", &stack.container_name("immich-server")]);
+    let guard = guard.restart();
+    let s = guard.wait_status("the paused server reported", LONG, |s| {
+        s.state.protection.state == ProtectState::Paused
+    });
+    assert!(s.status_line.starts_with("PAUSED "), "{}", s.status_line);
+    let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("immich-guard release"), "{text}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    // Its version is the one the database runs with: released at once, no snapshot needed.
+    let out = guard.cli(&["release"]);
+    assert!(out.status.success(), "{out:?}\n{}", guard.log());
+    stack.wait_status("immich-server", "running", LONG);
+    let s = guard.wait_status("idle again", LONG, |s| {
+        s.state.protection.state == ProtectState::Idle
+    });
+    assert!(s.state.protection.paused_server.is_none());
+}
+
+/// Issue 12: a snapshot stuck behind a database lock keeps the new server frozen (fail
+/// closed), says where it waits, and after `snapshots.max_wait_secs` becomes a HOLD with a
+/// notification; once the lock is gone the snapshot seals and the server goes on.
+#[test]
+fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
+    if !docker_available() {
+        return;
+    }
+    let (hook, bodies) = webhook();
+    let (images, stack) = stack_v119();
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = guard_for(
+        &stack,
+        snapshots.path(),
+        &format!("max_wait_secs = 5\n\n[notify]\nwebhook_url = {hook:?}\n"),
+    );
+    let assets_before = stack.asset_count();
+    // Another session holds the migrations table: the snapshot's first query waits on it.
+    let mut locker = Command::new("docker")
+        .args([
+            "exec",
+            &stack.container_name("database"),
+            "psql",
+            "-U",
+            &stack.db_user,
+            "-d",
+            &stack.db_name,
+            "-c",
+            "BEGIN; LOCK TABLE migrations IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    stack.recreate_server(images.server("v1.120.0"));
+    let s = guard.wait_status("the stuck snapshot held", LONG, |s| {
+        s.state.protection.hold.is_some()
+    });
+    let hold = s.state.protection.hold.unwrap();
+    // Why, and where it waits.
+    for part in [
+        "snapshots.max_wait_secs (5 s)",
+        "at: snapshot",
+        "reading migrations",
+    ] {
+        assert!(hold.reason.contains(part), "{part}: {}", hold.reason);
+    }
+    assert_eq!(stack.state("immich-server").unwrap().status, "paused");
+    assert!(
+        bodies_once(&bodies, "held", Duration::from_secs(10))
+            .iter()
+            .any(|b| b["kind"] == "held"),
+        "no held notification"
+    );
+    // The admin ends the lock: the snapshot seals, the hold ends, the upgrade goes on.
+    stack.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()",
+    );
+    let _ = locker.wait();
+    let meta = wait_snapshot(&guard, "pre-start");
+    assert_pre_migration(&meta, assets_before);
+    assert_upgraded(&stack, assets_before);
+    let s = guard.wait_status("the hold ended", LONG, |s| {
+        s.state.protection.hold.is_none()
+    });
+    assert!(s.state.protection.snapshot_run.is_none());
+}

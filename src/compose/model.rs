@@ -41,6 +41,9 @@ pub enum ComposeError {
 pub struct ComposeView {
     /// `.env` `IMMICH_VERSION`; None when unset or empty (compose then uses the image default).
     pub immich_version: Option<String>,
+    /// `.env` is not there: `immich_version` is None because there is no file, not because the
+    /// admin unset it (docs/operations.md "A missing .env").
+    pub env_missing: bool,
     /// The server service's image, interpolated.
     pub server_image: Option<String>,
     pub ml_image: Option<String>,
@@ -57,6 +60,7 @@ pub fn read_view(
 ) -> Result<ComposeView, ComposeError> {
     let env_path = dir.join(env_file.unwrap_or(Path::new(".env")));
     let mut files = Vec::new();
+    let mut env_missing = false;
     let env = match std::fs::read(&env_path) {
         Ok(bytes) => {
             // Parsed from the bytes we hash, so the hash and the values always agree.
@@ -64,7 +68,10 @@ pub fn read_view(
             files.push((env_path, sha256_hex(&bytes)));
             env
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            env_missing = true;
+            HashMap::new()
+        }
         Err(source) => {
             return Err(ComposeError::Read {
                 path: env_path,
@@ -118,6 +125,7 @@ pub fn read_view(
     };
     Ok(ComposeView {
         immich_version: env.get("IMMICH_VERSION").filter(|v| !v.is_empty()).cloned(),
+        env_missing,
         server_image: find(SERVER_IMAGE),
         ml_image: find(ML_IMAGE),
         files,
@@ -406,6 +414,7 @@ mod tests {
         fs::remove_file(dir.join(".env")).unwrap();
         let view = read_view(&dir, &[dir.join("docker-compose.yml")], None).unwrap();
         assert_eq!(view.immich_version, None);
+        assert!(view.env_missing);
         assert_eq!(
             view.server_image.as_deref(),
             Some("ghcr.io/immich-app/immich-server:release")

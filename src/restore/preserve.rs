@@ -107,8 +107,12 @@ pub async fn take_files(
         tree.bytes / 1_000_000,
         tree.method
     )));
-    let (config_files, config_bytes) =
-        snapshot::copy_config(stack, partial.path()).map_err(RestoreError::Preserve)?;
+    let copied = snapshot::copy_config(
+        &stack.compose_files,
+        stack.env_file.as_deref(),
+        &partial.path().join(crate::snapshot::store::CONFIG_DIR),
+    )
+    .map_err(RestoreError::Preserve)?;
     let meta = Meta {
         format: 1,
         id: id.clone(),
@@ -130,6 +134,7 @@ pub async fn take_files(
             assets: None,
             users: None,
             database_bytes: 0,
+            xid_snapshot: None,
         },
         dump: DumpFile {
             sql_bytes: 0,
@@ -137,10 +142,12 @@ pub async fn take_files(
             sha256: String::new(),
             duration_ms: 0,
         },
-        size_bytes: tree.manifest_bytes + config_bytes,
+        size_bytes: tree.manifest_bytes + copied.bytes,
         storage: tree,
         upload_location: upload,
-        config_files,
+        config_files: copied.files,
+        missing_config_files: copied.missing,
+        upload_mark: None,
     };
     let sealed = partial.seal(&meta).map_err(store_err)?;
     // After the seal: a partial dir is removed by the next daemon start, and these files must

@@ -299,6 +299,10 @@ pub struct DbFacts {
     pub assets: Option<i64>,
     pub users: Option<i64>,
     pub database_bytes: i64,
+    /// `txid_current_snapshot()` before the dump (`xmin:xmax:in-progress`): what says
+    /// nothing was written since (snapshot/unchanged.rs). None when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid_snapshot: Option<String>,
 }
 
 /// Connects with the discovered credentials and reads migrations, counts and size.
@@ -328,6 +332,12 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     })?;
     let conn = tokio::spawn(connection);
 
+    // First: a write after this is a write after the snapshot's state.
+    let xid_snapshot = client
+        .query_one("SELECT txid_current_snapshot()::text", &[])
+        .await
+        .ok()
+        .map(|r| r.get::<_, String>(0));
     let mut counts = Vec::new();
     let mut migrations = Vec::new();
     for table in ["migrations", "kysely_migrations"] {
@@ -367,6 +377,7 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         assets,
         users,
         database_bytes,
+        xid_snapshot,
     })
 }
 

@@ -8,8 +8,9 @@ pub mod queue;
 pub mod retention;
 pub mod storage;
 pub mod store;
+pub mod unchanged;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bollard::Docker;
 use chrono::Utc;
@@ -66,6 +67,14 @@ pub struct Request {
     pub version: Option<(String, String)>,
 }
 
+impl Request {
+    /// Taken for a version change (not asked for by the admin): an unchanged state already
+    /// sealed covers it (see `unchanged`).
+    pub fn covers_a_change(&self) -> bool {
+        matches!(self.trigger.as_str(), "pre-update" | "pre-start")
+    }
+}
+
 /// Progress lines of one snapshot: facts, dump, storage, config, seal.
 pub const STEPS: u64 = 5;
 
@@ -117,6 +126,25 @@ pub async fn take(
 
     progress(format!("snapshot {id}: reading migrations and counts"));
     let facts = db::facts(access).await?;
+    let upload_mark = unchanged::upload_mark(&upload);
+    if request.covers_a_change() {
+        let image_id = request.version.as_ref().map(|(_, image)| image.as_str());
+        let sealed = store.list()?;
+        if let Some(same) = unchanged::covering(
+            &sealed,
+            &stack.project,
+            &version,
+            image_id,
+            &facts,
+            upload_mark.as_deref(),
+        ) {
+            progress(format!(
+                "nothing written since {} (same version, migrations, transaction counter and upload folders): it covers this change",
+                same.id
+            ));
+            return Ok(same.clone());
+        }
+    }
     check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
     progress(format!(
@@ -155,7 +183,17 @@ pub async fn take(
             format!("; {} unreadable entries skipped", tree.skipped.len())
         }
     ));
-    let (config_files, config_bytes) = copy_config(stack, partial.path())?;
+    let copied_config = copy_config(
+        &stack.compose_files,
+        stack.env_file.as_deref(),
+        &partial.path().join(CONFIG_DIR),
+    )?;
+    if !copied_config.missing.is_empty() {
+        progress(format!(
+            "not in the snapshot (missing): {}",
+            copied_config.missing.join(", ")
+        ));
+    }
 
     let copied = if tree.method.copies_data() {
         tree.bytes
@@ -185,11 +223,13 @@ pub async fn take(
         started_at,
         sealed_at: Utc::now(),
         db: facts,
-        size_bytes: dump.bytes + tree.manifest_bytes + config_bytes + copied,
+        size_bytes: dump.bytes + tree.manifest_bytes + copied_config.bytes + copied,
         dump,
         storage: tree,
         upload_location: upload,
-        config_files,
+        config_files: copied_config.files,
+        upload_mark,
+        missing_config_files: copied_config.missing,
     };
     partial.seal(&meta)?;
     progress(format!("sealed {}", meta.id));
@@ -231,39 +271,6 @@ pub async fn storage_tree(
     })
     .await
     .expect("storage snapshot thread")
-}
-
-/// Copies the compose files and `.env` into `<snap_dir>/config/` (owner-only: `.env` holds the
-/// database password); returns the names copied and their bytes.
-pub fn copy_config(
-    stack: &Stack,
-    snap_dir: &std::path::Path,
-) -> Result<(Vec<String>, u64), SnapshotError> {
-    let config_dir = snap_dir.join(CONFIG_DIR);
-    let mut config_files = Vec::new();
-    let mut config_bytes = 0;
-    crate::private::create_dir(&config_dir).map_err(|source| SnapshotError::Config {
-        path: config_dir.clone(),
-        source,
-    })?;
-    for path in stack.compose_files.iter().chain(stack.env_file.iter()) {
-        let Some(name) = path.file_name() else {
-            continue;
-        };
-        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Config {
-            path: path.clone(),
-            source,
-        })?;
-        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
-            SnapshotError::Config {
-                path: config_dir.join(name),
-                source,
-            }
-        })?;
-        config_bytes += bytes.len() as u64;
-        config_files.push(name.to_string_lossy().into_owned());
-    }
-    Ok((config_files, config_bytes))
 }
 
 /// A pg_dumpall compressed with zstd is far smaller than the database on disk; half of it is
@@ -318,4 +325,85 @@ async fn check_space(
         });
     }
     Ok(())
+}
+
+/// The compose config as copied into a snapshot's `config/`.
+#[derive(Debug, Default, PartialEq)]
+pub struct CopiedConfig {
+    pub files: Vec<String>,
+    pub bytes: u64,
+    /// A `.env` that is not there: compose runs without one, so it is recorded, not an error.
+    pub missing: Vec<String>,
+}
+
+/// Copies the compose files and `.env` into `config_dir` (owner-only: `.env` holds the
+/// database password).
+pub fn copy_config(
+    compose_files: &[PathBuf],
+    env_file: Option<&Path>,
+    config_dir: &Path,
+) -> Result<CopiedConfig, SnapshotError> {
+    let mut copied = CopiedConfig::default();
+    crate::private::create_dir(config_dir).map_err(|source| SnapshotError::Config {
+        path: config_dir.to_path_buf(),
+        source,
+    })?;
+    let files = compose_files.iter().map(|p| (p.as_path(), false));
+    for (path, optional) in files.chain(env_file.map(|p| (p, true))) {
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
+                copied.missing.push(path.display().to_string());
+                continue;
+            }
+            Err(source) => {
+                return Err(SnapshotError::Config {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
+            SnapshotError::Config {
+                path: config_dir.join(name),
+                source,
+            }
+        })?;
+        copied.bytes += bytes.len() as u64;
+        copied.files.push(name.to_string_lossy().into_owned());
+    }
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_env_is_recorded_and_a_missing_compose_file_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let compose = dir.path().join("docker-compose.yml");
+        std::fs::write(&compose, "services: {}\n").unwrap();
+        let env = dir.path().join(".env");
+        let copied = copy_config(
+            std::slice::from_ref(&compose),
+            Some(&env),
+            &dir.path().join("config"),
+        )
+        .unwrap();
+        assert_eq!(copied.files, ["docker-compose.yml"]);
+        assert_eq!(copied.missing, [env.display().to_string()]);
+        assert!(dir.path().join("config/docker-compose.yml").exists());
+        // The compose file itself is what compose runs: without it there is nothing to save.
+        let err = copy_config(
+            &[dir.path().join("gone.yml")],
+            Some(&env),
+            &dir.path().join("config2"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("gone.yml"), "{err}");
+    }
 }

@@ -60,6 +60,25 @@ impl SnapshotQueue {
     }
 }
 
+#[cfg(test)]
+impl SnapshotQueue {
+    /// A queue whose worker takes requests and never finishes one: a snapshot stuck (behind
+    /// a database lock, say), for the guard's own tests.
+    pub(crate) fn stalled() -> SnapshotQueue {
+        let (jobs, mut rx) = mpsc::channel::<Job>(16);
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            while let Some(job) = rx.recv().await {
+                let _ = job
+                    .events
+                    .send(Event::Progress("dumping with pg_dumpall".into()));
+                taken.push(job);
+            }
+        });
+        SnapshotQueue { jobs }
+    }
+}
+
 async fn worker(
     mut jobs: mpsc::Receiver<Job>,
     config: Config,

@@ -1,11 +1,15 @@
-//! Which sealed snapshots to delete: keep the last N, always the newest of each of the last K
-//! versions, and never the newest of all. Pure: it plans, `apply` deletes.
+//! Which sealed snapshots to delete: keep the last N, the newest of each version the database
+//! has run with (README.md "Snapshots": never the last good snapshot of a version), and never
+//! the newest of all. Only a version's older copies are ever deleted, so a burst of snapshots
+//! of one version can never push the other versions out. Pure: it plans, `apply` deletes.
 
 use std::collections::HashSet;
 
 use super::store::{Meta, Store, StoreError};
 
 /// Ids to delete from `sealed` (any order in, oldest-first assumed for ties by `sealed_at`).
+/// `keep_versions`: how many versions keep more than their newest when `keep_last` would drop
+/// them (the newest of every version is kept regardless).
 pub fn plan(sealed: &[Meta], keep_last: u32, keep_versions: u32) -> Vec<String> {
     let mut newest_first: Vec<&Meta> = sealed.iter().collect();
     newest_first.sort_by(|a, b| (b.sealed_at, &b.id).cmp(&(a.sealed_at, &a.id)));
@@ -25,12 +29,25 @@ pub fn plan(sealed: &[Meta], keep_last: u32, keep_versions: u32) -> Vec<String> 
         versions_seen.push(m.version.as_str());
         keep.insert(m.id.as_str());
     }
+    // Every snapshot is of a version the database ran with (taken before it changed): the
+    // newest of each, per project, is the only way back to it.
+    let mut newest_of: HashSet<(&str, String)> = HashSet::new();
+    for m in &newest_first {
+        if newest_of.insert((m.project.as_str(), version_key(&m.version))) {
+            keep.insert(m.id.as_str());
+        }
+    }
     newest_first
         .iter()
         .rev()
         .filter(|m| !keep.contains(m.id.as_str()))
         .map(|m| m.id.clone())
         .collect()
+}
+
+/// `v1.119.0` and `1.119.0` are one version.
+fn version_key(v: &str) -> String {
+    v.strip_prefix('v').unwrap_or(v).to_string()
 }
 
 /// Deletes what `plan` says, oldest first; returns the deleted ids.
@@ -76,9 +93,39 @@ mod tests {
             ("e", "v3"),
             ("f", "v4"),
         ]);
-        // last 1 = f; versions v4 (f), v3 (e), v2 (c) kept; v1 is the 4th version: not kept.
-        assert_eq!(plan(&s, 1, 3), vec!["a", "b", "d"]);
-        assert_eq!(plan(&s, 1, 4), vec!["a", "d"]);
+        // last 1 = f; the newest of each version (f, e, c, b) is kept whatever keep_versions
+        // says: only older copies of a version go.
+        assert_eq!(plan(&s, 1, 3), vec!["a", "d"]);
+        assert_eq!(plan(&s, 1, 1), vec!["a", "d"]);
+    }
+
+    #[test]
+    fn a_burst_of_one_version_never_pushes_out_the_other_versions() {
+        // Two older versions, then seven snapshots of the current one (seven `.env` saves).
+        let mut specs = vec![("v117", "v1.117.0"), ("v118", "v1.118.0")];
+        let burst: Vec<String> = (0..7).map(|i| format!("v119-{i}")).collect();
+        specs.extend(burst.iter().map(|id| (id.as_str(), "v1.119.0")));
+        let s = snaps(&specs);
+        for (keep_last, keep_versions) in [(1, 0), (1, 1), (3, 1), (5, 3), (10, 3)] {
+            let doomed = plan(&s, keep_last, keep_versions);
+            assert!(
+                !doomed.iter().any(|id| id == "v117" || id == "v118"),
+                "keep_last {keep_last}, keep_versions {keep_versions}: {doomed:?}"
+            );
+            assert!(!doomed.contains(&"v119-6".to_string()), "the newest of all");
+        }
+        // Only the older copies of v1.119.0 go, oldest first.
+        assert_eq!(plan(&s, 3, 1), vec!["v119-0", "v119-1", "v119-2", "v119-3"]);
+        assert_eq!(plan(&s, 1, 0).len(), 6);
+        // Another project's newest of the same version is its own.
+        let mut other = snaps(&[("o1", "v1.117.0"), ("o2", "v1.117.0")]);
+        for m in &mut other {
+            m.project = "other".into();
+        }
+        let mut all = s.clone();
+        all.extend(other);
+        assert!(!plan(&all, 1, 0).contains(&"o2".to_string()));
+        assert!(plan(&all, 1, 0).contains(&"o1".to_string()));
     }
 
     #[test]

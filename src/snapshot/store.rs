@@ -61,6 +61,13 @@ pub struct Meta {
     pub upload_location: PathBuf,
     /// Compose files and `.env` as copied into `config/`.
     pub config_files: Vec<String>,
+    /// Config files that were not there to copy (a deleted `.env`): recorded, not a failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_config_files: Vec<String>,
+    /// The upload location's top-level folders and their mtimes when it began: with the
+    /// database's transaction snapshot, what says nothing was written since (snapshot/unchanged.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_mark: Option<Vec<(String, i64)>>,
     /// Bytes this snapshot added on disk (hard links cost none).
     pub size_bytes: u64,
 }
@@ -289,6 +296,7 @@ pub(crate) mod tests {
                 assets: None,
                 users: None,
                 database_bytes: 0,
+                xid_snapshot: None,
             },
             dump: DumpFile {
                 sql_bytes: 0,
@@ -313,6 +321,8 @@ pub(crate) mod tests {
             },
             upload_location: "/srv".into(),
             config_files: vec![],
+            missing_config_files: vec![],
+            upload_mark: None,
             size_bytes: 0,
         }
     }
