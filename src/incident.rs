@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnose::{Category, Decision, Finding};
 use crate::discover::Stack;
+use crate::durable::PARTIAL_PREFIX;
 use crate::image_ref::ImageRef;
 use crate::redact::{self, Secrets};
-use crate::snapshot::store::PARTIAL_PREFIX;
 
 /// Under the data dir.
 pub const DIR: &str = "incidents";
@@ -237,7 +237,7 @@ pub fn stack_secrets<'a>(
 
 /// `<UTC time>-<service>`; unique within the dir.
 pub fn incident_id(at: DateTime<Utc>, service: &str, dir: &Path) -> String {
-    crate::snapshot::store::unused_name(dir, &format!("{}-{service}", at.format("%Y%m%dT%H%M%SZ")))
+    crate::durable::unused_name(dir, &format!("{}-{service}", at.format("%Y%m%dT%H%M%SZ")))
 }
 
 /// Writes the bundle under `<dir>/.partial-<id>` and renames it into place.
@@ -259,7 +259,7 @@ pub fn write_bundle(
     crate::private::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
     crate::private::create_dir_all(partial.join("config")).map_err(err(&partial))?;
     let write = |path: PathBuf, bytes: &[u8]| {
-        crate::snapshot::store::write_synced(&path, bytes).map_err(err(&path))
+        crate::durable::write_synced(&path, bytes).map_err(err(&path))
     };
     for (service, log) in &evidence.logs {
         write(partial.join(format!("logs/{service}.log")), log.as_bytes())?;
@@ -295,10 +295,10 @@ pub fn write_bundle(
     write(partial.join("guard.json"), &guard_json)?;
     for sub in ["logs", "inspect", "config", ""] {
         let d = partial.join(sub);
-        crate::snapshot::store::sync_dir(&d).map_err(err(&d))?;
+        crate::durable::sync_dir(&d).map_err(err(&d))?;
     }
     std::fs::rename(&partial, &final_dir).map_err(err(&final_dir))?;
-    crate::snapshot::store::sync_dir(dir).map_err(err(dir))?;
+    crate::durable::sync_dir(dir).map_err(err(dir))?;
     Ok(final_dir)
 }
 

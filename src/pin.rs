@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::compose::model::{interpolate, parse_env};
 use crate::discover::Stack;
+use crate::durable::sync_dir;
 use crate::image_ref::ImageRef;
 use crate::protect::same_version;
-use crate::snapshot::store::{Meta, sync_dir};
+use crate::snapshot::store::Meta;
 
 const KEY: &str = "IMMICH_VERSION";
 /// Under the data dir: one JSON line per pin made, forced or not.
@@ -816,7 +817,7 @@ pub fn record(data_dir: &Path, record: &PinRecord) -> Result<PathBuf, PinError> 
         }
     };
     let line = serde_json::to_vec(record).expect("pin record serializes");
-    crate::snapshot::store::append_line_synced(&path, &line).map_err(fail("appending"))?;
+    crate::durable::append_line_synced(&path, &line).map_err(fail("appending"))?;
     Ok(path)
 }
 

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags};
 
 use crate::config::Config;
-use crate::snapshot::store::{CONFIG_DIR, META_FILE, PARTIAL_PREFIX, STORAGE_DIR};
+use crate::durable::PARTIAL_PREFIX;
+use crate::snapshot::store::{CONFIG_DIR, META_FILE, STORAGE_DIR};
 
 pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;

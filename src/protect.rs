@@ -2171,7 +2171,7 @@ impl Guard {
             Ok(path) => {
                 // The halted list is known only now: the sealed bundle's incident.json is
                 // replaced whole, never left half-written.
-                let _ = crate::snapshot::store::replace_synced(
+                let _ = crate::durable::replace_synced(
                     &path.join(crate::incident::INCIDENT_FILE),
                     &serde_json::to_vec_pretty(&incident).unwrap_or_default(),
                 );
@@ -2439,7 +2439,7 @@ fn save(path: &Path, p: &StateFile) -> std::io::Result<()> {
         crate::private::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
-    crate::snapshot::store::replace_synced(path, &bytes)
+    crate::durable::replace_synced(path, &bytes)
 }
 
 #[cfg(test)]

@@ -195,8 +195,8 @@ pub fn save(data_dir: &Path, journal: &mut Journal) -> Result<(), RestoreError> 
     crate::private::create_dir_all(data_dir).map_err(io)?;
     journal.updated_at = Utc::now();
     let json = serde_json::to_vec_pretty(journal).expect("journal serializes");
-    crate::snapshot::store::replace_synced(&path, &json).map_err(io)?;
-    crate::snapshot::store::sync_dir(data_dir).map_err(io)
+    crate::durable::replace_synced(&path, &json).map_err(io)?;
+    crate::durable::sync_dir(data_dir).map_err(io)
 }
 
 /// Records `step` as finished, durably.
@@ -211,11 +211,9 @@ pub fn mark(data_dir: &Path, journal: &mut Journal, step: Step) -> Result<(), Re
 pub fn append_history(data_dir: &Path, journal: &Journal) -> Result<PathBuf, RestoreError> {
     let path = data_dir.join(HISTORY_FILE);
     let line = serde_json::to_vec(journal).expect("journal serializes");
-    crate::snapshot::store::append_line_synced(&path, &line).map_err(|source| {
-        RestoreError::Journal {
-            path: path.clone(),
-            source,
-        }
+    crate::durable::append_line_synced(&path, &line).map_err(|source| RestoreError::Journal {
+        path: path.clone(),
+        source,
     })?;
     Ok(path)
 }

@@ -22,8 +22,9 @@ use bollard::Docker;
 
 use crate::config::Config;
 use crate::discover::Stack;
+use crate::durable::PARTIAL_PREFIX;
 use crate::snapshot::storage::StorageMethod;
-use crate::snapshot::store::{MANIFEST_FILE, META_FILE, Meta, PARTIAL_PREFIX, STORAGE_DIR};
+use crate::snapshot::store::{MANIFEST_FILE, META_FILE, Meta, STORAGE_DIR};
 use journal::{DbMode, Journal, Step};
 
 /// How long the server gets to answer `/api/server/ping` after `compose up`.

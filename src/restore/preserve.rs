@@ -181,7 +181,7 @@ async fn keep_data_dir(data_dir: &Path, dest: &Path) -> Result<&'static str, Res
         Ok(()) => {
             recreate_empty(data_dir, &meta)?;
             if let Some(parent) = data_dir.parent() {
-                crate::snapshot::store::sync_dir(parent).map_err(io(parent, "syncing it"))?;
+                crate::durable::sync_dir(parent).map_err(io(parent, "syncing it"))?;
             }
             Ok("moved to")
         }

@@ -339,7 +339,7 @@ pub fn swap_subvolume(snap: &Path, upload: &Path, kept: &Path) -> Result<PathBuf
     std::fs::rename(upload, kept).map_err(io(upload, "renaming the live subvolume aside"))?;
     std::fs::rename(&restoring, upload).map_err(io(upload, "renaming the restored one in"))?;
     if let Some(parent) = upload.parent() {
-        crate::snapshot::store::sync_dir(parent).map_err(io(parent, "syncing it"))?;
+        crate::durable::sync_dir(parent).map_err(io(parent, "syncing it"))?;
     }
     Ok(kept.to_path_buf())
 }

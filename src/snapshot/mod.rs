@@ -366,7 +366,7 @@ pub fn copy_config(
                 });
             }
         };
-        store::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
+        crate::durable::write_synced(&config_dir.join(name), &bytes).map_err(|source| {
             SnapshotError::Config {
                 path: config_dir.join(name),
                 source,

@@ -78,8 +78,8 @@ enum NativeMarker {
 fn write_marker(snap_dir: &Path, marker: &NativeMarker) -> Result<(), StorageError> {
     let path = snap_dir.join(NATIVE_MARKER);
     let bytes = serde_json::to_vec(marker).expect("marker serializes");
-    crate::snapshot::store::write_synced(&path, &bytes)
-        .and_then(|()| crate::snapshot::store::sync_dir(snap_dir))
+    crate::durable::write_synced(&path, &bytes)
+        .and_then(|()| crate::durable::sync_dir(snap_dir))
         .map_err(|source| StorageError::Write { path, source })
 }
 
