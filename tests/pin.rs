@@ -25,23 +25,23 @@ fn list(guard: &Guard) -> Vec<Meta> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Waits for a sealed pre-update snapshot whose label names the change to `to`.
+/// Waits until the pending change to `to` (`→ v1.119.0`) is covered by a sealed snapshot: a
+/// pre-update one, or an earlier one of the very same state (the guard does not snapshot an
+/// unchanged state twice, README "How it protects").
 fn wait_pre_update(guard: &Guard, to: &str) -> Meta {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(m) = list(guard)
-            .into_iter()
-            .find(|m| m.trigger == "pre-update" && m.label.as_deref().unwrap_or("").contains(to))
-        {
-            return m;
-        }
-        assert!(
-            start.elapsed() < LONG,
-            "no pre-update snapshot for {to}; log:\n{}",
-            guard.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let version = to.trim_start_matches("→ ");
+    let s = guard.wait_status(&format!("a snapshot covering {to}"), LONG, |s| {
+        s.state
+            .protection
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.to == version && p.snapshot.is_some())
+    });
+    let id = s.state.protection.pending.unwrap().snapshot.unwrap();
+    list(guard)
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap_or_else(|| panic!("{id} covers {to} but is not listed; log:\n{}", guard.log()))
 }
 
 fn text(out: &Output) -> String {
