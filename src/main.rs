@@ -131,8 +131,9 @@ enum Command {
     },
     /// Bring the stack back to a sealed snapshot: keep the current state (a pre-restore
     /// snapshot), stop the stack, restore database and storage, pin the snapshot's version,
-    /// start, verify. Resumable: after an interruption, run the same command again. Runs
-    /// here, with the daemon stopped.
+    /// start, verify. Resumable: after an interruption, run the same command again. Done by
+    /// the daemon when it runs (its protection stands back for the restore's own steps), else
+    /// here.
     Restore {
         snapshot: String,
         /// Print every step; change nothing.

@@ -2317,7 +2317,7 @@ mod tests {
         assert_eq!(load(&path, None).unwrap(), file);
     }
 
-    fn running(project: &str, version: &str, container: &str) -> Stack {
+    pub(super) fn running(project: &str, version: &str, container: &str) -> Stack {
         let image_id = format!("sha256:{version}");
         Stack {
             project: project.into(),

@@ -265,3 +265,113 @@ impl Guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::status::DaemonState;
+
+    fn stack_on(version: &str) -> Stack {
+        crate::protect::tests::running("immich", version, &format!("c-{version}"))
+    }
+
+    async fn until(
+        state: &mut watch::Receiver<DaemonState>,
+        what: &str,
+        pred: impl FnMut(&DaemonState) -> bool,
+    ) -> DaemonState {
+        tokio::time::timeout(Duration::from_secs(5), state.wait_for(pred))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap()
+            .clone()
+    }
+
+    /// A guard without Docker: what a restore begins and ends, and what it refuses.
+    #[tokio::test]
+    async fn a_restore_is_one_at_a_time_a_failed_one_stops_protection_and_a_finished_one_sets_the_baseline()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.daemon.data_dir = dir.path().to_path_buf();
+        let (tx, mut state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
+        let tx = Arc::new(tx);
+        let (_, docker) = watch::channel(None);
+        let queue = crate::snapshot::queue::SnapshotQueue::start(
+            config.clone(),
+            docker.clone(),
+            tx.clone(),
+        );
+        let notifier = crate::notification::Notifier::new(&config.notify);
+        let guard = Guard::start(config, tx, docker, queue, notifier);
+        guard.send(Input::Discovered {
+            stack: Box::new(stack_on("v1.120.0")),
+            listed_at: chrono::Utc::now(),
+        });
+        until(&mut state, "the v2 baseline", |s| {
+            s.protection.baseline.is_some()
+        })
+        .await;
+
+        guard.begin_restore("s1").await.unwrap();
+        let s = until(&mut state, "RESTORING", |s| s.restoring.is_some()).await;
+        assert_eq!(s.status_line(), "RESTORING s1: planning");
+        let e = guard.begin_restore("s2").await.unwrap_err();
+        assert!(e.contains("a restore of s1 is already running"), "{e}");
+        let e = guard.release(false, None).await.unwrap_err();
+        assert!(e.contains("a restore of s1 is running"), "{e}");
+        guard.restore_progress("step 3/7 database: replaying".into());
+        let s = until(&mut state, "the step", |s| {
+            s.restoring.as_deref().is_some_and(|r| r.contains("3/7"))
+        })
+        .await;
+        assert_eq!(
+            s.status_line(),
+            "RESTORING s1: step 3/7 database: replaying"
+        );
+
+        // Failed part-way: protection off, as an unfinished journal at daemon start.
+        guard.end_restore(RestoreEnd::Unfinished("restore of s1 incomplete".into()));
+        let s = until(&mut state, "NOT PROTECTING", |s| {
+            s.restore_incomplete.is_some()
+        })
+        .await;
+        assert_eq!(s.status_line(), "NOT PROTECTING: restore of s1 incomplete");
+        let e = guard.ack().await.unwrap_err();
+        assert!(
+            e.contains("not protecting: restore of s1 incomplete"),
+            "{e}"
+        );
+        // A refused retry leaves it unfinished; the same restore again may run.
+        guard.begin_restore("s1").await.unwrap();
+        guard.end_restore(RestoreEnd::NothingChanged);
+        let s = until(&mut state, "unfinished again", |s| {
+            s.restoring.is_none() && s.restore_incomplete.is_some()
+        })
+        .await;
+        assert!(s.status_line().starts_with("NOT PROTECTING"));
+
+        // Finished: the restored (older) version is the baseline, what was held is over.
+        guard.begin_restore("s1").await.unwrap();
+        guard.end_restore(RestoreEnd::Done {
+            version: "v1.119.0".into(),
+            stack: Some(Box::new(stack_on("v1.119.0"))),
+        });
+        let s = until(&mut state, "the v1 baseline", |s| {
+            s.protection.baseline.as_ref().map(|b| b.version.as_str()) == Some("v1.119.0")
+        })
+        .await;
+        assert!(s.restoring.is_none() && s.restore_incomplete.is_none());
+        assert_eq!(
+            s.protection.baseline.as_ref().unwrap().image_id,
+            "sha256:v1.119.0"
+        );
+        assert_eq!(s.protection.state, crate::protect::ProtectState::Idle);
+    }
+}
