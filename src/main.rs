@@ -345,6 +345,9 @@ async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Response::Status(report) => Some(report),
         _ => None,
     })?;
+    // A restore the daemon is running has an unfinished journal by definition; its status
+    // line says RESTORING.
+    let restore = restore.filter(|_| report.state.restoring.is_none());
     if json {
         let mut value = serde_json::to_value(&report)?;
         if let (Some(text), Some(obj)) = (&restore, value.as_object_mut()) {

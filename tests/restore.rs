@@ -909,12 +909,19 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
         std::thread::spawn(move || cli(&config, &["restore", &id, "--yes"]))
     };
     let mut seen = Vec::new();
+    let mut status_text = None;
     while !restore.is_finished() {
         if let Some(s) = daemon.status() {
+            if status_text.is_none() && s.status_line.starts_with("RESTORING") {
+                status_text = Some(text(&cli(&config, &["status"])));
+            }
             seen.push((s.status_line.clone(), s.state.protection.state));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The running restore's journal is unfinished by definition: not shown as incomplete.
+    let status_text = status_text.expect("status seen while restoring");
+    assert!(!status_text.contains("RESTORE INCOMPLETE"), "{status_text}");
     let out = restore.join().unwrap();
     let until = chrono::Utc::now().timestamp() + 1;
     let said = text(&out);

@@ -225,7 +225,15 @@ impl Guard {
             }
             // Crash-loop detection stays on during the restore: the restore's stops come
             // with `kill` events, so they count as stops by hand, not deaths of a loop.
-            Input::Killed(_) | Input::Died(_) | Input::SnapshotDone(_) if running => Some(input),
+            Input::Killed(_) | Input::Died(_) if running => Some(input),
+            // A snapshot's end is always taken: the guard must know it is no longer taking one.
+            Input::SnapshotDone(_) => Some(input),
+            // A verify of the stack from before the restore: its result means nothing now, but
+            // the next one must be able to run.
+            Input::Verified { .. } => {
+                self.verifying = false;
+                None
+            }
             Input::Started(event) if running => {
                 self.restore_started(event).await;
                 None
@@ -234,8 +242,8 @@ impl Guard {
                 self.stack = Some(*stack);
                 None
             }
-            // Image events (the restore's pull of the pinned image), verifies, and anything
-            // while a restore is unfinished.
+            // Image events (the restore's pull of the pinned image), and anything while a
+            // restore is unfinished.
             _ => None,
         }
     }
