@@ -901,6 +901,15 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
     let snapshots_before = snapshot_ids(dir.path());
     assert!(snapshots_before.contains(&pre_update));
     let log_before = daemon.log().len();
+    // The dry run beside the daemon: every step, nothing done, nothing said to the daemon.
+    let out = cli(&config, &["restore", &before.meta.id, "--dry-run"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("7. verify") && said.contains("dry run: nothing changed"),
+        "{said}"
+    );
+    assert!(!daemon.log()[log_before..].contains("restore begins"));
 
     // The restore through the daemon; status watched the whole time.
     let since = chrono::Utc::now().timestamp();
