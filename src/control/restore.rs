@@ -55,18 +55,42 @@ pub(super) async fn answer(
         control.guard.clone(),
         tx,
     ));
-    while let Some(response) = rx.recv().await {
-        let last = !matches!(response, Response::Progress { .. });
+    // A step may be silent for longer than the client waits for a line (a replay of a big
+    // database): a note says it still runs.
+    let started = std::time::Instant::now();
+    let mut step = "planning".to_string();
+    loop {
+        let response = match tokio::time::timeout(STILL_RUNNING_EVERY, rx.recv()).await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Ok(()),
+            Err(_) => Response::Progress {
+                message: Progress::Note(format!(
+                    "still at {step} ({} min in)",
+                    started.elapsed().as_secs() / 60
+                ))
+                .line(),
+            },
+        };
+        let last = match &response {
+            Response::Progress { message } => {
+                if let Some(Progress::Step { msg, .. }) = Progress::parse(message) {
+                    step = msg;
+                }
+                false
+            }
+            _ => true,
+        };
         // A client that went away does not stop the restore.
         if send(write, &response).await.is_err() {
             return Err(());
         }
         if last {
-            break;
+            return Ok(());
         }
     }
-    Ok(())
 }
+
+const STILL_RUNNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 struct Job {
     config: crate::config::Config,
