@@ -898,6 +898,12 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
             && p.pending.is_none()
     });
     let pre_update = s.state.last_snapshot.expect("the pre-update snapshot").id;
+    // v2 crash-loops and is halted, the case an incident recommends a restore for; the
+    // admin has removed the cause (the stand-in's crash file).
+    crash_at_boot(&stack);
+    let s = daemon.wait("v2 halted", |s| !s.state.protection.halted.is_empty());
+    let first_incident = s.state.protection.incident.clone().expect("an incident");
+    std::fs::remove_file(stack.upload.join(".standin-crash")).unwrap();
     let snapshots_before = snapshot_ids(dir.path());
     assert!(snapshots_before.contains(&pre_update));
     let log_before = daemon.log().len();
@@ -945,10 +951,11 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
             .any(|(line, _)| line.starts_with(&format!("RESTORING {}: step ", before.meta.id))),
         "status said RESTORING: {seen:?}"
     );
+    // Halted (from before) until the restore ends; never frozen, held or degraded.
     assert!(
         seen.iter()
-            .all(|(_, state)| matches!(state, ProtectState::Idle | ProtectState::Snapshotting)),
-        "never frozen, held, halted or degraded: {seen:?}"
+            .all(|(_, state)| matches!(state, ProtectState::Idle | ProtectState::Halted)),
+        "never frozen, held or degraded: {seen:?}"
     );
     assert_eq!(pauses(&stack, since, until), Vec::<String>::new());
 
@@ -978,21 +985,39 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
         p.pending.is_none() && p.hold.is_none() && p.frozen.is_none(),
         "{p:?}"
     );
-    assert!(p.incident.is_none() && p.halted.is_empty(), "{p:?}");
+    // The halt from before is over (the restore started the server again); its incident
+    // is the newest still, none was added.
+    assert!(p.halted.is_empty(), "{p:?}");
+    assert_eq!(p.incident.as_ref().map(|i| &i.id), Some(&first_incident.id));
+    assert_eq!(
+        docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.RestartPolicy.Name}}",
+            &stack.container_name("immich-server"),
+        ]),
+        "always"
+    );
     assert_eq!(
         s.state.protection.baseline.as_ref().unwrap().image_id,
         stack.state("immich-server").unwrap().image
     );
 
     // A crash loop after the restore is caught as always.
-    std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
-    docker_ok(&["restart", &stack.container_name("immich-server")]);
-    let s = daemon.wait("the server halted", |s| {
-        !s.state.protection.halted.is_empty() && s.state.protection.incident.is_some()
+    crash_at_boot(&stack);
+    let s = daemon.wait("the server halted again", |s| {
+        !s.state.protection.halted.is_empty()
+            && s.state.protection.incident.as_ref().map(|i| &i.id) != Some(&first_incident.id)
     });
     assert_eq!(s.state.protection.state, ProtectState::Halted);
     assert_eq!(
         s.state.protection.incident.as_ref().unwrap().service,
         "immich-server"
     );
+}
+
+/// From now on the stand-in server crashes at every boot; restarted to boot once.
+fn crash_at_boot(stack: &Stack) {
+    std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
+    docker_ok(&["restart", &stack.container_name("immich-server")]);
 }

@@ -88,7 +88,12 @@ impl Guard {
                     self.state.send_modify(|s| s.restoring = Some(text));
                 }
             }
-            RestoreInput::End(end) => self.end_restore(end),
+            RestoreInput::End(end) => {
+                if matches!(end, RestoreEnd::Done { .. }) {
+                    self.give_back_halted().await;
+                }
+                self.end_restore(end);
+            }
             RestoreInput::Unfinished(line) => {
                 tracing::warn!("not protecting: {line}");
                 self.set_unfinished(line);
@@ -206,6 +211,27 @@ impl Guard {
         }
         if let Some(stack) = stack {
             self.stack = Some(stack);
+        }
+    }
+
+    /// Services halted for a crash loop before the restore (the way out an incident often
+    /// recommends): the restore has started the stack again, so each gets its restart policy
+    /// back; one the restore recreated is gone, and its new container has compose's policy.
+    async fn give_back_halted(&mut self) {
+        let Some(docker) = self.docker() else { return };
+        for halted in std::mem::take(&mut self.protection.halted) {
+            match crate::incident::unhalt(&docker, &halted.container, &halted.restart_policy).await
+            {
+                Err(e) if !crate::docker::is_not_found(&e) => {
+                    tracing::warn!(service = %halted.service, error = %e, "could not give a halted service its restart policy back after the restore; `immich-guard release <service>` retries");
+                    self.protection.halted.push(halted);
+                }
+                _ => {
+                    tracing::info!(service = %halted.service, restart_policy = %halted.restart_policy, "halted before the restore: released, the restore started it again");
+                    self.deaths.forget(&halted.container);
+                    self.record_release(&halted.service, false, "released by the restore");
+                }
+            }
         }
     }
 
