@@ -80,24 +80,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
     let queue = SnapshotQueue::start(config.clone(), docker_rx.clone(), state.clone());
+    let guard = Guard::start(
+        config.clone(),
+        state.clone(),
+        docker_rx.clone(),
+        queue.clone(),
+        crate::notification::Notifier::new(&config.notify),
+    );
     // A restore left unfinished: its stops and starts must not be judged as crashes or
     // upgrades, and its half-restored state must not become a snapshot. The daemon runs and
-    // says so in its status until the restore is finished (README.md, "How to recover").
-    let restore = crate::restore::journal::incomplete(&config.daemon.data_dir);
-    let guard = match &restore {
-        Some(text) => {
-            tracing::warn!("not protecting: {text}");
-            state.send_modify(|s| s.restore_incomplete = Some(text.clone()));
-            GuardHandle::inert()
-        }
-        None => Guard::start(
-            config.clone(),
-            state.clone(),
-            docker_rx,
-            queue.clone(),
-            crate::notification::Notifier::new(&config.notify),
-        ),
-    };
+    // says so in its status until the restore is finished, by the same command through the
+    // daemon or with it stopped (README.md, "How to recover"). Sent before any other input.
+    if let Some(text) = crate::restore::journal::incomplete(&config.daemon.data_dir) {
+        state.send_modify(|s| s.restore_incomplete = Some(text.clone()));
+        guard.restore_unfinished(text);
+    }
 
     let control = ControlServer::bind(&config.control)?;
     tracing::info!(socket = %control.path().display(), "control socket listening");
@@ -108,6 +105,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         snapshot_dir,
         incident_dir: config.daemon.data_dir.join(crate::incident::DIR),
         guard: guard.clone(),
+        config: config.clone(),
+        docker: docker_rx,
     }));
 
     let supervisor = tokio::spawn(supervise_docker(

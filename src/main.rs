@@ -131,8 +131,9 @@ enum Command {
     },
     /// Bring the stack back to a sealed snapshot: keep the current state (a pre-restore
     /// snapshot), stop the stack, restore database and storage, pin the snapshot's version,
-    /// start, verify. Resumable: after an interruption, run the same command again. Runs
-    /// here, with the daemon stopped.
+    /// start, verify. Resumable: after an interruption, run the same command again. Done by
+    /// the daemon when it runs (its protection stands back for the restore's own steps), else
+    /// here.
     Restore {
         snapshot: String,
         /// Print every step; change nothing.
@@ -344,6 +345,9 @@ async fn status_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Response::Status(report) => Some(report),
         _ => None,
     })?;
+    // A restore the daemon is running has an unfinished journal by definition; its status
+    // line says RESTORING.
+    let restore = restore.filter(|_| report.state.restoring.is_none());
     if json {
         let mut value = serde_json::to_value(&report)?;
         if let (Some(text), Some(obj)) = (&restore, value.as_object_mut()) {
@@ -752,10 +756,11 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// `restore`: refuses while a daemon runs (it would take the restore's own stops for a
-/// crash and its starts for an upgrade), takes the daemon's data-dir lock so none can start
-/// meanwhile, checks the snapshot, prints every step, confirms, runs the engine with a bar
-/// (a terminal) or plain lines, prints the verify checklist.
+/// `restore`: checks the snapshot, prints every step, confirms, then runs the restore: through
+/// the daemon when it answers (protection stands back for the restore's own stops and
+/// starts, README.md "How to recover"), else here under the daemon's data-dir lock so none
+/// can start meanwhile. Steps show as a bar (a terminal) or plain lines; the verify
+/// checklist ends it.
 async fn restore_cmd(
     config: &Config,
     id: &str,
@@ -763,35 +768,37 @@ async fn restore_cmd(
     yes: bool,
     no_preserve: bool,
 ) -> anyhow::Result<ExitCode> {
-    use immich_guard::restore::{self, Progress};
+    use immich_guard::restore;
     if no_preserve && !yes && !dry_run {
         bail!(
             "--no-preserve needs --yes: without a pre-restore snapshot the current database and files are not kept"
         );
     }
-    let stop_daemon = |how: String| {
-        anyhow::anyhow!(
-            "the immich-guard daemon is running ({how}); stop it first (`systemctl stop immich-guard`), run the restore, then start it again: a restore through the running daemon is not built yet"
-        )
-    };
-    if client::request(&config.control.socket, &Request::Status {})
-        .await
-        .is_ok()
-    {
-        return Err(stop_daemon(format!(
-            "it answers on {}",
-            config.control.socket.display()
-        )));
-    }
+    let daemon = !dry_run
+        && client::request(&config.control.socket, &Request::Status {})
+            .await
+            .is_ok();
     // Held for the whole restore: a daemon started meanwhile refuses to run.
-    let _lock = if dry_run {
+    let _lock = if dry_run || daemon {
         None
     } else {
         Some(immich_guard::lock::acquire(config).map_err(|e| match e {
-            immich_guard::lock::LockError::Held { .. } => stop_daemon(e.to_string()),
+            immich_guard::lock::LockError::Held { .. } => anyhow::anyhow!(
+                "{e}; if the daemon is starting or stopping, run the restore again once it answers `immich-guard status` or has stopped"
+            ),
             other => other.into(),
         })?)
     };
+    // Made when the steps begin: its tick would draw over the confirmation prompt.
+    let new_bar = || {
+        std::io::stderr()
+            .is_terminal()
+            .then(|| render::step_bar(restore::journal::Step::ALL.len() as u64))
+    };
+    if daemon && yes {
+        // The daemon checks, plans and says every step itself.
+        return restore_through_daemon(config, id, no_preserve, false, new_bar()).await;
+    }
     let host = docker::engine_host(config.docker.host.as_deref());
     let docker = docker::connect(&host).await?;
     let stack = discover::discover(&docker, &host, config).await?;
@@ -821,78 +828,91 @@ async fn restore_cmd(
             return Ok(ExitCode::FAILURE);
         }
     }
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| render::step_bar(immich_guard::restore::journal::Step::ALL.len() as u64));
-    let mut progress = |p: Progress| match (&bar, p) {
+    if daemon {
+        return restore_through_daemon(config, id, no_preserve, true, new_bar()).await;
+    }
+    let bar = new_bar();
+    let mut progress = |p: restore::Progress| show_restore_progress(bar.as_ref(), p);
+    let result = restore::run(&ctx, &plan, &mut progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let outcome = result
+        .map_err(|e| anyhow::anyhow!(restore::failure_message(&config.daemon.data_dir, &e)))?;
+    Ok(restore_finished(
+        &outcome.verify,
+        &outcome.summary(&stack.project),
+        &outcome.journal,
+    ))
+}
+
+/// A restore step or note, on the bar or as a plain line.
+fn show_restore_progress(bar: Option<&indicatif::ProgressBar>, p: immich_guard::restore::Progress) {
+    use immich_guard::restore::Progress;
+    match (bar, p) {
         (Some(bar), Progress::Step { n, msg, .. }) => {
             bar.set_position(n as u64 - 1);
             bar.set_message(msg.clone());
             bar.println(format!("[{n}/{}] {msg}", bar.length().unwrap_or(0)));
         }
-        (Some(bar), Progress::Note(line)) => bar.println(format!("      {line}")),
-        (None, Progress::Step { n, of, msg }) => println!("[{n}/{of}] {msg}"),
-        (None, Progress::Note(line)) => println!("      {line}"),
+        (Some(bar), p @ Progress::Note(_)) => bar.println(p.line()),
+        (None, p) => println!("{}", p.line()),
+    }
+}
+
+/// The `restore` verb: the daemon's lines shown as the restore here would show them. The
+/// plan's lines are printed unless `planned` (already shown before the confirmation).
+async fn restore_through_daemon(
+    config: &Config,
+    id: &str,
+    no_preserve: bool,
+    planned: bool,
+    bar: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<ExitCode> {
+    let request = Request::Restore {
+        snapshot: id.to_string(),
+        no_preserve,
     };
-    let result = restore::run(&ctx, &plan, &mut progress).await;
+    let response = client::request_with_progress(&config.control.socket, &request, |line| {
+        match immich_guard::restore::Progress::parse(line) {
+            Some(p) => show_restore_progress(bar.as_ref(), p),
+            None if planned => {}
+            None => match &bar {
+                Some(bar) => bar.println(line),
+                None => println!("{line}"),
+            },
+        }
+    })
+    .await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            let journal = restore::journal::load(&config.daemon.data_dir)
-                .ok()
-                .flatten()
-                .filter(|j| !j.is_complete());
-            match journal {
-                Some(j) => {
-                    let done: Vec<&str> = j.done.iter().map(|s| s.name()).collect();
-                    bail!(
-                        "{e}\nthe restore is not finished (done: {}); once the cause is fixed, `{}` continues it",
-                        if done.is_empty() {
-                            "nothing".to_string()
-                        } else {
-                            done.join(", ")
-                        },
-                        j.finish_command()
-                    )
-                }
-                None => bail!("{e}"),
-            }
-        }
-    };
-    print!("{}", render::verify(&outcome.verify));
-    println!(
-        "restored {} to {}{}{}",
-        stack.project,
-        outcome.snapshot,
-        outcome
-            .pre_restore
-            .as_deref()
-            .map(|p| format!("; the state before is kept as snapshot {p}"))
-            .unwrap_or_else(|| "; the state before was NOT kept (--no-preserve)".into()),
-        if outcome.kept.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; set aside: {}",
-                outcome
-                    .kept
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
-    );
-    Ok(if outcome.verify.passed() {
+    let (verify, summary, journal) = expect(response?, |r| match r {
+        Response::Restored {
+            verify,
+            summary,
+            journal,
+        } => Some((verify, summary, journal)),
+        _ => None,
+    })?;
+    Ok(restore_finished(&verify, &summary, &journal))
+}
+
+/// The verify checklist and what was done; failure when the verify failed.
+fn restore_finished(
+    verify: &immich_guard::verify::Report,
+    summary: &str,
+    journal: &Path,
+) -> ExitCode {
+    print!("{}", render::verify(verify));
+    println!("{summary}");
+    if verify.passed() {
         ExitCode::SUCCESS
     } else {
         println!(
             "verify failed after the restore: the lines above say what; the journal is {}",
-            outcome.journal.display()
+            journal.display()
         );
         ExitCode::FAILURE
-    })
+    }
 }

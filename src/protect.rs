@@ -30,6 +30,9 @@ use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue
 use crate::snapshot::store::Store;
 use crate::status::DaemonState;
 
+mod restoring;
+pub use restoring::{RestoreEnd, RestoreInput};
+
 /// How long a `.env` must be quiet before its change counts (editors write in bursts).
 const COMPOSE_DEBOUNCE: Duration = crate::compose::DEFAULT_DEBOUNCE;
 /// Freeze delays kept for `status`.
@@ -366,6 +369,8 @@ pub enum Input {
         /// The server container it ran against.
         server: Option<String>,
     },
+    /// `immich-guard restore` through the daemon (protect/restoring.rs).
+    Restore(RestoreInput),
 }
 
 #[derive(Debug, Clone)]
@@ -448,6 +453,8 @@ pub struct Guard {
     stopping: std::collections::HashSet<String>,
     /// A post-upgrade verify is running (its result comes back as `Input::Verified`).
     verifying: bool,
+    /// A restore runs, or one is unfinished: protection stands back (protect/restoring.rs).
+    restore: Option<restoring::Mode>,
 }
 
 impl Guard {
@@ -506,6 +513,7 @@ impl Guard {
             deaths,
             stopping: Default::default(),
             verifying: false,
+            restore: None,
         };
         guard.refresh_snapshot_index();
         guard.publish();
@@ -515,7 +523,8 @@ impl Guard {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
         loop {
-            let wakeup = self.next_wakeup();
+            // Nothing is settled or verified while a restore has the stack.
+            let wakeup = self.restore.is_none().then(|| self.next_wakeup()).flatten();
             let compose = async {
                 match self.compose_rx.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -536,7 +545,10 @@ impl Guard {
                     Some(input) => self.handle(input).await,
                     None => return,
                 },
-                Some(event) = compose => self.on_compose(event).await,
+                Some(event) = compose => match self.restore {
+                    None => self.on_compose(event).await,
+                    Some(_) => self.compose_while_restoring(event),
+                },
                 () = wait => self.on_wakeup().await,
             }
         }
@@ -547,6 +559,9 @@ impl Guard {
     }
 
     async fn handle(&mut self, input: Input) {
+        let Some(input) = self.hold_back_while_restoring(input).await else {
+            return;
+        };
         match input {
             Input::Started(event) => {
                 let id = event.container_id.clone();
@@ -591,6 +606,7 @@ impl Guard {
                 report,
                 server,
             } => self.on_verified(due, *report, server),
+            Input::Restore(input) => self.on_restore(input).await,
         }
     }
 
@@ -2557,7 +2573,7 @@ mod tests {
         assert_eq!(load(&path, None).unwrap(), file);
     }
 
-    fn running(project: &str, version: &str, container: &str) -> Stack {
+    pub(super) fn running(project: &str, version: &str, container: &str) -> Stack {
         let image_id = format!("sha256:{version}");
         Stack {
             project: project.into(),

@@ -29,6 +29,9 @@ pub struct DaemonState {
     /// protect until it is finished, and says how to finish it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_incomplete: Option<String>,
+    /// A restore running through the daemon: its snapshot and step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +82,7 @@ impl DaemonState {
             last_snapshot_error: None,
             protection: Protection::default(),
             restore_incomplete: None,
+            restoring: None,
         }
     }
 
@@ -92,6 +96,9 @@ impl DaemonState {
 
     /// The status line an admin sees in `systemctl status`.
     pub fn status_line(&self) -> String {
+        if let Some(restoring) = &self.restoring {
+            return format!("RESTORING {restoring}");
+        }
         if let Some(restore) = &self.restore_incomplete {
             return format!("NOT PROTECTING: {restore}");
         }

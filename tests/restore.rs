@@ -1,8 +1,10 @@
 //! `immich-guard restore` against real stacks (real Docker, real PostgreSQL, the stand-in
 //! server), run as the CLI with no daemon: the round trip back across a migrating upgrade,
-//! a database that cannot start, a restore killed mid-way and finished by the same command,
-//! a tampered snapshot refused before anything stops, the dry run, and a database that asks
-//! for a password on its socket. Each asserts on the database rows, the files and `.env`.
+//! a database that cannot start, a restore killed mid-way and finished by the same command
+//! (the last time through a daemon), a tampered snapshot refused before anything stops, the
+//! dry run, and a database that asks for a password on its socket; and the round trip with
+//! the daemon running, which freezes, holds and halts nothing of the restore's own but
+//! catches a crash loop after it. Each asserts on the database rows, the files and `.env`.
 
 mod harness;
 
@@ -15,8 +17,10 @@ use std::time::Duration;
 use harness::compose::{assert_env_pins, docker_ok};
 use harness::guard::{cli, cli_config, cli_env, snapshot_of};
 use harness::{Stack, StackSpec, docker_available, ensure_images};
+use immich_guard::protect::ProtectState;
 use immich_guard::restore::journal::{self, Journal, Step};
 use immich_guard::snapshot::store::Meta;
+use immich_guard::status::StatusReport;
 
 const V1: &str = "v1.119.0";
 const V2: &str = "v1.120.0";
@@ -209,12 +213,117 @@ struct Before {
 }
 
 fn snapshot_v1(stack: &Stack, dir: &Path) -> Before {
-    let meta = snapshot_of(stack, dir);
+    before(stack, snapshot_of(stack, dir))
+}
+
+fn before(stack: &Stack, meta: Meta) -> Before {
     Before {
         rows: db_rows(stack),
         files: files(&stack.upload),
         env: std::fs::read_to_string(&stack.env_file).unwrap(),
         meta,
+    }
+}
+
+/// `immich-guard run` on a [`cli_config`] config (the CLI's data dir, snapshots and socket),
+/// its output in `<dir>/daemon.log`; killed on drop.
+struct Daemon {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Started, and answering `status`.
+    fn start(config: &Path, dir: &Path) -> Daemon {
+        let log = dir.join("daemon.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = std::process::Command::new(harness::guard::GUARD_BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            config: config.to_path_buf(),
+            log,
+        };
+        daemon.wait("the socket", |_| true);
+        daemon
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_baseline(&self, version: &str) -> StatusReport {
+        self.wait(&format!("the baseline {version}"), |s| {
+            s.state
+                .protection
+                .baseline
+                .as_ref()
+                .map(|b| b.version.as_str())
+                == Some(version)
+        })
+    }
+
+    /// `status --json`, when the daemon answers.
+    fn status(&self) -> Option<StatusReport> {
+        let out = cli(&self.config, &["status", "--json"]);
+        serde_json::from_slice(&out.stdout)
+            .ok()
+            .filter(|_| out.status.success())
+    }
+
+    fn wait(&self, what: &str, pred: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.status()
+                && pred(&s)
+            {
+                return s;
+            }
+            assert!(
+                start.elapsed() < LONG,
+                "timed out waiting for {what}; last status {:?}\nlog:\n{}",
+                self.status().map(|s| s.status_line),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A successful restore that printed its plan, every step and what it did.
+fn said_every_step(out: &Output) {
+    let said = text(out);
+    assert!(out.status.success(), "{said}");
+    for needle in [
+        "1. preserve: snapshot the current state",
+        "[1/7] preserve",
+        "[3/7] database",
+        "[7/7] verify",
+        "current state kept as snapshot",
+        "restored ",
+    ] {
+        assert!(said.contains(needle), "{needle:?} in:\n{said}");
     }
 }
 
@@ -246,17 +355,7 @@ fn restore_brings_back_database_files_and_version_across_a_migrating_upgrade() {
     let out = cli(&config, &["restore", &before.meta.id, "--yes"]);
     let said = text(&out);
     eprintln!("restore took {:?}; it printed:\n{said}", started.elapsed());
-    assert!(out.status.success(), "{said}");
-    for needle in [
-        "1. preserve: snapshot the current state",
-        "[1/7] preserve",
-        "[3/7] database",
-        "[7/7] verify",
-        "current state kept as snapshot",
-        "restored ",
-    ] {
-        assert!(said.contains(needle), "{needle:?} in:\n{said}");
-    }
+    said_every_step(&out);
     let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
     assert_eq!(j.database, Some(journal::DbMode::Replay));
     assert_eq!(j.done, Step::ALL.to_vec());
@@ -472,44 +571,20 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
     );
 
     // A daemon started now runs, but does not protect (the restore's stops and starts are
-    // not crashes or upgrades), and says why; the restore refuses to run beside it.
+    // not crashes or upgrades), and says why.
     {
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut daemon = std::process::Command::new(harness::guard::GUARD_BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let socket = dir.path().join("run/guard.sock");
-        let start = std::time::Instant::now();
-        let status = loop {
-            let out = cli(&config, &["status", "--json"]);
-            if out.status.success() {
-                break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
-            }
-            assert!(
-                start.elapsed() < LONG,
-                "no daemon on {socket:?}: {}",
-                text(&out)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let line = status["status_line"].as_str().unwrap().to_string();
+        let daemon = Daemon::start(&config, dir.path());
+        let line = daemon.status().unwrap().status_line;
         assert!(line.starts_with("NOT PROTECTING: restore of"), "{line}");
         assert!(
             line.contains(&format!("immich-guard restore {id} --yes")),
             "{line}"
         );
-        let out = cli(&config, &["restore", id, "--yes"]);
+        // A release has nothing to act on.
+        let out = cli(&config, &["release"]);
         assert!(!out.status.success());
-        assert!(text(&out).contains("stop it first"), "{}", text(&out));
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
+        assert!(text(&out).contains("not protecting"), "{}", text(&out));
+        drop(daemon);
         let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
         assert!(log.contains("not protecting: restore of"), "{log}");
         assert!(!log.contains("freez"), "{log}");
@@ -536,11 +611,17 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
         assert!(!stack.upload.join(path).exists(), "{path} is not back yet");
     }
 
-    // The same command finishes it, without a second pre-restore snapshot.
+    // The same command finishes it, this time through a daemon (which protects nothing
+    // until then), without a second pre-restore snapshot.
+    let daemon = Daemon::start(&config, dir.path());
     let out = cli(&config, &["restore", id, "--yes"]);
     let said = text(&out);
-    eprintln!("finished:\n{said}");
+    eprintln!("finished:\n{said}\ndaemon log:\n{}", daemon.log());
     assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("continuing the interrupted restore"),
+        "{said}"
+    );
     let j = assert_restored(&stack, dir.path(), &before, &added, &deleted);
     assert_eq!(j.pre_restore.as_deref(), Some(pre.as_str()));
     let pre_restores = std::fs::read_dir(dir.path().join("snapshots"))
@@ -556,6 +637,15 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
     assert_eq!(pre_restores, 1);
     let out = cli(&config, &["status"]);
     assert!(!text(&out).contains("RESTORE INCOMPLETE"), "{}", text(&out));
+    // Protecting again, with the restored version as the baseline.
+    let s = daemon.wait_baseline(V1);
+    assert!(s.state.restore_incomplete.is_none(), "{}", s.status_line);
+    assert_eq!(
+        s.state.protection.state,
+        ProtectState::Idle,
+        "{}",
+        s.status_line
+    );
 }
 
 #[test]
@@ -750,4 +840,184 @@ fn a_btrfs_snapshot_goes_back_as_the_subvolume_and_the_live_one_is_kept() {
         );
     }
     stack.compose(&["down", "-t", "1"]);
+}
+
+/// Pause events of the project's containers between two instants (Unix seconds).
+fn pauses(stack: &Stack, since: i64, until: i64) -> Vec<String> {
+    harness::compose::lines(&harness::compose::docker(&[
+        "events",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &until.to_string(),
+        "--filter",
+        &format!("label=com.docker.compose.project={}", stack.project),
+        "--filter",
+        "event=pause",
+        "--format",
+        "{{.Actor.Attributes.name}}",
+    ]))
+}
+
+fn snapshot_ids(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_loop_after_it_is_caught()
+ {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    // The stand-in crashes at boot once this file (in the upload location) says so.
+    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_CRASH_FILE", "/data/.standin-crash"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n");
+    std::fs::write(&config, toml).unwrap();
+    let daemon = Daemon::start(&config, dir.path());
+    daemon.wait_baseline(V1);
+
+    // A snapshot through the daemon, then the upgrade under its protection.
+    let out = cli(&config, &["snapshot", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let meta: Meta = serde_json::from_slice(&out.stdout).unwrap();
+    let before = before(&stack, meta);
+    let deleted = upgrade_and_delete(&stack, &before);
+    let added = added_since(&stack, &before);
+    let s = daemon.wait("v2 as the baseline, nothing pending", |s| {
+        let p = &s.state.protection;
+        p.baseline.as_ref().map(|b| b.version.as_str()) == Some(V2)
+            && p.state == ProtectState::Idle
+            && p.pending.is_none()
+    });
+    let pre_update = s.state.last_snapshot.expect("the pre-update snapshot").id;
+    // v2 crash-loops and is halted, the case an incident recommends a restore for; the
+    // admin has removed the cause (the stand-in's crash file).
+    crash_at_boot(&stack);
+    let s = daemon.wait("v2 halted", |s| !s.state.protection.halted.is_empty());
+    let first_incident = s.state.protection.incident.clone().expect("an incident");
+    std::fs::remove_file(stack.upload.join(".standin-crash")).unwrap();
+    let snapshots_before = snapshot_ids(dir.path());
+    assert!(snapshots_before.contains(&pre_update));
+    let log_before = daemon.log().len();
+    // The dry run beside the daemon: every step, nothing done, nothing said to the daemon.
+    let out = cli(&config, &["restore", &before.meta.id, "--dry-run"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("7. verify") && said.contains("dry run: nothing changed"),
+        "{said}"
+    );
+    assert!(!daemon.log()[log_before..].contains("restore begins"));
+
+    // The restore through the daemon; status watched the whole time.
+    let since = chrono::Utc::now().timestamp();
+    let restore = {
+        let (config, id) = (config.clone(), before.meta.id.clone());
+        std::thread::spawn(move || cli(&config, &["restore", &id, "--yes"]))
+    };
+    let mut seen = Vec::new();
+    let mut status_text = None;
+    while !restore.is_finished() {
+        if let Some(s) = daemon.status() {
+            if status_text.is_none() && s.status_line.starts_with("RESTORING") {
+                status_text = Some(text(&cli(&config, &["status"])));
+            }
+            seen.push((s.status_line.clone(), s.state.protection.state));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The running restore's journal is unfinished by definition: not shown as incomplete.
+    let status_text = status_text.expect("status seen while restoring");
+    assert!(!status_text.contains("RESTORE INCOMPLETE"), "{status_text}");
+    let out = restore.join().unwrap();
+    let until = chrono::Utc::now().timestamp() + 1;
+    let said = text(&out);
+    eprintln!(
+        "restore printed:\n{said}\ndaemon log:\n{}",
+        &daemon.log()[log_before..]
+    );
+    said_every_step(&out);
+    assert_restored(&stack, dir.path(), &before, &added, &deleted);
+    assert!(
+        seen.iter()
+            .any(|(line, _)| line.starts_with(&format!("RESTORING {}: step ", before.meta.id))),
+        "status said RESTORING: {seen:?}"
+    );
+    // Halted (from before) until the restore ends; never frozen, held or degraded.
+    assert!(
+        seen.iter()
+            .all(|(_, state)| matches!(state, ProtectState::Idle | ProtectState::Halted)),
+        "never frozen, held or degraded: {seen:?}"
+    );
+    assert_eq!(pauses(&stack, since, until), Vec::<String>::new());
+
+    // Past the .env debounce: the pin's edit is no upgrade to snapshot.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = daemon.log()[log_before..].to_string();
+    for never in [
+        "froze the new server",
+        "held the server",
+        "immich_guard::protect: crash loop",
+        "halted: restart policy",
+        "incident bundle written",
+    ] {
+        assert!(!log.contains(never), "{never:?} in the daemon log:\n{log}");
+    }
+    let added_snapshots: Vec<String> = snapshot_ids(dir.path())
+        .difference(&snapshots_before)
+        .cloned()
+        .collect();
+    let j = journal_of(dir.path());
+    assert_eq!(added_snapshots, vec![j.pre_restore.clone().unwrap()]);
+    let s = daemon.status().unwrap();
+    let p = &s.state.protection;
+    assert_eq!(p.state, ProtectState::Idle, "{}", s.status_line);
+    assert_eq!(p.baseline.as_ref().map(|b| b.version.as_str()), Some(V1));
+    assert!(
+        p.pending.is_none() && p.hold.is_none() && p.frozen.is_none(),
+        "{p:?}"
+    );
+    // The halt from before is over (the restore started the server again); its incident
+    // is the newest still, none was added.
+    assert!(p.halted.is_empty(), "{p:?}");
+    assert_eq!(p.incident.as_ref().map(|i| &i.id), Some(&first_incident.id));
+    assert_eq!(
+        docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.RestartPolicy.Name}}",
+            &stack.container_name("immich-server"),
+        ]),
+        "always"
+    );
+    assert_eq!(
+        s.state.protection.baseline.as_ref().unwrap().image_id,
+        stack.state("immich-server").unwrap().image
+    );
+
+    // A crash loop after the restore is caught as always.
+    crash_at_boot(&stack);
+    let s = daemon.wait("the server halted again", |s| {
+        !s.state.protection.halted.is_empty()
+            && s.state.protection.incident.as_ref().map(|i| &i.id) != Some(&first_incident.id)
+    });
+    assert_eq!(s.state.protection.state, ProtectState::Halted);
+    assert_eq!(
+        s.state.protection.incident.as_ref().unwrap().service,
+        "immich-server"
+    );
+}
+
+/// From now on the stand-in server crashes at every boot; restarted to boot once.
+fn crash_at_boot(stack: &Stack) {
+    std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
+    docker_ok(&["restart", &stack.container_name("immich-server")]);
 }

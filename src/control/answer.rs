@@ -59,7 +59,18 @@ pub(super) async fn answer(
             };
             send(write, &response).await
         }
+        Request::Restore {
+            snapshot,
+            no_preserve,
+        } => super::restore::answer(control, snapshot, no_preserve, write).await,
         Request::Snapshot { label } => {
+            // A snapshot of a half-restored stack is never wanted.
+            let restoring = control.state.borrow().restoring.clone();
+            if let Some(restoring) = restoring {
+                let message =
+                    format!("a restore is running ({restoring}); snapshot once it has finished");
+                return send(write, &Response::error(message)).await;
+            }
             // The data belongs to the version the database last ran with, even while a
             // newer server is frozen.
             let baseline = control

@@ -1,5 +1,5 @@
 //! The control socket: one JSON object per line each way. One request → one response, except
-//! `snapshot`, which sends `progress` lines before its final answer.
+//! `snapshot` and `restore`, which send `progress` lines before their final answer.
 //! The types here are the protocol; the daemon serializes them and the CLI deserializes the
 //! very same types, so there is no second description of the wire format.
 
@@ -7,6 +7,7 @@ mod answer;
 pub mod client;
 pub mod limits;
 pub mod reader;
+mod restore;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,13 @@ pub enum Request {
     },
     /// Acknowledge a DEGRADED (a failed verify after an upgrade): status stops showing it.
     Ack {},
+    /// Restore the stack to a sealed snapshot (docs/recovery.md): the plan and every step
+    /// come as `progress` lines, then `restored` or an error.
+    Restore {
+        snapshot: String,
+        #[serde(default)]
+        no_preserve: bool,
+    },
 }
 
 impl Request {
@@ -52,13 +60,24 @@ impl Request {
     pub fn is_mutating(&self) -> bool {
         matches!(
             self,
-            Request::Snapshot { .. } | Request::Release { .. } | Request::Ack {}
+            Request::Snapshot { .. }
+                | Request::Release { .. }
+                | Request::Ack {}
+                | Request::Restore { .. }
         )
     }
 }
 
 /// Every verb the daemon knows, for "unknown verb" answers.
-pub const VERBS: &[&str] = &["status", "snapshot", "list", "release", "incidents", "ack"];
+pub const VERBS: &[&str] = &[
+    "status",
+    "snapshot",
+    "list",
+    "release",
+    "incidents",
+    "ack",
+    "restore",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -80,6 +99,12 @@ pub enum Response {
     },
     Acknowledged {
         message: String,
+    },
+    /// A restore finished: the verify against the snapshot, and what was done.
+    Restored {
+        verify: Box<crate::verify::Report>,
+        summary: String,
+        journal: std::path::PathBuf,
     },
     Error {
         message: String,
@@ -246,6 +271,24 @@ mod tests {
         assert_eq!(ack, Request::Ack {});
         assert!(ack.is_mutating());
         assert!(!Request::Status {}.is_mutating());
+    }
+
+    #[test]
+    fn restore_is_a_verb_only_root_may_send() {
+        let r = parse_request(br#"{"verb":"restore","snapshot":"s1"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Restore {
+                snapshot: "s1".into(),
+                no_preserve: false
+            }
+        );
+        assert!(r.is_mutating());
+        let e = parse_request(br#"{"verb":"restore"}"#).unwrap_err();
+        assert!(
+            e.contains("bad restore request") && e.contains("snapshot"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,7 +21,8 @@ use crate::protect::GuardHandle;
 use crate::snapshot::queue::SnapshotQueue;
 use crate::status::DaemonState;
 
-/// What the socket answers from: the published state, the snapshot queue, the store.
+/// What the socket answers from: the published state, the snapshot queue, the store; what a
+/// restore runs with.
 #[derive(Clone)]
 pub struct Control {
     pub state: watch::Receiver<DaemonState>,
@@ -29,6 +30,9 @@ pub struct Control {
     pub snapshot_dir: PathBuf,
     pub incident_dir: PathBuf,
     pub guard: GuardHandle,
+    /// What a restore runs with: the daemon's config and Docker connection.
+    pub config: crate::config::Config,
+    pub docker: crate::snapshot::queue::DockerHandle,
 }
 
 #[derive(Debug, thiserror::Error)]

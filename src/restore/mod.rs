@@ -6,8 +6,8 @@
 //! kill finishes the restore. The current state is always kept first (a `pre-restore`
 //! snapshot) unless the admin said `--no-preserve`; nothing is deleted that is not in it.
 //!
-//! The engine talks to its caller only through [`Progress`], so the CLI (today) and the
-//! daemon (later, streaming over the control socket) run the same code.
+//! The engine talks to its caller only through [`Progress`], so the CLI (daemon stopped) and
+//! the daemon (streaming over the control socket, control/restore.rs) run the same code.
 
 pub mod database;
 pub mod journal;
@@ -167,6 +167,32 @@ pub enum Progress {
     Note(String),
 }
 
+impl Progress {
+    /// The line the CLI prints, and the daemon sends as a `progress` line.
+    pub fn line(&self) -> String {
+        match self {
+            Progress::Step { n, of, msg } => format!("[{n}/{of}] {msg}"),
+            Progress::Note(line) => format!("{NOTE_INDENT}{line}"),
+        }
+    }
+
+    /// A line made by [`Progress::line`]; `None` for any other line (the plan's).
+    pub fn parse(line: &str) -> Option<Progress> {
+        if let Some(note) = line.strip_prefix(NOTE_INDENT) {
+            return Some(Progress::Note(note.to_string()));
+        }
+        let (head, msg) = line.strip_prefix('[')?.split_once("] ")?;
+        let (n, of) = head.split_once('/')?;
+        Some(Progress::Step {
+            n: n.parse().ok()?,
+            of: of.parse().ok()?,
+            msg: msg.to_string(),
+        })
+    }
+}
+
+const NOTE_INDENT: &str = "      ";
+
 /// What a finished restore did.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -179,6 +205,55 @@ pub struct Outcome {
     pub kept: Vec<PathBuf>,
     pub verify: crate::verify::Report,
     pub journal: PathBuf,
+}
+
+impl Outcome {
+    /// One line: what was restored, what was kept, what was set aside.
+    pub fn summary(&self, project: &str) -> String {
+        format!(
+            "restored {project} to {}{}{}",
+            self.snapshot,
+            self.pre_restore
+                .as_deref()
+                .map(|p| format!("; the state before is kept as snapshot {p}"))
+                .unwrap_or_else(|| "; the state before was NOT kept (--no-preserve)".into()),
+            if self.kept.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; set aside: {}",
+                    self.kept
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    }
+}
+
+/// A failed restore's message, with how to finish it when it stopped part-way.
+pub fn failure_message(data_dir: &Path, error: &RestoreError) -> String {
+    match journal::load(data_dir)
+        .ok()
+        .flatten()
+        .filter(|j| !j.is_complete())
+    {
+        Some(j) => {
+            let done: Vec<&str> = j.done.iter().map(|s| s.name()).collect();
+            format!(
+                "{error}\nthe restore is not finished (done: {}); once the cause is fixed, `{}` continues it",
+                if done.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    done.join(", ")
+                },
+                j.finish_command()
+            )
+        }
+        None => error.to_string(),
+    }
 }
 
 /// Reads and checks the snapshot, the journal and the stack; touches nothing.
@@ -903,6 +978,24 @@ fn aside_name(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_read_back_as_the_same_progress() {
+        for p in [
+            Progress::Step {
+                n: 3,
+                of: 7,
+                msg: "database: replaying".into(),
+            },
+            Progress::Note("set aside /x".into()),
+        ] {
+            assert_eq!(Progress::parse(&p.line()), Some(p));
+        }
+        // The plan's lines (and the pin's indented ones) are no progress.
+        assert_eq!(Progress::parse("restore immich to s1"), None);
+        assert_eq!(Progress::parse("   IMMICH_VERSION=v1"), None);
+        assert_eq!(Progress::parse("[x] y"), None);
+    }
 
     /// The daemon will run the engine in a task of its own: its future must be `Send`.
     #[allow(dead_code)]
