@@ -2218,23 +2218,26 @@ impl Guard {
         self.publish();
     }
 
-    /// The newest sealed snapshot of the version the database ran with before this change.
+    /// The newest sealed snapshot of the version the database ran with before this change
+    /// (of any version when that is "unknown": the daemon first saw the server as it started).
     fn pre_update_snapshot(&self) -> Option<crate::snapshot::store::Meta> {
         let store = Store::open(&self.config.snapshot_dir()).ok()?;
         let list = store.list().ok()?;
+        let ours =
+            |m: &crate::snapshot::store::Meta| Some(&m.project) == self.protection.project.as_ref();
         let from = self
             .change_in_progress()
             .map(|p| p.from.clone())
+            .filter(|v| v != "unknown")
             .or_else(|| {
                 self.protection
                     .incident
                     .as_ref()
                     .and_then(|i| i.baseline.clone())
             });
-        list.into_iter().rev().find(|m| {
-            Some(&m.project) == self.protection.project.as_ref()
-                && from.as_ref().is_none_or(|v| same_version(&m.version, v))
-        })
+        list.into_iter()
+            .rev()
+            .find(|m| ours(m) && from.as_ref().is_none_or(|v| same_version(&m.version, v)))
     }
 
     async fn unhalt(&mut self, service: &str) -> Result<String, String> {

@@ -481,7 +481,7 @@ fn a_server_looping_on_enotfound_is_diagnosed_by_the_databases_corruption() {
             assert_eq!(command, &format!("immich-guard restore {snapshot}"));
             assert!(why.contains("incorrect checksum in control file"), "{why}");
         }
-        other => panic!("expected restore, got {other:?}"),
+        other => panic!("expected restore, got {other:?}\nlog:\n{}", guard.log()),
     }
     let text = String::from_utf8_lossy(&guard.cli(&["incident"]).stdout).into_owned();
     assert!(
