@@ -75,7 +75,8 @@ impl DbError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Default`: no dump (a snapshot that holds the database's files instead).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DumpFile {
     /// Bytes pg_dumpall wrote (uncompressed SQL).
     pub sql_bytes: u64,
@@ -290,7 +291,7 @@ fn write_compressed(
 }
 
 /// What the database says about itself, recorded in the snapshot's meta.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DbFacts {
     /// Applied migration names, TypeORM's table then Kysely's, each sorted.
     pub migrations: Vec<String>,

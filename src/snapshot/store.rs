@@ -239,21 +239,8 @@ pub(crate) mod tests {
             env_version: None,
             started_at: started,
             sealed_at: started,
-            db: DbFacts {
-                migrations: vec![],
-                typeorm_migrations: 0,
-                kysely_migrations: 0,
-                assets: None,
-                users: None,
-                database_bytes: 0,
-                xid_snapshot: None,
-            },
-            dump: DumpFile {
-                sql_bytes: 0,
-                bytes: 0,
-                sha256: String::new(),
-                duration_ms: 0,
-            },
+            db: DbFacts::default(),
+            dump: DumpFile::default(),
             storage: StorageTree {
                 method: super::super::storage::StorageMethod::Hardlink,
                 files: 0,
