@@ -392,13 +392,6 @@ pub struct GuardHandle {
 }
 
 impl GuardHandle {
-    /// No protection behind it (a restore is unfinished): inputs are dropped, so nothing is
-    /// frozen, snapshotted or halted; a release answers that protection has stopped.
-    pub fn inert() -> GuardHandle {
-        let (tx, _) = mpsc::unbounded_channel();
-        GuardHandle { tx }
-    }
-
     pub fn send(&self, input: Input) {
         let _ = self.tx.send(input);
     }
