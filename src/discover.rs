@@ -83,9 +83,50 @@ pub struct Service {
     /// The image as the container was created with it (`ghcr.io/...:v1.119.0`).
     pub image: String,
     pub image_id: String,
-    pub state: String,
+    pub state: ContainerState,
     pub restart_count: i64,
     pub restart_policy: String,
+}
+
+/// A container's state as Docker reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerState {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Removing,
+    Exited,
+    Dead,
+    Stopping,
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl From<bollard::models::ContainerStateStatusEnum> for ContainerState {
+    fn from(s: bollard::models::ContainerStateStatusEnum) -> Self {
+        use bollard::models::ContainerStateStatusEnum as S;
+        match s {
+            S::CREATED => ContainerState::Created,
+            S::RUNNING => ContainerState::Running,
+            S::PAUSED => ContainerState::Paused,
+            S::RESTARTING => ContainerState::Restarting,
+            S::REMOVING => ContainerState::Removing,
+            S::EXITED => ContainerState::Exited,
+            S::DEAD => ContainerState::Dead,
+            S::STOPPING => ContainerState::Stopping,
+            S::EMPTY => ContainerState::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for ContainerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +207,7 @@ pub struct ContainerInfo {
     pub mounts: Vec<Mount>,
     /// Network name → IP address.
     pub networks: BTreeMap<String, String>,
-    pub state: String,
+    pub state: ContainerState,
     pub created: String,
     pub restart_count: i64,
     pub restart_policy: String,
@@ -208,7 +249,10 @@ impl ContainerInfo {
     }
 
     fn running(&self) -> bool {
-        self.state == "running" || self.state == "paused" || self.state == "restarting"
+        matches!(
+            self.state,
+            ContainerState::Running | ContainerState::Paused | ContainerState::Restarting
+        )
     }
 
     fn role(&self) -> Option<Role> {
@@ -245,7 +289,7 @@ impl ContainerInfo {
             container_name: self.name.clone(),
             image: self.image.clone(),
             image_id: self.image_id.clone(),
-            state: self.state.clone(),
+            state: self.state,
             restart_count: self.restart_count,
             restart_policy: self.restart_policy.clone(),
         }
@@ -382,7 +426,7 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
             .into_iter()
             .filter_map(|(name, ep)| Some((name, ep.ip_address.filter(|ip| !ip.is_empty())?)))
             .collect(),
-        state: state.status.map(|s| s.to_string()).unwrap_or_default(),
+        state: state.status.map(ContainerState::from).unwrap_or_default(),
         created: c.created.map(|d| d.to_string()).unwrap_or_default(),
         restart_count: c.restart_count.unwrap_or(0),
         restart_policy: c
@@ -776,7 +820,7 @@ mod tests {
                     },
                 ],
                 networks: BTreeMap::from([(net.clone(), "172.18.0.5".into())]),
-                state: "running".into(),
+                state: ContainerState::Running,
                 created: "2026-11-25T02:00:00Z".into(),
                 restart_policy: "always".into(),
                 ..Default::default()
@@ -796,7 +840,7 @@ mod tests {
                     destination: "/var/lib/postgresql/data".into(),
                 }],
                 networks: BTreeMap::from([(net.clone(), "172.18.0.3".into())]),
-                state: "running".into(),
+                state: ContainerState::Running,
                 ..Default::default()
             },
             ContainerInfo {
@@ -804,7 +848,7 @@ mod tests {
                 name: "immich_redis".into(),
                 labels: labels(project, "redis"),
                 image: "docker.io/valkey/valkey:8-bookworm@sha256:ff21".into(),
-                state: "running".into(),
+                state: ContainerState::Running,
                 ..Default::default()
             },
             ContainerInfo {
@@ -812,7 +856,7 @@ mod tests {
                 name: "immich_machine_learning".into(),
                 labels: labels(project, "immich-machine-learning"),
                 image: "ghcr.io/immich-app/immich-machine-learning:v1.119.0".into(),
-                state: "running".into(),
+                state: ContainerState::Running,
                 ..Default::default()
             },
         ]
@@ -929,7 +973,7 @@ mod tests {
         let mut all = stock("immich");
         let mut old = all[0].clone();
         old.id = "old".into();
-        old.state = "exited".into();
+        old.state = ContainerState::Exited;
         old.created = "2026-11-25T03:00:00Z".into();
         all.push(old);
         let s = assemble(&Config::default(), &all, &images(), &env_with_version).unwrap();

@@ -78,6 +78,7 @@ pub struct Halted {
 
 /// Logs (timestamps kept) and inspect output of every container of the stack, secrets
 /// removed.
+#[derive(Debug, Clone)]
 pub struct Evidence {
     /// (service, log text)
     pub logs: Vec<(String, String)>,

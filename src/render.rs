@@ -119,9 +119,8 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
     if let Some(c) = &p.pending {
         let _ = writeln!(
             out,
-            "pending change: {} → {} (from {}, seen {}){}",
-            c.from,
-            c.to,
+            "pending change: {} (from {}, seen {}){}",
+            c.arrow(),
             c.source,
             c.detected_at.format("%Y-%m-%d %H:%M:%S UTC"),
             c.snapshot
@@ -133,9 +132,8 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
     if let Some(s) = &p.settling {
         let _ = writeln!(
             out,
-            "update settling: {} → {} started {}; a crash loop now is diagnosed against it",
-            s.change.from,
-            s.change.to,
+            "update settling: {} started {}; a crash loop now is diagnosed against it",
+            s.change.arrow(),
             s.since.format("%Y-%m-%d %H:%M:%S UTC")
         );
     }

@@ -1,0 +1,189 @@
+//! The protective snapshot ends: a frozen server goes, or is held (fail closed); one that
+//! does not end within `snapshots.max_wait_secs` becomes a hold the admin can act on.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::{Effect, Policy, Thaw};
+use crate::notification::EventKind;
+use crate::protect::state::{Frozen, Hold, HoldKind, Phase};
+
+impl Policy {
+    pub(super) fn on_sealed(
+        &mut self,
+        id: String,
+        version: String,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        self.state.phase.set_run(None);
+        if let Some(p) = &mut self.state.pending {
+            p.snapshot = Some(id.clone());
+            p.sealed_at = Some(now);
+        }
+        out.push(self.notify(
+            EventKind::SnapshotSealed,
+            format!("Snapshot {id} sealed"),
+            format!("Database and storage of {version} are saved as {id}."),
+            now,
+        ));
+        match self.state.phase.clone() {
+            Phase::Frozen { server, .. } => {
+                self.state.phase.open();
+                out.push(Effect::Thaw {
+                    server,
+                    why: Thaw::Sealed,
+                });
+            }
+            // A retried snapshot (`release`) sealed: the hold is over.
+            Phase::Held { hold, .. } if hold.kind == HoldKind::SnapshotFailed => {
+                self.state.phase.open();
+                out.push(Effect::Thaw {
+                    server: Frozen::from(&hold),
+                    why: Thaw::HoldSealed {
+                        name: hold.container_name.clone(),
+                    },
+                });
+            }
+            _ => {}
+        }
+        out.push(Effect::Publish);
+    }
+
+    pub(super) fn on_snapshot_failed(
+        &mut self,
+        message: String,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        self.state.phase.set_run(None);
+        tracing::error!(error = %message, "the protective snapshot failed");
+        let retried = !self.release_waiters.is_empty();
+        for to in self.release_waiters.drain(..) {
+            out.push(Effect::Reply {
+                to,
+                result: Err(format!("the snapshot failed again: {message}")),
+            });
+        }
+        if let Phase::Held { hold, .. } = &mut self.state.phase
+            && hold.kind == HoldKind::SnapshotFailed
+        {
+            // `HELD:` quotes the newest failure, not the first one.
+            hold.reason = snapshot_failed_reason(&hold.version, &message);
+            if retried {
+                let (version, reason, hint) =
+                    (hold.version.clone(), hold.reason.clone(), hold.hint.clone());
+                out.push(self.notify(
+                    EventKind::Held,
+                    format!("Immich {version} still held: snapshot failed again"),
+                    format!("{reason} {hint}"),
+                    now,
+                ));
+                out.push(Effect::Publish);
+                return;
+            }
+        }
+        match self.state.phase.frozen().cloned() {
+            Some(frozen) if self.state.fail_open => {
+                tracing::warn!("protect.fail_open = true: releasing the server without a snapshot");
+                self.state.phase.open();
+                let name = frozen.container_name.clone();
+                out.push(Effect::Thaw {
+                    server: frozen,
+                    why: Thaw::FailOpen { name },
+                });
+            }
+            Some(frozen) => {
+                let reason = snapshot_failed_reason(&frozen.version, &message);
+                self.hold_frozen(
+                    &frozen,
+                    reason,
+                    "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
+                    "snapshot failed",
+                    now,
+                    out,
+                );
+            }
+            None => out.push(self.notify(
+                EventKind::SnapshotFailed,
+                "Protective snapshot failed".into(),
+                format!("{message}. A server that starts on the new version will be frozen and snapshotted again."),
+                now,
+            )),
+        }
+        out.push(Effect::Publish);
+    }
+
+    /// When a server frozen for the running snapshot stops waiting for it (`snapshots.
+    /// max_wait_secs`): fail closed stays, but as a hold the admin is told about.
+    pub(super) fn freeze_deadline(&self) -> Option<DateTime<Utc>> {
+        let Phase::Frozen { run: Some(run), .. } = &self.state.phase else {
+            return None;
+        };
+        let wait = TimeDelta::seconds(self.config.snapshots.max_wait_secs as i64);
+        Some(run.since + wait)
+    }
+
+    /// The snapshot has not sealed within `max_wait_secs`: the frozen server is HELD (still
+    /// paused). The snapshot keeps running; if it seals, the hold ends as after a `release`.
+    pub(super) fn hold_stuck(&mut self, now: DateTime<Utc>, out: &mut Vec<Effect>) {
+        let Phase::Frozen {
+            server,
+            run: Some(run),
+        } = self.state.phase.clone()
+        else {
+            return;
+        };
+        let reason = format!(
+            "the snapshot before starting {} has not sealed within snapshots.max_wait_secs ({} s): {} (since {})",
+            server.version,
+            self.config.snapshots.max_wait_secs,
+            run.waiting(now),
+            run.step_since.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+        tracing::error!(reason = %reason, "held the server: its snapshot does not finish");
+        self.hold_frozen(
+            &server,
+            reason,
+            "find what blocks it (a lock on the database: `SELECT pid, state, query FROM pg_stat_activity`); once it seals the server is released; `immich-guard release` waits for it, `immich-guard release --force` starts the server without a snapshot",
+            "snapshot does not finish",
+            now,
+            out,
+        );
+        out.push(Effect::Publish);
+    }
+
+    /// The frozen server stays paused, as a hold the admin is told about and acts on.
+    fn hold_frozen(
+        &mut self,
+        frozen: &Frozen,
+        reason: String,
+        hint: &str,
+        title: &str,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        let hold = Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: frozen.container.clone(),
+            container_name: frozen.container_name.clone(),
+            image_id: frozen.image_id.clone(),
+            version: frozen.version.clone(),
+            paused: true,
+            reason,
+            hint: hint.into(),
+            since: now,
+        };
+        out.push(self.notify(
+            EventKind::Held,
+            format!("Immich {} held: {title}", frozen.version),
+            format!("{} {}", hold.reason, hold.hint),
+            now,
+        ));
+        let run = self.state.phase.run().cloned();
+        self.state.phase = Phase::Held { hold, run };
+    }
+}
+
+pub(super) fn snapshot_failed_reason(version: &str, message: &str) -> String {
+    format!("the snapshot before starting {version} failed: {message}")
+}
