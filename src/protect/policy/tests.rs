@@ -1,1 +1,979 @@
+//! Every protection decision as a table: events in, effects and status out, in
+//! milliseconds, no Docker (docs/architecture.md "Tests"). Each Docker scenario of
+//! tests/protect.rs and tests/incident.rs has its row here, with the edge cases too slow or
+//! racy to stage with Docker.
 
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+
+use super::*;
+use crate::compose::ComposeView;
+use crate::discover::{ContainerState, Service};
+use crate::protect::persist::StateFile;
+use crate::protect::state::{HoldKind, ProtectState};
+
+const V119: &str = "v1.119.0";
+const V120: &str = "v1.120.0";
+const V118: &str = "v1.118.0";
+
+fn image_id(version: &str) -> String {
+    format!("sha256:{version}")
+}
+
+fn service(name: &str, container: &str, image: &str, image_id: &str) -> Service {
+    Service {
+        service: name.into(),
+        container_id: container.into(),
+        container_name: format!("immich_{name}"),
+        image: image.into(),
+        image_id: image_id.into(),
+        state: ContainerState::Running,
+        restart_count: 0,
+        restart_policy: "always".into(),
+    }
+}
+
+/// The `immich` stack, its server `container` running `version`, a database beside it.
+fn stack(version: &str, container: &str) -> Stack {
+    Stack {
+        project: "immich".into(),
+        compose_dir: Some("/srv/immich".into()),
+        compose_files: vec!["/srv/immich/docker-compose.yml".into()],
+        env_file: Some("/srv/immich/.env".into()),
+        env_version: Some(version.into()),
+        server: Some(service(
+            "immich-server",
+            container,
+            &format!("ghcr.io/immich-app/immich-server:{version}"),
+            &image_id(version),
+        )),
+        machine_learning: None,
+        redis: None,
+        database: Some(service("database", "db", "postgres:14", "sha256:pg")),
+        upload_location: None,
+        upload_mount: None,
+        db_data_location: None,
+        db: None,
+        version: Some(crate::discover::ImmichVersion {
+            tag: Some(version.into()),
+            image_id: image_id(version),
+            repo_digests: vec![],
+            repo_tags: vec![],
+            label: Some(version.into()),
+        }),
+        notes: vec![],
+    }
+}
+
+fn facts(version: &str) -> ImageFacts {
+    ImageFacts {
+        id: image_id(version),
+        tags: vec![format!("ghcr.io/immich-app/immich-server:{version}")],
+        version: version.into(),
+    }
+}
+
+fn view(version: Option<&str>) -> ComposeView {
+    ComposeView {
+        immich_version: version.map(str::to_string),
+        env_missing: false,
+        server_image: Some(format!(
+            "ghcr.io/immich-app/immich-server:{}",
+            version.unwrap_or("release")
+        )),
+        ml_image: None,
+        files: vec![],
+    }
+}
+
+/// A policy and its clock.
+struct T {
+    p: Policy,
+    now: DateTime<Utc>,
+    replies: u64,
+}
+
+impl T {
+    fn new() -> T {
+        T::with(Config::default(), StateFile::default())
+    }
+
+    fn with(config: Config, file: StateFile) -> T {
+        T {
+            p: Policy::new(config, file),
+            now: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
+            replies: 0,
+        }
+    }
+
+    /// Protecting the `immich` stack on v1.119.0, server container `c1`.
+    fn on_v119() -> T {
+        let mut t = T::new();
+        t.discover(stack(V119, "c1"));
+        t
+    }
+
+    fn step(&mut self, e: Event) -> Vec<Effect> {
+        self.now += TimeDelta::milliseconds(5);
+        self.p.step(e, self.now)
+    }
+
+    fn later(&mut self, secs: i64) {
+        self.now += TimeDelta::seconds(secs);
+    }
+
+    fn discover(&mut self, s: Stack) -> Vec<Effect> {
+        let listed_at = self.now;
+        self.step(Event::Discovered {
+            stack: Box::new(s),
+            listed_at,
+        })
+    }
+
+    fn reply(&mut self) -> ReplyId {
+        self.replies += 1;
+        ReplyId(self.replies)
+    }
+
+    fn release(&mut self, force: bool) -> (ReplyId, Vec<Effect>) {
+        let reply = self.reply();
+        let out = self.step(Event::Release {
+            force,
+            service: None,
+            reply,
+        });
+        (reply, out)
+    }
+
+    fn status(&self) -> ProtectState {
+        self.p.state().summary()
+    }
+
+    fn env(&mut self, from: Option<&str>, to: Option<&str>) -> Vec<Effect> {
+        self.step(Event::Compose(ComposeEvent::Changed {
+            before: view(from),
+            after: view(to),
+        }))
+    }
+
+    fn event(&self, container: &str, image: &str) -> ContainerEvent {
+        ContainerEvent {
+            container_id: container.into(),
+            name: format!("immich_server_{container}"),
+            image: image.into(),
+            project: Some("immich".into()),
+            service: Some("immich-server".into()),
+            at: self.now,
+        }
+    }
+
+    /// A server container starts on `version` (an image the policy has not seen): the whole
+    /// pause → inspect round; returns the effects after the inspect.
+    fn start_unknown(&mut self, container: &str, version: &str) -> Vec<Effect> {
+        let e = self.event(container, &format!("ghcr.io/immich-app/immich-server:{version}"));
+        let out = self.step(Event::Started(e));
+        assert!(
+            matches!(out.as_slice(), [Effect::Pause { container: c }] if c == container),
+            "the pause comes first and alone: {out:?}"
+        );
+        let out = self.step(Event::Paused {
+            container: container.into(),
+            outcome: PauseOutcome::Paused,
+        });
+        assert!(
+            matches!(out.as_slice(), [Effect::Inspect { .. }]),
+            "{out:?}"
+        );
+        self.step(Event::Inspected {
+            container: container.into(),
+            image: Some(facts(version)),
+        })
+    }
+
+    fn sealed(&mut self, version: &str) -> Vec<Effect> {
+        self.step(Event::SnapshotSealed {
+            id: format!("20261125T120000Z-{version}-pre"),
+            version: version.into(),
+        })
+    }
+
+    fn thawed(&mut self, out: &[Effect]) -> Vec<Effect> {
+        let (server, why) = out
+            .iter()
+            .find_map(|e| match e {
+                Effect::Thaw { server, why } => Some((server.clone(), why.clone())),
+                _ => None,
+            })
+            .expect("a thaw");
+        self.step(Event::Thawed {
+            server,
+            why,
+            result: Ok("unpaused"),
+            image_id: None,
+        })
+    }
+
+    fn baseline(&self) -> Option<String> {
+        self.p.state().baseline.as_ref().map(|b| b.version.clone())
+    }
+
+    /// A restart: the state as written, read by a new policy.
+    fn restarted(&self) -> T {
+        T {
+            p: Policy::new(Config::default(), self.p.state_file()),
+            now: self.now,
+            replies: self.replies,
+        }
+    }
+}
+
+fn snapshot_requests(out: &[Effect]) -> Vec<String> {
+    out.iter()
+        .filter_map(|e| match e {
+            Effect::RequestSnapshot(r) => Some(r.trigger.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn notices(out: &[Effect]) -> Vec<EventKind> {
+    out.iter()
+        .filter_map(|e| match e {
+            Effect::Notify(n) => Some(n.kind),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replied(out: &[Effect], to: ReplyId) -> Option<Result<String, String>> {
+    out.iter().find_map(|e| match e {
+        Effect::Reply { to: r, result } if *r == to => Some(result.clone()),
+        _ => None,
+    })
+}
+
+fn thaw_of(out: &[Effect]) -> Option<&Thaw> {
+    out.iter().find_map(|e| match e {
+        Effect::Thaw { why, .. } => Some(why),
+        _ => None,
+    })
+}
+
+// tests/protect.rs, one row each.
+
+#[test]
+fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
+    let mut t = T::on_v119();
+    assert_eq!(t.baseline().as_deref(), Some(V119));
+    let out = t.env(Some(V119), Some(V120));
+    assert_eq!(snapshot_requests(&out), ["pre-update"]);
+    let p = t.p.state().pending.clone().unwrap();
+    assert_eq!((p.from.as_deref(), p.to.as_str()), (Some(V119), V120));
+    assert_eq!(p.source, ChangeSource::Env);
+    assert_eq!(t.status(), ProtectState::Snapshotting);
+    t.sealed(V119);
+    assert_eq!(t.status(), ProtectState::Idle);
+    // `compose up`: the new server's image was never seen, so it is paused while it is looked
+    // at, and let go at once: the sealed snapshot covers it.
+    let out = t.start_unknown("c2", V120);
+    assert!(matches!(out.first(), Some(Effect::Unpause { container }) if container == "c2"));
+    assert!(snapshot_requests(&out).is_empty());
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+    assert!(t.p.state().pending.is_none());
+    assert_eq!(t.p.state().settling.as_ref().unwrap().change.to, V120);
+}
+
+#[test]
+fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
+    let mut t = T::on_v119();
+    let out = t.start_unknown("c2", V120);
+    assert_eq!(t.status(), ProtectState::Frozen);
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    assert_eq!(notices(&out), [EventKind::Frozen]);
+    let Effect::RequestSnapshot(r) = out.iter().find(|e| matches!(e, Effect::RequestSnapshot(_))).unwrap() else {
+        unreachable!()
+    };
+    // The data is the baseline's, whatever server is frozen meanwhile.
+    assert_eq!(r.version, Some((V119.into(), image_id(V119))));
+    let p = t.p.state().pending.clone().unwrap();
+    assert_eq!(p.source, ChangeSource::ServerStart);
+    assert_eq!(t.p.state().freeze_delays_ms.len(), 1);
+    let out = t.sealed(V119);
+    assert_eq!(thaw_of(&out), Some(&Thaw::Sealed));
+    assert_eq!(t.status(), ProtectState::Idle);
+    t.thawed(&out);
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+    assert!(t.p.state().settling.is_some());
+}
+
+#[test]
+fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
+    let mut t = T::on_v119();
+    let reference = format!("ghcr.io/immich-app/immich-server:{V119}");
+    let out = t.step(Event::Image {
+        reference: reference.clone(),
+    });
+    assert!(matches!(out.as_slice(), [Effect::InspectImage { .. }]));
+    let out = t.step(Event::ImageInspected {
+        reference,
+        image: Some(ImageFacts {
+            id: "sha256:rebuilt".into(),
+            tags: vec![],
+            version: V119.into(),
+        }),
+    });
+    assert_eq!(snapshot_requests(&out), ["pre-update"]);
+    assert_eq!(
+        t.p.state().pending.as_ref().unwrap().source,
+        ChangeSource::ImagePull
+    );
+    // Another project's image, or another tag of the repo, is none of its business.
+    let out = t.step(Event::Image {
+        reference: "ghcr.io/immich-app/immich-server:v9.9.9".into(),
+    });
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_failed_snapshot_holds_the_new_server_until_released() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    let out = t.step(Event::SnapshotFailed {
+        message: "pg_dumpall: connection refused".into(),
+    });
+    assert_eq!(t.status(), ProtectState::Held);
+    assert_eq!(notices(&out), [EventKind::Held]);
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert_eq!(hold.kind, HoldKind::SnapshotFailed);
+    assert!(hold.reason.contains("connection refused"), "{}", hold.reason);
+    assert!(thaw_of(&out).is_none(), "fail closed");
+    // `release` retries the snapshot; the caller waits for it.
+    let (first, out) = t.release(false);
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    assert!(replied(&out, first).is_none());
+    // It fails again for a new reason: the caller hears it, HELD quotes the newest reason.
+    let out = t.step(Event::SnapshotFailed {
+        message: "disk full".into(),
+    });
+    assert_eq!(
+        replied(&out, first),
+        Some(Err("the snapshot failed again: disk full".into()))
+    );
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert!(hold.reason.contains("disk full"), "{}", hold.reason);
+    assert!(!hold.reason.contains("connection refused"));
+    assert_eq!(t.status(), ProtectState::Held);
+    // Released again, and this time it seals: the hold ends as a release.
+    let (second, _) = t.release(false);
+    let out = t.sealed(V119);
+    assert!(matches!(thaw_of(&out), Some(Thaw::HoldSealed { .. })));
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, second), Some(Ok(m)) if m.contains("unpaused")));
+    assert_eq!(t.p.state().releases.len(), 1);
+    assert!(!t.p.state().releases[0].forced);
+    assert_eq!(t.status(), ProtectState::Idle);
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+}
+
+#[test]
+fn a_held_server_released_by_force_goes_without_a_snapshot() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    t.step(Event::SnapshotFailed {
+        message: "boom".into(),
+    });
+    let (reply, out) = t.release(true);
+    assert!(snapshot_requests(&out).is_empty());
+    assert!(matches!(thaw_of(&out), Some(Thaw::Forced { .. })));
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.starts_with("forced release")));
+    assert!(t.p.state().releases[0].forced);
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn fail_open_lets_the_server_go_when_its_snapshot_fails() {
+    let mut config = Config::default();
+    config.protect.fail_open = true;
+    let mut t = T::with(config, StateFile::default());
+    t.discover(stack(V119, "c1"));
+    t.start_unknown("c2", V120);
+    let out = t.step(Event::SnapshotFailed {
+        message: "boom".into(),
+    });
+    assert!(matches!(thaw_of(&out), Some(Thaw::FailOpen { .. })));
+    assert_eq!(t.status(), ProtectState::Idle);
+    t.thawed(&out);
+    assert!(t.p.state().releases[0].what.starts_with("fail-open"));
+}
+
+#[test]
+fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    assert_eq!(t.status(), ProtectState::Frozen);
+    // The daemon stops before the snapshot seals; the new one reads the file.
+    let mut t = t.restarted();
+    assert_eq!(t.status(), ProtectState::Frozen, "frozen, its snapshot to be taken again");
+    assert!(t.p.state().phase.run().is_none());
+    let out = t.discover(stack(V120, "c2"));
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    let out = t.sealed(V119);
+    assert_eq!(thaw_of(&out), Some(&Thaw::Sealed));
+}
+
+#[test]
+fn down_edit_up_the_change_seen_while_down_is_snapshotted_before_the_start() {
+    let mut t = T::on_v119();
+    let mut down = stack(V119, "c1");
+    down.server = None;
+    t.discover(down);
+    let out = t.env(Some(V119), Some(V120));
+    assert_eq!(snapshot_requests(&out), ["pre-update"]);
+    t.sealed(V119);
+    let out = t.start_unknown("c2", V120);
+    assert!(matches!(out.first(), Some(Effect::Unpause { .. })));
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+}
+
+#[test]
+fn a_burst_of_env_edits_is_one_pending_change_and_one_snapshot() {
+    let mut t = T::on_v119();
+    let mut requests = Vec::new();
+    let mut before = Some(V119);
+    for v in [V120, V120, "v1.121.0", V120] {
+        requests.extend(snapshot_requests(&t.env(before, Some(v))));
+        before = Some(v);
+    }
+    assert_eq!(requests, ["pre-update"], "joined the running one");
+    assert_eq!(t.p.state().pending.as_ref().unwrap().to, V120);
+}
+
+#[test]
+fn a_server_found_paused_at_start_is_reported_and_left_paused_until_released() {
+    let mut t = T::on_v119().restarted();
+    let mut s = stack(V119, "c1");
+    s.server.as_mut().unwrap().state = ContainerState::Paused;
+    let out = t.discover(s.clone());
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::Unpause { .. } | Effect::Thaw { .. })),
+        "never unpaused silently"
+    );
+    assert_eq!(t.status(), ProtectState::Paused);
+    // Same version as the database: `release` unpauses it.
+    let (reply, out) = t.release(false);
+    assert!(matches!(thaw_of(&out), Some(Thaw::ForeignPause { forced: false, .. })));
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, reply), Some(Ok(_))));
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn a_paused_server_on_another_version_is_frozen_by_release_and_snapshotted() {
+    let mut t = T::on_v119();
+    let mut s = stack(V120, "c2");
+    s.server.as_mut().unwrap().state = ContainerState::Paused;
+    t.discover(s);
+    assert_eq!(t.status(), ProtectState::Paused);
+    let (reply, out) = t.release(false);
+    assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.contains("now frozen")));
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    assert_eq!(t.status(), ProtectState::Frozen);
+}
+
+#[test]
+fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    t.step(Event::SnapshotProgress("dumping with pg_dumpall".into()));
+    let wait = t.p.config.snapshots.max_wait_secs as i64;
+    let at = t.p.next_wakeup(t.now).unwrap();
+    assert!(at > t.now && at <= t.now + TimeDelta::seconds(wait));
+    t.later(wait + 1);
+    let out = t.step(Event::Wakeup);
+    assert_eq!(t.status(), ProtectState::Held);
+    assert_eq!(notices(&out), [EventKind::Held]);
+    let hold = t.p.state().phase.hold().unwrap();
+    assert!(
+        hold.reason.contains("max_wait_secs") && hold.reason.contains("dumping with pg_dumpall"),
+        "{}",
+        hold.reason
+    );
+    assert!(t.p.state().phase.run().is_some(), "the snapshot keeps running");
+    let out = t.sealed(V119);
+    assert!(matches!(thaw_of(&out), Some(Thaw::HoldSealed { .. })));
+}
+
+// tests/incident.rs, one row each.
+
+/// A death of `container` with Docker's RestartCount at `count`.
+fn die(t: &mut T, container: &str, service: &str, count: i64) -> Vec<Effect> {
+    let e = ContainerEvent {
+        service: Some(service.into()),
+        ..t.event(container, "x")
+    };
+    let out = t.step(Event::Died(e.clone()));
+    if out.is_empty() {
+        return out;
+    }
+    assert!(matches!(out.as_slice(), [Effect::ReadRestartCount { .. }]), "{out:?}");
+    let read_at = t.now;
+    t.step(Event::RestartCount {
+        container: container.into(),
+        count: Some(count),
+        read_at,
+        why: CountFor::Died(e),
+    })
+}
+
+fn server_log(lines: &str) -> crate::incident::Evidence {
+    crate::incident::Evidence {
+        logs: vec![("immich-server".into(), lines.into())],
+        inspect: vec![],
+        exits: vec![],
+        secrets: Default::default(),
+    }
+}
+
+/// The loop found → evidence → bundle and halt → halted: returns the incident.
+fn halt_loop(t: &mut T, out: Vec<Effect>, evidence: crate::incident::Evidence) -> crate::incident::Incident {
+    let [Effect::CollectEvidence(found)] = out.as_slice() else {
+        panic!("evidence first: {out:?}");
+    };
+    let out = t.step(Event::Evidence {
+        found: found.clone(),
+        evidence: Box::new(evidence),
+        facts: None,
+        incident_id: "20261125T120000Z-immich-server".into(),
+    });
+    let [Effect::WriteIncident { .. }, Effect::Halt { incident, targets }] = out.as_slice() else {
+        panic!("the bundle, then the halt: {out:?}");
+    };
+    let results = targets
+        .iter()
+        .map(|t| (t.clone(), Ok("always".to_string())))
+        .collect();
+    let out = t.step(Event::Halted {
+        incident: incident.clone(),
+        results,
+    });
+    assert!(matches!(out.first(), Some(Effect::FinishIncident { .. })));
+    assert_eq!(notices(&out), [EventKind::CrashLoop]);
+    t.p.state().incident.clone().unwrap()
+}
+
+#[test]
+fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
+    let mut t = T::on_v119();
+    assert!(die(&mut t, "c1", "immich-server", 1).is_empty());
+    t.later(5);
+    assert!(die(&mut t, "c1", "immich-server", 2).is_empty());
+    t.later(5);
+    let out = die(&mut t, "c1", "immich-server", 3);
+    let incident = halt_loop(&mut t, out, server_log("Error: boom\n"));
+    assert_eq!(incident.service, "immich-server");
+    assert_eq!(incident.deaths, 3);
+    assert_eq!(incident.halted.len(), 1);
+    assert_eq!(incident.halted[0].restart_policy, "always");
+    assert_eq!(t.status(), ProtectState::Halted);
+    // A halted container's deaths are not counted again.
+    assert!(t.step(Event::Died(t.event("c1", "x"))).is_empty());
+    // `release immich-server` gives its policy back.
+    let reply = t.reply();
+    let out = t.step(Event::Release {
+        force: false,
+        service: Some("immich-server".into()),
+        reply,
+    });
+    let [Effect::Unhalt { halted, why }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let out = t.step(Event::Unhalted {
+        halted: halted.clone(),
+        result: Ok(()),
+        why: why.clone(),
+    });
+    assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.contains("restart policy always")));
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snapshot() {
+    let mut t = T::on_v119();
+    let mut before = crate::snapshot::store::tests::meta("20261125T115900Z-v1.119.0-pre-update", t.now);
+    before.db.migrations = vec!["1730000000000-Init".into()];
+    t.step(Event::Disk(Box::new(Disk {
+        pins: Ok(vec![]),
+        snapshots: vec![before],
+    })));
+    t.env(Some(V119), Some(V120));
+    t.sealed(V119);
+    t.start_unknown("c2", V120);
+    for n in 1..=3 {
+        t.later(3);
+        let out = die(&mut t, "c2", "immich-server", n);
+        if n < 3 {
+            assert!(out.is_empty());
+            continue;
+        }
+        let [Effect::CollectEvidence(found)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        let now_facts = crate::snapshot::db::DbFacts {
+            migrations: vec!["1730000000000-Init".into(), "1731000000000-AddMemories".into()],
+            ..Default::default()
+        };
+        let out = t.step(Event::Evidence {
+            found: found.clone(),
+            evidence: Box::new(server_log(
+                "[Nest] 7  - 11/25/2026, 12:00:00 PM   ERROR [Api:DatabaseRepository] Kysely migrations failed: PostgresError: column \"x\" does not exist\n",
+            )),
+            facts: Some(Box::new(now_facts)),
+            incident_id: "i".into(),
+        });
+        let Some(Effect::Halt { incident, .. }) = out.get(1) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(incident.baseline.as_deref(), Some(V119));
+        assert_eq!(incident.pending.as_deref(), Some("v1.119.0 → v1.120.0"));
+        match &incident.decision {
+            crate::diagnose::Decision::Restore { snapshot, .. } => {
+                assert_eq!(snapshot, "20261125T115900Z-v1.119.0-pre-update")
+            }
+            other => panic!("expected restore: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_database_refusing_to_start_is_halted_and_the_server_with_it() {
+    let mut t = T::on_v119();
+    for n in 1..=2 {
+        assert!(die(&mut t, "db", "database", n).is_empty());
+    }
+    let out = die(&mut t, "db", "database", 3);
+    let [Effect::CollectEvidence(found)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert!(found.is_database);
+    let out = t.step(Event::Evidence {
+        found: found.clone(),
+        evidence: Box::new(server_log("")),
+        facts: None,
+        incident_id: "i".into(),
+    });
+    let Some(Effect::Halt { targets, .. }) = out.get(1) else {
+        panic!("{out:?}")
+    };
+    let halted: Vec<&str> = targets.iter().map(|t| t.service.as_str()).collect();
+    assert_eq!(halted, ["database", "immich-server"]);
+}
+
+#[test]
+fn a_container_that_restarts_twice_then_stays_up_is_not_halted() {
+    let mut t = T::on_v119();
+    assert!(die(&mut t, "c1", "immich-server", 1).is_empty());
+    assert!(die(&mut t, "c1", "immich-server", 2).is_empty());
+    t.later(600);
+    assert!(die(&mut t, "c1", "immich-server", 3).is_empty(), "outside the window");
+}
+
+#[test]
+fn a_stop_by_hand_is_never_a_loop_death() {
+    let mut t = T::on_v119();
+    for n in 1..=5 {
+        let e = t.event("c1", "x");
+        t.step(Event::Killed(e));
+        assert!(die(&mut t, "c1", "immich-server", n).is_empty());
+        let out = t.step(Event::Started(t.event("c1", &image_id(V119))));
+        assert!(out.iter().any(|e| matches!(e, Effect::ReadRestartCount { why: CountFor::StartedByHand, .. })));
+    }
+}
+
+#[test]
+fn deaths_missed_while_docker_was_unreachable_are_counted_from_restart_count() {
+    let mut t = T::on_v119();
+    t.later(60);
+    let mut s = stack(V119, "c1");
+    s.server.as_mut().unwrap().restart_count = 5;
+    let out = t.discover(s);
+    let found = out.iter().find_map(|e| match e {
+        Effect::CollectEvidence(f) => Some(f.clone()),
+        _ => None,
+    });
+    let found = found.expect("a loop from RestartCount alone");
+    assert_eq!(found.found.missed, found.found.deaths);
+}
+
+// Edge cases too slow or racy to stage with Docker.
+
+#[test]
+fn a_start_during_a_running_snapshot_is_frozen_and_released_by_that_snapshot() {
+    let mut t = T::on_v119();
+    assert_eq!(snapshot_requests(&t.env(Some(V119), Some(V120))), ["pre-update"]);
+    let out = t.start_unknown("c2", V120);
+    assert!(snapshot_requests(&out).is_empty(), "joins the running one");
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let out = t.sealed(V119);
+    assert_eq!(thaw_of(&out), Some(&Thaw::Sealed));
+}
+
+#[test]
+fn a_release_during_a_snapshot_refuses_without_force_and_thaws_with_it() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    let (reply, out) = t.release(false);
+    assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("frozen while its snapshot runs")));
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let (reply, out) = t.release(true);
+    assert!(matches!(thaw_of(&out), Some(Thaw::Forced { .. })));
+    t.thawed(&out);
+    // The snapshot still runs; when it seals, nothing is thawed twice.
+    assert_eq!(t.status(), ProtectState::Snapshotting);
+    let out = t.sealed(V119);
+    assert!(thaw_of(&out).is_none());
+    let _ = reply;
+}
+
+#[test]
+fn a_die_while_frozen_is_no_loop_and_the_freeze_stays() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    // A paused container killed by `docker compose down`: a stop by hand.
+    t.step(Event::Killed(t.event("c2", "x")));
+    assert!(die(&mut t, "c2", "immich-server", 0).is_empty());
+    assert_eq!(t.status(), ProtectState::Frozen);
+}
+
+#[test]
+fn a_start_of_a_removed_container_freezes_nothing() {
+    let mut t = T::on_v119();
+    let e = t.event("gone", "ghcr.io/immich-app/immich-server:v1.120.0");
+    t.step(Event::Started(e));
+    let out = t.step(Event::Paused {
+        container: "gone".into(),
+        outcome: PauseOutcome::Gone,
+    });
+    assert!(out.is_empty());
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn a_server_that_cannot_be_paused_is_stopped() {
+    let mut t = T::on_v119();
+    t.step(Event::Started(t.event("c2", "ghcr.io/immich-app/immich-server:v1.120.0")));
+    t.step(Event::Paused {
+        container: "c2".into(),
+        outcome: PauseOutcome::Failed("permission denied".into()),
+    });
+    let out = t.step(Event::Inspected {
+        container: "c2".into(),
+        image: Some(facts(V120)),
+    });
+    assert!(matches!(out.first(), Some(Effect::Stop { container }) if container == "c2"));
+    assert_eq!(t.status(), ProtectState::Frozen);
+    assert!(t.p.state().freeze_delays_ms.is_empty(), "no freeze delay without a pause");
+}
+
+#[test]
+fn a_known_image_starts_without_a_pause() {
+    let mut t = T::on_v119();
+    let out = t.step(Event::Started(t.event("c9", &image_id(V119))));
+    assert!(!out.iter().any(|e| matches!(e, Effect::Pause { .. })));
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn a_downgrade_is_held_and_a_pinned_rollback_released() {
+    let mut t = T::on_v119();
+    let out = t.start_unknown("c0", V118);
+    assert!(matches!(out.as_slice(), [Effect::AskMigrations { version }] if version == V118));
+    assert_eq!(t.status(), ProtectState::Held);
+    let out = t.step(Event::Migrations {
+        version: V118.into(),
+        result: Err("database access unknown".into()),
+    });
+    assert_eq!(notices(&out), [EventKind::Held]);
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert_eq!(hold.kind, HoldKind::Downgrade);
+    assert!(hold.hint.contains("release --force"), "{}", hold.hint);
+    let (reply, out) = t.release(false);
+    assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("refused downgrade")));
+    // `immich-guard pin v1.118.0` judged and recorded the rollback since.
+    t.later(10);
+    let pin = crate::pin::PinRecord {
+        at: t.now,
+        project: "immich".into(),
+        version: V118.into(),
+        forced: false,
+        verdict: crate::pin::Verdict::Allowed { snapshots: vec![] },
+        files: vec![],
+        backups: vec![],
+        by: "root".into(),
+    };
+    t.step(Event::Disk(Box::new(Disk {
+        pins: Ok(vec![pin]),
+        snapshots: vec![],
+    })));
+    let (reply, out) = t.release(false);
+    assert!(matches!(thaw_of(&out), Some(Thaw::Pinned { .. })));
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.contains("rollback recorded by `immich-guard pin`")));
+    assert_eq!(t.baseline().as_deref(), Some(V118));
+}
+
+#[test]
+fn setting_env_back_drops_the_pending_change_and_a_deleted_env_is_no_change() {
+    let mut t = T::on_v119();
+    t.env(Some(V119), Some(V120));
+    t.sealed(V119);
+    assert!(t.p.state().pending.is_some());
+    let out = t.env(Some(V120), Some(V119));
+    assert!(t.p.state().pending.is_none());
+    assert!(out.iter().any(|e| matches!(e, Effect::ShowStack(s) if s.env_version.as_deref() == Some(V119))));
+    // `.env` deleted: compose would fall back to `release`; nobody chose that.
+    let out = t.step(Event::Compose(ComposeEvent::Changed {
+        before: view(Some(V119)),
+        after: ComposeView {
+            env_missing: true,
+            ..view(None)
+        },
+    }));
+    assert!(snapshot_requests(&out).is_empty());
+    assert!(t.p.state().pending.is_none());
+    let Some(Effect::ShowStack(s)) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert!(s.notes.iter().any(|n| n.contains(".env")), "{:?}", s.notes);
+}
+
+#[test]
+fn a_restart_reconciles_every_phase() {
+    // Idle, with `.env` naming another version: a change in progress.
+    let t = T::on_v119();
+    let mut r = t.restarted();
+    let mut s = stack(V119, "c1");
+    s.env_version = Some(V120.into());
+    let out = r.discover(s);
+    assert_eq!(snapshot_requests(&out), ["pre-update"]);
+    assert_eq!(
+        r.p.state().pending.as_ref().unwrap().source,
+        ChangeSource::StartupReconcile
+    );
+    // Snapshotting: no snapshot survives a restart.
+    let mut t = T::on_v119();
+    t.env(Some(V119), Some(V120));
+    assert_eq!(t.status(), ProtectState::Snapshotting);
+    let r = t.restarted();
+    assert_eq!(r.status(), ProtectState::Idle);
+    // Held: still held, and no snapshot asked by itself.
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    t.step(Event::SnapshotFailed {
+        message: "boom".into(),
+    });
+    let mut r = t.restarted();
+    assert_eq!(r.status(), ProtectState::Held);
+    let mut s = stack(V120, "c2");
+    s.server.as_mut().unwrap().state = ContainerState::Paused;
+    let out = r.discover(s);
+    assert!(snapshot_requests(&out).is_empty());
+    assert_eq!(r.status(), ProtectState::Held);
+    // Paused by someone else: still reported; once running, no longer.
+    let mut t = T::new();
+    let mut s = stack(V119, "c1");
+    s.server.as_mut().unwrap().state = ContainerState::Paused;
+    t.discover(s);
+    let mut r = t.restarted();
+    assert_eq!(r.status(), ProtectState::Paused);
+    r.discover(stack(V119, "c1"));
+    assert_eq!(r.status(), ProtectState::Idle);
+    // Halted: still halted.
+    let mut t = T::on_v119();
+    for n in 1..=2 {
+        die(&mut t, "c1", "immich-server", n);
+    }
+    let out = die(&mut t, "c1", "immich-server", 3);
+    halt_loop(&mut t, out, server_log(""));
+    let r = t.restarted();
+    assert_eq!(r.status(), ProtectState::Halted);
+}
+
+#[test]
+fn each_project_keeps_its_own_state() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    let mut other = stack(V118, "o1");
+    other.project = "other".into();
+    t.discover(other);
+    assert_eq!(t.status(), ProtectState::Idle);
+    assert_eq!(t.baseline().as_deref(), Some(V118));
+    let back = t.discover(stack(V120, "c2"));
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let _ = back;
+}
+
+#[test]
+fn an_update_settles_then_is_verified_and_a_degraded_verify_is_acknowledged() {
+    let mut t = T::on_v119();
+    t.env(Some(V119), Some(V120));
+    t.sealed(V119);
+    t.start_unknown("c2", V120);
+    t.discover(stack(V120, "c2"));
+    let window = t.p.config.crash_loop.window_secs as i64;
+    t.later(window + 2);
+    let out = t.step(Event::Wakeup);
+    let Some(Effect::Verify { due, .. }) = out.iter().find(|e| matches!(e, Effect::Verify { .. })) else {
+        panic!("{out:?}")
+    };
+    assert_eq!((due.from.as_str(), due.to.as_str()), (V119, V120));
+    // The ack with nothing DEGRADED says so.
+    let reply = t.reply();
+    let out = t.step(Event::Ack { reply });
+    assert!(matches!(replied(&out, reply), Some(Err(_))));
+}
+
+#[test]
+fn a_restore_is_not_frozen_held_or_snapshotted_and_its_version_becomes_the_baseline() {
+    let mut t = T::on_v119();
+    let reply = t.reply();
+    let out = t.step(Event::Restore(RestoreEvent::Begin {
+        snapshot: "s1".into(),
+        reply,
+    }));
+    assert_eq!(replied(&out, reply), Some(Ok(String::new())));
+    // Its start of an older version is neither paused nor held; a release is refused.
+    let out = t.step(Event::Started(t.event("c0", "ghcr.io/immich-app/immich-server:v1.118.0")));
+    assert!(out.is_empty());
+    let (reply, out) = t.release(false);
+    assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("restore of s1")));
+    assert!(t.env(Some(V119), Some(V118)).is_empty());
+    assert!(t.p.next_wakeup(t.now).is_none());
+    t.step(Event::Restore(RestoreEvent::End(RestoreEnd::Done {
+        version: V118.into(),
+        stack: Some(Box::new(stack(V118, "c0"))),
+    })));
+    assert_eq!(t.baseline().as_deref(), Some(V118));
+    assert_eq!(t.status(), ProtectState::Idle);
+    // A restore cannot begin while a protective snapshot runs.
+    t.env(Some(V118), Some(V120));
+    let reply = t.reply();
+    let out = t.step(Event::Restore(RestoreEvent::Begin {
+        snapshot: "s2".into(),
+        reply,
+    }));
+    assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("protective snapshot")));
+}
+
+#[test]
+fn the_phase_cannot_hold_two_gates_and_the_view_round_trips() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    t.step(Event::SnapshotFailed {
+        message: "boom".into(),
+    });
+    let v = t.p.state().view();
+    assert!(v.hold.is_some() && v.frozen.is_none());
+    assert_eq!(v.state, ProtectState::Held);
+    let back = crate::protect::state::ProjectState::from_view(v.clone());
+    assert_eq!(back.view(), v);
+}
