@@ -83,3 +83,103 @@ pub fn save(path: &Path, p: &StateFile) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
     crate::durable::replace_synced(path, &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::protect::state::{Baseline, ProtectState};
+
+    fn with_baseline(project: &str, version: &str) -> Protection {
+        Protection {
+            baseline: Some(Baseline {
+                version: version.into(),
+                image_id: format!("sha256:{version}"),
+            }),
+            ..Protection::fresh(project)
+        }
+    }
+
+    #[test]
+    fn each_project_keeps_its_state_through_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/protection.json");
+        assert_eq!(load(&path, None).unwrap(), StateFile::default());
+        let mut a = with_baseline("a", "v1.119.0");
+        a.state = ProtectState::Snapshotting;
+        let b = with_baseline("b", "v1.120.0");
+        let file = StateFile {
+            projects: [("a".to_string(), a.clone()), ("b".to_string(), b.clone())].into(),
+            ..StateFile::default()
+        };
+        save(&path, &file).unwrap();
+        let back = load(&path, Some("b")).unwrap();
+        assert_eq!(back, file);
+        assert_eq!(back.projects["a"].state, ProtectState::Snapshotting);
+        assert_eq!(back.projects["b"].project.as_deref(), Some("b"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"format\": 2"), "{text}");
+        // The key names the project, whatever a hand-edited field says.
+        std::fs::write(
+            &path,
+            text.replace("\"project\": \"a\"", "\"project\": \"b\""),
+        )
+        .unwrap();
+        assert_eq!(
+            load(&path, None).unwrap().projects["a"].project.as_deref(),
+            Some("a")
+        );
+    }
+
+    /// A v1.118.0 state that halted `container`.
+    fn halted_in(container: &str) -> Protection {
+        let mut p = with_baseline("x", "v1.118.0");
+        p.halted.push(crate::incident::Halted {
+            service: "immich-server".into(),
+            container: container.into(),
+            restart_policy: "always".into(),
+            halted_at: None,
+        });
+        p
+    }
+
+    /// A file of the previous format: one unnamed state.
+    fn old_file(dir: &Path, p: &Protection) -> PathBuf {
+        let mut value = serde_json::to_value(p).unwrap();
+        value.as_object_mut().unwrap().remove("project");
+        let path = dir.join("protection.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_old_file_is_the_configured_projects_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = with_baseline("x", "v1.118.0");
+        let path = old_file(dir.path(), &old);
+        let file = load(&path, Some("immich")).unwrap();
+        assert_eq!(file.projects.len(), 1);
+        let state = &file.projects["immich"];
+        assert_eq!(state.project.as_deref(), Some("immich"));
+        assert_eq!(state.baseline, old.baseline);
+        assert_eq!(file.unattributed, None);
+    }
+
+    #[test]
+    fn an_old_file_without_a_project_is_kept_aside_or_dropped_never_adopted_blindly() {
+        let dir = tempfile::tempdir().unwrap();
+        // Only a baseline: nothing ties it to a stack.
+        let path = old_file(dir.path(), &with_baseline("x", "v1.118.0"));
+        assert_eq!(load(&path, None).unwrap(), StateFile::default());
+        // A halted container: kept aside until the stack holding it is found.
+        let path = old_file(dir.path(), &halted_in("c0ffee"));
+        let file = load(&path, None).unwrap();
+        assert!(file.projects.is_empty());
+        let kept = file.unattributed.clone().unwrap();
+        assert_eq!(kept.containers().collect::<Vec<_>>(), ["c0ffee"]);
+        // And it survives the next save.
+        save(&path, &file).unwrap();
+        assert_eq!(load(&path, None).unwrap(), file);
+    }
+}

@@ -558,3 +558,27 @@ impl ProjectState {
             .map(|b| (b.version.clone(), b.image_id.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_order() {
+        assert_eq!(parse_version("v1.119.0"), Some((1, 119, 0)));
+        assert_eq!(parse_version("1.120.1"), Some((1, 120, 1)));
+        assert_eq!(parse_version("v2.1.0-rc.1"), Some((2, 1, 0)));
+        assert_eq!(parse_version("release"), None);
+        assert!(is_older("v1.119.0", "v1.120.0"));
+        assert!(!is_older("v1.120.0", "v1.120.0"));
+        assert!(!is_older("release", "v1.120.0"));
+        assert!(same_version("1.119.0", "v1.119.0"));
+    }
+
+    #[test]
+    fn percentiles_of_delays() {
+        assert_eq!(percentiles(&[]), None);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentiles(&v), Some((51.0, 99.0)));
+    }
+}

@@ -977,3 +977,80 @@ fn the_phase_cannot_hold_two_gates_and_the_view_round_trips() {
     let back = crate::protect::state::ProjectState::from_view(v.clone());
     assert_eq!(back.view(), v);
 }
+
+// Pure helpers the decisions rest on.
+
+#[test]
+fn only_the_newest_allowed_pin_since_the_baseline_lets_a_rollback_start() {
+    use crate::pin::{PinRecord, Verdict};
+    let t0 = Utc::now();
+    let pin =
+        |minutes: i64, project: &str, version: &str, verdict: Verdict, forced| PinRecord {
+            at: t0 + chrono::TimeDelta::minutes(minutes),
+            project: project.into(),
+            version: version.into(),
+            forced,
+            verdict,
+            files: vec![],
+            backups: vec![],
+            by: "root".into(),
+        };
+    let allowed = || Verdict::Allowed {
+        snapshots: vec!["s".into()],
+    };
+    let refused = || Verdict::Refused {
+        migrations: vec!["m".into()],
+        restore: "s".into(),
+    };
+    let ok = vec![pin(5, "immich", "v1.119.0", allowed(), false)];
+    assert!(pinned_rollback(&ok, "immich", "1.119.0", t0).is_some());
+    // Another version, another project, or a pin older than the baseline: held.
+    assert!(pinned_rollback(&ok, "immich", "v1.118.0", t0).is_none());
+    assert!(pinned_rollback(&ok, "other", "v1.119.0", t0).is_none());
+    let later = t0 + chrono::TimeDelta::minutes(10);
+    assert!(pinned_rollback(&ok, "immich", "v1.119.0", later).is_none());
+    // A newer pin of the project to another version replaces it.
+    let mut two = ok.clone();
+    two.push(pin(6, "immich", "v1.119.1", allowed(), false));
+    assert!(pinned_rollback(&two, "immich", "v1.119.0", t0).is_none());
+    // ... but another project's newer pin does not.
+    let mut other = ok;
+    other.push(pin(6, "other", "v1.119.1", allowed(), false));
+    assert!(pinned_rollback(&other, "immich", "v1.119.0", t0).is_some());
+    // Refused and not forced is never recorded by `pin`; if found, it is held. Forced is
+    // the admin's decision, recorded: it starts.
+    let no = vec![pin(5, "immich", "v1.119.0", refused(), false)];
+    assert!(pinned_rollback(&no, "immich", "v1.119.0", t0).is_none());
+    let forced = vec![pin(5, "immich", "v1.119.0", refused(), true)];
+    assert!(pinned_rollback(&forced, "immich", "v1.119.0", t0).is_some());
+}
+
+#[test]
+fn a_held_downgrade_names_the_commands_that_apply() {
+    use crate::pin::Verdict;
+    let allowed = Verdict::Allowed {
+        snapshots: vec!["s119".into()],
+    };
+    let h = start::downgrade_hint("v1.119.0", "v1.119.1", &allowed, Some("s119"));
+    assert!(h.contains("`immich-guard pin v1.119.0`"), "{h}");
+    assert!(h.contains("then `immich-guard release`"), "{h}");
+    assert!(!h.contains("restore"), "{h}");
+    let refused = Verdict::Refused {
+        migrations: vec!["1731000000000-AddMemories".into()],
+        restore: "s119".into(),
+    };
+    let h = start::downgrade_hint("v1.119.0", "v1.120.0", &refused, Some("s119"));
+    assert!(h.contains("`immich-guard restore s119`"), "{h}");
+    assert!(h.contains("IMMICH_VERSION=v1.120.0"), "{h}");
+    assert!(h.contains("`immich-guard release --force`"), "{h}");
+    assert!(!h.contains("immich-guard pin"), "{h}");
+    let unknown = Verdict::Unknown {
+        reason: "the database's migrations could not be read: timeout".into(),
+    };
+    let h = start::downgrade_hint("v1.119.0", "v1.120.0", &unknown, Some("s119"));
+    assert!(h.contains("`immich-guard restore s119`"), "{h}");
+    let h = start::downgrade_hint("v1.118.0", "v1.120.0", &unknown, None);
+    assert!(!h.contains("restore"), "{h}");
+    assert!(h.contains("`immich-guard release --force`"), "{h}");
+}
+
