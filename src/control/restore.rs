@@ -19,6 +19,14 @@ pub(super) async fn answer(
     no_preserve: bool,
     write: &mut OwnedWriteHalf,
 ) -> Result<(), ()> {
+    // A daemon just started (to finish an interrupted restore, say) has not looked yet:
+    // its first discovery is waited for, briefly, rather than refused as "no stack".
+    let mut state = control.state.clone();
+    let _ = tokio::time::timeout(
+        FIRST_DISCOVERY_WAIT,
+        state.wait_for(|s| s.discovered_at.is_some() || s.docker.error.is_some()),
+    )
+    .await;
     let (stack, snapshotting) = {
         let state = control.state.borrow();
         (
@@ -91,6 +99,7 @@ pub(super) async fn answer(
 }
 
 const STILL_RUNNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const FIRST_DISCOVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Job {
     config: crate::config::Config,

@@ -679,3 +679,678 @@ async fn image_facts(docker: &Docker, reference: &str) -> Option<ImageFacts> {
     .name();
     Some(ImageFacts { id, tags, version })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver end to end without Docker: inputs through the handle, `status` and
+    //! `protection.json` out (the decisions themselves are policy/tests.rs).
+
+    use std::path::Path;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::protect::persist::{load, save};
+    use crate::protect::state::{Baseline, Frozen, Hold, HoldKind, ProtectState};
+
+    fn with_baseline(project: &str, version: &str) -> Protection {
+        Protection {
+            baseline: Some(Baseline {
+                version: version.into(),
+                image_id: format!("sha256:{version}"),
+            }),
+            ..Protection::fresh(project)
+        }
+    }
+
+    pub(super) fn running(project: &str, version: &str, container: &str) -> Stack {
+        let image_id = format!("sha256:{version}");
+        Stack {
+            project: project.into(),
+            compose_dir: None,
+            compose_files: vec![],
+            env_file: None,
+            env_version: None,
+            server: Some(crate::discover::Service {
+                service: "immich-server".into(),
+                container_id: container.into(),
+                container_name: format!("{project}_server"),
+                image: format!("immich-server:{version}"),
+                image_id: image_id.clone(),
+                state: crate::discover::ContainerState::Running,
+                restart_count: 0,
+                restart_policy: "always".into(),
+            }),
+            machine_learning: None,
+            redis: None,
+            database: None,
+            upload_location: None,
+            upload_mount: None,
+            db_data_location: None,
+            db: None,
+            version: Some(crate::discover::ImmichVersion {
+                tag: Some(version.into()),
+                image_id,
+                repo_digests: vec![],
+                repo_tags: vec![],
+                label: Some(version.into()),
+            }),
+            notes: vec![],
+        }
+    }
+
+    /// A guard without Docker, fed discoveries by hand.
+    struct Fed {
+        guard: GuardHandle,
+        state: watch::Receiver<DaemonState>,
+        /// Publishes the stack as the daemon's discovery does.
+        publish: Arc<watch::Sender<DaemonState>>,
+        file: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fed {
+        fn start(dir: tempfile::TempDir) -> Fed {
+            Fed::with(dir, Config::default(), false)
+        }
+
+        /// `stalled`: every snapshot runs and never finishes.
+        fn with(dir: tempfile::TempDir, mut config: Config, stalled: bool) -> Fed {
+            config.daemon.data_dir = dir.path().to_path_buf();
+            let (tx, state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
+            let tx = Arc::new(tx);
+            let (_, docker) = watch::channel(None);
+            let queue = if stalled {
+                SnapshotQueue::stalled()
+            } else {
+                SnapshotQueue::start(config.clone(), docker.clone(), tx.clone())
+            };
+            let notifier = Notifier::new(&config.notify);
+            let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
+            Fed {
+                guard,
+                state,
+                publish: tx,
+                file: dir.path().join(STATE_FILE),
+                _dir: dir,
+            }
+        }
+
+        /// Discovery found `stack`; returns the baseline published for it.
+        async fn found(&mut self, stack: Stack) -> Option<String> {
+            let project = stack.project.clone();
+            self.publish.send_modify(|s| {
+                s.stack = Some(stack.clone());
+                s.docker.reachable = true;
+            });
+            self.guard.send(Input::Discovered {
+                stack: Box::new(stack),
+                listed_at: Utc::now(),
+            });
+            let s = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.state
+                    .wait_for(|s| s.protection.project.as_deref() == Some(project.as_str())),
+            )
+            .await
+            .expect("the guard takes the project's state")
+            .unwrap()
+            .protection
+            .clone();
+            s.baseline.map(|b| b.version)
+        }
+    }
+
+    /// Waits until the published state satisfies `ok`.
+    async fn until(fed: &Fed, what: &str, ok: impl Fn(&DaemonState) -> bool) -> DaemonState {
+        let mut rx = fed.state.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: {:#?}", fed.state.borrow().protection))
+            .unwrap()
+            .clone()
+    }
+
+    /// A compose dir whose server image follows `.env`, as Immich's own compose file does.
+    fn compose_dir(env_version: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n",
+        )
+        .unwrap();
+        write_env(dir.path(), env_version);
+        dir
+    }
+
+    /// Writes `.env` as editors do: a new file renamed over the old one.
+    fn write_env(dir: &Path, version: &str) {
+        std::fs::write(dir.join(".env.new"), format!("IMMICH_VERSION={version}\n")).unwrap();
+        std::fs::rename(dir.join(".env.new"), dir.join(".env")).unwrap();
+    }
+
+    /// `running(...)` with its compose files in `dir` and `.env` naming `env_version`.
+    fn composed(dir: &Path, version: &str, env_version: &str) -> Stack {
+        Stack {
+            compose_dir: Some(dir.to_path_buf()),
+            compose_files: vec![dir.join("docker-compose.yml")],
+            env_file: Some(dir.join(".env")),
+            env_version: Some(env_version.into()),
+            ..running("a", version, "ca")
+        }
+    }
+
+    fn status_text(s: &DaemonState) -> String {
+        crate::render::status(&crate::status::StatusReport::from_state(s))
+    }
+
+    #[tokio::test]
+    async fn held_quotes_the_newest_failure_after_a_release_fails_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = with_baseline("a", "v1.119.0");
+        p.hold = Some(Hold {
+            kind: HoldKind::SnapshotFailed,
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            paused: true,
+            reason: "the snapshot before starting v1.120.0 failed: disk full".to_string(),
+            hint: "fix it".into(),
+            since: Utc::now(),
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        assert!(status_text(&fed.state.borrow()).contains("disk full"));
+        // The retried snapshot fails for another reason (no Docker here).
+        let err = fed.guard.release(false, None).await.unwrap_err();
+        assert!(err.contains("Docker is unreachable"), "{err}");
+        let s = until(&fed, "the new reason", |s| {
+            s.protection
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.reason.contains("Docker is unreachable"))
+        })
+        .await;
+        let text = status_text(&s);
+        let held = text.lines().find(|l| l.starts_with("HELD:")).unwrap();
+        assert!(held.contains("Docker is unreachable"), "{held}");
+        assert!(!held.contains("disk full"), "{held}");
+        assert!(s.status_line().contains("Docker is unreachable"));
+        // And it is what a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(
+            saved.projects["a"]
+                .hold
+                .as_ref()
+                .unwrap()
+                .reason
+                .contains("Docker is unreachable")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_env_version_follows_edits_and_setting_it_back_drops_the_pending_change() {
+        let compose = compose_dir("v1.120.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        // The daemon (re)starts with `.env` ahead of the database: a change in progress.
+        fed.found(composed(compose.path(), "v1.119.0", "v1.120.0"))
+            .await;
+        let s = until(&fed, "the startup change", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.source == crate::protect::ChangeSource::StartupReconcile)
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.120.0"));
+        // The admin sets it back: status follows, and nothing is pending any more.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the edit", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.119.0"));
+        let s = until(&fed, "no pending change", |s| {
+            s.protection.pending.is_none()
+        })
+        .await;
+        assert!(!status_text(&s).contains("pending change"));
+        // Another edit is followed too, and is a change again.
+        write_env(compose.path(), "v1.121.0");
+        let s = until(&fed, "the next edit", |s| {
+            s.protection
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.to == "v1.121.0")
+        })
+        .await;
+        assert!(status_text(&s).contains(".env version:     v1.121.0"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_env_is_reported_and_never_read_as_a_change_to_release() {
+        let compose = compose_dir("v1.119.0");
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(composed(compose.path(), "v1.119.0", "v1.119.0"))
+            .await;
+        std::fs::remove_file(compose.path().join(".env")).unwrap();
+        let s = until(&fed, "the missing .env", |s| {
+            s.stack
+                .as_ref()
+                .unwrap()
+                .notes
+                .iter()
+                .any(|n| n.contains("is missing"))
+        })
+        .await;
+        let text = status_text(&s);
+        assert!(text.contains(".env is missing"), "{text}");
+        assert!(!text.contains(".env version:"), "{text}");
+        assert!(s.protection.pending.is_none(), "{:?}", s.protection.pending);
+        // A compose edit meanwhile is not read as `release` either.
+        std::fs::write(
+            compose.path().join("docker-compose.yml"),
+            "services:\n  immich-server:\n    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}\n    restart: always\n",
+        )
+        .unwrap();
+        tokio::time::sleep(COMPOSE_DEBOUNCE * 4).await;
+        assert!(fed.state.borrow().protection.pending.is_none());
+        // Back: the warning goes, and the same version is no change.
+        write_env(compose.path(), "v1.119.0");
+        let s = until(&fed, "the .env back", |s| {
+            s.stack.as_ref().unwrap().env_version.as_deref() == Some("v1.119.0")
+        })
+        .await;
+        assert!(!status_text(&s).contains("is missing"));
+        assert!(s.protection.pending.is_none());
+    }
+
+    /// A state of project a with the server `cb` (v1.120.0) frozen by an earlier run.
+    fn frozen_file(dir: &Path) {
+        let mut p = with_baseline("a", "v1.119.0");
+        p.frozen = Some(Frozen {
+            container: "cb".into(),
+            container_name: "a_server_new".into(),
+            image_id: "sha256:v1.120.0".into(),
+            version: "v1.120.0".into(),
+            since: Utc::now(),
+            delay_ms: 3.0,
+        });
+        let file = StateFile {
+            projects: [("a".to_string(), p)].into(),
+            ..StateFile::default()
+        };
+        save(&dir.join(STATE_FILE), &file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_finish_says_where_it_waits_then_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut config = Config::default();
+        config.snapshots.max_wait_secs = 2;
+        let mut fed = Fed::with(dir, config, true);
+        fed.found(running("a", "v1.119.0", "ca")).await;
+        // Frozen, and status says what it waits on and for how long.
+        let s = until(&fed, "the step", |s| {
+            s.protection
+                .snapshot_run
+                .as_ref()
+                .is_some_and(|r| r.step.contains("pg_dumpall"))
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        let line = s.status_line();
+        assert!(
+            line.contains("snapshot running") && line.contains("at: dumping with pg_dumpall"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("snapshot (pre-start) running"));
+        // Past snapshots.max_wait_secs: HELD, still paused, saying why and since when.
+        let s = until(&fed, "the hold", |s| s.protection.hold.is_some()).await;
+        let hold = s.protection.hold.clone().unwrap();
+        assert_eq!(s.protection.state, ProtectState::Held);
+        assert!(s.protection.frozen.is_none());
+        assert!(hold.paused);
+        assert!(
+            hold.reason.contains("snapshots.max_wait_secs (2 s)")
+                && hold.reason.contains("at: dumping with pg_dumpall"),
+            "{}",
+            hold.reason
+        );
+        assert!(hold.hint.contains("release --force"), "{}", hold.hint);
+        assert!(s.status_line().starts_with("HELD a_server_new"));
+        // It is persisted as a hold, which a restart resumes.
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].hold.is_some());
+        assert!(saved.projects["a"].frozen.is_none());
+    }
+
+    /// `running(...)` whose server `container` (on `version`) is paused.
+    fn paused(version: &str, container: &str) -> Stack {
+        let mut stack = running("a", version, container);
+        stack.server.as_mut().unwrap().state = crate::discover::ContainerState::Paused;
+        stack
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_someone_else_is_reported_left_paused_and_taken_over_by_release() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            &dir.path().join(STATE_FILE),
+            &StateFile {
+                projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+                ..StateFile::default()
+            },
+        )
+        .unwrap();
+        let mut fed = Fed::start(dir);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "paused", |s| {
+            s.protection.state == ProtectState::Paused
+        })
+        .await;
+        let line = s.status_line();
+        assert!(
+            line.starts_with("PAUSED a_server (v1.120.0), not by immich-guard"),
+            "{line}"
+        );
+        assert!(status_text(&s).contains("`docker unpause a_server`"));
+        assert!(s.protection.frozen.is_none() && s.protection.snapshot_run.is_none());
+        // `release`: a freeze like any other (its version is not the database's): snapshot
+        // first; here it fails (no Docker), so the server is HELD, still paused.
+        let answer = fed.guard.release(false, None).await.unwrap();
+        assert!(answer.contains("now frozen by immich-guard"), "{answer}");
+        let s = until(&fed, "held", |s| s.protection.hold.is_some()).await;
+        assert!(s.protection.paused_server.is_none());
+        assert_eq!(s.protection.hold.unwrap().container, "cb");
+    }
+
+    #[tokio::test]
+    async fn a_server_paused_by_our_own_freeze_is_snapshotted_again_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        frozen_file(dir.path());
+        let mut fed = Fed::with(dir, Config::default(), true);
+        fed.found(paused("v1.120.0", "cb")).await;
+        let s = until(&fed, "the snapshot", |s| {
+            s.protection.snapshot_run.is_some()
+        })
+        .await;
+        assert_eq!(s.protection.state, ProtectState::Frozen);
+        assert!(s.protection.paused_server.is_none());
+        assert!(
+            s.status_line()
+                .starts_with("frozen a_server_new (v1.120.0)")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_discovered_project_gets_its_own_state_and_the_others_are_kept() {
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        assert_eq!(
+            fed.found(running("a", "v1.119.0", "ca")).await.as_deref(),
+            Some("v1.119.0")
+        );
+        // b is found: its own baseline, never a's.
+        assert_eq!(
+            fed.found(running("b", "v1.120.0", "cb")).await.as_deref(),
+            Some("v1.120.0")
+        );
+        let file = load(&fed.file, None).unwrap();
+        assert_eq!(
+            file.projects
+                .iter()
+                .map(|(p, s)| (p.as_str(), s.baseline.as_ref().unwrap().version.as_str()))
+                .collect::<Vec<_>>(),
+            [("a", "v1.119.0"), ("b", "v1.120.0")]
+        );
+        // a comes back: its state as it was, kept while b was protected.
+        assert_eq!(
+            fed.found(running("a", "v1.119.0", "ca")).await.as_deref(),
+            Some("v1.119.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_only_known_project_is_resumed_before_discovery_and_put_away_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile {
+            projects: [("a".to_string(), with_baseline("a", "v1.119.0"))].into(),
+            ..StateFile::default()
+        };
+        save(&dir.path().join(STATE_FILE), &file).unwrap();
+        let mut fed = Fed::start(dir);
+        // Held (not shown: status shows a state only with its stack) until discovery says.
+        assert_eq!(fed.state.borrow().protection.project.as_deref(), Some("a"));
+        assert_eq!(
+            fed.found(running("b", "v1.120.0", "cb")).await.as_deref(),
+            Some("v1.120.0")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert_eq!(
+            saved.projects["a"].baseline.as_ref().unwrap().version,
+            "v1.119.0"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_old_state_is_adopted_only_by_the_stack_holding_its_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::protect::persist::tests::old_file(
+            dir.path(),
+            &crate::protect::persist::tests::halted_in("c-old"),
+        );
+        let mut fed = Fed::start(dir);
+        // Another stack: fresh, the old state stays aside.
+        assert_eq!(
+            fed.found(running("other", "v1.120.0", "c-new"))
+                .await
+                .as_deref(),
+            Some("v1.120.0")
+        );
+        assert!(fed.state.borrow().protection.halted.is_empty());
+        assert!(load(&fed.file, None).unwrap().unattributed.is_some());
+        // The stack whose server is the halted container: the old state is its own.
+        let s = fed.found(running("mine", "v1.118.0", "c-old")).await;
+        assert_eq!(s.as_deref(), Some("v1.118.0"));
+        assert_eq!(fed.state.borrow().protection.halted.len(), 1);
+        let file = load(&fed.file, None).unwrap();
+        assert!(file.unattributed.is_none());
+        assert_eq!(file.projects["mine"].halted[0].container, "c-old");
+    }
+
+    /// A verify report for project `a` with the asset count at `assets` against 40,000.
+    fn report_for_a(assets: i64) -> crate::verify::Report {
+        use crate::verify::{Check, Outcome};
+        let outcome = if assets >= 40_000 {
+            Outcome::Pass
+        } else {
+            Outcome::Fail
+        };
+        crate::verify::Report {
+            project: "a".into(),
+            against: Some("s-pre".into()),
+            baseline_note: String::new(),
+            expected_version: Some("v1.120.0".into()),
+            server_url: None,
+            at: Utc::now(),
+            passed: outcome == Outcome::Pass,
+            checks: vec![Check {
+                name: "assets".into(),
+                outcome,
+                detail: format!("{assets} now, 40000 in the snapshot"),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_verify_is_degraded_persisted_and_cleared_by_ack() {
+        let mut fed = Fed::start(tempfile::tempdir().unwrap());
+        fed.found(running("a", "v1.120.0", "ca")).await;
+        let due = crate::post_upgrade::VerifyDue {
+            from: "v1.119.0".into(),
+            to: "v1.120.0".into(),
+            snapshot: Some("s-pre".into()),
+            not_before: Utc::now(),
+            reason: "upgrade settled".into(),
+        };
+        fed.guard.send(Input::Result(Event::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        }));
+        let wait = |state: ProtectState| {
+            let mut rx = fed.state.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    rx.wait_for(|s| s.protection.state == state),
+                )
+                .await
+                .expect("the state")
+                .unwrap()
+                .protection
+                .clone()
+            }
+        };
+        let p = wait(ProtectState::Degraded).await;
+        assert_eq!(
+            p.verifies.degraded.as_ref().unwrap().snapshot.as_deref(),
+            Some("s-pre")
+        );
+        let saved = load(&fed.file, None).unwrap();
+        assert!(saved.projects["a"].verifies.degraded.is_some());
+        assert_eq!(saved.projects["a"].state, ProtectState::Degraded);
+
+        assert!(
+            fed.guard
+                .ack()
+                .await
+                .unwrap()
+                .contains("v1.119.0 → v1.120.0")
+        );
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.degraded.is_none());
+        assert!(!p.verifies.last.unwrap().passed);
+        assert!(fed.guard.ack().await.unwrap_err().contains("not DEGRADED"));
+
+        // Degraded again, then a later verify passes: cleared.
+        fed.guard.send(Input::Result(Event::Verified {
+            due: due.clone(),
+            report: Box::new(report_for_a(0)),
+            server: Some("ca".into()),
+        }));
+        wait(ProtectState::Degraded).await;
+        fed.guard.send(Input::Result(Event::Verified {
+            due,
+            report: Box::new(report_for_a(40_001)),
+            server: Some("ca".into()),
+        }));
+        let p = wait(ProtectState::Idle).await;
+        assert!(p.verifies.last.unwrap().passed);
+    }
+
+    fn stack_on(version: &str) -> Stack {
+        running("immich", version, &format!("c-{version}"))
+    }
+
+    async fn until_state(
+        state: &mut watch::Receiver<DaemonState>,
+        what: &str,
+        pred: impl FnMut(&DaemonState) -> bool,
+    ) -> DaemonState {
+        tokio::time::timeout(Duration::from_secs(5), state.wait_for(pred))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap()
+            .clone()
+    }
+
+    /// A guard without Docker: what a restore begins and ends, and what it refuses.
+    #[tokio::test]
+    async fn a_restore_is_one_at_a_time_a_failed_one_stops_protection_and_a_finished_one_sets_the_baseline()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.daemon.data_dir = dir.path().to_path_buf();
+        let (tx, mut state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
+        let tx = Arc::new(tx);
+        let (_, docker) = watch::channel(None);
+        let queue = crate::snapshot::queue::SnapshotQueue::start(
+            config.clone(),
+            docker.clone(),
+            tx.clone(),
+        );
+        let notifier = crate::notification::Notifier::new(&config.notify);
+        let guard = Guard::start(config, tx, docker, queue, notifier);
+        guard.send(Input::Discovered {
+            stack: Box::new(stack_on("v1.120.0")),
+            listed_at: chrono::Utc::now(),
+        });
+        until_state(&mut state, "the v2 baseline", |s| {
+            s.protection.baseline.is_some()
+        })
+        .await;
+
+        guard.begin_restore("s1").await.unwrap();
+        let s = until_state(&mut state, "RESTORING", |s| s.restoring.is_some()).await;
+        assert_eq!(s.status_line(), "RESTORING s1: planning");
+        let e = guard.begin_restore("s2").await.unwrap_err();
+        assert!(e.contains("a restore of s1 is already running"), "{e}");
+        let e = guard.release(false, None).await.unwrap_err();
+        assert!(e.contains("a restore of s1 is running"), "{e}");
+        guard.restore_progress("step 3/7 database: replaying".into());
+        let s = until_state(&mut state, "the step", |s| {
+            s.restoring.as_deref().is_some_and(|r| r.contains("3/7"))
+        })
+        .await;
+        assert_eq!(
+            s.status_line(),
+            "RESTORING s1: step 3/7 database: replaying"
+        );
+
+        // Failed part-way: protection off, as an unfinished journal at daemon start.
+        guard.end_restore(RestoreEnd::Unfinished("restore of s1 incomplete".into()));
+        let s = until_state(&mut state, "NOT PROTECTING", |s| {
+            s.restore_incomplete.is_some()
+        })
+        .await;
+        assert_eq!(s.status_line(), "NOT PROTECTING: restore of s1 incomplete");
+        let e = guard.ack().await.unwrap_err();
+        assert!(
+            e.contains("not protecting: restore of s1 incomplete"),
+            "{e}"
+        );
+        // A refused retry leaves it unfinished; the same restore again may run.
+        guard.begin_restore("s1").await.unwrap();
+        guard.end_restore(RestoreEnd::NothingChanged);
+        let s = until_state(&mut state, "unfinished again", |s| {
+            s.restoring.is_none() && s.restore_incomplete.is_some()
+        })
+        .await;
+        assert!(s.status_line().starts_with("NOT PROTECTING"));
+
+        // Finished: the restored (older) version is the baseline, what was held is over.
+        guard.begin_restore("s1").await.unwrap();
+        guard.end_restore(RestoreEnd::Done {
+            version: "v1.119.0".into(),
+            stack: Some(Box::new(stack_on("v1.119.0"))),
+        });
+        let s = until_state(&mut state, "the v1 baseline", |s| {
+            s.protection.baseline.as_ref().map(|b| b.version.as_str()) == Some("v1.119.0")
+        })
+        .await;
+        assert!(s.restoring.is_none() && s.restore_incomplete.is_none());
+        assert_eq!(
+            s.protection.baseline.as_ref().unwrap().image_id,
+            "sha256:v1.119.0"
+        );
+        assert_eq!(s.protection.state, crate::protect::ProtectState::Idle);
+    }
+}

@@ -85,7 +85,7 @@ pub fn save(path: &Path, p: &StateFile) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::PathBuf;
 
     use super::*;
@@ -133,7 +133,7 @@ mod tests {
     }
 
     /// A v1.118.0 state that halted `container`.
-    fn halted_in(container: &str) -> Protection {
+    pub(crate) fn halted_in(container: &str) -> Protection {
         let mut p = with_baseline("x", "v1.118.0");
         p.halted.push(crate::incident::Halted {
             service: "immich-server".into(),
@@ -145,7 +145,7 @@ mod tests {
     }
 
     /// A file of the previous format: one unnamed state.
-    fn old_file(dir: &Path, p: &Protection) -> PathBuf {
+    pub(crate) fn old_file(dir: &Path, p: &Protection) -> PathBuf {
         let mut value = serde_json::to_value(p).unwrap();
         value.as_object_mut().unwrap().remove("project");
         let path = dir.join("protection.json");

@@ -308,8 +308,6 @@ pub fn is_older(candidate: &str, than: &str) -> bool {
     matches!((parse_version(candidate), parse_version(than)), (Some(c), Some(t)) if c < t)
 }
 
-/// What the Docker event loop hands the guard.
-
 /// Where a pending change was seen first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangeSource {

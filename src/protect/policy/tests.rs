@@ -169,7 +169,10 @@ impl T {
     /// A server container starts on `version` (an image the policy has not seen): the whole
     /// pause → inspect round; returns the effects after the inspect.
     fn start_unknown(&mut self, container: &str, version: &str) -> Vec<Effect> {
-        let e = self.event(container, &format!("ghcr.io/immich-app/immich-server:{version}"));
+        let e = self.event(
+            container,
+            &format!("ghcr.io/immich-app/immich-server:{version}"),
+        );
         let out = self.step(Event::Started(e));
         assert!(
             matches!(out.as_slice(), [Effect::Pause { container: c }] if c == container),
@@ -289,7 +292,11 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
     assert_eq!(t.status(), ProtectState::Frozen);
     assert_eq!(snapshot_requests(&out), ["pre-start"]);
     assert_eq!(notices(&out), [EventKind::Frozen]);
-    let Effect::RequestSnapshot(r) = out.iter().find(|e| matches!(e, Effect::RequestSnapshot(_))).unwrap() else {
+    let Effect::RequestSnapshot(r) = out
+        .iter()
+        .find(|e| matches!(e, Effect::RequestSnapshot(_)))
+        .unwrap()
+    else {
         unreachable!()
     };
     // The data is the baseline's, whatever server is frozen meanwhile.
@@ -344,7 +351,11 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     assert_eq!(notices(&out), [EventKind::Held]);
     let hold = t.p.state().phase.hold().unwrap().clone();
     assert_eq!(hold.kind, HoldKind::SnapshotFailed);
-    assert!(hold.reason.contains("connection refused"), "{}", hold.reason);
+    assert!(
+        hold.reason.contains("connection refused"),
+        "{}",
+        hold.reason
+    );
     assert!(thaw_of(&out).is_none(), "fail closed");
     // `release` retries the snapshot; the caller waits for it.
     let (first, out) = t.release(false);
@@ -413,7 +424,11 @@ fn a_restarted_daemon_still_protects_an_upgrade_in_progress() {
     assert_eq!(t.status(), ProtectState::Frozen);
     // The daemon stops before the snapshot seals; the new one reads the file.
     let mut t = t.restarted();
-    assert_eq!(t.status(), ProtectState::Frozen, "frozen, its snapshot to be taken again");
+    assert_eq!(
+        t.status(),
+        ProtectState::Frozen,
+        "frozen, its snapshot to be taken again"
+    );
     assert!(t.p.state().phase.run().is_none());
     let out = t.discover(stack(V120, "c2"));
     assert_eq!(snapshot_requests(&out), ["pre-start"]);
@@ -455,13 +470,17 @@ fn a_server_found_paused_at_start_is_reported_and_left_paused_until_released() {
     s.server.as_mut().unwrap().state = ContainerState::Paused;
     let out = t.discover(s.clone());
     assert!(
-        !out.iter().any(|e| matches!(e, Effect::Unpause { .. } | Effect::Thaw { .. })),
+        !out.iter()
+            .any(|e| matches!(e, Effect::Unpause { .. } | Effect::Thaw { .. })),
         "never unpaused silently"
     );
     assert_eq!(t.status(), ProtectState::Paused);
     // Same version as the database: `release` unpauses it.
     let (reply, out) = t.release(false);
-    assert!(matches!(thaw_of(&out), Some(Thaw::ForeignPause { forced: false, .. })));
+    assert!(matches!(
+        thaw_of(&out),
+        Some(Thaw::ForeignPause { forced: false, .. })
+    ));
     let out = t.thawed(&out);
     assert!(matches!(replied(&out, reply), Some(Ok(_))));
     assert_eq!(t.status(), ProtectState::Idle);
@@ -498,7 +517,10 @@ fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
         "{}",
         hold.reason
     );
-    assert!(t.p.state().phase.run().is_some(), "the snapshot keeps running");
+    assert!(
+        t.p.state().phase.run().is_some(),
+        "the snapshot keeps running"
+    );
     let out = t.sealed(V119);
     assert!(matches!(thaw_of(&out), Some(Thaw::HoldSealed { .. })));
 }
@@ -515,7 +537,10 @@ fn die(t: &mut T, container: &str, service: &str, count: i64) -> Vec<Effect> {
     if out.is_empty() {
         return out;
     }
-    assert!(matches!(out.as_slice(), [Effect::ReadRestartCount { .. }]), "{out:?}");
+    assert!(
+        matches!(out.as_slice(), [Effect::ReadRestartCount { .. }]),
+        "{out:?}"
+    );
     let read_at = t.now;
     t.step(Event::RestartCount {
         container: container.into(),
@@ -535,7 +560,11 @@ fn server_log(lines: &str) -> crate::incident::Evidence {
 }
 
 /// The loop found → evidence → bundle and halt → halted: returns the incident.
-fn halt_loop(t: &mut T, out: Vec<Effect>, evidence: crate::incident::Evidence) -> crate::incident::Incident {
+fn halt_loop(
+    t: &mut T,
+    out: Vec<Effect>,
+    evidence: crate::incident::Evidence,
+) -> crate::incident::Incident {
     let [Effect::CollectEvidence(found)] = out.as_slice() else {
         panic!("evidence first: {out:?}");
     };
@@ -545,7 +574,11 @@ fn halt_loop(t: &mut T, out: Vec<Effect>, evidence: crate::incident::Evidence) -
         facts: None,
         incident_id: "20261125T120000Z-immich-server".into(),
     });
-    let [Effect::WriteIncident { .. }, Effect::Halt { incident, targets }] = out.as_slice() else {
+    let [
+        Effect::WriteIncident { .. },
+        Effect::Halt { incident, targets },
+    ] = out.as_slice()
+    else {
         panic!("the bundle, then the halt: {out:?}");
     };
     let results = targets
@@ -599,7 +632,8 @@ fn a_server_crash_looping_at_boot_is_halted_with_an_incident_bundle() {
 #[test]
 fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snapshot() {
     let mut t = T::on_v119();
-    let mut before = crate::snapshot::store::tests::meta("20261125T115900Z-v1.119.0-pre-update", t.now);
+    let mut before =
+        crate::snapshot::store::tests::meta("20261125T115900Z-v1.119.0-pre-update", t.now);
     before.db.migrations = vec!["1730000000000-Init".into()];
     t.step(Event::Disk(Box::new(Disk {
         pins: Ok(vec![]),
@@ -619,7 +653,10 @@ fn a_half_applied_migration_then_crash_recommends_restoring_the_pre_update_snaps
             panic!("{out:?}")
         };
         let now_facts = crate::snapshot::db::DbFacts {
-            migrations: vec!["1730000000000-Init".into(), "1731000000000-AddMemories".into()],
+            migrations: vec![
+                "1730000000000-Init".into(),
+                "1731000000000-AddMemories".into(),
+            ],
             ..Default::default()
         };
         let out = t.step(Event::Evidence {
@@ -674,7 +711,10 @@ fn a_container_that_restarts_twice_then_stays_up_is_not_halted() {
     assert!(die(&mut t, "c1", "immich-server", 1).is_empty());
     assert!(die(&mut t, "c1", "immich-server", 2).is_empty());
     t.later(600);
-    assert!(die(&mut t, "c1", "immich-server", 3).is_empty(), "outside the window");
+    assert!(
+        die(&mut t, "c1", "immich-server", 3).is_empty(),
+        "outside the window"
+    );
 }
 
 #[test]
@@ -685,7 +725,13 @@ fn a_stop_by_hand_is_never_a_loop_death() {
         t.step(Event::Killed(e));
         assert!(die(&mut t, "c1", "immich-server", n).is_empty());
         let out = t.step(Event::Started(t.event("c1", &image_id(V119))));
-        assert!(out.iter().any(|e| matches!(e, Effect::ReadRestartCount { why: CountFor::StartedByHand, .. })));
+        assert!(out.iter().any(|e| matches!(
+            e,
+            Effect::ReadRestartCount {
+                why: CountFor::StartedByHand,
+                ..
+            }
+        )));
     }
 }
 
@@ -709,7 +755,10 @@ fn deaths_missed_while_docker_was_unreachable_are_counted_from_restart_count() {
 #[test]
 fn a_start_during_a_running_snapshot_is_frozen_and_released_by_that_snapshot() {
     let mut t = T::on_v119();
-    assert_eq!(snapshot_requests(&t.env(Some(V119), Some(V120))), ["pre-update"]);
+    assert_eq!(
+        snapshot_requests(&t.env(Some(V119), Some(V120))),
+        ["pre-update"]
+    );
     let out = t.start_unknown("c2", V120);
     assert!(snapshot_requests(&out).is_empty(), "joins the running one");
     assert_eq!(t.status(), ProtectState::Frozen);
@@ -722,7 +771,9 @@ fn a_release_during_a_snapshot_refuses_without_force_and_thaws_with_it() {
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
     let (reply, out) = t.release(false);
-    assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("frozen while its snapshot runs")));
+    assert!(
+        matches!(replied(&out, reply), Some(Err(m)) if m.contains("frozen while its snapshot runs"))
+    );
     assert_eq!(t.status(), ProtectState::Frozen);
     let (reply, out) = t.release(true);
     assert!(matches!(thaw_of(&out), Some(Thaw::Forced { .. })));
@@ -760,7 +811,9 @@ fn a_start_of_a_removed_container_freezes_nothing() {
 #[test]
 fn a_server_that_cannot_be_paused_is_stopped() {
     let mut t = T::on_v119();
-    t.step(Event::Started(t.event("c2", "ghcr.io/immich-app/immich-server:v1.120.0")));
+    t.step(Event::Started(
+        t.event("c2", "ghcr.io/immich-app/immich-server:v1.120.0"),
+    ));
     t.step(Event::Paused {
         container: "c2".into(),
         outcome: PauseOutcome::Failed("permission denied".into()),
@@ -771,7 +824,10 @@ fn a_server_that_cannot_be_paused_is_stopped() {
     });
     assert!(matches!(out.first(), Some(Effect::Stop { container }) if container == "c2"));
     assert_eq!(t.status(), ProtectState::Frozen);
-    assert!(t.p.state().freeze_delays_ms.is_empty(), "no freeze delay without a pause");
+    assert!(
+        t.p.state().freeze_delays_ms.is_empty(),
+        "no freeze delay without a pause"
+    );
 }
 
 #[test]
@@ -817,7 +873,9 @@ fn a_downgrade_is_held_and_a_pinned_rollback_released() {
     let (reply, out) = t.release(false);
     assert!(matches!(thaw_of(&out), Some(Thaw::Pinned { .. })));
     let out = t.thawed(&out);
-    assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.contains("rollback recorded by `immich-guard pin`")));
+    assert!(
+        matches!(replied(&out, reply), Some(Ok(m)) if m.contains("rollback recorded by `immich-guard pin`"))
+    );
     assert_eq!(t.baseline().as_deref(), Some(V118));
 }
 
@@ -829,7 +887,10 @@ fn setting_env_back_drops_the_pending_change_and_a_deleted_env_is_no_change() {
     assert!(t.p.state().pending.is_some());
     let out = t.env(Some(V120), Some(V119));
     assert!(t.p.state().pending.is_none());
-    assert!(out.iter().any(|e| matches!(e, Effect::ShowStack(s) if s.env_version.as_deref() == Some(V119))));
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::ShowStack(s) if s.env_version.as_deref() == Some(V119)))
+    );
     // `.env` deleted: compose would fall back to `release`; nobody chose that.
     let out = t.step(Event::Compose(ComposeEvent::Changed {
         before: view(Some(V119)),
@@ -922,7 +983,8 @@ fn an_update_settles_then_is_verified_and_a_degraded_verify_is_acknowledged() {
     let window = t.p.config.crash_loop.window_secs as i64;
     t.later(window + 2);
     let out = t.step(Event::Wakeup);
-    let Some(Effect::Verify { due, .. }) = out.iter().find(|e| matches!(e, Effect::Verify { .. })) else {
+    let Some(Effect::Verify { due, .. }) = out.iter().find(|e| matches!(e, Effect::Verify { .. }))
+    else {
         panic!("{out:?}")
     };
     assert_eq!((due.from.as_str(), due.to.as_str()), (V119, V120));
@@ -942,7 +1004,9 @@ fn a_restore_is_not_frozen_held_or_snapshotted_and_its_version_becomes_the_basel
     }));
     assert_eq!(replied(&out, reply), Some(Ok(String::new())));
     // Its start of an older version is neither paused nor held; a release is refused.
-    let out = t.step(Event::Started(t.event("c0", "ghcr.io/immich-app/immich-server:v1.118.0")));
+    let out = t.step(Event::Started(
+        t.event("c0", "ghcr.io/immich-app/immich-server:v1.118.0"),
+    ));
     assert!(out.is_empty());
     let (reply, out) = t.release(false);
     assert!(matches!(replied(&out, reply), Some(Err(m)) if m.contains("restore of s1")));
@@ -984,17 +1048,16 @@ fn the_phase_cannot_hold_two_gates_and_the_view_round_trips() {
 fn only_the_newest_allowed_pin_since_the_baseline_lets_a_rollback_start() {
     use crate::pin::{PinRecord, Verdict};
     let t0 = Utc::now();
-    let pin =
-        |minutes: i64, project: &str, version: &str, verdict: Verdict, forced| PinRecord {
-            at: t0 + chrono::TimeDelta::minutes(minutes),
-            project: project.into(),
-            version: version.into(),
-            forced,
-            verdict,
-            files: vec![],
-            backups: vec![],
-            by: "root".into(),
-        };
+    let pin = |minutes: i64, project: &str, version: &str, verdict: Verdict, forced| PinRecord {
+        at: t0 + chrono::TimeDelta::minutes(minutes),
+        project: project.into(),
+        version: version.into(),
+        forced,
+        verdict,
+        files: vec![],
+        backups: vec![],
+        by: "root".into(),
+    };
     let allowed = || Verdict::Allowed {
         snapshots: vec!["s".into()],
     };
@@ -1053,4 +1116,3 @@ fn a_held_downgrade_names_the_commands_that_apply() {
     assert!(!h.contains("restore"), "{h}");
     assert!(h.contains("`immich-guard release --force`"), "{h}");
 }
-
