@@ -297,6 +297,17 @@ impl Protection {
     }
 }
 
+impl Protection {
+    /// The version (and image ID) the data belongs to, for a snapshot's record: the one the
+    /// database last ran with (the baseline), even while a newer server is frozen before
+    /// its first start. `None` before any baseline: the snapshot takes the stack's own.
+    pub fn data_version(&self) -> Option<(String, String)> {
+        self.baseline
+            .as_ref()
+            .map(|b| (b.version.clone(), b.image_id.clone()))
+    }
+}
+
 pub fn percentiles(values: &[f64]) -> Option<(f64, f64)> {
     if values.is_empty() {
         return None;
@@ -307,29 +318,9 @@ pub fn percentiles(values: &[f64]) -> Option<(f64, f64)> {
     Some((at(0.5), at(0.99)))
 }
 
-/// `v1.119.0`, `1.119.0`, `v2.1.0-rc.1` → (1, 119, 0); tags like `release` → None.
-pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let s = s.strip_prefix('v').unwrap_or(s);
-    let core = s.split(['-', '+']).next()?;
-    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    let v = (
-        parts.next()??,
-        parts.next()??,
-        parts.next().unwrap_or(Some(0))?,
-    );
-    parts.next().is_none().then_some(v)
-}
-
-pub fn same_version(a: &str, b: &str) -> bool {
-    match (parse_version(a), parse_version(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-fn is_older(candidate: &str, than: &str) -> bool {
-    matches!((parse_version(candidate), parse_version(than)), (Some(c), Some(t)) if c < t)
-}
+// In `version` so that the snapshot store can compare versions without importing protection.
+use crate::version::is_older;
+pub use crate::version::{parse_version, same_version};
 
 /// What the Docker event loop hands the guard.
 #[derive(Debug)]
@@ -1283,29 +1274,27 @@ impl Guard {
             .pending
             .as_ref()
             .map(|p| format!("{} → {} ({})", p.from, p.to, p.source));
+        // The stack as last published (none between `compose down` and `up`).
+        let stack = self.state.borrow().stack.clone();
         let mut events = self
             .queue
             .request(crate::snapshot::Request {
+                stack,
                 trigger: trigger.into(),
                 label,
-                // The data is the baseline's, whatever server is frozen meanwhile.
-                version: self
-                    .protection
-                    .baseline
-                    .as_ref()
-                    .map(|b| (b.version.clone(), b.image_id.clone())),
+                version: self.protection.data_version(),
             })
             .await;
         let tx = self.tx.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let done = match event {
-                    SnapshotEvent::Progress(line) => {
-                        let _ = tx.send(Input::SnapshotProgress(line));
+                    SnapshotEvent::Progress(p) => {
+                        let _ = tx.send(Input::SnapshotProgress(p.text().to_string()));
                         continue;
                     }
                     SnapshotEvent::Sealed(meta) => Ok((meta.id, meta.version)),
-                    SnapshotEvent::Failed(message) => Err(message),
+                    SnapshotEvent::Failed(failure) => Err(failure.message),
                 };
                 let _ = tx.send(Input::SnapshotDone(done));
                 return;
@@ -2629,7 +2618,7 @@ mod tests {
             let queue = if stalled {
                 SnapshotQueue::stalled()
             } else {
-                SnapshotQueue::start(config.clone(), docker.clone(), tx.clone())
+                crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone())
             };
             let notifier = Notifier::new(&config.notify);
             let guard = Guard::start(config, tx.clone(), docker, queue, notifier);

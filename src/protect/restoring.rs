@@ -337,11 +337,7 @@ mod tests {
         let (tx, mut state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
         let tx = Arc::new(tx);
         let (_, docker) = watch::channel(None);
-        let queue = crate::snapshot::queue::SnapshotQueue::start(
-            config.clone(),
-            docker.clone(),
-            tx.clone(),
-        );
+        let queue = crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone());
         let notifier = crate::notification::Notifier::new(&config.notify);
         let guard = Guard::start(config, tx, docker, queue, notifier);
         guard.send(Input::Discovered {
