@@ -21,9 +21,9 @@ use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
 use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
-use crate::snapshot::queue::SnapshotQueue;
+use crate::snapshot::queue::{self, Activity, DockerHandle, SnapshotQueue};
 use crate::snapshot::store::{Store, StoreError};
-use crate::status::{DaemonState, EventSeen};
+use crate::status::{DaemonState, EventSeen, SnapshotSeen};
 use crate::systemd::ServiceManager;
 
 /// Events arrive in bursts (a recreate is destroy+create+start+...): one discovery per burst.
@@ -79,7 +79,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
-    let queue = SnapshotQueue::start(config.clone(), docker_rx.clone(), state.clone());
+    let queue = start_snapshot_queue(config.clone(), docker_rx.clone(), state.clone());
     let guard = Guard::start(
         config.clone(),
         state.clone(),
@@ -200,6 +200,57 @@ async fn serve_until_stopped(
             }
         }
     }
+}
+
+/// The snapshot queue, wired to the daemon's state: a snapshot that waits for a starting
+/// database retries with the stack as published here (by discovery, and as protection
+/// updates its `.env` version), and what the queue does shows in `status` (the activity,
+/// the last snapshot sealed or why the last one failed) before any waiter hears the result.
+pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) -> SnapshotQueue {
+    let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
+        (Some(stack), _) => Ok(stack.clone()),
+        (None, why) => Err(why.clone().unwrap_or_else(|| queue::NOT_DISCOVERED.into())),
+    };
+    let mut published = state.subscribe();
+    let (stacks_tx, stacks) = watch::channel(found(&published.borrow_and_update()));
+    tokio::spawn(async move {
+        // Ends with the daemon's state, or once the queue is gone.
+        while published.changed().await.is_ok() {
+            let now = found(&published.borrow_and_update());
+            stacks_tx.send_if_modified(|last| {
+                let changed = *last != now;
+                if changed {
+                    *last = now;
+                }
+                changed
+            });
+            if stacks_tx.is_closed() {
+                break;
+            }
+        }
+    });
+    let observer = Box::new(move |activity: Activity<'_>| {
+        state.send_modify(|s| match activity {
+            Activity::Began(request) => {
+                s.activity = format!("snapshotting ({})", request.trigger);
+            }
+            Activity::Ended(result) => {
+                s.activity = "watching".to_string();
+                match result {
+                    Ok(meta) => {
+                        s.last_snapshot = Some(SnapshotSeen {
+                            id: meta.id.clone(),
+                            version: meta.version.clone(),
+                            sealed_at: meta.sealed_at,
+                        });
+                        s.last_snapshot_error = None;
+                    }
+                    Err(failure) => s.last_snapshot_error = Some(failure.message.clone()),
+                }
+            }
+        })
+    });
+    SnapshotQueue::start(config, docker, stacks, observer)
 }
 
 /// Nothing runs: the daemon waits for Docker events (also when halted after an incident).

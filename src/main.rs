@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use immich_guard::config::{self, Config, LogFormat};
 use immich_guard::control::client::{self, ClientError};
 use immich_guard::control::{Request, Response};
+use immich_guard::progress::Progress;
 use immich_guard::snapshot::store::{Meta, Store};
 use immich_guard::{daemon, discover, docker, incident, pin, render};
 
@@ -373,15 +374,16 @@ async fn snapshot_cmd(
     let bar = (!json && std::io::stderr().is_terminal())
         .then(|| render::step_bar(immich_guard::snapshot::STEPS));
     let request = Request::Snapshot { label };
-    let response =
-        client::request_with_progress(&config.control.socket, &request, |line| match &bar {
-            Some(bar) => {
-                bar.set_position((bar.position() + 1).min(immich_guard::snapshot::STEPS));
-                bar.set_message(line.to_string());
-            }
-            None => eprintln!("{line}"),
-        })
-        .await;
+    // Steps move the bar; notes (joining a running snapshot, waiting for the database) and
+    // lines of an older daemon are said above it.
+    let response = client::request_with_progress(&config.control.socket, &request, |line| {
+        match (&bar, Progress::parse(line)) {
+            (Some(bar), Some(p)) => render::advance(bar, &p),
+            (Some(bar), None) => bar.println(line),
+            (None, _) => eprintln!("{line}"),
+        }
+    })
+    .await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -737,8 +739,8 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
     let running = stack.version.as_ref().map(|v| v.name());
     if let Some(running) = &running
         && let (Some(to), Some(from)) = (
-            immich_guard::protect::parse_version(&plan.version),
-            immich_guard::protect::parse_version(running),
+            immich_guard::version::parse_version(&plan.version),
+            immich_guard::version::parse_version(running),
         )
         && to < from
     {
@@ -832,7 +834,7 @@ async fn restore_cmd(
         return restore_through_daemon(config, id, no_preserve, true, new_bar()).await;
     }
     let bar = new_bar();
-    let mut progress = |p: restore::Progress| show_restore_progress(bar.as_ref(), p);
+    let mut progress = |p: Progress| show_restore_progress(bar.as_ref(), p);
     let result = restore::run(&ctx, &plan, &mut progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -847,16 +849,10 @@ async fn restore_cmd(
 }
 
 /// A restore step or note, on the bar or as a plain line.
-fn show_restore_progress(bar: Option<&indicatif::ProgressBar>, p: immich_guard::restore::Progress) {
-    use immich_guard::restore::Progress;
-    match (bar, p) {
-        (Some(bar), Progress::Step { n, msg, .. }) => {
-            bar.set_position(n as u64 - 1);
-            bar.set_message(msg.clone());
-            bar.println(format!("[{n}/{}] {msg}", bar.length().unwrap_or(0)));
-        }
-        (Some(bar), p @ Progress::Note(_)) => bar.println(p.line()),
-        (None, p) => println!("{}", p.line()),
+fn show_restore_progress(bar: Option<&indicatif::ProgressBar>, p: Progress) {
+    match bar {
+        Some(bar) => render::advance(bar, &p),
+        None => println!("{}", p.line()),
     }
 }
 
@@ -873,17 +869,20 @@ async fn restore_through_daemon(
         snapshot: id.to_string(),
         no_preserve,
     };
-    let response = client::request_with_progress(&config.control.socket, &request, |line| {
-        match immich_guard::restore::Progress::parse(line) {
-            Some(p) => show_restore_progress(bar.as_ref(), p),
-            None if planned => {}
-            None => match &bar {
-                Some(bar) => bar.println(line),
-                None => println!("{line}"),
+    let response =
+        client::request_with_progress(
+            &config.control.socket,
+            &request,
+            |line| match Progress::parse(line) {
+                Some(p) => show_restore_progress(bar.as_ref(), p),
+                None if planned => {}
+                None => match &bar {
+                    Some(bar) => bar.println(line),
+                    None => println!("{line}"),
+                },
             },
-        }
-    })
-    .await;
+        )
+        .await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

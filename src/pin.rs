@@ -20,8 +20,8 @@ use crate::compose::model::{interpolate, parse_env};
 use crate::discover::Stack;
 use crate::durable::sync_dir;
 use crate::image_ref::ImageRef;
-use crate::protect::same_version;
 use crate::snapshot::store::Meta;
+use crate::version::same_version;
 
 const KEY: &str = "IMMICH_VERSION";
 /// Under the data dir: one JSON line per pin made, forced or not.

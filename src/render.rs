@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use crate::discover::{Service, Stack};
+use crate::progress::Progress;
 use crate::status::StatusReport;
 
 /// A bar over the steps of a snapshot or a restore, for a person at a terminal (stderr).
@@ -18,6 +19,15 @@ pub fn step_bar(steps: u64) -> indicatif::ProgressBar {
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+/// Shows `p` on a [`step_bar`]: a step moves it and is said above it; a note is only said.
+pub fn advance(bar: &indicatif::ProgressBar, p: &Progress) {
+    if let (Some(done), Progress::Step { msg, .. }) = (p.done(), p) {
+        bar.set_position(done);
+        bar.set_message(msg.clone());
+    }
+    bar.println(p.line());
 }
 
 pub fn stack(s: &Stack) -> String {

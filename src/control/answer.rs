@@ -71,27 +71,23 @@ pub(super) async fn answer(
                     format!("a restore is running ({restoring}); snapshot once it has finished");
                 return send(write, &Response::error(message)).await;
             }
-            // The data belongs to the version the database last ran with, even while a
-            // newer server is frozen.
-            let baseline = control
-                .state
-                .borrow()
-                .protection
-                .baseline
-                .as_ref()
-                .map(|b| (b.version.clone(), b.image_id.clone()));
+            let (stack, version) = {
+                let state = control.state.borrow();
+                (state.stack.clone(), state.protection.data_version())
+            };
             let request = crate::snapshot::Request {
+                stack,
                 trigger: "manual".to_string(),
                 label,
-                version: baseline,
+                version,
             };
             let mut events = control.queue.request(request).await;
             let mut result = Ok(());
             while let Some(event) = events.recv().await {
                 let (response, last) = match event {
-                    Event::Progress(message) => (Response::Progress { message }, false),
+                    Event::Progress(p) => (Response::Progress { message: p.line() }, false),
                     Event::Sealed(meta) => (Response::Snapshot(meta), true),
-                    Event::Failed(message) => (Response::error(message), true),
+                    Event::Failed(failure) => (Response::error(failure.message), true),
                 };
                 // A client that went away does not stop the snapshot; it just stops
                 // hearing about it.

@@ -83,7 +83,8 @@ pub const VERBS: &[&str] = &[
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusReport>),
-    /// A step of a running snapshot; more lines follow.
+    /// A step or a note of a running snapshot or restore, as `crate::progress::Progress::line`
+    /// writes it; more lines follow.
     Progress {
         message: String,
     },

@@ -489,12 +489,13 @@ impl Guard {
                 })
             }
             Effect::RequestSnapshot(request) => {
-                let mut events = self.queue.request(request).await;
+                let mut events = self.queue.request(*request).await;
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     while let Some(event) = events.recv().await {
                         let result = match event {
-                            SnapshotEvent::Progress(line) => {
+                            SnapshotEvent::Progress(p) => {
+                                let line = p.text().to_string();
                                 let _ = tx.send(Input::Result(Event::SnapshotProgress(line)));
                                 continue;
                             }
@@ -502,14 +503,14 @@ impl Guard {
                                 id: meta.id,
                                 version: meta.version,
                             },
-                            SnapshotEvent::Failed(message) => Event::SnapshotFailed { message },
+                            SnapshotEvent::Failed(failure) => Event::SnapshotFailed(failure),
                         };
                         let _ = tx.send(Input::Result(result));
                         return;
                     }
-                    let _ = tx.send(Input::Result(Event::SnapshotFailed {
-                        message: "the snapshot worker stopped".into(),
-                    }));
+                    let _ = tx.send(Input::Result(Event::SnapshotFailed(
+                        crate::snapshot::SnapshotFailure::lasting("the snapshot worker stopped"),
+                    )));
                 });
                 None
             }
@@ -763,7 +764,7 @@ mod tests {
             let queue = if stalled {
                 SnapshotQueue::stalled()
             } else {
-                SnapshotQueue::start(config.clone(), docker.clone(), tx.clone())
+                crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone())
             };
             let notifier = Notifier::new(&config.notify);
             let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
@@ -1282,11 +1283,7 @@ mod tests {
         let (tx, mut state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
         let tx = Arc::new(tx);
         let (_, docker) = watch::channel(None);
-        let queue = crate::snapshot::queue::SnapshotQueue::start(
-            config.clone(),
-            docker.clone(),
-            tx.clone(),
-        );
+        let queue = crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone());
         let notifier = crate::notification::Notifier::new(&config.notify);
         let guard = Guard::start(config, tx, docker, queue, notifier);
         guard.send(Input::Discovered {

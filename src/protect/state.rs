@@ -284,29 +284,8 @@ pub fn percentiles(values: &[f64]) -> Option<(f64, f64)> {
     Some((at(0.5), at(0.99)))
 }
 
-/// `v1.119.0`, `1.119.0`, `v2.1.0-rc.1` → (1, 119, 0); tags like `release` → None.
-pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let s = s.strip_prefix('v').unwrap_or(s);
-    let core = s.split(['-', '+']).next()?;
-    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    let v = (
-        parts.next()??,
-        parts.next()??,
-        parts.next().unwrap_or(Some(0))?,
-    );
-    parts.next().is_none().then_some(v)
-}
-
-pub fn same_version(a: &str, b: &str) -> bool {
-    match (parse_version(a), parse_version(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-pub fn is_older(candidate: &str, than: &str) -> bool {
-    matches!((parse_version(candidate), parse_version(than)), (Some(c), Some(t)) if c < t)
-}
+// In `version` so that the snapshot store can compare versions without importing protection.
+pub use crate::version::{is_older, parse_version, same_version};
 
 /// Where a pending change was seen first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -481,6 +460,23 @@ impl Default for ProjectState {
     }
 }
 
+impl Baseline {
+    /// The version (and image ID) a snapshot's data belongs to: the one the database last
+    /// ran with, even while a newer server is frozen before its first start. `None` before
+    /// any baseline: the snapshot takes the stack's own. Protection and the control socket's
+    /// `snapshot` both ask here.
+    pub fn data_version(baseline: Option<&Baseline>) -> Option<(String, String)> {
+        baseline.map(|b| (b.version.clone(), b.image_id.clone()))
+    }
+}
+
+impl Protection {
+    /// The version and image the data belongs to (`Baseline::data_version`).
+    pub fn data_version(&self) -> Option<(String, String)> {
+        Baseline::data_version(self.baseline.as_ref())
+    }
+}
+
 impl ProjectState {
     pub fn fresh(project: &str) -> ProjectState {
         ProjectState::from_view(Protection::fresh(project))
@@ -548,12 +544,9 @@ impl ProjectState {
         }
     }
 
-    /// The version and image the data belongs to: the database's, even while a newer server
-    /// is frozen.
+    /// The version and image the data belongs to (`Baseline::data_version`).
     pub fn data_version(&self) -> Option<(String, String)> {
-        self.baseline
-            .as_ref()
-            .map(|b| (b.version.clone(), b.image_id.clone()))
+        Baseline::data_version(self.baseline.as_ref())
     }
 }
 

@@ -27,6 +27,9 @@ use crate::snapshot::storage::StorageMethod;
 use crate::snapshot::store::{MANIFEST_FILE, META_FILE, Meta, STORAGE_DIR};
 use journal::{DbMode, Journal, Step};
 
+/// Progress of a restore: a numbered step begins, or a note within it.
+pub use crate::progress::Progress;
+
 /// How long the server gets to answer `/api/server/ping` after `compose up`.
 const PING_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a database gets to answer before the replay (a fresh cluster is initialised
@@ -159,39 +162,6 @@ pub struct Plan {
     /// The compose command line that brings the stack up.
     pub up: String,
 }
-
-/// Progress of a restore: a numbered step begins, or a note within it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
-    Step { n: usize, of: usize, msg: String },
-    Note(String),
-}
-
-impl Progress {
-    /// The line the CLI prints, and the daemon sends as a `progress` line.
-    pub fn line(&self) -> String {
-        match self {
-            Progress::Step { n, of, msg } => format!("[{n}/{of}] {msg}"),
-            Progress::Note(line) => format!("{NOTE_INDENT}{line}"),
-        }
-    }
-
-    /// A line made by [`Progress::line`]; `None` for any other line (the plan's).
-    pub fn parse(line: &str) -> Option<Progress> {
-        if let Some(note) = line.strip_prefix(NOTE_INDENT) {
-            return Some(Progress::Note(note.to_string()));
-        }
-        let (head, msg) = line.strip_prefix('[')?.split_once("] ")?;
-        let (n, of) = head.split_once('/')?;
-        Some(Progress::Step {
-            n: n.parse().ok()?,
-            of: of.parse().ok()?,
-            msg: msg.to_string(),
-        })
-    }
-}
-
-const NOTE_INDENT: &str = "      ";
 
 /// What a finished restore did.
 #[derive(Debug, Clone)]
@@ -978,24 +948,6 @@ fn aside_name(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_lines_read_back_as_the_same_progress() {
-        for p in [
-            Progress::Step {
-                n: 3,
-                of: 7,
-                msg: "database: replaying".into(),
-            },
-            Progress::Note("set aside /x".into()),
-        ] {
-            assert_eq!(Progress::parse(&p.line()), Some(p));
-        }
-        // The plan's lines (and the pin's indented ones) are no progress.
-        assert_eq!(Progress::parse("restore immich to s1"), None);
-        assert_eq!(Progress::parse("   IMMICH_VERSION=v1"), None);
-        assert_eq!(Progress::parse("[x] y"), None);
-    }
 
     /// The daemon will run the engine in a task of its own: its future must be `Send`.
     #[allow(dead_code)]

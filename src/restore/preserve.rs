@@ -35,25 +35,25 @@ pub async fn take_dumped(
     label: String,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Preserved, RestoreError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let say = move |line: String| {
-        let _ = tx.send(line);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let say = move |p: Progress| {
+        let _ = tx.send(p);
     };
     let request = snapshot::Request {
         trigger: TRIGGER.into(),
         label: Some(label),
-        version: None,
+        ..Default::default()
     };
     let take = snapshot::take(ctx.docker, ctx.host, stack, ctx.config, &request, &say);
     tokio::pin!(take);
     let result = loop {
         tokio::select! {
             result = &mut take => break result,
-            Some(line) = rx.recv() => progress(Progress::Note(line)),
+            Some(p) = rx.recv() => progress(Progress::Note(p.text().to_string())),
         }
     };
-    while let Ok(line) = rx.try_recv() {
-        progress(Progress::Note(line));
+    while let Ok(p) = rx.try_recv() {
+        progress(Progress::Note(p.text().to_string()));
     }
     Ok(Preserved {
         meta: result.map_err(RestoreError::Preserve)?,

@@ -17,6 +17,7 @@ use chrono::Utc;
 
 use crate::config::Config;
 use crate::discover::Stack;
+use crate::progress::Progress;
 use store::{CONFIG_DIR, DUMP_FILE, MANIFEST_FILE, Meta, STORAGE_DIR, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +58,43 @@ impl SnapshotError {
     }
 }
 
-/// What to record about why a snapshot is taken.
+/// Why a snapshot asked of the queue did not seal, as every waiter gets it: the message
+/// of the [`SnapshotError`] (or of the queue: no Docker, no stack) and whether it was worth
+/// trying again (the database was starting, the stack was being recreated) when it was
+/// given up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SnapshotFailure {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl SnapshotFailure {
+    /// A failure not worth retrying at once.
+    pub fn lasting(message: impl Into<String>) -> SnapshotFailure {
+        SnapshotFailure {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+impl From<SnapshotError> for SnapshotFailure {
+    fn from(e: SnapshotError) -> SnapshotFailure {
+        SnapshotFailure {
+            transient: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What to record about why a snapshot is taken, and (asked of the queue) of which stack.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
+    /// The stack to snapshot, as the requester knows it; `None` when there is none right
+    /// now (between `compose down` and `up`). The queue snapshots it, and retries with the
+    /// stack discovery publishes meanwhile (`queue`); `take` is handed its stack directly.
+    pub stack: Option<Stack>,
     pub trigger: String,
     pub label: Option<String>,
     /// The version (and image) the data belongs to, when not the server's current one: a
@@ -75,11 +110,41 @@ impl Request {
     }
 }
 
-/// Progress lines of one snapshot: facts, dump, storage, config, seal.
-pub const STEPS: u64 = 5;
+/// The steps of one snapshot, in order; everything else it says is a note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Migrations, counts and size of the database.
+    Facts = 1,
+    Dump,
+    Storage,
+    Config,
+    Seal,
+}
 
-/// Receives one line per step, for the admin watching a snapshot.
-pub type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Facts,
+        Stage::Dump,
+        Stage::Storage,
+        Stage::Config,
+        Stage::Seal,
+    ];
+
+    /// This step beginning, saying `msg`.
+    pub fn begins(self, msg: String) -> Progress {
+        Progress::Step {
+            n: self as usize,
+            of: Stage::ALL.len(),
+            msg,
+        }
+    }
+}
+
+/// The number of steps of one snapshot (facts, dump, storage, config, seal).
+pub const STEPS: u64 = Stage::ALL.len() as u64;
+
+/// Receives the steps and notes of a snapshot, for the admin watching it.
+pub type Report<'a> = &'a (dyn Fn(Progress) + Send + Sync);
 
 /// Takes one snapshot of `stack` and seals it. Database facts are read first, then the dump,
 /// then the storage tree, then the compose config; the seal comes last.
@@ -89,7 +154,7 @@ pub async fn take(
     stack: &Stack,
     config: &Config,
     request: &Request,
-    progress: Progress<'_>,
+    progress: Report<'_>,
 ) -> Result<Meta, SnapshotError> {
     let missing = |what, hint| SnapshotError::Missing {
         project: stack.project.clone(),
@@ -124,7 +189,7 @@ pub async fn take(
     let plan = storage::choose_method(&upload, store.root(), config.snapshots.copy_across)?;
     let id = store.unused_id(&store::snapshot_id(started_at, &version, &request.trigger));
 
-    progress(format!("snapshot {id}: reading migrations and counts"));
+    progress(Stage::Facts.begins(format!("snapshot {id}: reading migrations and counts")));
     let facts = db::facts(access).await?;
     let upload_mark = unchanged::upload_mark(&upload);
     if request.covers_a_change() {
@@ -138,21 +203,21 @@ pub async fn take(
             &facts,
             upload_mark.as_deref(),
         ) {
-            progress(format!(
+            progress(Progress::Note(format!(
                 "nothing written since {} (same version, migrations, transaction counter and upload folders): it covers this change",
                 same.id
-            ));
+            )));
             return Ok(same.clone());
         }
     }
     check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
-    progress(format!(
+    progress(Stage::Dump.begins(format!(
         "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
         facts.migrations.len(),
         facts.assets.map_or("?".to_string(), |n| n.to_string()),
         facts.database_bytes / 1_000_000
-    ));
+    )));
     let dump = db::dump(
         docker,
         docker_host,
@@ -162,16 +227,16 @@ pub async fn take(
     )
     .await?;
 
-    progress(format!(
+    progress(Stage::Storage.begins(format!(
         "dump: {} MB of SQL, {} MB on disk in {:.1} s; storage by {}",
         dump.sql_bytes / 1_000_000,
         dump.bytes / 1_000_000,
         dump.duration_ms as f64 / 1000.0,
         plan.method
-    ));
+    )));
     let tree = storage_tree(&upload, partial.path(), plan, config, &id).await?;
 
-    progress(format!(
+    progress(Stage::Config.begins(format!(
         "storage: {} files, {} MB in {:.1} s by {}{}",
         tree.files,
         tree.bytes / 1_000_000,
@@ -182,17 +247,17 @@ pub async fn take(
         } else {
             format!("; {} unreadable entries skipped", tree.skipped.len())
         }
-    ));
+    )));
     let copied_config = copy_config(
         &stack.compose_files,
         stack.env_file.as_deref(),
         &partial.path().join(CONFIG_DIR),
     )?;
     if !copied_config.missing.is_empty() {
-        progress(format!(
+        progress(Progress::Note(format!(
             "not in the snapshot (missing): {}",
             copied_config.missing.join(", ")
-        ));
+        )));
     }
 
     let copied = if tree.method.copies_data() {
@@ -232,14 +297,17 @@ pub async fn take(
         missing_config_files: copied_config.missing,
     };
     partial.seal(&meta)?;
-    progress(format!("sealed {}", meta.id));
+    progress(Stage::Seal.begins(format!("sealed {}", meta.id)));
     let removed = retention::apply(
         &store,
         config.snapshots.keep_last,
         config.snapshots.keep_versions,
     )?;
     if !removed.is_empty() {
-        progress(format!("retention removed {}", removed.join(", ")));
+        progress(Progress::Note(format!(
+            "retention removed {}",
+            removed.join(", ")
+        )));
     }
     Ok(meta)
 }
@@ -381,6 +449,22 @@ pub fn copy_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_steps_of_a_snapshot_are_numbered_one_to_their_count() {
+        let numbers: Vec<_> = Stage::ALL
+            .iter()
+            .map(|s| match s.begins(String::new()) {
+                Progress::Step { n, of, .. } => (n, of),
+                Progress::Note(_) => panic!("a stage is a step"),
+            })
+            .collect();
+        let expected: Vec<_> = (1..=STEPS as usize).map(|n| (n, STEPS as usize)).collect();
+        assert_eq!(numbers, expected);
+        // The bar stands at the steps done: from 0 at the first to all but one at the seal.
+        assert_eq!(Stage::Facts.begins(String::new()).done(), Some(0));
+        assert_eq!(Stage::Seal.begins(String::new()).done(), Some(STEPS - 1));
+    }
 
     #[test]
     fn a_missing_env_is_recorded_and_a_missing_compose_file_fails() {

@@ -66,7 +66,7 @@ pub fn covering<'a>(
         (Some(a), Some(b)) => a == b,
         _ => true,
     };
-    (crate::protect::same_version(&newest.version, version)
+    (crate::version::same_version(&newest.version, version)
         && same_image
         && newest.db.migrations == now.migrations
         && newest.db.xid_snapshot.as_deref().is_some_and(quiet)

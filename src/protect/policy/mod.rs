@@ -254,9 +254,7 @@ pub enum Event {
         id: String,
         version: String,
     },
-    SnapshotFailed {
-        message: String,
-    },
+    SnapshotFailed(crate::snapshot::SnapshotFailure),
     Verified {
         due: VerifyDue,
         report: Box<crate::verify::Report>,
@@ -324,7 +322,7 @@ pub enum Effect {
         why: UnhaltFor,
     },
     /// Queues (or joins) a snapshot → `SnapshotProgress`…, `SnapshotSealed` | `SnapshotFailed`.
-    RequestSnapshot(crate::snapshot::Request),
+    RequestSnapshot(Box<crate::snapshot::Request>),
     /// Runs a verify in its own task → `Verified`.
     Verify {
         due: VerifyDue,
@@ -536,7 +534,7 @@ impl Policy {
                 }
             }
             Event::SnapshotSealed { id, version } => self.on_sealed(id, version, now, &mut out),
-            Event::SnapshotFailed { message } => self.on_snapshot_failed(message, now, &mut out),
+            Event::SnapshotFailed(failure) => self.on_snapshot_failed(failure, now, &mut out),
             Event::Verified {
                 due,
                 report,
@@ -648,9 +646,6 @@ impl Policy {
         if self.state.phase.snapshotting() {
             return;
         }
-        let Some(_stack) = self.stack.clone() else {
-            return;
-        };
         self.state.phase.set_run(Some(SnapshotRun {
             trigger: trigger.as_str().to_string(),
             since: now,
@@ -662,12 +657,16 @@ impl Policy {
             .pending
             .as_ref()
             .map(|p| format!("{} ({})", p.arrow(), p.source));
-        out.push(Effect::RequestSnapshot(crate::snapshot::Request {
-            trigger: trigger.as_str().into(),
-            label,
-            version: self.state.data_version(),
-            // MERGE: stack: Box::new(stack),
-        }));
+        out.push(Effect::RequestSnapshot(Box::new(
+            crate::snapshot::Request {
+                trigger: trigger.as_str().into(),
+                label,
+                version: self.state.data_version(),
+                // The stack as the policy last saw it (none between `compose down` and `up`:
+                // the queue then waits for the one discovery publishes).
+                stack: self.stack.clone(),
+            },
+        )));
         out.push(Effect::Publish);
     }
 

@@ -271,7 +271,7 @@ impl Policy {
             | Event::VerifyNotRun
             | Event::SnapshotProgress(_)
             | Event::SnapshotSealed { .. }
-            | Event::SnapshotFailed { .. } => Some(event),
+            | Event::SnapshotFailed(_) => Some(event),
             // Image events (the restore's pull of the pinned image), wakeups, and anything
             // while a restore is unfinished.
             Event::Started(_)

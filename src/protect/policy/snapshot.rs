@@ -51,12 +51,13 @@ impl Policy {
 
     pub(super) fn on_snapshot_failed(
         &mut self,
-        message: String,
+        failure: crate::snapshot::SnapshotFailure,
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
         self.state.phase.set_run(None);
-        tracing::error!(error = %message, "the protective snapshot failed");
+        let message = failure.message;
+        tracing::error!(error = %message, transient = failure.transient, "the protective snapshot failed");
         let retried = !self.release_waiters.is_empty();
         for to in self.release_waiters.drain(..) {
             out.push(Effect::Reply {

@@ -344,9 +344,9 @@ fn same_tag_new_image_id_is_snapshotted_on_the_pull() {
 fn a_failed_snapshot_holds_the_new_server_until_released() {
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
-    let out = t.step(Event::SnapshotFailed {
-        message: "pg_dumpall: connection refused".into(),
-    });
+    let out = t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("pg_dumpall: connection refused"),
+    ));
     assert_eq!(t.status(), ProtectState::Held);
     assert_eq!(notices(&out), [EventKind::Held]);
     let hold = t.p.state().phase.hold().unwrap().clone();
@@ -362,9 +362,9 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
     assert_eq!(snapshot_requests(&out), ["pre-start"]);
     assert!(replied(&out, first).is_none());
     // It fails again for a new reason: the caller hears it, HELD quotes the newest reason.
-    let out = t.step(Event::SnapshotFailed {
-        message: "disk full".into(),
-    });
+    let out = t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("disk full"),
+    ));
     assert_eq!(
         replied(&out, first),
         Some(Err("the snapshot failed again: disk full".into()))
@@ -389,9 +389,9 @@ fn a_failed_snapshot_holds_the_new_server_until_released() {
 fn a_held_server_released_by_force_goes_without_a_snapshot() {
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
-    t.step(Event::SnapshotFailed {
-        message: "boom".into(),
-    });
+    t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("boom"),
+    ));
     let (reply, out) = t.release(true);
     assert!(snapshot_requests(&out).is_empty());
     assert!(matches!(thaw_of(&out), Some(Thaw::Forced { .. })));
@@ -408,9 +408,9 @@ fn fail_open_lets_the_server_go_when_its_snapshot_fails() {
     let mut t = T::with(config, StateFile::default());
     t.discover(stack(V119, "c1"));
     t.start_unknown("c2", V120);
-    let out = t.step(Event::SnapshotFailed {
-        message: "boom".into(),
-    });
+    let out = t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("boom"),
+    ));
     assert!(matches!(thaw_of(&out), Some(Thaw::FailOpen { .. })));
     assert_eq!(t.status(), ProtectState::Idle);
     t.thawed(&out);
@@ -929,9 +929,9 @@ fn a_restart_reconciles_every_phase() {
     // Held: still held, and no snapshot asked by itself.
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
-    t.step(Event::SnapshotFailed {
-        message: "boom".into(),
-    });
+    t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("boom"),
+    ));
     let mut r = t.restarted();
     assert_eq!(r.status(), ProtectState::Held);
     let mut s = stack(V120, "c2");
@@ -1032,9 +1032,9 @@ fn a_restore_is_not_frozen_held_or_snapshotted_and_its_version_becomes_the_basel
 fn the_phase_cannot_hold_two_gates_and_the_view_round_trips() {
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
-    t.step(Event::SnapshotFailed {
-        message: "boom".into(),
-    });
+    t.step(Event::SnapshotFailed(
+        crate::snapshot::SnapshotFailure::lasting("boom"),
+    ));
     let v = t.p.state().view();
     assert!(v.hold.is_some() && v.frozen.is_none());
     assert_eq!(v.state, ProtectState::Held);
