@@ -48,7 +48,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
     #[error(transparent)]
-    Private(#[from] crate::private::PrivateError),
+    Private(#[from] crate::private::TightenError),
 }
 
 type State = Arc<watch::Sender<DaemonState>>;
@@ -82,7 +82,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let queue = start_snapshot_queue(config.clone(), docker_rx.clone(), state.clone());
     let guard = Guard::start(
         config.clone(),
-        state.clone(),
+        show_in_status(state.clone()),
         docker_rx.clone(),
         queue.clone(),
         crate::notification::Notifier::new(&config.notify),
@@ -206,6 +206,26 @@ async fn serve_until_stopped(
 /// database retries with the stack as published here (by discovery, and as protection
 /// updates its `.env` version), and what the queue does shows in `status` (the activity,
 /// the last snapshot sealed or why the last one failed) before any waiter hears the result.
+/// What protection shows goes into the published state.
+pub fn show_in_status(state: State) -> crate::protect::Show {
+    use crate::protect::Shown;
+    Box::new(move |shown: Shown<'_>| {
+        state.send_modify(|s| match shown {
+            Shown::Protection(p) => s.protection = p.clone(),
+            Shown::Stack(stack) => {
+                if let Some(published) = &mut s.stack
+                    && published.project == stack.project
+                {
+                    published.env_version = stack.env_version.clone();
+                    published.notes = stack.notes.clone();
+                }
+            }
+            Shown::Restoring(line) => s.restoring = line,
+            Shown::Incomplete(line) => s.restore_incomplete = line,
+        })
+    })
+}
+
 pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) -> SnapshotQueue {
     let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
         (Some(stack), _) => Ok(stack.clone()),

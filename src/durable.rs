@@ -48,7 +48,7 @@ pub fn append_line_synced(path: &Path, line: &[u8]) -> std::io::Result<()> {
 
 pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = crate::private::create_file(path)?;
+    let mut f = crate::owner_only::create_file(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

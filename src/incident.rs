@@ -253,12 +253,12 @@ pub fn write_bundle(
         let path = path.to_path_buf();
         move |source| IncidentError::Write { path, source }
     };
-    crate::private::create_dir_all(dir).map_err(err(dir))?;
+    crate::owner_only::create_dir_all(dir).map_err(err(dir))?;
     let partial = dir.join(format!("{PARTIAL_PREFIX}{}", incident.id));
     let final_dir = dir.join(&incident.id);
-    crate::private::create_dir_all(partial.join("logs")).map_err(err(&partial))?;
-    crate::private::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
-    crate::private::create_dir_all(partial.join("config")).map_err(err(&partial))?;
+    crate::owner_only::create_dir_all(partial.join("logs")).map_err(err(&partial))?;
+    crate::owner_only::create_dir_all(partial.join("inspect")).map_err(err(&partial))?;
+    crate::owner_only::create_dir_all(partial.join("config")).map_err(err(&partial))?;
     let write = |path: PathBuf, bytes: &[u8]| {
         crate::durable::write_synced(&path, bytes).map_err(err(&path))
     };

@@ -18,6 +18,7 @@ pub mod incident;
 pub mod lock;
 pub mod memory;
 pub mod notification;
+pub mod owner_only;
 pub mod pin;
 pub mod post_upgrade;
 pub mod private;

@@ -183,7 +183,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     // Before any thread or file exists: the daemon's files are its owner's alone.
     if matches!(cli.command, Command::Run { .. }) {
-        immich_guard::private::restrict_umask();
+        immich_guard::owner_only::restrict_umask();
     }
     // The daemon mostly waits: two workers keep a start event answered while another task
     // blocks, whatever the core count (each thread costs a stack and malloc state); blocking

@@ -621,7 +621,7 @@ fn backup_path(backup: &Backup, file: &Path, stamp: &str) -> Result<Option<PathB
         Backup::None => None,
         Backup::Beside => Some(file.with_file_name(name)),
         Backup::Dir(dir) => {
-            crate::private::create_dir_all(dir).map_err(|source| PinError::Write {
+            crate::owner_only::create_dir_all(dir).map_err(|source| PinError::Write {
                 path: dir.clone(),
                 action: "creating the backup dir",
                 source,

@@ -1,27 +1,20 @@
-//! Private by default: the daemon's files are its owner's alone, however it was started
-//! (systemd, by hand under umask 022, install.sh). The umask is set first; every directory and
-//! file is also created with an explicit mode; a data dir or snapshot dir left wider by an
-//! older version is tightened at start, and the log names each change.
+//! A data dir or snapshot dir left wider by an older version is tightened at start, and the
+//! log names each change (docs/operations.md).
 //!
 //! Never touched: anything inside a snapshot's `storage/` tree (hard links share their inode
 //! with the live photos: a chmod there would change the admin's library) and any other file
 //! with more than one link. The `storage/` directory itself is tightened, which makes the tree
 //! below it unreachable to anyone else.
 
-use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-
-use rustix::fs::{Mode, OFlags};
 
 use crate::config::Config;
 use crate::durable::PARTIAL_PREFIX;
-use crate::snapshot::store::{CONFIG_DIR, META_FILE, STORAGE_DIR};
+use rustix::fs::{Mode, OFlags};
 
-pub const DIR_MODE: u32 = 0o700;
-pub const FILE_MODE: u32 = 0o600;
-const UMASK: u32 = 0o077;
+use crate::owner_only::{UMASK, create_dir_all};
+use crate::snapshot::store::{CONFIG_DIR, META_FILE, STORAGE_DIR};
 
 /// Directories shared with everything else on the machine: a data dir or snapshot dir
 /// configured as one of these is used, never chmod-ed.
@@ -44,50 +37,13 @@ const SHARED_DIRS: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-pub enum PrivateError {
+pub enum TightenError {
     #[error("{key} {path}: creating it: {source}")]
     Create {
         key: &'static str,
         path: PathBuf,
         source: io::Error,
     },
-}
-
-/// umask 077 for the whole process: nothing the daemon creates is readable by others, even
-/// where a mode is not given explicitly.
-pub fn restrict_umask() {
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(UMASK));
-}
-
-/// `mkdir -p -m 0700`: every directory it creates is owner-only.
-pub fn create_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(path)
-}
-
-pub fn create_dir(path: impl AsRef<Path>) -> io::Result<()> {
-    DirBuilder::new().mode(DIR_MODE).create(path)
-}
-
-/// Creates (or truncates) a file, owner-only. A file already there (a temp file left by a
-/// crash, from an older version) is made owner-only too: the mode of `open` counts only when
-/// it creates.
-pub fn create_file(path: impl AsRef<Path>) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        // Never through a symlink planted where the daemon writes its own file.
-        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
-        .mode(FILE_MODE)
-        .open(path)?;
-    let st = rustix::fs::fstat(&file)?;
-    if st.st_mode & UMASK != 0 && st.st_nlink == 1 {
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(st.st_mode & 0o7777 & !UMASK))?;
-    }
-    Ok(file)
 }
 
 /// One mode tightened at start.
@@ -102,7 +58,7 @@ pub struct Tightened {
 /// an older version left wider tightened (each change logged). The umask is set earlier, by
 /// `main` before any thread exists ([`restrict_umask`]): it is process-wide, so setting it
 /// here would race with whatever else the process's threads create.
-pub fn secure_start(config: &Config) -> Result<Vec<Tightened>, PrivateError> {
+pub fn secure_start(config: &Config) -> Result<Vec<Tightened>, TightenError> {
     let data = &config.daemon.data_dir;
     let snapshots = config.snapshot_dir();
     let incidents = data.join(crate::incident::DIR);
@@ -111,7 +67,7 @@ pub fn secure_start(config: &Config) -> Result<Vec<Tightened>, PrivateError> {
         ("snapshots.dir", &snapshots),
         ("daemon.data_dir", &incidents),
     ] {
-        create_dir_all(path).map_err(|source| PrivateError::Create {
+        create_dir_all(path).map_err(|source| TightenError::Create {
             key,
             path: path.clone(),
             source,
@@ -288,43 +244,11 @@ fn entries(dir: &Path) -> Vec<std::fs::DirEntry> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::fs;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
 
-    fn mode(path: &Path) -> u32 {
-        fs::symlink_metadata(path).unwrap().mode() & 0o7777
-    }
-
-    fn chmod(path: &Path, mode: u32) {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-    }
-
-    fn write(path: &Path, mode: u32) {
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, "x").unwrap();
-        chmod(path, mode);
-    }
-
-    #[test]
-    fn created_dirs_and_files_are_owner_only_whatever_the_umask() {
-        let dir = tempfile::tempdir().unwrap();
-        // Explicit modes only: the test process keeps its own umask.
-        create_dir_all(dir.path().join("a/b")).unwrap();
-        create_dir(dir.path().join("a/c")).unwrap();
-        drop(create_file(dir.path().join("a/f")).unwrap());
-        assert_eq!(mode(&dir.path().join("a")), 0o700);
-        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
-        assert_eq!(mode(&dir.path().join("a/c")), 0o700);
-        assert_eq!(mode(&dir.path().join("a/f")), 0o600);
-        // Left wide by an older version: made owner-only when written again.
-        chmod(&dir.path().join("a/f"), 0o644);
-        drop(create_file(dir.path().join("a/f")).unwrap());
-        assert_eq!(mode(&dir.path().join("a/f")), 0o600);
-        // Never written through a symlink.
-        std::os::unix::fs::symlink(dir.path().join("a/f"), dir.path().join("a/l")).unwrap();
-        assert!(create_file(dir.path().join("a/l")).is_err());
-    }
+    use super::*;
+    use crate::owner_only::tests::{chmod, mode, write};
 
     #[test]
     fn wide_modes_are_tightened_but_never_inside_storage_or_on_hard_links() {

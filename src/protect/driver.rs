@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
@@ -13,7 +12,7 @@ use bollard::query_parameters::{
     InspectContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use chrono::Utc;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::persist::{self, STATE_FILE, StateFile};
 use super::policy::{
@@ -27,7 +26,6 @@ use crate::discover::Stack;
 use crate::notification::Notifier;
 use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
 use crate::snapshot::store::Store;
-use crate::status::DaemonState;
 
 /// How long a `.env` must be quiet before its change counts (editors write in bursts).
 const COMPOSE_DEBOUNCE: Duration = crate::compose::DEFAULT_DEBOUNCE;
@@ -133,6 +131,21 @@ impl GuardHandle {
     }
 }
 
+/// What the driver shows in `status`; the daemon puts it in the state it publishes (so
+/// protection never imports `status`, which shows protection's types).
+#[derive(Debug)]
+pub enum Shown<'a> {
+    Protection(&'a Protection),
+    /// The stack's `.env` version and notes, as they follow edits.
+    Stack(&'a Stack),
+    /// The restore running and its step.
+    Restoring(Option<String>),
+    /// A restore unfinished (its journal's line).
+    Incomplete(Option<String>),
+}
+
+pub type Show = Box<dyn Fn(Shown<'_>) + Send>;
+
 /// A caller waiting for the policy's answer.
 enum Waiting {
     Text(oneshot::Sender<Result<String, String>>),
@@ -149,7 +162,7 @@ struct DiskStamp {
 pub struct Guard {
     policy: Policy,
     config: Config,
-    state: Arc<watch::Sender<DaemonState>>,
+    show: Show,
     docker: DockerHandle,
     queue: SnapshotQueue,
     notifier: Notifier,
@@ -169,7 +182,7 @@ pub struct Guard {
 impl Guard {
     pub fn start(
         config: Config,
-        state: Arc<watch::Sender<DaemonState>>,
+        show: Show,
         docker: DockerHandle,
         queue: SnapshotQueue,
         notifier: Notifier,
@@ -184,7 +197,7 @@ impl Guard {
         let mut guard = Guard {
             policy: Policy::new(config.clone(), states),
             config,
-            state,
+            show,
             docker,
             queue,
             notifier,
@@ -560,22 +573,15 @@ impl Guard {
                 })
             }
             Effect::ShowStack(stack) => {
-                self.state.send_modify(|s| {
-                    if let Some(shown) = &mut s.stack
-                        && shown.project == stack.project
-                    {
-                        shown.env_version = stack.env_version.clone();
-                        shown.notes = stack.notes.clone();
-                    }
-                });
+                (self.show)(Shown::Stack(&stack));
                 None
             }
             Effect::ShowRestoring(line) => {
-                self.state.send_modify(|s| s.restoring = line);
+                (self.show)(Shown::Restoring(line));
                 None
             }
             Effect::ShowIncomplete(line) => {
-                self.state.send_modify(|s| s.restore_incomplete = line);
+                (self.show)(Shown::Incomplete(line));
                 None
             }
             Effect::Notify(notice) => {
@@ -615,7 +621,7 @@ impl Guard {
                 }
             }
         }
-        self.state.send_modify(|s| s.protection = view);
+        (self.show)(Shown::Protection(&view));
     }
 
     /// Pins and sealed snapshots, re-read when their files changed.
@@ -690,9 +696,14 @@ mod tests {
 
     use chrono::Utc;
 
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
     use super::*;
     use crate::protect::persist::{load, save};
     use crate::protect::state::{Baseline, Frozen, Hold, HoldKind, ProtectState};
+    use crate::status::DaemonState;
 
     fn with_baseline(project: &str, version: &str) -> Protection {
         Protection {
@@ -767,7 +778,13 @@ mod tests {
                 crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone())
             };
             let notifier = Notifier::new(&config.notify);
-            let guard = Guard::start(config, tx.clone(), docker, queue, notifier);
+            let guard = Guard::start(
+                config,
+                crate::daemon::show_in_status(tx.clone()),
+                docker,
+                queue,
+                notifier,
+            );
             Fed {
                 guard,
                 state,
@@ -1285,7 +1302,13 @@ mod tests {
         let (_, docker) = watch::channel(None);
         let queue = crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone());
         let notifier = crate::notification::Notifier::new(&config.notify);
-        let guard = Guard::start(config, tx, docker, queue, notifier);
+        let guard = Guard::start(
+            config,
+            crate::daemon::show_in_status(tx),
+            docker,
+            queue,
+            notifier,
+        );
         guard.send(Input::Discovered {
             stack: Box::new(stack_on("v1.120.0")),
             listed_at: chrono::Utc::now(),

@@ -11,7 +11,7 @@ mod persist;
 pub mod policy;
 pub mod state;
 
-pub use driver::{Guard, GuardHandle, Input, RestoreInput};
+pub use driver::{Guard, GuardHandle, Input, RestoreInput, Show, Shown};
 pub use policy::{ContainerEvent, RestoreEnd};
 pub use state::{
     Baseline, ChangeSource, Frozen, Hold, HoldKind, PausedServer, PendingChange, Phase,

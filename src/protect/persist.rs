@@ -78,7 +78,7 @@ pub fn load(path: &Path, configured: Option<&str>) -> Result<StateFile, String> 
 
 pub fn save(path: &Path, p: &StateFile) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        crate::private::create_dir_all(dir)?;
+        crate::owner_only::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
     crate::durable::replace_synced(path, &bytes)

@@ -192,7 +192,7 @@ pub fn save(data_dir: &Path, journal: &mut Journal) -> Result<(), RestoreError> 
         path: path.clone(),
         source,
     };
-    crate::private::create_dir_all(data_dir).map_err(io)?;
+    crate::owner_only::create_dir_all(data_dir).map_err(io)?;
     journal.updated_at = Utc::now();
     let json = serde_json::to_vec_pretty(journal).expect("journal serializes");
     crate::durable::replace_synced(&path, &json).map_err(io)?;

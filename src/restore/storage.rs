@@ -199,7 +199,7 @@ fn put_file(
 
 fn copy_file(from: &Path, to: &Path, reflink: bool) -> Result<(), TreeError> {
     let mut src = std::fs::File::open(from).map_err(io(from, "reading the snapshot's copy"))?;
-    let mut dst = crate::private::create_file(to).map_err(io(to, "creating it"))?;
+    let mut dst = crate::owner_only::create_file(to).map_err(io(to, "creating it"))?;
     if reflink && rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
         return Ok(());
     }

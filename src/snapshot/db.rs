@@ -274,7 +274,7 @@ fn write_compressed(
     mut rx: mpsc::Receiver<bytes::Bytes>,
     path: &Path,
 ) -> std::io::Result<(u64, u64, String)> {
-    let file = crate::private::create_file(path)?;
+    let file = crate::owner_only::create_file(path)?;
     let hashing = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let mut encoder = zstd::stream::Encoder::new(hashing, ZSTD_LEVEL)?;
     let mut sql_bytes = 0u64;

@@ -412,7 +412,7 @@ pub fn copy_config(
     config_dir: &Path,
 ) -> Result<CopiedConfig, SnapshotError> {
     let mut copied = CopiedConfig::default();
-    crate::private::create_dir(config_dir).map_err(|source| SnapshotError::Config {
+    crate::owner_only::create_dir(config_dir).map_err(|source| SnapshotError::Config {
         path: config_dir.to_path_buf(),
         source,
     })?;

@@ -99,7 +99,7 @@ pub fn snapshot_id(at: DateTime<Utc>, version: &str, trigger: &str) -> String {
 
 impl Store {
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        crate::private::create_dir_all(root).map_err(io(root, "creating it"))?;
+        crate::owner_only::create_dir_all(root).map_err(io(root, "creating it"))?;
         Ok(Store {
             root: root.to_path_buf(),
         })
@@ -143,7 +143,7 @@ impl Store {
             super::storage::remove_snapshot_dir(&dir)
                 .map_err(io(&dir, "removing an old partial"))?;
         }
-        crate::private::create_dir(&dir).map_err(io(&dir, "creating it"))?;
+        crate::owner_only::create_dir(&dir).map_err(io(&dir, "creating it"))?;
         Ok(Partial {
             dir,
             final_dir,

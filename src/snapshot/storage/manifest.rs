@@ -39,7 +39,7 @@ pub(super) fn write_manifest(
     path: &Path,
     entries: &[ManifestEntry],
 ) -> std::io::Result<(u64, String)> {
-    let file = crate::private::create_file(path)?;
+    let file = crate::owner_only::create_file(path)?;
     let hashing =
         crate::snapshot::db::Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let mut out = zstd::stream::Encoder::new(hashing, 3)?;

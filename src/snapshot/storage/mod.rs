@@ -256,7 +256,7 @@ fn reflink_works(upload: &Path, snapshots: &Path) -> bool {
         return false;
     };
     let probe = snapshots.join(format!(".reflink-probe-{}", std::process::id()));
-    let Ok(clone) = crate::private::create_file(&probe) else {
+    let Ok(clone) = crate::owner_only::create_file(&probe) else {
         return false;
     };
     let works = rustix::fs::ioctl_ficlone(&clone, &source).is_ok();
@@ -331,7 +331,7 @@ pub fn snapshot_tree(
         None
     } else {
         // Owner-only: the tree below keeps the library's modes, unreachable to others.
-        crate::private::create_dir(&dest).map_err(|source| StorageError::Write {
+        crate::owner_only::create_dir(&dest).map_err(|source| StorageError::Write {
             path: dest.clone(),
             source,
         })?;
