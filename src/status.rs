@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::discover::Stack;
-use crate::protect::{ProtectState, Protection};
+use crate::protect::Protection;
+use crate::protect::state::{Headline, ProjectState};
 
 /// The daemon's state as the workers publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,24 +109,24 @@ impl DaemonState {
                 None => "connecting to Docker".to_string(),
             };
         }
-        let idle = Protection::default();
-        let p = self.current_protection().unwrap_or(&idle);
-        match (p.state, &p.hold, &p.frozen) {
-            (ProtectState::Held, Some(hold), _) => {
+        let shown = self
+            .current_protection()
+            .map(|p| ProjectState::shown(p.clone()))
+            .unwrap_or_default();
+        match shown.headline() {
+            Headline::Held(hold) => {
                 return format!("HELD {}: {}", hold.container_name, hold.reason);
             }
-            (ProtectState::Frozen, _, Some(f)) => {
+            Headline::Frozen { server, run } => {
                 return format!(
                     "frozen {} ({}) until its snapshot is sealed{}",
-                    f.container_name,
-                    f.version,
-                    p.snapshot_run
-                        .as_ref()
-                        .map(|r| format!("; snapshot {}", r.waiting(Utc::now())))
+                    server.container_name,
+                    server.version,
+                    run.map(|r| format!("; snapshot {}", r.waiting(Utc::now())))
                         .unwrap_or_default()
                 );
             }
-            (ProtectState::Degraded, _, _) if let Some(d) = &p.verifies.degraded => {
+            Headline::Degraded(d) => {
                 return format!(
                     "DEGRADED after {} → {}: {}; {}",
                     d.from,
@@ -141,24 +142,24 @@ impl DaemonState {
                     }
                 );
             }
-            (ProtectState::Paused, _, _) if let Some(x) = &p.paused_server => {
+            Headline::Paused(x) => {
                 return format!(
                     "PAUSED {} ({}), not by immich-guard as far as it knows: left paused; `immich-guard release` snapshots if needed and unpauses it",
                     x.container_name, x.version
                 );
             }
-            (ProtectState::Halted, _, _) => {
-                let halted: Vec<&str> = p.halted.iter().map(|h| h.service.as_str()).collect();
+            Headline::Halted { halted, incident } => {
+                let halted: Vec<&str> = halted.iter().map(|h| h.service.as_str()).collect();
                 return format!(
                     "HALTED {} (crash loop){}; see `immich-guard incident`",
                     halted.join(", "),
-                    p.incident
-                        .as_ref()
+                    incident
                         .map(|i| format!(": {}", i.cause))
                         .unwrap_or_default()
                 );
             }
-            _ => {}
+            // The activity line says what runs.
+            Headline::Snapshotting(_) | Headline::Idle => {}
         }
         match (&self.stack, &self.discovery_error) {
             (Some(stack), _) => {
@@ -206,6 +207,7 @@ impl StatusReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protect::ProtectState;
 
     #[test]
     fn status_line_says_why_docker_is_missing() {

@@ -97,7 +97,13 @@ fn no_module_imports_one_that_imports_it_back() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let code = text.split("#[cfg(test)]").next().unwrap_or("");
-        for io in ["tokio::", "bollard::", "std::fs", "Utc::now", "SystemTime::now"] {
+        for io in [
+            "tokio::",
+            "bollard::",
+            "std::fs",
+            "Utc::now",
+            "SystemTime::now",
+        ] {
             assert!(!code.contains(io), "{} uses {io}", path.display());
         }
     }

@@ -435,6 +435,24 @@ impl Phase {
     }
 }
 
+/// What `status` leads with (`ProjectState::headline`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Headline<'a> {
+    Held(&'a Hold),
+    Halted {
+        halted: &'a [crate::incident::Halted],
+        incident: Option<&'a crate::incident::Incident>,
+    },
+    Frozen {
+        server: &'a Frozen,
+        run: Option<&'a SnapshotRun>,
+    },
+    Paused(&'a PausedServer),
+    Degraded(&'a crate::post_upgrade::Degraded),
+    Snapshotting(&'a SnapshotRun),
+    Idle,
+}
+
 /// One project's protection as the policy holds it: `Protection` with the gate as a `Phase`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectState {
@@ -482,16 +500,37 @@ impl ProjectState {
         ProjectState::from_view(Protection::fresh(project))
     }
 
-    /// What `status` shows: one word, by what matters most to the admin.
+    /// What `status` leads with, by what matters most to the admin: a hold, a halt, a
+    /// freeze, a foreign pause, DEGRADED, a snapshot running, or nothing.
+    pub fn headline(&self) -> Headline<'_> {
+        let degraded = self.verifies.degraded.as_ref();
+        match (&self.phase, self.halted.is_empty(), degraded) {
+            (Phase::Held { hold, .. }, _, _) => Headline::Held(hold),
+            (_, false, _) => Headline::Halted {
+                halted: &self.halted,
+                incident: self.incident.as_ref(),
+            },
+            (Phase::Frozen { server, run }, true, _) => Headline::Frozen {
+                server,
+                run: run.as_ref(),
+            },
+            (Phase::Paused { server, .. }, true, _) => Headline::Paused(server),
+            (Phase::Idle | Phase::Snapshotting { .. }, true, Some(d)) => Headline::Degraded(d),
+            (Phase::Snapshotting { run }, true, None) => Headline::Snapshotting(run),
+            (Phase::Idle, true, None) => Headline::Idle,
+        }
+    }
+
+    /// The one word `status` shows.
     pub fn summary(&self) -> ProtectState {
-        match &self.phase {
-            Phase::Held { .. } => ProtectState::Held,
-            _ if !self.halted.is_empty() => ProtectState::Halted,
-            Phase::Frozen { .. } => ProtectState::Frozen,
-            Phase::Paused { .. } => ProtectState::Paused,
-            _ if self.verifies.degraded.is_some() => ProtectState::Degraded,
-            Phase::Snapshotting { .. } => ProtectState::Snapshotting,
-            Phase::Idle => ProtectState::Idle,
+        match self.headline() {
+            Headline::Held(_) => ProtectState::Held,
+            Headline::Halted { .. } => ProtectState::Halted,
+            Headline::Frozen { .. } => ProtectState::Frozen,
+            Headline::Paused(_) => ProtectState::Paused,
+            Headline::Degraded(_) => ProtectState::Degraded,
+            Headline::Snapshotting(_) => ProtectState::Snapshotting,
+            Headline::Idle => ProtectState::Idle,
         }
     }
 
@@ -520,12 +559,30 @@ impl ProjectState {
 
     /// A view read back (from `protection.json`): no snapshot survives a restart, so a
     /// freeze waits for a new one; a hold wins over a freeze, a freeze over a foreign pause.
-    pub fn from_view(p: Protection) -> ProjectState {
+    pub fn from_view(mut p: Protection) -> ProjectState {
+        p.snapshot_run = None;
+        ProjectState::shown(p)
+    }
+
+    /// A published view as the policy held it, its snapshot run included (for `status`).
+    pub fn shown(p: Protection) -> ProjectState {
         let phase = match (p.hold, p.frozen, p.paused_server) {
-            (Some(hold), _, _) => Phase::Held { hold, run: None },
-            (None, Some(server), _) => Phase::Frozen { server, run: None },
-            (None, None, Some(server)) => Phase::Paused { server, run: None },
-            (None, None, None) => Phase::Idle,
+            (Some(hold), _, _) => Phase::Held {
+                hold,
+                run: p.snapshot_run,
+            },
+            (None, Some(server), _) => Phase::Frozen {
+                server,
+                run: p.snapshot_run,
+            },
+            (None, None, Some(server)) => Phase::Paused {
+                server,
+                run: p.snapshot_run,
+            },
+            (None, None, None) => match p.snapshot_run {
+                Some(run) => Phase::Snapshotting { run },
+                None => Phase::Idle,
+            },
         };
         ProjectState {
             project: p.project,
