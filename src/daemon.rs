@@ -513,14 +513,15 @@ async fn refresh(
                     tracing::warn!(project = %stack.project, "{note}");
                 }
             }
-            guard.send(Input::Discovered {
-                stack: Box::new(stack.clone()),
-                listed_at,
-            });
+            // Published first: a snapshot protection asks for on this discovery finds it.
             state.send_modify(|s| {
-                s.stack = Some(stack);
+                s.stack = Some(stack.clone());
                 s.discovery_error = None;
                 s.discovered_at = Some(Utc::now());
+            });
+            guard.send(Input::Discovered {
+                stack: Box::new(stack),
+                listed_at,
             });
             Ok(())
         }

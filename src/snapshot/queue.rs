@@ -180,10 +180,14 @@ async fn run_one(
                 "Docker is unreachable; see `immich-guard status`",
             ));
         };
-        let found = match stack {
-            Ok(stack) => Ok(stack),
-            // The requester saw none: perhaps discovery has one by now, else why not.
-            Err(()) => ctx.stacks.borrow().clone(),
+        let published = ctx.stacks.borrow().clone();
+        let found = match (stack, published) {
+            // Discovery finds no stack now (between `compose down` and `up`): what the
+            // requester saw before is gone; wait for the stack to come back.
+            (_, Err(why)) => Err(why),
+            (Ok(stack), Ok(_)) => Ok(stack),
+            // The requester saw none: discovery has one by now.
+            (Err(()), Ok(published)) => Ok(published),
         };
         let attempt = match &found {
             Ok(stack) => take(&docker, &host, stack, &ctx.config, request, &report)
@@ -306,6 +310,40 @@ mod tests {
                 .all(|p| p.done().is_none())
         );
         assert_eq!(*seen.lock().unwrap(), ["began pre-update", "failed true"]);
+    }
+
+    /// The requester's stack is from before `compose down` (no upload location, no database
+    /// address: a snapshot of it would fail for good); discovery finds no stack now. The
+    /// queue waits for the stack to come back instead of failing on the stale one.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_stack_while_discovery_finds_none_is_waited_for() {
+        let (queue, _) = queue(Err("compose down".into()));
+        let stale: crate::discover::Stack = serde_json::from_value(serde_json::json!({
+            "project": "immich", "compose_dir": null, "compose_files": [],
+            "env_file": null, "env_version": null, "server": null,
+            "machine_learning": null, "redis": null, "database": null,
+            "upload_location": null, "upload_mount": null, "db_data_location": null,
+            "db": null, "version": null, "notes": []
+        }))
+        .unwrap();
+        let (progress, done) = drain(
+            queue
+                .request(Request {
+                    trigger: "pre-update".into(),
+                    stack: Some(stale),
+                    ..Default::default()
+                })
+                .await,
+        )
+        .await;
+        assert!(
+            matches!(&progress[..], [Progress::Note(n)] if n.contains("waiting up to 60 s")),
+            "{progress:?}"
+        );
+        match done {
+            Event::Failed(f) => assert!(f.transient && f.message.contains("compose down"), "{f:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Without Docker there is nothing to wait for: a lasting failure at once.

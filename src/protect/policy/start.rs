@@ -200,8 +200,8 @@ impl Policy {
             ),
             now,
         ));
-        // Before the first discovery there is nothing to snapshot yet; the first discovery
-        // finishes the freeze (`resume_after_restart`).
+        // A hold stays a hold (its own `release` retries the snapshot). Before the first
+        // discovery the queue waits for the stack discovery publishes.
         if matches!(self.state.phase, Phase::Frozen { .. }) {
             self.request_snapshot(Trigger::PreStart, now, out);
         }
