@@ -211,7 +211,7 @@ impl Guard {
             disk: None,
             saved: None,
         };
-        guard.refresh_disk_sync();
+        guard.refresh_disk();
         guard.publish();
         tokio::spawn(guard.run(rx));
         GuardHandle { tx }
@@ -636,11 +636,6 @@ impl Guard {
         debug_assert!(effects.is_empty(), "reading the disk decides nothing");
     }
 
-    fn refresh_disk_sync(&mut self) {
-        self.disk = None;
-        self.refresh_disk();
-    }
-
     fn disk_stamp(&self) -> DiskStamp {
         let mtime = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         DiskStamp {
@@ -701,55 +696,11 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
+    use crate::protect::persist::tests::with_baseline;
     use crate::protect::persist::{load, save};
-    use crate::protect::state::{Baseline, Frozen, Hold, HoldKind, ProtectState};
+    use crate::protect::policy::tests::running;
+    use crate::protect::state::{Frozen, Hold, HoldKind, ProtectState};
     use crate::status::DaemonState;
-
-    fn with_baseline(project: &str, version: &str) -> Protection {
-        Protection {
-            baseline: Some(Baseline {
-                version: version.into(),
-                image_id: format!("sha256:{version}"),
-            }),
-            ..Protection::fresh(project)
-        }
-    }
-
-    pub(super) fn running(project: &str, version: &str, container: &str) -> Stack {
-        let image_id = format!("sha256:{version}");
-        Stack {
-            project: project.into(),
-            compose_dir: None,
-            compose_files: vec![],
-            env_file: None,
-            env_version: None,
-            server: Some(crate::discover::Service {
-                service: "immich-server".into(),
-                container_id: container.into(),
-                container_name: format!("{project}_server"),
-                image: format!("immich-server:{version}"),
-                image_id: image_id.clone(),
-                state: crate::discover::ContainerState::Running,
-                restart_count: 0,
-                restart_policy: "always".into(),
-            }),
-            machine_learning: None,
-            redis: None,
-            database: None,
-            upload_location: None,
-            upload_mount: None,
-            db_data_location: None,
-            db: None,
-            version: Some(crate::discover::ImmichVersion {
-                tag: Some(version.into()),
-                image_id,
-                repo_digests: vec![],
-                repo_tags: vec![],
-                label: Some(version.into()),
-            }),
-            notes: vec![],
-        }
-    }
 
     /// A guard without Docker, fed discoveries by hand.
     struct Fed {

@@ -91,7 +91,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::protect::state::{Baseline, ProtectState};
 
-    fn with_baseline(project: &str, version: &str) -> Protection {
+    pub(crate) fn with_baseline(project: &str, version: &str) -> Protection {
         Protection {
             baseline: Some(Baseline {
                 version: version.into(),

@@ -318,14 +318,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stale_stack_while_discovery_finds_none_is_waited_for() {
         let (queue, _) = queue(Err("compose down".into()));
-        let stale: crate::discover::Stack = serde_json::from_value(serde_json::json!({
-            "project": "immich", "compose_dir": null, "compose_files": [],
-            "env_file": null, "env_version": null, "server": null,
-            "machine_learning": null, "redis": null, "database": null,
-            "upload_location": null, "upload_mount": null, "db_data_location": null,
-            "db": null, "version": null, "notes": []
-        }))
-        .unwrap();
+        let stale = crate::discover::Stack {
+            server: None,
+            ..crate::protect::policy::tests::running("immich", "v1.119.0", "gone")
+        };
         let (progress, done) = drain(
             queue
                 .request(Request {

@@ -34,7 +34,7 @@ mod start;
 mod verify;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use restoring::{RestoreEnd, RestoreEvent};
 
@@ -98,6 +98,19 @@ pub enum PauseOutcome {
     /// Removed before the pause (compose v2's recreate): nothing runs that could migrate.
     Gone,
     Failed(String),
+}
+
+/// A server start on its way through the pause and the inspect.
+#[derive(Debug, Clone, PartialEq)]
+enum Starting {
+    /// The pause is asked for.
+    Pausing(ContainerEvent),
+    /// The pause returned (how, after how long); the inspect is asked for.
+    Inspecting {
+        event: ContainerEvent,
+        outcome: PauseOutcome,
+        delay_ms: f64,
+    },
 }
 
 /// Why a frozen or held server is let go; comes back with the `Thawed` result.
@@ -374,7 +387,7 @@ pub struct Policy {
     /// A restore runs, or one is unfinished: protection stands back.
     restore: Option<restoring::Mode>,
     /// A server start between its pause and its inspect.
-    starting: Option<(ContainerEvent, PauseOutcome, f64)>,
+    starting: Option<Starting>,
     disk: Box<Disk>,
 }
 

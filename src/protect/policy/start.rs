@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    COVER_FRESH, ContainerEvent, DELAYS_KEPT, Effect, ImageFacts, PauseOutcome, Policy,
+    COVER_FRESH, ContainerEvent, DELAYS_KEPT, Effect, ImageFacts, PauseOutcome, Policy, Starting,
     push_bounded,
 };
 use crate::compose::{ComposeEvent, ComposeView};
@@ -65,7 +65,7 @@ impl Policy {
         out.push(Effect::Pause {
             container: event.container_id.clone(),
         });
-        self.starting = Some((event, PauseOutcome::Paused, 0.0));
+        self.starting = Some(Starting::Pausing(event));
     }
 
     /// The pause returned: `now` is when, so the delay is the freeze's.
@@ -76,11 +76,12 @@ impl Policy {
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
-        let Some((event, _, _)) = self
-            .starting
-            .take_if(|(e, _, _)| e.container_id == container)
-        else {
-            return;
+        let event = match self.starting.take() {
+            Some(Starting::Pausing(event)) if event.container_id == container => event,
+            other => {
+                self.starting = other;
+                return;
+            }
         };
         let delay_ms = (now - event.at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         match &outcome {
@@ -102,7 +103,11 @@ impl Policy {
         out.push(Effect::Inspect {
             container: container.clone(),
         });
-        self.starting = Some((event, outcome, delay_ms));
+        self.starting = Some(Starting::Inspecting {
+            event,
+            outcome,
+            delay_ms,
+        });
     }
 
     /// What the paused server runs is known now: a downgrade, a version after all covered, or
@@ -114,11 +119,16 @@ impl Policy {
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
-        let Some((event, outcome, delay_ms)) = self
-            .starting
-            .take_if(|(e, _, _)| e.container_id == container)
-        else {
-            return;
+        let (event, outcome, delay_ms) = match self.starting.take() {
+            Some(Starting::Inspecting {
+                event,
+                outcome,
+                delay_ms,
+            }) if event.container_id == container => (event, outcome, delay_ms),
+            other => {
+                self.starting = other;
+                return;
+            }
         };
         let (image_id, version) = match image {
             Some(facts) => {

@@ -32,35 +32,57 @@ fn service(name: &str, container: &str, image: &str, image_id: &str) -> Service 
     }
 }
 
-/// The `immich` stack, its server `container` running `version`, a database beside it.
-fn stack(version: &str, container: &str) -> Stack {
+/// Project `project` whose server `container` runs `version` (image `sha256:<version>`),
+/// nothing else discovered.
+pub(crate) fn running(project: &str, version: &str, container: &str) -> Stack {
+    let image_id = format!("sha256:{version}");
     Stack {
-        project: "immich".into(),
-        compose_dir: Some("/srv/immich".into()),
-        compose_files: vec!["/srv/immich/docker-compose.yml".into()],
-        env_file: Some("/srv/immich/.env".into()),
-        env_version: Some(version.into()),
-        server: Some(service(
-            "immich-server",
-            container,
-            &format!("ghcr.io/immich-app/immich-server:{version}"),
-            &image_id(version),
-        )),
+        project: project.into(),
+        compose_dir: None,
+        compose_files: vec![],
+        env_file: None,
+        env_version: None,
+        server: Some(crate::discover::Service {
+            service: "immich-server".into(),
+            container_id: container.into(),
+            container_name: format!("{project}_server"),
+            image: format!("immich-server:{version}"),
+            image_id: image_id.clone(),
+            state: ContainerState::Running,
+            restart_count: 0,
+            restart_policy: "always".into(),
+        }),
         machine_learning: None,
         redis: None,
-        database: Some(service("database", "db", "postgres:14", "sha256:pg")),
+        database: None,
         upload_location: None,
         upload_mount: None,
         db_data_location: None,
         db: None,
         version: Some(crate::discover::ImmichVersion {
             tag: Some(version.into()),
-            image_id: image_id(version),
+            image_id,
             repo_digests: vec![],
             repo_tags: vec![],
             label: Some(version.into()),
         }),
         notes: vec![],
+    }
+}
+
+/// The `immich` stack, its server `container` running `version` (the image Immich's compose
+/// file names), a database beside it, its compose files in /srv/immich.
+fn stack(version: &str, container: &str) -> Stack {
+    let mut s = running("immich", version, container);
+    let server = s.server.as_mut().unwrap();
+    server.image = format!("ghcr.io/immich-app/immich-server:{version}");
+    Stack {
+        compose_dir: Some("/srv/immich".into()),
+        compose_files: vec!["/srv/immich/docker-compose.yml".into()],
+        env_file: Some("/srv/immich/.env".into()),
+        env_version: Some(version.into()),
+        database: Some(service("database", "db", "postgres:14", "sha256:pg")),
+        ..s
     }
 }
 
