@@ -295,6 +295,7 @@ pub async fn take(
         config_files: copied_config.files,
         upload_mark,
         missing_config_files: copied_config.missing,
+        check: None,
     };
     partial.seal(&meta)?;
     progress(Stage::Seal.begins(format!("sealed {}", meta.id)));

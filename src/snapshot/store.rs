@@ -70,6 +70,28 @@ pub struct Meta {
     pub upload_mark: Option<Vec<(String, i64)>>,
     /// Bytes this snapshot added on disk (hard links cost none).
     pub size_bytes: u64,
+    /// The newest check of the sealed snapshot (the content-hash pass after the seal,
+    /// snapshot/hashes.rs): retention keeps the newest snapshot whose check passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<SnapshotCheck>,
+}
+
+/// One check of a sealed snapshot's contents, recorded in its meta.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotCheck {
+    /// What was checked: `content-hashes` (every stored original read and hashed).
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub passed: bool,
+    /// One line: what was found (counts, the first problem).
+    pub summary: String,
+}
+
+impl Meta {
+    /// Whether the newest check of this snapshot passed.
+    pub fn check_passed(&self) -> bool {
+        self.check.as_ref().is_some_and(|c| c.passed)
+    }
 }
 
 pub struct Store {
@@ -261,6 +283,7 @@ pub(crate) mod tests {
             missing_config_files: vec![],
             upload_mark: None,
             size_bytes: 0,
+            check: None,
         }
     }
 
