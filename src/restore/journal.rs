@@ -15,12 +15,13 @@ pub const FILE: &str = "restore.json";
 /// One JSON line per finished restore, under the data dir.
 pub const HISTORY_FILE: &str = "restores.jsonl";
 
-/// The steps of a restore, in order.
+/// The steps of a restore, in order. Writers stop before the current state is kept, so the
+/// pre-restore snapshot is the last state: nothing written after it can be lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
-    Preserve,
     Stop,
+    Preserve,
     Database,
     Storage,
     Pin,
@@ -30,8 +31,8 @@ pub enum Step {
 
 impl Step {
     pub const ALL: [Step; 7] = [
-        Step::Preserve,
         Step::Stop,
+        Step::Preserve,
         Step::Database,
         Step::Storage,
         Step::Pin,
@@ -84,15 +85,36 @@ pub struct Journal {
     pub by: String,
     /// `--no-preserve`: the current state was not kept (asked for with `--yes`).
     pub no_preserve: bool,
-    /// The snapshot of the state before the restore (trigger `pre-restore`).
+    /// The newest snapshot of the state before the restore (trigger `pre-restore`).
     pub pre_restore: Option<String>,
+    /// Every pre-restore snapshot this restore took, oldest first: a restore resumed after
+    /// the stack ran again keeps the new state too. Retention never deletes these, nor
+    /// `snapshot`, while the restore is unfinished (snapshot/retention.rs).
+    #[serde(default)]
+    pub pre_restores: Vec<String>,
     pub database: Option<DbMode>,
     pub done: Vec<Step>,
-    /// What was set aside rather than deleted (a replaced btrfs subvolume, a data dir).
+    /// What was set aside rather than deleted (a replaced btrfs subvolume, a data dir, the
+    /// `kept/<restore id>/` folder of files no pre-restore snapshot holds).
     #[serde(default)]
     pub kept: Vec<PathBuf>,
+    /// Containers the stop step stopped (they were running): started again when the restore
+    /// is refused before it changed any data.
+    #[serde(default)]
+    pub stopped: Vec<String>,
+    /// Set (durably) before the first step that changes data begins: from then on a failure
+    /// is finished, never given back, and the state is not kept again. `None` in journals
+    /// written before it existed, whose stop step came right before the database step.
+    #[serde(default)]
+    pub data_touched: Option<bool>,
     pub completed_at: Option<DateTime<Utc>>,
     pub verify_passed: Option<bool>,
+    /// Ended by `restore --abandon` instead of finished (kept in the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned_at: Option<DateTime<Utc>>,
+    /// Ended before it changed any data (the journal is kept in the history only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl Journal {
@@ -107,12 +129,62 @@ impl Journal {
             by: crate::pin::who(),
             no_preserve,
             pre_restore: None,
+            pre_restores: Vec::new(),
             database: None,
             done: Vec::new(),
             kept: Vec::new(),
+            stopped: Vec::new(),
+            data_touched: Some(false),
             completed_at: None,
             verify_passed: None,
+            abandoned_at: None,
+            refused: None,
         }
+    }
+
+    /// Names this restore in paths (`kept/<id>/`): its start, to the second, and its snapshot.
+    pub fn id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.started_at.format("%Y%m%dT%H%M%SZ"),
+            self.snapshot
+        )
+    }
+
+    /// A new pre-restore snapshot, now the newest.
+    pub fn add_pre_restore(&mut self, id: String) {
+        if let Some(old) = self.pre_restore.take()
+            && !self.pre_restores.contains(&old)
+        {
+            self.pre_restores.push(old);
+        }
+        if !self.pre_restores.contains(&id) {
+            self.pre_restores.push(id.clone());
+        }
+        self.pre_restore = Some(id);
+    }
+
+    /// Every pre-restore snapshot of this restore, oldest first.
+    pub fn all_pre_restores(&self) -> Vec<String> {
+        let mut all = self.pre_restores.clone();
+        if let Some(p) = &self.pre_restore
+            && !all.contains(p)
+        {
+            all.push(p.clone());
+        }
+        all
+    }
+
+    /// Whether any step changed data (the database, the files, the compose config): until
+    /// then a failure can give the stack back as it was and leave no journal.
+    pub fn changed_data(&self) -> bool {
+        self.data_touched
+            .unwrap_or_else(|| self.is_done(Step::Stop))
+            || self
+                .done
+                .iter()
+                .any(|s| !matches!(s, Step::Stop | Step::Preserve))
+            || matches!(self.database, Some(DbMode::FreshCluster { .. }))
     }
 
     pub fn is_done(&self, step: Step) -> bool {
@@ -143,7 +215,7 @@ impl Journal {
             .find(|s| !self.is_done(**s))
             .map_or("verify", |s| s.name());
         format!(
-            "restore of {} incomplete (started {}, {} of {} steps done, next: {next}); finish it with `{}`",
+            "restore of {} incomplete (started {}, {} of {} steps done, next: {next}); finish it with `{}`, or end it with `immich-guard restore --abandon`",
             self.snapshot,
             self.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
             self.done.len(),
@@ -199,6 +271,29 @@ pub fn save(data_dir: &Path, journal: &mut Journal) -> Result<(), RestoreError> 
     crate::durable::sync_dir(data_dir).map_err(io)
 }
 
+/// Removes the journal (after it went to the history), durably.
+pub fn remove(data_dir: &Path) -> Result<(), RestoreError> {
+    let path = path(data_dir);
+    let io = |source| RestoreError::Journal {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    crate::durable::sync_dir(data_dir).map_err(io)
+}
+
+/// Records, durably, that a step changing data begins.
+pub fn touch_data(data_dir: &Path, journal: &mut Journal) -> Result<(), RestoreError> {
+    if journal.data_touched == Some(true) {
+        return Ok(());
+    }
+    journal.data_touched = Some(true);
+    save(data_dir, journal)
+}
+
 /// Records `step` as finished, durably.
 pub fn mark(data_dir: &Path, journal: &mut Journal, step: Step) -> Result<(), RestoreError> {
     if !journal.is_done(step) {
@@ -207,7 +302,8 @@ pub fn mark(data_dir: &Path, journal: &mut Journal, step: Step) -> Result<(), Re
     save(data_dir, journal)
 }
 
-/// Appends the finished restore to `restores.jsonl` (owner-only), synced.
+/// Appends the ended restore (finished, refused or abandoned) to `restores.jsonl`
+/// (owner-only), synced.
 pub fn append_history(data_dir: &Path, journal: &Journal) -> Result<PathBuf, RestoreError> {
     let path = data_dir.join(HISTORY_FILE);
     let line = serde_json::to_vec(journal).expect("journal serializes");

@@ -11,6 +11,7 @@
 
 pub mod database;
 pub mod journal;
+pub mod kept;
 pub mod preserve;
 pub mod stack;
 pub mod storage;
@@ -69,6 +70,15 @@ pub enum RestoreError {
     },
     #[error("another restore is not finished: {0}")]
     OtherIncomplete(String),
+    #[error(
+        "{why}; the unfinished restore of {snapshot} cannot go on: `immich-guard restore --abandon` shows the stack's state and ends it"
+    )]
+    CannotContinue {
+        snapshot: String,
+        why: Box<RestoreError>,
+    },
+    #[error("{0}")]
+    RerunOption(String),
     #[error("cannot restore: {what} unknown ({hint})")]
     Missing {
         what: &'static str,
@@ -149,6 +159,8 @@ pub struct Plan {
     /// The sealed snapshot's directory.
     pub dir: PathBuf,
     pub no_preserve: bool,
+    /// How this run's options apply to the interrupted restore it continues.
+    pub notes: Vec<String>,
     /// The journal of an interrupted restore of the same snapshot, continued.
     pub resume: Option<Journal>,
     /// `Ok`: the database answers now; `Err`: why not (it is started, and if it cannot
@@ -237,7 +249,14 @@ pub async fn plan(ctx: &Ctx<'_>, id: &str, options: Options) -> Result<Plan, Res
         _ => None,
     };
     let snapshots = ctx.config.snapshot_dir();
-    let (meta, dir) = check_snapshot(&snapshots, id)?;
+    let (meta, dir) = check_snapshot(&snapshots, id).map_err(|e| match &resume {
+        Some(_) => RestoreError::CannotContinue {
+            snapshot: id.to_string(),
+            why: Box::new(e),
+        },
+        None => e,
+    })?;
+    let (no_preserve, notes) = rerun_options(resume.as_ref(), options)?;
     if meta.project != ctx.stack.project {
         return Err(RestoreError::OtherProject {
             id: id.to_string(),
@@ -274,9 +293,8 @@ pub async fn plan(ctx: &Ctx<'_>, id: &str, options: Options) -> Result<Plan, Res
         .unwrap_or_else(|| meta.upload_location.clone());
     let pin = crate::pin::plan_for(ctx.stack, &meta.version)?;
     Ok(Plan {
-        no_preserve: resume
-            .as_ref()
-            .map_or(options.no_preserve, |j| j.no_preserve),
+        no_preserve,
+        notes,
         resume,
         database_now,
         storage_source,
@@ -286,6 +304,40 @@ pub async fn plan(ctx: &Ctx<'_>, id: &str, options: Options) -> Result<Plan, Res
         meta,
         dir,
     })
+}
+
+/// `--no-preserve` on a rerun: honoured while it still means something, refused (with the
+/// reason) once it cannot; never silently replaced by what the journal says.
+fn rerun_options(
+    resume: Option<&Journal>,
+    options: Options,
+) -> Result<(bool, Vec<String>), RestoreError> {
+    let Some(j) = resume else {
+        return Ok((options.no_preserve, Vec::new()));
+    };
+    match (j.no_preserve, options.no_preserve) {
+        (false, true) if j.pre_restore.is_some() => Ok((
+            true,
+            vec![format!(
+                "--no-preserve: the state before the restore was kept before the interruption as {}; it stays, and it is not kept again",
+                j.pre_restore.as_deref().unwrap_or_default()
+            )],
+        )),
+        (false, true) => Ok((
+            true,
+            vec!["--no-preserve: the state before the restore is not kept (nothing was kept before the interruption)".into()],
+        )),
+        (true, false) if j.changed_data() => Err(RestoreError::RerunOption(format!(
+            "this restore of {} began with --no-preserve and has already changed the data, so the state before it can no longer be kept; finish it with `{}`, or end it with `immich-guard restore --abandon`",
+            j.snapshot,
+            j.finish_command()
+        ))),
+        (true, false) => Ok((
+            false,
+            vec!["the interrupted restore began with --no-preserve; it changed no data yet, so the current state is kept now".into()],
+        )),
+        (same, _) => Ok((same, Vec::new())),
+    }
 }
 
 fn access(stack: &Stack) -> Result<&crate::discover::DbAccess, RestoreError> {
@@ -411,6 +463,7 @@ impl Plan {
                 }
             ));
         }
+        out.extend(self.notes.iter().cloned());
         let done = |s: Step| {
             if self.resume.as_ref().is_some_and(|j| j.is_done(s)) {
                 " (done)"
@@ -421,6 +474,17 @@ impl Plan {
         let name =
             |s: &Option<crate::discover::Service>| s.as_ref().map(|s| s.container_name.clone());
         let db = name(&stack.database).unwrap_or_else(|| "the database".into());
+        let s = Step::Stop;
+        let stops: Vec<String> = [&stack.server, &stack.machine_learning, &stack.redis]
+            .into_iter()
+            .filter_map(name)
+            .collect();
+        out.push(format!(
+            "{}. stop{}: {}, so that nothing writes from here on (the database too if it cannot start)",
+            s.number(),
+            done(s),
+            stops.join(", ")
+        ));
         let s = Step::Preserve;
         out.push(if self.no_preserve {
             format!(
@@ -446,17 +510,6 @@ impl Plan {
                 self.upload.display()
             )
         });
-        let s = Step::Stop;
-        let stops: Vec<String> = [&stack.server, &stack.machine_learning, &stack.redis]
-            .into_iter()
-            .filter_map(name)
-            .collect();
-        out.push(format!(
-            "{}. stop{}: {} (the database too if it cannot start)",
-            s.number(),
-            done(s),
-            stops.join(", ")
-        ));
         let s = Step::Database;
         let dbname = stack
             .db
@@ -484,9 +537,9 @@ impl Plan {
                 StorageMethod::Zfs | StorageMethod::Copy => "copies",
             },
             if self.no_preserve {
-                "files added since are left in place"
+                "files added since are left in place; a changed file is moved aside to the data dir's kept/ before the snapshot's copy takes its place"
             } else {
-                "files added since are removed from it (they are in the pre-restore snapshot)"
+                "a live file is removed or overwritten only where a pre-restore snapshot holds it (same size and bytes); anything else is moved aside to the data dir's kept/"
             }
         ));
         let s = Step::Pin;
@@ -542,19 +595,82 @@ async fn rediscover(ctx: &Ctx<'_>) -> Result<Stack, RestoreError> {
         .map_err(|e| RestoreError::Discover(e.to_string()))
 }
 
-/// Runs the plan. Each finished step is recorded in the journal before the next begins.
+/// Runs the plan. Each finished step is recorded in the journal before the next begins. A
+/// restore that fails before it changed any data (its stop or preserve step) gives the stack
+/// back as it was: what it stopped is started again and no journal is left, so protection
+/// stays on (the journal goes to the history with the reason).
 pub async fn run(
     ctx: &Ctx<'_>,
     plan: &Plan,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Outcome, RestoreError> {
     let data_dir = &ctx.config.daemon.data_dir;
-    let resumed = plan.resume.is_some();
     let mut j = plan
         .resume
         .clone()
         .unwrap_or_else(|| Journal::new(&plan.meta.id, &ctx.stack.project, plan.no_preserve));
+    // This run's options; `plan` refused the ones a resumed restore can no longer honour.
+    j.no_preserve = plan.no_preserve;
     journal::save(data_dir, &mut j)?;
+    let result = run_steps(ctx, plan, &mut j, progress).await;
+    if let Err(e) = &result
+        && !j.changed_data()
+    {
+        give_back(ctx, &mut j, e, progress).await;
+    }
+    result
+}
+
+/// A restore refused before it changed any data: the containers it stopped are started
+/// again, the journal ends in the history (with the reason) and is removed.
+async fn give_back(
+    ctx: &Ctx<'_>,
+    j: &mut Journal,
+    error: &RestoreError,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) {
+    let data_dir = &ctx.config.daemon.data_dir;
+    let mut not_started = Vec::new();
+    for name in j.stopped.clone() {
+        if let Err(e) = stack::start(ctx.docker, ctx.host, &name).await {
+            not_started.push(format!("{name} ({e})"));
+        }
+    }
+    j.refused = Some(error.to_string());
+    let ended = journal::append_history(data_dir, j).and_then(|_| journal::remove(data_dir));
+    progress(Progress::Note(match (&ended, not_started.is_empty()) {
+        (Ok(()), true) => format!(
+            "nothing was changed{}; no restore is pending and protection stays on",
+            if j.stopped.is_empty() {
+                String::new()
+            } else {
+                format!(": started {} again", j.stopped.join(", "))
+            }
+        ),
+        (Ok(()), false) => {
+            format!(
+                "nothing was changed, but these did not start again: {}; start them by hand (`{}`)",
+                not_started.join(", "),
+                ctx.stack.compose_dir.as_deref().map_or(
+                    "docker compose up -d".into(),
+                    |d| format!("docker compose up -d in {}", d.display())
+                )
+            )
+        }
+        (Err(e), _) => format!(
+            "nothing was changed, but the journal could not be ended ({e}); `immich-guard restore --abandon` ends it"
+        ),
+    }));
+}
+
+async fn run_steps(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    j: &mut Journal,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Outcome, RestoreError> {
+    let data_dir = &ctx.config.daemon.data_dir;
+    let resumed = plan.resume.is_some();
     let of = Step::ALL.len();
     let step = |progress: &mut (dyn FnMut(Progress) + Send), s: Step, msg: String| {
         progress(Progress::Step {
@@ -570,13 +686,45 @@ pub async fn run(
     let db_name = database.container_name.clone();
     let access = access(ctx.stack)?;
 
-    // 1. Keep the current state.
-    if !j.is_done(Step::Preserve) {
+    // 1. Nothing writes from here on: the state kept next is the last one. Until the data
+    // is touched this is done again on every run: a resumed restore may find the stack
+    // started meanwhile (by hand, or by Docker at boot), writing.
+    if !j.changed_data() {
+        let names: Vec<String> = [
+            &ctx.stack.server,
+            &ctx.stack.machine_learning,
+            &ctx.stack.redis,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.container_name.clone())
+        .collect();
+        step(progress, Step::Stop, names.join(", "));
+        for name in &names {
+            if stack::stop(ctx.docker, ctx.host, name).await? && !j.stopped.contains(name) {
+                j.stopped.push(name.clone());
+                journal::save(data_dir, j)?;
+            }
+        }
+        journal::mark(data_dir, j, Step::Stop)?;
+        kill_point("stop");
+    }
+
+    // 2. Keep the current state.
+    if !j.changed_data() && !(j.is_done(Step::Preserve) && unchanged_since_kept(ctx, j).await) {
         // A preserve cut off by a kill left a partial snapshot: never usable, removed.
         if let Ok(store) = crate::snapshot::store::Store::open(&ctx.config.snapshot_dir()) {
             let _ = store.clean_partials();
         }
-        step(progress, Step::Preserve, "keeping the current state".into());
+        step(
+            progress,
+            Step::Preserve,
+            if j.is_done(Step::Preserve) {
+                "the stack ran since the state was kept: keeping it again".into()
+            } else {
+                "keeping the current state".into()
+            },
+        );
         let ready = match &plan.database_now {
             Ok(()) => Ok(()),
             Err(_) => {
@@ -632,50 +780,52 @@ pub async fn run(
             (false, DbMode::Replay) => {
                 let fresh = rediscover(ctx).await?;
                 let kept = preserve::take_dumped(ctx, &fresh, label, progress).await?;
-                j.pre_restore = Some(kept.meta.id);
+                j.add_pre_restore(kept.meta.id);
                 DbMode::Replay
             }
             (false, DbMode::FreshCluster { reason, .. }) => {
+                // Its data dir moves into the snapshot: from here the data is changed, and
+                // a failure is finished, never given back.
+                j.database = Some(DbMode::FreshCluster {
+                    reason: reason.clone(),
+                    kept: None,
+                });
+                journal::save(data_dir, j)?;
                 let kept = preserve::take_files(ctx, ctx.stack, &reason, progress).await?;
-                j.pre_restore = Some(kept.meta.id);
+                j.add_pre_restore(kept.meta.id);
                 DbMode::FreshCluster { reason, kept: None }
             }
         };
         j.database = Some(mode);
-        journal::mark(data_dir, &mut j, Step::Preserve)?;
+        journal::mark(data_dir, j, Step::Preserve)?;
         if let Some(id) = &j.pre_restore {
             progress(Progress::Note(format!(
                 "current state kept as snapshot {id}"
             )));
         }
         kill_point("preserve");
+    } else if j.is_done(Step::Preserve) && !j.changed_data() {
+        step(
+            progress,
+            Step::Preserve,
+            format!(
+                "kept before the interruption as {} (nothing written since)",
+                j.pre_restore
+                    .as_deref()
+                    .unwrap_or("nothing (--no-preserve)")
+            ),
+        );
     }
     let mode = j.database.clone().unwrap_or(DbMode::Replay);
 
-    // 2. Nothing writes while the data goes back.
-    if !j.is_done(Step::Stop) {
-        let mut names: Vec<String> = [
-            &ctx.stack.server,
-            &ctx.stack.machine_learning,
-            &ctx.stack.redis,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|s| s.container_name.clone())
-        .collect();
-        if matches!(mode, DbMode::FreshCluster { .. }) {
-            names.push(db_name.clone());
-        }
-        step(progress, Step::Stop, names.join(", "));
-        for name in &names {
-            stack::stop(ctx.docker, ctx.host, name).await?;
-        }
-        journal::mark(data_dir, &mut j, Step::Stop)?;
-        kill_point("stop");
+    // The database is stopped too when a fresh cluster replaces it.
+    if matches!(mode, DbMode::FreshCluster { .. }) && !j.is_done(Step::Database) {
+        stack::stop(ctx.docker, ctx.host, &db_name).await?;
     }
 
     // 3. The database.
     if !j.is_done(Step::Database) {
+        journal::touch_data(data_dir, j)?;
         let dump = plan.dir.join(crate::snapshot::store::DUMP_FILE);
         let tcp = match &mode {
             DbMode::Replay => {
@@ -709,7 +859,7 @@ pub async fn run(
                         preserve::recreate_empty(&dir, &like)?;
                         if !j.kept.contains(aside) {
                             j.kept.push(aside.clone());
-                            journal::save(data_dir, &mut j)?;
+                            journal::save(data_dir, j)?;
                         }
                     }
                     // Its old contents are in the pre-restore snapshot (or aside); what is
@@ -757,7 +907,7 @@ pub async fn run(
             replayed.sql_bytes / 1_000_000,
             replayed.duration_ms as f64 / 1000.0
         )));
-        journal::mark(data_dir, &mut j, Step::Database)?;
+        journal::mark(data_dir, j, Step::Database)?;
         kill_point("database");
     }
 
@@ -781,7 +931,7 @@ pub async fn run(
             let (_, kept) = storage::btrfs_names(&plan.upload, &stamp);
             if !j.kept.contains(&kept) {
                 j.kept.push(kept.clone());
-                journal::save(data_dir, &mut j)?;
+                journal::save(data_dir, j)?;
             }
             let (snap, upload) = (plan.storage_source.clone(), plan.upload.clone());
             match tokio::task::spawn_blocking(move || {
@@ -819,26 +969,39 @@ pub async fn run(
             let (source, upload) = (plan.storage_source.clone(), plan.upload.clone());
             let method = plan.meta.storage.method;
             let excluded = plan.meta.storage.excluded.clone();
-            let remove_extra = !j.no_preserve;
-            let done = tokio::task::spawn_blocking(move || {
-                storage::restore_tree(&source, &entries, &upload, method, &excluded, remove_extra)
+            // Only what a pre-restore snapshot holds may be removed; without one (as with
+            // --no-preserve) what the snapshot does not list stays.
+            let pre_restores = j.all_pre_restores();
+            let remove_extra = !pre_restores.is_empty();
+            let mut keep = kept::Keep::new(
+                kept::Holders::new(&ctx.config.snapshot_dir(), pre_restores),
+                kept::Aside::new(data_dir, &j.id()),
+            );
+            let (done, keep) = tokio::task::spawn_blocking(move || {
+                storage::restore_tree(
+                    &source,
+                    &entries,
+                    &upload,
+                    method,
+                    &excluded,
+                    remove_extra,
+                    &mut keep,
+                )
+                .map(|done| (done, keep))
             })
             .await
             .expect("storage restore thread")?;
-            progress(Progress::Note(format!(
-                "{} files put back, {} unchanged, {} added since {}",
-                done.replaced,
-                done.unchanged,
-                done.removed + done.left,
-                if remove_extra {
-                    "removed (kept in the pre-restore snapshot)"
-                } else {
-                    "left in place"
-                }
-            )));
+            let aside = keep.aside.dir().to_path_buf();
+            if aside.exists() && !j.kept.contains(&aside) {
+                j.kept.push(aside.clone());
+                journal::save(data_dir, j)?;
+            }
+            for line in storage_lines(&done, &keep) {
+                progress(Progress::Note(line));
+            }
             tree = Some(done);
         }
-        journal::mark(data_dir, &mut j, Step::Storage)?;
+        journal::mark(data_dir, j, Step::Storage)?;
         kill_point("storage");
     }
 
@@ -883,7 +1046,7 @@ pub async fn run(
                 },
             )?;
         }
-        journal::mark(data_dir, &mut j, Step::Pin)?;
+        journal::mark(data_dir, j, Step::Pin)?;
         kill_point("pin");
     }
 
@@ -896,7 +1059,7 @@ pub async fn run(
         progress(Progress::Note(format!(
             "{url}/api/server/ping answers pong"
         )));
-        journal::mark(data_dir, &mut j, Step::Start)?;
+        journal::mark(data_dir, j, Step::Start)?;
         kill_point("start");
     }
 
@@ -915,7 +1078,7 @@ pub async fn run(
     let report = crate::verify::verify(ctx.docker, ctx.host, &fresh, &verify_plan).await;
     j.verify_passed = Some(report.passed());
     j.completed_at = Some(chrono::Utc::now());
-    journal::mark(data_dir, &mut j, Step::Verify)?;
+    journal::mark(data_dir, j, Step::Verify)?;
     journal::append_history(data_dir, &j)?;
     Ok(Outcome {
         snapshot: plan.meta.id.clone(),
@@ -927,6 +1090,83 @@ pub async fn run(
         verify: report,
         journal: journal::path(data_dir),
     })
+}
+
+/// Whether nothing was written since the newest pre-restore snapshot of this restore (the
+/// database's transaction snapshot and the upload folders as it recorded them: the rule that
+/// keeps protection from snapshotting one state twice, snapshot/unchanged.rs). Anything that
+/// cannot be read counts as written: the state is kept again.
+async fn unchanged_since_kept(ctx: &Ctx<'_>, j: &Journal) -> bool {
+    let Some(id) = &j.pre_restore else {
+        // --no-preserve: nothing was kept, nothing is to keep.
+        return j.no_preserve;
+    };
+    let Ok(meta) = std::fs::read(ctx.config.snapshot_dir().join(id).join(META_FILE))
+        .map_err(|_| ())
+        .and_then(|b| serde_json::from_slice::<Meta>(&b).map_err(|_| ()))
+    else {
+        return false;
+    };
+    let (Some(access), Some(upload)) = (ctx.stack.db.as_ref(), &ctx.stack.upload_location) else {
+        return false;
+    };
+    let Ok(now) = crate::snapshot::db::facts(access).await else {
+        return false;
+    };
+    let mark = crate::snapshot::unchanged::upload_mark(upload);
+    crate::snapshot::unchanged::covering(
+        std::slice::from_ref(&meta),
+        &meta.project,
+        &meta.version,
+        None,
+        &now,
+        mark.as_deref(),
+    )
+    .is_some()
+}
+
+/// What the storage step did, truthfully: what went back, what was removed and which
+/// pre-restore snapshot holds it, what was moved aside and where.
+fn storage_lines(done: &storage::TreeRestored, keep: &kept::Keep) -> Vec<String> {
+    const LISTED: usize = 20;
+    let held: Vec<String> = keep
+        .held
+        .iter()
+        .map(|(id, n)| format!("{n} in {id}"))
+        .collect();
+    let mut out = vec![format!(
+        "{} files put back, {} unchanged; {} removed or overwritten, each held by a pre-restore snapshot{}; {} moved aside to {}; {} left in place",
+        done.replaced,
+        done.unchanged,
+        keep.held.values().sum::<u64>(),
+        if held.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", held.join(", "))
+        },
+        done.moved_aside,
+        keep.aside.dir().display(),
+        done.left,
+    )];
+    if !keep.aside.moved.is_empty() {
+        out.push(format!(
+            "in no snapshot, so moved aside (kept under {}): {}{}",
+            keep.aside.dir().display(),
+            keep.aside
+                .moved
+                .iter()
+                .take(LISTED)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if keep.aside.moved.len() > LISTED {
+                format!(" and {} more", keep.aside.moved.len() - LISTED)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out
 }
 
 fn db_data_dir(stack: &Stack) -> Result<PathBuf, RestoreError> {

@@ -15,17 +15,17 @@ use crate::discover::Stack;
 /// Seconds a container gets to stop before it is killed (Immich's server finishes jobs).
 const STOP_TIMEOUT_SECS: i32 = 30;
 
-/// Stops `container` (already stopped is fine).
-pub async fn stop(docker: &Docker, host: &str, container: &str) -> Result<(), RestoreError> {
+/// Stops `container` (already stopped is fine); whether it was running.
+pub async fn stop(docker: &Docker, host: &str, container: &str) -> Result<bool, RestoreError> {
     let options = bollard::query_parameters::StopContainerOptionsBuilder::default()
         .t(STOP_TIMEOUT_SECS)
         .build();
     match docker.stop_container(container, Some(options)).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         // 304: not running.
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
-        }) => Ok(()),
+        }) => Ok(false),
         Err(e) => Err(RestoreError::Docker {
             action: format!("stopping {container}"),
             detail: crate::docker::classify(host, e).to_string(),

@@ -4,15 +4,18 @@
 //! from the snapshot's `storage/` (or the ZFS snapshot's `.zfs/snapshot/…` directory): a
 //! file whose inode (hard links) or size and mtime (copies) still match is left alone, any
 //! other is replaced through a temp name and a rename, so a kill leaves each file whole.
-//! Files the snapshot does not list are removed only when the pre-restore snapshot holds
-//! them; otherwise they stay. Top-level folders the snapshot left out (`thumbs`…) are not
-//! touched.
+//! A live entry is removed or overwritten only when a pre-restore snapshot of this restore
+//! provably holds it (restore/kept.rs); anything else is moved aside into the data dir's
+//! `kept/<restore id>/` first. Without a pre-restore snapshot (`--no-preserve`), files the
+//! snapshot does not list stay in place. Top-level folders the snapshot left out (`thumbs`…)
+//! are not touched.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::kept::{Cleared, Keep};
 use crate::snapshot::storage::{EntryKind, ManifestEntry, StorageMethod};
 
 const TEMP_SUFFIX: &str = ".immich-guard-restore";
@@ -46,10 +49,13 @@ pub struct TreeRestored {
     /// Files put back (missing or changed since the snapshot).
     pub replaced: u64,
     pub unchanged: u64,
-    /// Entries the snapshot does not have, removed (they are in the pre-restore snapshot).
+    /// Entries the snapshot does not have, removed (a pre-restore snapshot holds each).
     pub removed: u64,
-    /// Entries the snapshot does not have, left in place (no pre-restore snapshot holds them).
+    /// Entries the snapshot does not have, left in place (`--no-preserve`, or a folder that
+    /// still holds something).
     pub left: u64,
+    /// Live entries no pre-restore snapshot holds, moved aside (added since, or changed).
+    pub moved_aside: u64,
     /// A replaced btrfs subvolume, kept under this name.
     pub kept: Option<PathBuf>,
 }
@@ -63,7 +69,8 @@ enum Place {
 }
 
 /// Puts `upload` back to the manifest `entries`, the files taken from `source`.
-/// `remove_extra`: entries not in the manifest may go (the pre-restore snapshot holds them).
+/// `remove_extra`: entries not in the manifest go (removed when held, else moved aside);
+/// otherwise they stay. Whatever is overwritten goes through `keep` first.
 pub fn restore_tree(
     source: &Path,
     entries: &[ManifestEntry],
@@ -71,6 +78,7 @@ pub fn restore_tree(
     method: StorageMethod,
     excluded: &[String],
     remove_extra: bool,
+    keep: &mut Keep,
 ) -> Result<TreeRestored, TreeError> {
     let place = match method {
         StorageMethod::Hardlink => Place::Link,
@@ -83,14 +91,14 @@ pub fn restore_tree(
         let live = upload.join(&e.path);
         let from = source.join(&e.path);
         match e.kind {
-            EntryKind::Dir => restore_dir(&from, &live)?,
+            EntryKind::Dir => restore_dir(&from, &live, &e.path, keep, &mut done)?,
             EntryKind::Symlink => {
                 let target = e.target.as_deref().unwrap_or_default();
                 if std::fs::read_link(&live).is_ok_and(|t| t == Path::new(target)) {
                     done.unchanged += 1;
                     continue;
                 }
-                clear(&live)?;
+                make_way(&e.path, &live, keep, &mut done)?;
                 std::os::unix::fs::symlink(target, &live).map_err(io(&live, "making a symlink"))?;
                 done.replaced += 1;
             }
@@ -110,13 +118,16 @@ pub fn restore_tree(
                     done.unchanged += 1;
                     continue;
                 }
+                if keep.clear_way(&e.path, &live)? == Cleared::MovedAside {
+                    done.moved_aside += 1;
+                }
                 put_file(&from, &snap, &live, place)?;
                 done.replaced += 1;
             }
         }
     }
     let listed: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-    remove_unlisted(upload, &listed, excluded, remove_extra, &mut done)?;
+    remove_unlisted(upload, &listed, excluded, remove_extra, keep, &mut done)?;
     let root = std::fs::File::open(upload).map_err(io(upload, "opening it"))?;
     rustix::fs::syncfs(&root).map_err(|e| TreeError::Io {
         path: upload.to_path_buf(),
@@ -126,11 +137,17 @@ pub fn restore_tree(
     Ok(done)
 }
 
-fn restore_dir(from: &Path, live: &Path) -> Result<(), TreeError> {
+fn restore_dir(
+    from: &Path,
+    live: &Path,
+    rel: &str,
+    keep: &mut Keep,
+    done: &mut TreeRestored,
+) -> Result<(), TreeError> {
     match std::fs::symlink_metadata(live) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            clear(live)?;
+            make_way(rel, live, keep, done)?;
             std::fs::create_dir(live).map_err(io(live, "creating it"))?;
         }
         Err(_) => std::fs::create_dir(live).map_err(io(live, "creating it"))?,
@@ -159,8 +176,27 @@ fn same_file(snap: &std::fs::Metadata, live: &Path, place: Place) -> bool {
         && now.mtime_nsec() == snap.mtime_nsec()
 }
 
-/// Removes whatever is at `path` (a file, a link, a tree): only called for entries the
-/// snapshot lists, whose current content the pre-restore snapshot holds.
+/// Clears `live` for an entry of the snapshot: what a pre-restore snapshot holds is removed,
+/// anything else moved aside.
+fn make_way(
+    rel: &str,
+    live: &Path,
+    keep: &mut Keep,
+    done: &mut TreeRestored,
+) -> Result<(), TreeError> {
+    match keep.clear_way(rel, live)? {
+        Cleared::Held => clear(live),
+        Cleared::MovedAside => {
+            done.moved_aside += 1;
+            Ok(())
+        }
+        Cleared::Empty => Ok(()),
+    }
+}
+
+/// Removes whatever is at `path`: only an entry a pre-restore snapshot holds (`make_way`),
+/// a folder found in a file's place after its contents were judged one by one, or the
+/// restore's own temp file.
 fn clear(path: &Path) -> Result<(), TreeError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(io(path, "removing it")),
@@ -191,8 +227,9 @@ fn put_file(
         file.set_modified(snap.modified().map_err(io(from, "reading its mtime"))?)
             .map_err(io(&temp, "setting its mtime"))?;
     }
+    // A folder in a file's place was moved aside by the caller; only an empty one is left.
     if std::fs::symlink_metadata(live).is_ok_and(|m| m.is_dir()) {
-        clear(live)?;
+        std::fs::remove_dir(live).map_err(io(live, "removing an empty folder"))?;
     }
     std::fs::rename(&temp, live).map_err(io(live, "renaming the restored file into place"))
 }
@@ -219,12 +256,15 @@ fn set_owner_mode(path: &Path, snap: &std::fs::Metadata) -> Result<(), TreeError
     .map_err(io(path, "setting its mode"))
 }
 
-/// Entries of the live tree the manifest does not list (children before their folder).
+/// Entries of the live tree the manifest does not list (children before their folder):
+/// removed when a pre-restore snapshot holds them, else moved aside; left in place when
+/// `remove` is off.
 fn remove_unlisted(
     upload: &Path,
     listed: &HashSet<&str>,
     excluded: &[String],
     remove: bool,
+    keep: &mut Keep,
     done: &mut TreeRestored,
 ) -> Result<(), TreeError> {
     let walker = walkdir::WalkDir::new(upload)
@@ -241,8 +281,13 @@ fn remove_unlisted(
             source: e.into(),
         })?;
         let rel = entry.path().strip_prefix(upload).unwrap_or(entry.path());
-        if !listed.contains(rel.to_string_lossy().as_ref()) {
-            unlisted.push((entry.path().to_path_buf(), entry.file_type().is_dir()));
+        let rel = rel.to_string_lossy();
+        if !listed.contains(rel.as_ref()) {
+            unlisted.push((
+                rel.into_owned(),
+                entry.path().to_path_buf(),
+                entry.file_type().is_dir(),
+            ));
         }
     }
     if !remove {
@@ -250,17 +295,24 @@ fn remove_unlisted(
         return Ok(());
     }
     // Walked parents first: reversed, a folder comes after everything in it.
-    for (path, is_dir) in unlisted.iter().rev() {
+    for (rel, path, is_dir) in unlisted.iter().rev() {
         if *is_dir {
-            // Emptied above unless it held something kept; then it stays too.
+            // Emptied above unless something in it stays; then it stays too.
             if std::fs::remove_dir(path).is_err() {
                 done.left += 1;
                 continue;
             }
-        } else {
-            std::fs::remove_file(path).map_err(io(path, "removing it"))?;
+            done.removed += 1;
+            continue;
         }
-        done.removed += 1;
+        match keep.clear_way(rel, path)? {
+            Cleared::Held => {
+                std::fs::remove_file(path).map_err(io(path, "removing it"))?;
+                done.removed += 1;
+            }
+            Cleared::MovedAside => done.moved_aside += 1,
+            Cleared::Empty => {}
+        }
     }
     Ok(())
 }
@@ -347,6 +399,7 @@ pub fn swap_subvolume(snap: &Path, upload: &Path, kept: &Path) -> Result<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::kept::{Aside, Holders};
     use crate::snapshot::storage::{Options, Plan, read_manifest, snapshot_tree};
     use std::fs;
 
@@ -355,32 +408,56 @@ mod tests {
         fs::write(root.join(rel), content).unwrap();
     }
 
-    /// Snapshot, change the live tree, restore: the snapshot's tree is back, and what was added
-    /// later is removed only when asked.
+    /// A snapshot of `upload` under `snapshots/<id>/` as the store lays it out (storage/,
+    /// manifest, meta.json), so it can stand as a pre-restore snapshot.
+    fn snapshot(
+        upload: &Path,
+        snapshots: &Path,
+        id: &str,
+        method: StorageMethod,
+        options: &Options,
+    ) -> Vec<ManifestEntry> {
+        let snap = snapshots.join(id);
+        fs::create_dir_all(&snap).unwrap();
+        let manifest = snap.join("manifest.jsonl.zst");
+        snapshot_tree(
+            upload,
+            &snap,
+            "storage",
+            &manifest,
+            &Plan::walking(method),
+            options,
+        )
+        .unwrap();
+        let meta = crate::snapshot::store::tests::meta(id, chrono::Utc::now());
+        fs::write(snap.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        read_manifest(&manifest).unwrap()
+    }
+
+    fn keep(data: &Path, snapshots: &Path, pre: &[&str]) -> Keep {
+        Keep::new(
+            Holders::new(snapshots, pre.iter().map(|s| s.to_string()).collect()),
+            Aside::new(data, "r1"),
+        )
+    }
+
+    /// Snapshot, change the live tree, restore: the snapshot's tree is back; what was added
+    /// or changed later is removed only where a pre-restore snapshot holds it, else moved
+    /// aside, and left in place when not asked to go.
     fn round_trip(method: StorageMethod) {
         let dir = tempfile::tempdir().unwrap();
+        let (snapshots, data) = (dir.path().join("snapshots"), dir.path().join("data"));
         let upload = dir.path().join("library");
         write(&upload, "upload/u1/a.jpg", "photo a");
         write(&upload, "upload/u1/b.jpg", "photo b");
         write(&upload, "upload/.immich", "");
         write(&upload, "thumbs/u1/a.webp", "thumb a");
-        let snap = dir.path().join("snap");
-        fs::create_dir(&snap).unwrap();
         let options = Options {
             exclude: vec!["thumbs".into()],
             ..Options::default()
         };
-        let manifest = snap.join("manifest.jsonl.zst");
-        snapshot_tree(
-            &upload,
-            &snap,
-            "storage",
-            &manifest,
-            &Plan::walking(method),
-            &options,
-        )
-        .unwrap();
-        let entries = read_manifest(&manifest).unwrap();
+        let entries = snapshot(&upload, &snapshots, "old", method, &options);
+        let source = snapshots.join("old/storage");
 
         fs::remove_file(upload.join("upload/u1/a.jpg")).unwrap();
         // Replaced by a new file, not changed in place (a hard link would share the change).
@@ -388,14 +465,24 @@ mod tests {
         write(&upload, "upload/u1/b.jpg", "edited b");
         write(&upload, "upload/u2/new.jpg", "added later");
         write(&upload, "thumbs/u1/new.webp", "thumb new");
+        // The state before the restore, kept.
+        snapshot(&upload, &snapshots, "pre", method, &options);
+        // Written after the pre-restore snapshot: in no snapshot.
+        write(
+            &upload,
+            "upload/u2/later.jpg",
+            "uploaded during the restore",
+        );
 
+        let mut k = keep(&data, &snapshots, &["pre"]);
         let kept = restore_tree(
-            &snap.join("storage"),
+            &source,
             &entries,
             &upload,
             method,
             &options.exclude,
             false,
+            &mut k,
         )
         .unwrap();
         assert_eq!(
@@ -407,21 +494,78 @@ mod tests {
             "photo b"
         );
         assert!(upload.join("upload/u2/new.jpg").exists(), "{kept:?}");
-        assert_eq!((kept.replaced, kept.left), (2, 2));
+        assert_eq!((kept.replaced, kept.left, kept.moved_aside), (2, 3, 0));
+        // "edited b" was overwritten only because the pre-restore snapshot holds it.
+        assert_eq!(k.held.get("pre"), Some(&1));
 
+        let mut k = keep(&data, &snapshots, &["pre"]);
         let again = restore_tree(
-            &snap.join("storage"),
+            &source,
             &entries,
             &upload,
             method,
             &options.exclude,
             true,
+            &mut k,
         )
         .unwrap();
-        assert_eq!((again.replaced, again.removed), (0, 2), "{again:?}");
+        assert_eq!(
+            (again.replaced, again.removed, again.moved_aside),
+            (0, 2, 1),
+            "{again:?}"
+        );
         assert!(!upload.join("upload/u2").exists());
+        assert_eq!(k.aside.moved, ["upload/u2/later.jpg"]);
+        assert_eq!(
+            fs::read_to_string(data.join("kept/r1/upload/u2/later.jpg")).unwrap(),
+            "uploaded during the restore"
+        );
+        assert_eq!(
+            fs::read_to_string(snapshots.join("pre/storage/upload/u2/new.jpg")).unwrap(),
+            "added later"
+        );
         // Left-out folders are not the snapshot's to judge.
         assert!(upload.join("thumbs/u1/new.webp").exists());
+    }
+
+    /// No pre-restore snapshot (`--no-preserve`): a changed file is moved aside before the
+    /// snapshot's copy takes its place, and what was added stays.
+    fn without_preserve(method: StorageMethod) {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshots, data) = (dir.path().join("snapshots"), dir.path().join("data"));
+        let upload = dir.path().join("library");
+        write(&upload, "upload/u1/b.jpg", "photo b");
+        let entries = snapshot(&upload, &snapshots, "old", method, &Options::default());
+        fs::remove_file(upload.join("upload/u1/b.jpg")).unwrap();
+        write(&upload, "upload/u1/b.jpg", "edited b, same size");
+        write(&upload, "upload/u1/c.jpg", "added");
+        let mut k = keep(&data, &snapshots, &[]);
+        let done = restore_tree(
+            &snapshots.join("old/storage"),
+            &entries,
+            &upload,
+            method,
+            &[],
+            false,
+            &mut k,
+        )
+        .unwrap();
+        assert_eq!((done.replaced, done.moved_aside, done.left), (1, 1, 1));
+        assert_eq!(
+            fs::read_to_string(upload.join("upload/u1/b.jpg")).unwrap(),
+            "photo b"
+        );
+        assert_eq!(
+            fs::read_to_string(data.join("kept/r1/upload/u1/b.jpg")).unwrap(),
+            "edited b, same size"
+        );
+        assert!(upload.join("upload/u1/c.jpg").exists());
+    }
+
+    #[test]
+    fn a_changed_file_no_snapshot_holds_is_moved_aside() {
+        without_preserve(StorageMethod::Hardlink);
+        without_preserve(StorageMethod::Copy);
     }
 
     #[test]
