@@ -114,8 +114,14 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration, Duration) {
             ] {
                 empty(&upload);
                 let start = Instant::now();
+                // Into an empty location: nothing live is in the way, no pre-restore needed.
+                let mut keep = immich_guard::restore::kept::Keep::new(
+                    immich_guard::restore::kept::Holders::new(&snap, Vec::new()),
+                    immich_guard::restore::kept::Aside::new(&snap.join("kept"), "bench"),
+                );
                 let done =
-                    storage::restore_tree(&source, &entries, &upload, method, &[], true).unwrap();
+                    storage::restore_tree(&source, &entries, &upload, method, &[], true, &mut keep)
+                        .unwrap();
                 out.push(start.elapsed());
                 assert_eq!(done.replaced, files);
             }

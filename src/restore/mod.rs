@@ -711,7 +711,9 @@ async fn run_steps(
     }
 
     // 2. Keep the current state.
-    if !j.changed_data() && !(j.is_done(Step::Preserve) && unchanged_since_kept(ctx, j).await) {
+    let keep_now =
+        !j.changed_data() && (!j.is_done(Step::Preserve) || !unchanged_since_kept(ctx, j).await);
+    if keep_now {
         // A preserve cut off by a kill left a partial snapshot: never usable, removed.
         if let Ok(store) = crate::snapshot::store::Store::open(&ctx.config.snapshot_dir()) {
             let _ = store.clean_partials();
@@ -1079,7 +1081,7 @@ async fn run_steps(
     j.verify_passed = Some(report.passed());
     j.completed_at = Some(chrono::Utc::now());
     journal::mark(data_dir, j, Step::Verify)?;
-    journal::append_history(data_dir, &j)?;
+    journal::append_history(data_dir, j)?;
     Ok(Outcome {
         snapshot: plan.meta.id.clone(),
         pre_restore: j.pre_restore.clone(),
