@@ -136,7 +136,13 @@ enum Command {
     /// the daemon when it runs (its protection stands back for the restore's own steps), else
     /// here.
     Restore {
-        snapshot: String,
+        #[arg(required_unless_present = "abandon")]
+        snapshot: Option<String>,
+        /// End an unfinished restore without finishing it: says what state the stack is in,
+        /// then records it in the restore history and turns protection back on. Touches no
+        /// data.
+        #[arg(long, conflicts_with_all = ["snapshot", "dry_run", "no_preserve"])]
+        abandon: bool,
         /// Print every step; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -250,11 +256,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => diagnose_cmd(input, logs, services, json),
         Command::Restore {
+            abandon: true, yes, ..
+        } => runtime.block_on(abandon_cmd(&config, yes)),
+        Command::Restore {
             snapshot,
             dry_run,
             yes,
             no_preserve,
-        } => runtime.block_on(restore_cmd(&config, &snapshot, dry_run, yes, no_preserve)),
+            ..
+        } => runtime.block_on(restore_cmd(
+            &config,
+            &snapshot.unwrap_or_default(),
+            dry_run,
+            yes,
+            no_preserve,
+        )),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -846,6 +862,66 @@ async fn restore_cmd(
         &outcome.summary(&stack.project),
         &outcome.journal,
     ))
+}
+
+/// `restore --abandon`: shows what the unfinished restore did and what the stack is left
+/// with, confirms, then ends it: through the daemon when it answers (protection back on at
+/// once), else here under the daemon's data-dir lock.
+async fn abandon_cmd(config: &Config, yes: bool) -> anyhow::Result<ExitCode> {
+    use immich_guard::restore::abandon;
+    let data_dir = &config.daemon.data_dir;
+    let journal = abandon::unfinished(data_dir)?;
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let containers = match docker::connect(&host).await {
+        Ok(docker) => discover::discover(&docker, &host, config)
+            .await
+            .ok()
+            .map(|stack| {
+                stack
+                    .services()
+                    .map(|s| {
+                        (
+                            s.container_name.clone(),
+                            format!("{:?}", s.state).to_lowercase(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        Err(_) => None,
+    };
+    for line in abandon::describe(&journal, containers.as_deref()) {
+        println!("{line}");
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("no terminal to confirm on; run again with --yes to abandon the restore");
+        }
+        eprint!("abandon the restore of {}? [y/N] ", journal.snapshot);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("not abandoned; nothing changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    match client::request(&config.control.socket, &Request::AbandonRestore {}).await {
+        Ok(response) => {
+            let message = expect(response, |r| match r {
+                Response::Abandoned { message } => Some(message),
+                _ => None,
+            })?;
+            println!("{message}");
+        }
+        Err(_) => {
+            let _lock = immich_guard::lock::acquire(config)?;
+            let j = abandon::abandon(data_dir)?;
+            println!(
+                "the unfinished restore of {} is abandoned (kept in the restore history); the daemon protects again when it starts",
+                j.snapshot
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A restore step or note, on the bar or as a plain line.

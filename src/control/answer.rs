@@ -63,6 +63,30 @@ pub(super) async fn answer(
             snapshot,
             no_preserve,
         } => super::restore::answer(control, snapshot, no_preserve, write).await,
+        Request::AbandonRestore {} => {
+            let running = control.state.borrow().restoring.clone();
+            let response = match running {
+                Some(r) => Response::error(format!(
+                    "a restore is running ({r}); it cannot be abandoned while it runs: wait for it to end (`immich-guard status`)"
+                )),
+                None => match crate::restore::abandon::abandon(&control.config.daemon.data_dir) {
+                    Ok(j) => {
+                        control
+                            .guard
+                            .end_restore(crate::protect::RestoreEnd::Abandoned);
+                        tracing::warn!(snapshot = %j.snapshot, "unfinished restore abandoned");
+                        Response::Abandoned {
+                            message: format!(
+                                "the unfinished restore of {} is abandoned (kept in the restore history); protection is on",
+                                j.snapshot
+                            ),
+                        }
+                    }
+                    Err(e) => Response::error(e.to_string()),
+                },
+            };
+            send(write, &response).await
+        }
         Request::Snapshot { label } => {
             // A snapshot of a half-restored stack is never wanted.
             let restoring = control.state.borrow().restoring.clone();

@@ -53,6 +53,9 @@ pub enum Request {
         #[serde(default)]
         no_preserve: bool,
     },
+    /// End an unfinished restore without finishing it (`restore --abandon`): its journal goes
+    /// to the history and protection is back on. Refused while a restore runs.
+    AbandonRestore {},
 }
 
 impl Request {
@@ -64,6 +67,7 @@ impl Request {
                 | Request::Release { .. }
                 | Request::Ack {}
                 | Request::Restore { .. }
+                | Request::AbandonRestore {}
         )
     }
 }
@@ -77,6 +81,7 @@ pub const VERBS: &[&str] = &[
     "incidents",
     "ack",
     "restore",
+    "abandon_restore",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +104,10 @@ pub enum Response {
         incidents: Vec<crate::incident::Incident>,
     },
     Acknowledged {
+        message: String,
+    },
+    /// An unfinished restore was ended; `message` says what it had done.
+    Abandoned {
         message: String,
     },
     /// A restore finished: the verify against the snapshot, and what was done.

@@ -1298,9 +1298,10 @@ mod tests {
             e.contains("not protecting: restore of s1 incomplete"),
             "{e}"
         );
-        // A refused retry leaves it unfinished; the same restore again may run.
+        // A refused retry leaves it unfinished (its journal is still there); the same
+        // restore again may run.
         guard.begin_restore("s1").await.unwrap();
-        guard.end_restore(RestoreEnd::NothingChanged);
+        guard.end_restore(RestoreEnd::Unfinished("restore of s1 incomplete".into()));
         let s = until_state(&mut state, "unfinished again", |s| {
             s.restoring.is_none() && s.restore_incomplete.is_some()
         })

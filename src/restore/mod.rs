@@ -9,6 +9,7 @@
 //! The engine talks to its caller only through [`Progress`], so the CLI (daemon stopped) and
 //! the daemon (streaming over the control socket, control/restore.rs) run the same code.
 
+pub mod abandon;
 pub mod database;
 pub mod journal;
 pub mod kept;
@@ -79,6 +80,8 @@ pub enum RestoreError {
     },
     #[error("{0}")]
     RerunOption(String),
+    #[error("no unfinished restore to abandon ({path} holds none)")]
+    NothingToAbandon { path: PathBuf },
     #[error("cannot restore: {what} unknown ({hint})")]
     Missing {
         what: &'static str,

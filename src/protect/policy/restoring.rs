@@ -46,8 +46,10 @@ pub enum RestoreEnd {
     },
     /// Stopped part-way; the journal's line says how to finish it.
     Unfinished(String),
-    /// Refused before anything was touched.
+    /// Refused, or given back, before any data changed: no journal is left.
     NothingChanged,
+    /// An unfinished restore ended by `restore --abandon`: protection is back on.
+    Abandoned,
 }
 
 impl Policy {
@@ -115,11 +117,18 @@ impl Policy {
         let before = self.restore.take();
         match end {
             RestoreEnd::NothingChanged => {
-                // Back to what it was: an unfinished restore stays unfinished.
+                // No journal is left (a refusal with one left is `Unfinished`): protection
+                // is on again, whatever was unfinished before was given back.
                 out.push(Effect::ShowRestoring(None));
+                out.push(Effect::ShowIncomplete(None));
                 if let Some(Mode::Unfinished(line)) = before {
-                    self.set_unfinished(line, out);
+                    tracing::info!("the unfinished restore ended with nothing changed: {line}");
                 }
+            }
+            RestoreEnd::Abandoned => {
+                tracing::warn!("the unfinished restore was abandoned; protecting again");
+                out.push(Effect::ShowRestoring(None));
+                out.push(Effect::ShowIncomplete(None));
             }
             RestoreEnd::Unfinished(line) => {
                 tracing::warn!("restore stopped part-way; not protecting: {line}");

@@ -1051,6 +1051,38 @@ fn a_restore_is_not_frozen_held_or_snapshotted_and_its_version_becomes_the_basel
 }
 
 #[test]
+fn an_unfinished_restore_given_back_or_abandoned_protects_again_and_a_refusal_with_its_journal_does_not()
+ {
+    let shows_incomplete = |out: &[Effect], want: bool| {
+        out.iter()
+            .any(|e| matches!(e, Effect::ShowIncomplete(line) if line.is_some() == want))
+    };
+    for end in [RestoreEnd::NothingChanged, RestoreEnd::Abandoned] {
+        let mut t = T::on_v119();
+        let out = t.step(Event::Restore(RestoreEvent::Unfinished(
+            "restore of s1 incomplete".into(),
+        )));
+        assert!(shows_incomplete(&out, true));
+        // Not protecting: an upgrade's start goes unjudged.
+        assert!(t.env(Some(V119), Some(V120)).is_empty());
+        let reply = t.reply();
+        t.step(Event::Restore(RestoreEvent::Begin {
+            snapshot: "s1".into(),
+            reply,
+        }));
+        let refused = t.step(Event::Restore(RestoreEvent::End(RestoreEnd::Unfinished(
+            "restore of s1 incomplete".into(),
+        ))));
+        assert!(shows_incomplete(&refused, true), "{refused:?}");
+        let out = t.step(Event::Restore(RestoreEvent::End(end)));
+        assert!(shows_incomplete(&out, false), "{out:?}");
+        // Protecting again: the same edit is a change to snapshot.
+        let out = t.env(Some(V120), Some(V119));
+        assert!(!out.is_empty(), "{out:?}");
+    }
+}
+
+#[test]
 fn the_phase_cannot_hold_two_gates_and_the_view_round_trips() {
     let mut t = T::on_v119();
     t.start_unknown("c2", V120);
