@@ -236,6 +236,11 @@ struct Daemon {
 impl Daemon {
     /// Started, and answering `status`.
     fn start(config: &Path, dir: &Path) -> Daemon {
+        Daemon::start_with(config, dir, &[])
+    }
+
+    /// Started with `env` set (a test hook such as `IMMICH_GUARD_RESTORE_KILL_AFTER`).
+    fn start_with(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = dir.join("daemon.log");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -248,6 +253,7 @@ impl Daemon {
             .arg("run")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -316,8 +322,9 @@ fn said_every_step(out: &Output) {
     let said = text(out);
     assert!(out.status.success(), "{said}");
     for needle in [
-        "1. preserve: snapshot the current state",
-        "[1/7] preserve",
+        "2. preserve: snapshot the current state",
+        "[1/7] stop",
+        "[2/7] preserve",
         "[3/7] database",
         "[7/7] verify",
         "current state kept as snapshot",
@@ -426,13 +433,13 @@ fn dry_run_prints_every_step_and_a_tampered_snapshot_is_refused_before_anything_
     for needle in [
         format!("restore {} to snapshot {}", stack.project, before.meta.id),
         "checked: sealed; db.sql.zst and manifest.jsonl.zst match their recorded SHA-256".into(),
-        "1. preserve: snapshot the current state (trigger pre-restore): the database answers: dumped with pg_dumpall".into(),
         format!(
-            "2. stop: {}, {}, {}",
+            "1. stop: {}, {}, {}, so that nothing writes from here on",
             stack.container_name("immich-server"),
             stack.container_name("immich-machine-learning"),
             stack.container_name("redis")
         ),
+        "2. preserve: snapshot the current state (trigger pre-restore): the database answers: dumped with pg_dumpall".into(),
         "3. database: drop database immich in".into(),
         "4. storage:".into(),
         format!("5. pin: {V1}"),
@@ -542,7 +549,7 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
     );
     assert!(killed(&out), "{}", text(&out));
     let j = journal_of(dir.path());
-    assert_eq!(j.done, vec![Step::Preserve, Step::Stop]);
+    assert_eq!(j.done, vec![Step::Stop, Step::Preserve]);
     let pre = j.pre_restore.clone().expect("preserved before the kill");
     // Nothing from before is lost: v2's database and files are in the pre-restore snapshot.
     let pre_dir = dir.path().join("snapshots").join(&pre);
@@ -603,9 +610,9 @@ fn a_restore_killed_mid_replay_and_between_database_and_storage_is_finished_by_t
         said.contains("continuing the interrupted restore"),
         "{said}"
     );
-    assert!(said.contains("1. preserve (done)"), "{said}");
+    assert!(said.contains("2. preserve (done)"), "{said}");
     let j = journal_of(dir.path());
-    assert_eq!(j.done, vec![Step::Preserve, Step::Stop, Step::Database]);
+    assert_eq!(j.done, vec![Step::Stop, Step::Preserve, Step::Database]);
     assert_eq!(db_rows(&stack), before.rows);
     for path in deleted.keys() {
         assert!(!stack.upload.join(path).exists(), "{path} is not back yet");
@@ -1020,4 +1027,400 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
 fn crash_at_boot(stack: &Stack) {
     std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
     docker_ok(&["restart", &stack.container_name("immich-server")]);
+}
+
+// The way back never loses data (issue 18): uploads during a restore, a daemon killed
+// mid-restore with the stack writing again before the rerun, a refusal, `--abandon`.
+
+/// Asset row ids now (empty while the database cannot be read).
+fn asset_ids(db: &harness::compose::Psql) -> BTreeSet<String> {
+    db.try_query("SELECT id::text FROM assets")
+        .map(|out| out.lines().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Every original file seen (with its bytes) and every asset row id seen.
+type Seen = (BTreeMap<String, Vec<u8>>, BTreeSet<String>);
+
+/// Watches the live library and the asset table until stopped: every original file (with
+/// its bytes) and every asset row id seen at any moment.
+struct Watcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Seen>,
+}
+
+impl Watcher {
+    fn start(stack: &Stack) -> Watcher {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, upload, db) = (stop.clone(), stack.upload.clone(), stack.psql_handle());
+        let thread = std::thread::spawn(move || {
+            let (mut seen_files, mut seen_rows) = (BTreeMap::new(), BTreeSet::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for (path, bytes) in originals(&files(&upload)) {
+                    seen_files.entry(path).or_insert(bytes);
+                }
+                seen_rows.extend(asset_ids(&db));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (seen_files, seen_rows)
+        });
+        Watcher { stop, thread }
+    }
+
+    fn finish(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The asset ids in a snapshot's dump, replayed into a scratch PostgreSQL.
+fn dumped_asset_ids(snapshot: &Path) -> BTreeSet<String> {
+    let sql = zstd::decode_all(std::fs::File::open(snapshot.join("db.sql.zst")).unwrap()).unwrap();
+    let scratch = harness::compose::ScratchPostgres::start();
+    let out = scratch.restore(&sql);
+    assert!(out.status.success(), "{}", scratch.logs());
+    scratch
+        .psql("immich", "SELECT id::text FROM assets")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every file seen is somewhere the restore named, with its bytes: the live library, a
+/// pre-restore snapshot's storage, or the restore's `kept/` folder; every row seen is in a
+/// pre-restore snapshot's dump or in the live database.
+fn assert_nothing_lost(
+    stack: &Stack,
+    dir: &Path,
+    j: &Journal,
+    seen_files: &BTreeMap<String, Vec<u8>>,
+    seen_rows: &BTreeSet<String>,
+) {
+    let pre: Vec<_> = j
+        .all_pre_restores()
+        .iter()
+        .map(|id| dir.join("snapshots").join(id))
+        .collect();
+    assert!(!pre.is_empty(), "{j:?}");
+    let kept = dir.join("data/kept").join(j.id());
+    let places: Vec<std::path::PathBuf> = std::iter::once(stack.upload.clone())
+        .chain(pre.iter().map(|p| p.join("storage")))
+        .chain(std::iter::once(kept))
+        .collect();
+    for (path, bytes) in seen_files {
+        assert!(
+            places
+                .iter()
+                .any(|p| std::fs::read(p.join(path)).ok().as_ref() == Some(bytes)),
+            "{path} (seen in the library) is in none of {places:?}"
+        );
+    }
+    let mut rows = asset_ids(&stack.psql_handle());
+    for p in &pre {
+        rows.extend(dumped_asset_ids(p));
+    }
+    let lost: Vec<_> = seen_rows.difference(&rows).collect();
+    assert!(lost.is_empty(), "asset rows lost: {lost:?}");
+}
+
+#[test]
+fn a_restore_while_phones_upload_keeps_every_file_and_row_that_existed() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1]);
+    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "100"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let daemon = Daemon::start(&config, dir.path());
+    daemon.wait_baseline(V1);
+    let out = cli(&config, &["snapshot", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let meta: Meta = serde_json::from_slice(&out.stdout).unwrap();
+    let watcher = Watcher::start(&stack);
+    // Uploads go on after the snapshot, and during the restore until it stops the server.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = cli(&config, &["restore", &meta.id, "--yes"]);
+    let said = text(&out);
+    let (seen_files, seen_rows) = watcher.finish();
+    eprintln!("restore printed:\n{said}\ndaemon log:\n{}", daemon.log());
+    assert!(out.status.success(), "{said}");
+    assert!(
+        seen_rows.len() > meta.db.assets.unwrap_or(0) as usize + 10,
+        "uploads went on: {} rows seen, {:?} in the snapshot",
+        seen_rows.len(),
+        meta.db.assets
+    );
+    let j = journal_of(dir.path());
+    assert!(j.is_complete() && j.verify_passed == Some(true), "{j:?}");
+    // The stop comes first: the pre-restore snapshot is the last state written.
+    let stop = said.find("[1/7] stop").expect("the stop step");
+    let preserve = said.find("[2/7] preserve").expect("the preserve step");
+    assert!(stop < preserve, "{said}");
+    // What the storage step says is true: each removed file is held by the pre-restore
+    // snapshot it names, the rest is where it says.
+    let pre = j.pre_restore.clone().expect("a pre-restore snapshot");
+    assert!(
+        said.contains("removed or overwritten, each held by a pre-restore snapshot")
+            && said.contains(&format!(" in {pre})")),
+        "{said}"
+    );
+    assert_nothing_lost(&stack, dir.path(), &j, &seen_files, &seen_rows);
+}
+
+#[test]
+fn a_daemon_killed_mid_restore_and_the_stack_writing_again_before_the_rerun_lose_nothing() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1]);
+    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "200"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let meta = snapshot_of(&stack, dir.path());
+    let watcher = Watcher::start(&stack);
+    {
+        let daemon = Daemon::start_with(
+            &config,
+            dir.path(),
+            &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "preserve")],
+        );
+        daemon.wait_baseline(V1);
+        std::thread::sleep(Duration::from_secs(1));
+        let out = cli(&config, &["restore", &meta.id, "--yes"]);
+        assert!(!out.status.success(), "{}", text(&out));
+    }
+    let j = journal_of(dir.path());
+    assert_eq!(j.done, vec![Step::Stop, Step::Preserve], "{j:?}");
+    let first = j.pre_restore.clone().expect("kept before the kill");
+    // Docker starts the server again (as at boot, restart: always) and phones upload.
+    docker_ok(&["start", &stack.container_name("immich-server")]);
+    stack
+        .wait_server_ready(LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let db = stack.psql_handle();
+    let ids_then = asset_ids(&db);
+    let deadline = std::time::Instant::now() + LONG;
+    while asset_ids(&db).len() < ids_then.len() + 5 {
+        assert!(std::time::Instant::now() < deadline, "no uploads");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The same command through a daemon again: the stack ran, so its state is kept again.
+    let daemon = Daemon::start(&config, dir.path());
+    let out = cli(&config, &["restore", &meta.id, "--yes"]);
+    let said = text(&out);
+    let (seen_files, seen_rows) = watcher.finish();
+    eprintln!("rerun printed:\n{said}\ndaemon log:\n{}", daemon.log());
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the stack ran since the state was kept: keeping it again"),
+        "{said}"
+    );
+    let j = journal_of(dir.path());
+    assert!(j.is_complete(), "{j:?}");
+    let all = j.all_pre_restores();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0], first);
+    assert_nothing_lost(&stack, dir.path(), &j, &seen_files, &seen_rows);
+    // Retention never took the pre-restore snapshots of an unfinished restore.
+    for id in &all {
+        assert!(dir.path().join("snapshots").join(id).is_dir(), "{id}");
+    }
+}
+
+/// `chattr +i` on a path, undone on drop (also when the test fails).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        docker_free_chattr("+i", path);
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        docker_free_chattr("-i", &self.0);
+    }
+}
+
+fn docker_free_chattr(flag: &str, path: &Path) {
+    let out = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chattr {flag} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_refused_restore_starts_the_stack_again_leaves_no_journal_and_the_next_upgrade_is_protected() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let daemon = Daemon::start(&config, dir.path());
+    daemon.wait_baseline(V1);
+    let out = cli(&config, &["snapshot", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let meta: Meta = serde_json::from_slice(&out.stdout).unwrap();
+    let server = stack.container_name("immich-server");
+
+    // The pre-restore snapshot cannot be written: the restore is refused at its preserve.
+    let out = {
+        let _frozen = Immutable::set(&dir.path().join("snapshots"));
+        cli(&config, &["restore", &meta.id, "--yes"])
+    };
+    let said = text(&out);
+    eprintln!(
+        "refused restore printed:\n{said}\ndaemon log:\n{}",
+        daemon.log()
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("keeping the current state failed, so nothing was changed"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("nothing was changed: started {server}")),
+        "{said}"
+    );
+    assert!(!journal::path(&dir.path().join("data")).exists());
+    let history =
+        std::fs::read_to_string(dir.path().join("data").join(journal::HISTORY_FILE)).unwrap();
+    let ended: Journal = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    assert!(ended.refused.is_some(), "{ended:?}");
+    stack
+        .wait_server_ready(LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = daemon.wait("protecting again", |s| {
+        s.state.restoring.is_none()
+            && s.state.restore_incomplete.is_none()
+            && s.state.protection.state == ProtectState::Idle
+    });
+    assert!(
+        !s.status_line.starts_with("NOT PROTECTING"),
+        "{}",
+        s.status_line
+    );
+
+    // The next upgrade is snapshotted before v2 migrates.
+    stack.set_env("IMMICH_VERSION", V2);
+    stack.compose(&["up", "-d"]);
+    stack
+        .wait_server_version(V2, LONG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = daemon.wait("v2 as the baseline", |s| {
+        s.state
+            .protection
+            .baseline
+            .as_ref()
+            .map(|b| b.version.as_str())
+            == Some(V2)
+            && s.state.protection.state == ProtectState::Idle
+    });
+    let covering = s
+        .state
+        .last_snapshot
+        .expect("a snapshot before the upgrade");
+    assert_ne!(covering.id, meta.id, "a new snapshot covers the upgrade");
+    let covered: Meta = serde_json::from_slice(
+        &std::fs::read(
+            dir.path()
+                .join("snapshots")
+                .join(&covering.id)
+                .join("meta.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(covered.version, V1);
+    assert!(
+        !covered.db.migrations.iter().any(|m| m == V2_MIGRATION),
+        "taken before v2 migrated: {:?}",
+        covered.db.migrations
+    );
+}
+
+#[test]
+fn an_unfinished_restore_is_abandoned_after_saying_its_state_and_a_rerun_option_is_never_ignored() {
+    if !docker_available() {
+        return;
+    }
+    ensure_images(&[V1, V2]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    let before = snapshot_v1(&stack, dir.path());
+    upgrade_and_delete(&stack, &before);
+    let id = before.meta.id.as_str();
+    let out = cli_env(
+        &config,
+        &["restore", id, "--yes", "--no-preserve"],
+        &[("IMMICH_GUARD_RESTORE_KILL_AFTER", "database")],
+    );
+    assert!(killed(&out), "{}", text(&out));
+    let j = journal_of(dir.path());
+    assert!(j.no_preserve && j.is_done(Step::Database), "{j:?}");
+
+    // Without --no-preserve the rerun cannot keep what is already gone: refused, and says so.
+    let out = cli(&config, &["restore", id, "--yes"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("began with --no-preserve and has already changed the data"),
+        "{said}"
+    );
+    assert_eq!(journal_of(dir.path()), j, "the refusal changed nothing");
+
+    // Abandoned: its state first, then the journal ends in the history.
+    let out = cli(&config, &["restore", "--abandon", "--yes"]);
+    let said = text(&out);
+    eprintln!("abandon printed:\n{said}");
+    assert!(out.status.success(), "{said}");
+    for needle in [
+        format!("unfinished restore of {id}"),
+        format!("database: replayed from {id}"),
+        "files: not put back yet".to_string(),
+        "the state before the restore: NOT kept (--no-preserve)".to_string(),
+        format!("{} exited", stack.container_name("immich-server")),
+        "next: database and files may not match".to_string(),
+        format!("the unfinished restore of {id} is abandoned"),
+    ] {
+        assert!(said.contains(&needle), "{needle:?} in:\n{said}");
+    }
+    assert!(!journal::path(&dir.path().join("data")).exists());
+    let history =
+        std::fs::read_to_string(dir.path().join("data").join(journal::HISTORY_FILE)).unwrap();
+    let ended: Journal = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    assert!(
+        ended.abandoned_at.is_some() && ended.snapshot == id,
+        "{ended:?}"
+    );
+    let out = cli(&config, &["status"]);
+    assert!(!text(&out).contains("RESTORE INCOMPLETE"), "{}", text(&out));
+    let out = cli(&config, &["restore", "--abandon", "--yes"]);
+    assert!(
+        text(&out).contains("no unfinished restore"),
+        "{}",
+        text(&out)
+    );
+
+    // A daemon started now protects.
+    let daemon = Daemon::start(&config, dir.path());
+    let s = daemon.wait("a status", |_| true);
+    assert!(
+        s.state.restore_incomplete.is_none() && !s.status_line.starts_with("NOT PROTECTING"),
+        "{}",
+        s.status_line
+    );
 }

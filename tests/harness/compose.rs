@@ -795,6 +795,16 @@ impl Stack {
         )
     }
 
+    /// What [`Stack::try_psql`] needs, to query from another thread.
+    pub fn psql_handle(&self) -> Psql {
+        Psql {
+            container: self.container_name("database"),
+            user: self.db_user.clone(),
+            password: self.db_password.clone(),
+            db: self.db_name.clone(),
+        }
+    }
+
     /// [`Stack::try_psql`], panicking on failure.
     pub fn psql(&self, sql: &str) -> String {
         self.try_psql(sql)
@@ -1014,6 +1024,21 @@ pub fn container_logs(container: &str) -> String {
 /// The password (for a database that asks for one on its socket too) goes to the exec as
 /// `PGPASSWORD` through the docker CLI's own environment (`-e NAME` without a value), never
 /// on a command line.
+/// The stack's database, to query from a thread of its own.
+#[derive(Clone, Debug)]
+pub struct Psql {
+    container: String,
+    user: String,
+    password: String,
+    db: String,
+}
+
+impl Psql {
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        psql(&self.container, &self.user, &self.password, &self.db, sql)
+    }
+}
+
 fn psql(
     container: &str,
     user: &str,

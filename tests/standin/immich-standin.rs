@@ -14,7 +14,8 @@
 //! `DB_USERNAME`, `DB_PASSWORD`, `DB_DATABASE_NAME`, `DB_SKIP_MIGRATIONS`,
 //! `IMMICH_MEDIA_LOCATION` (/data), `IMMICH_PORT` (2283), `STANDIN_BOOT_DELAY_MS` (2000),
 //! `STANDIN_DB_TIMEOUT_MS` (30000), `STANDIN_SEED_ASSETS` (3), `STANDIN_ASSETS_PER_BOOT` (1),
-//! `STANDIN_CRASH` (`boot` | `migration`), `STANDIN_CRASH_MESSAGE`, `STANDIN_CRASH_FILE` (a
+//! `STANDIN_UPLOAD_EVERY_MS` (0: off; else one more asset every so often while it runs, as
+//! phones still uploading), `STANDIN_CRASH` (`boot` | `migration`), `STANDIN_CRASH_MESSAGE`, `STANDIN_CRASH_FILE` (a
 //! path; when that file exists its content is the crash mode, so a test can make a running
 //! container crash-loop without recreating it), `STANDIN_CRASH_TIMES` (crash only the first N
 //! boots of this container: a restart loop that recovers by itself).
@@ -317,6 +318,11 @@ async fn server() {
     );
     // Keep the connection for the process's life, as the real server keeps its pool: a DROP
     // DATABASE during a restore fails while the server runs, as it does with Immich.
+    let db = Arc::new(db);
+    let every = env_num("STANDIN_UPLOAD_EVERY_MS", 0);
+    if every > 0 {
+        tokio::spawn(keep_uploading(db.clone(), media.clone(), every));
+    }
     let _db = db;
     let (major, minor, patch) = v;
     serve(port, move |req| match request_path(req) {
@@ -813,7 +819,46 @@ async fn add_data(db: &Client, media: &Path) {
     }
 }
 
+/// Phones still uploading: one asset (file, thumbnail, row) every `every_ms`, for as long as
+/// the server runs. A failed upload is logged and the next one tried, as the app retries.
+async fn keep_uploading(db: Arc<Client>, media: PathBuf, every_ms: u64) {
+    const CONTEXT: &str = "Api:AssetMediaService";
+    let users = table_name(&db, "user", "users").await;
+    let assets = table_name(&db, "asset", "assets").await;
+    let owner: String = match db
+        .query_one(
+            &format!("SELECT id::text FROM {users} ORDER BY created_at LIMIT 1"),
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) => {
+            log("ERROR", CONTEXT, &format!("no user to upload as: {e}"));
+            return;
+        }
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        if let Err(e) = try_add_asset(&db, &assets, &owner, &media).await {
+            log("ERROR", CONTEXT, &format!("upload failed: {e}"));
+        }
+    }
+}
+
 async fn add_asset(db: &Client, table: &str, owner: &str, media: &Path) {
+    try_add_asset(db, table, owner, media)
+        .await
+        .unwrap_or_else(|e| fail("Microservices:AssetService", &format!("error: {e}")));
+}
+
+/// The file first, then its row, as Immich's upload does.
+async fn try_add_asset(
+    db: &Client,
+    table: &str,
+    owner: &str,
+    media: &Path,
+) -> Result<(), tokio_postgres::Error> {
     let id = new_uuid();
     let (a, b) = (&id[0..2], &id[2..4]);
     let rel = format!("upload/{owner}/{a}/{b}/{id}.jpg");
@@ -830,7 +875,7 @@ async fn add_asset(db: &Client, table: &str, owner: &str, media: &Path) {
         &[&id, &owner, &original_path, &checksum],
     )
     .await
-    .unwrap_or_else(|e| fail("Microservices:AssetService", &format!("error: {e}")));
+    .map(|_| ())
 }
 
 /// A few KB that start like a JPEG and differ per asset.
