@@ -4,6 +4,7 @@
 //! state to report, not a reason to exit.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +21,11 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
+use crate::notification::{EventKind, Notifier};
 use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
 use crate::snapshot::queue::{self, Activity, DockerHandle, SnapshotQueue};
-use crate::snapshot::store::{Store, StoreError};
+use crate::snapshot::store::{Leftover, Store, StoreError};
+use crate::snapshot::{SnapshotFailure, Taken};
 use crate::status::{DaemonState, EventSeen, SnapshotSeen};
 use crate::systemd::ServiceManager;
 
@@ -30,6 +33,9 @@ use crate::systemd::ServiceManager;
 const DISCOVERY_DEBOUNCE: Duration = Duration::from_millis(250);
 /// READY=1 waits at most this long for the first discovery attempt.
 const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+/// Partial snapshots that could not be removed are tried again this often (and whenever a
+/// snapshot begins): an admin who clears the cause sees them go without a restart.
+const PARTIAL_RETRY: Duration = Duration::from_secs(300);
 
 const CONTAINER_ACTIONS: &[&str] = &[
     "create", "start", "restart", "die", "stop", "kill", "destroy", "rename", "pause", "unpause",
@@ -70,22 +76,40 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     crate::private::secure_start(&config)?;
 
     // A snapshot interrupted by a crash or a kill is never usable: remove it before anything
-    // can list it. Sealed snapshots are not touched.
+    // can list it. Sealed snapshots are not touched. What cannot be removed is named and
+    // retried later; it never keeps the daemon from protecting.
     let snapshot_dir = config.snapshot_dir();
     let store = Store::open(&snapshot_dir)?;
-    for name in store.clean_partials()? {
-        tracing::warn!(dir = %snapshot_dir.display(), partial = %name, "removed an interrupted snapshot");
+    match store.clean_partials() {
+        Ok(cleanup) => {
+            for name in &cleanup.removed {
+                tracing::warn!(dir = %snapshot_dir.display(), partial = %name, "removed an interrupted snapshot");
+            }
+            for left in &cleanup.left {
+                tracing::error!(path = %left.path.display(), error = %left.error, "cannot remove a partial snapshot; protecting anyway, retried later");
+            }
+            state.send_modify(|s| s.partials_left = cleanup.left);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot look for partial snapshots; protecting anyway")
+        }
     }
 
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
-    let queue = start_snapshot_queue(config.clone(), docker_rx.clone(), state.clone());
+    let notifier = Notifier::new(&config.notify);
+    let queue = start_snapshot_queue(
+        config.clone(),
+        docker_rx.clone(),
+        state.clone(),
+        notifier.clone(),
+    );
     let guard = Guard::start(
         config.clone(),
         show_in_status(state.clone()),
         docker_rx.clone(),
         queue.clone(),
-        crate::notification::Notifier::new(&config.notify),
+        notifier,
     );
     // A restore left unfinished: its stops and starts must not be judged as crashes or
     // upgrades, and its half-restored state must not become a snapshot. The daemon runs and
@@ -226,7 +250,12 @@ pub fn show_in_status(state: State) -> crate::protect::Show {
     })
 }
 
-pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) -> SnapshotQueue {
+pub fn start_snapshot_queue(
+    config: Config,
+    docker: DockerHandle,
+    state: State,
+    notifier: Notifier,
+) -> SnapshotQueue {
     let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
         (Some(stack), _) => Ok(stack.clone()),
         (None, why) => Err(why.clone().unwrap_or_else(|| queue::NOT_DISCOVERED.into())),
@@ -249,28 +278,136 @@ pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) 
             }
         }
     });
-    let observer = Box::new(move |activity: Activity<'_>| {
-        state.send_modify(|s| match activity {
-            Activity::Began(request) => {
-                s.activity = format!("snapshotting ({})", request.trigger);
+    let retry = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(retry_partials(
+        config.snapshot_dir(),
+        state.clone(),
+        retry.clone(),
+    ));
+    let observer = Box::new(move |activity: Activity<'_>| match activity {
+        Activity::Began(request) => {
+            state.send_modify(|s| s.activity = format!("snapshotting ({})", request.trigger));
+            retry.notify_one();
+        }
+        Activity::Ended(result) => {
+            let mut notice = None;
+            state.send_modify(|s| notice = ended(s, result));
+            if let Some(notice) = notice {
+                notifier.send(notice);
             }
-            Activity::Ended(result) => {
-                s.activity = "watching".to_string();
-                match result {
-                    Ok(meta) => {
-                        s.last_snapshot = Some(SnapshotSeen {
-                            id: meta.id.clone(),
-                            version: meta.version.clone(),
-                            sealed_at: meta.sealed_at,
-                        });
-                        s.last_snapshot_error = None;
-                    }
-                    Err(failure) => s.last_snapshot_error = Some(failure.message.clone()),
-                }
-            }
-        })
+        }
     });
     SnapshotQueue::start(config, docker, stacks, observer)
+}
+
+/// A snapshot of the queue ended: the status it leaves, and a notice when the retention
+/// after its seal failed (newly, or otherwise than before: not one per seal).
+fn ended(
+    s: &mut DaemonState,
+    result: &Result<Taken, SnapshotFailure>,
+) -> Option<crate::notification::Event> {
+    s.activity = "watching".to_string();
+    let taken = match result {
+        Ok(taken) => taken,
+        Err(failure) => {
+            s.last_snapshot_error = Some(failure.message.clone());
+            return None;
+        }
+    };
+    let meta = &taken.meta;
+    s.last_snapshot = Some(SnapshotSeen {
+        id: meta.id.clone(),
+        version: meta.version.clone(),
+        sealed_at: meta.sealed_at,
+    });
+    s.last_snapshot_error = None;
+    let outcome = taken.retention.as_ref()?;
+    for n in &outcome.not_deleted {
+        if let Some(path) = &n.leftover
+            && !s.partials_left.iter().any(|l| &l.path == path)
+        {
+            s.partials_left.push(Leftover {
+                path: path.clone(),
+                error: n.error.clone(),
+            });
+        }
+    }
+    let warning = outcome.warning();
+    let before = std::mem::replace(&mut s.retention_warning, warning.clone());
+    let warning = warning.filter(|w| before.as_ref() != Some(w))?;
+    Some(crate::notification::Event {
+        kind: EventKind::RetentionFailed,
+        project: meta.project.clone(),
+        title: format!("Snapshot {} sealed; retention failed", meta.id),
+        message: format!(
+            "{warning}. Snapshot {} is sealed and counts; older snapshots stay until the cause is fixed (see `immich-guard status`).",
+            meta.id
+        ),
+        snapshot: Some(meta.id.clone()),
+        from_version: None,
+        to_version: None,
+        at: Utc::now(),
+    })
+}
+
+/// Tries the partial snapshots that could not be removed again, every [`PARTIAL_RETRY`] and
+/// whenever a snapshot begins. Only those named in the status: a partial of a snapshot
+/// running now is never among them.
+async fn retry_partials(root: PathBuf, state: State, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PARTIAL_RETRY) => {}
+            _ = wake.notified() => {}
+        }
+        if state.is_closed() {
+            return;
+        }
+        let left = state.borrow().partials_left.clone();
+        if left.is_empty() {
+            continue;
+        }
+        let dir = root.clone();
+        let tried = tokio::task::spawn_blocking(move || retry_leftovers(&dir, left))
+            .await
+            .unwrap_or_default();
+        state.send_modify(|s| {
+            s.partials_left
+                .retain_mut(|l| match tried.iter().find(|(p, _)| p == &l.path) {
+                    Some((_, Ok(()))) => false,
+                    Some((_, Err(error))) => {
+                        l.error = error.clone();
+                        true
+                    }
+                    None => true,
+                })
+        });
+    }
+}
+
+/// Each leftover's path and whether it is gone now (or why not).
+fn retry_leftovers(root: &Path, left: Vec<Leftover>) -> Vec<(PathBuf, Result<(), String>)> {
+    let store = match Store::open(root) {
+        Ok(store) => store,
+        Err(e) => {
+            let error = e.to_string();
+            return left
+                .into_iter()
+                .map(|l| (l.path, Err(error.clone())))
+                .collect();
+        }
+    };
+    left.into_iter()
+        .map(|l| {
+            let name = l.path.file_name().unwrap_or_default().to_string_lossy();
+            let result = store.remove_partial(&name);
+            match &result {
+                Ok(()) => tracing::info!(path = %l.path.display(), "removed a partial snapshot left earlier"),
+                Err(e) => tracing::warn!(path = %l.path.display(), error = %e, "a partial snapshot still cannot be removed"),
+            }
+            let result = result.map_err(|e| Leftover::of(&e, l.path.clone()).error);
+            (l.path, result)
+        })
+        .collect()
 }
 
 /// Nothing runs: the daemon waits for Docker events (also when halted after an incident).
@@ -538,5 +675,110 @@ async fn refresh(
             });
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::retention::{NotDeleted, RetentionOutcome};
+
+    fn sealed(id: &str, retention: Option<RetentionOutcome>) -> Result<Taken, SnapshotFailure> {
+        let at = "2026-11-25T02:00:00Z".parse().unwrap();
+        Ok(Taken {
+            meta: crate::snapshot::store::tests::meta(id, at),
+            retention,
+        })
+    }
+
+    fn failed_on(id: &str) -> RetentionOutcome {
+        RetentionOutcome {
+            not_deleted: vec![NotDeleted {
+                id: id.into(),
+                error: "Operation not permitted".into(),
+                leftover: Some(format!("/snap/.partial-deleting-{id}").into()),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Issue 18: a retention that fails after the seal leaves the snapshot sealed in
+    /// `status`, says why, notifies once (not at every seal), keeps the unsealed leftover for
+    /// the retry, and the next retention that does its work clears the warning.
+    #[test]
+    fn a_failed_retention_is_a_warning_on_a_sealed_snapshot() {
+        let mut s = DaemonState::new("unix:///x".into());
+        s.last_snapshot_error = Some("an earlier failure".into());
+        let notice = ended(&mut s, &sealed("new", Some(failed_on("old")))).expect("a notification");
+        assert_eq!(s.last_snapshot.as_ref().unwrap().id, "new");
+        assert_eq!(s.last_snapshot_error, None);
+        let warning = s.retention_warning.clone().unwrap();
+        assert!(
+            warning.contains("old (Operation not permitted)"),
+            "{warning}"
+        );
+        assert_eq!(notice.kind, EventKind::RetentionFailed);
+        assert_eq!(notice.snapshot.as_deref(), Some("new"));
+        assert!(notice.message.contains(&warning), "{}", notice.message);
+        assert_eq!(
+            s.partials_left,
+            [Leftover {
+                path: "/snap/.partial-deleting-old".into(),
+                error: "Operation not permitted".into(),
+            }]
+        );
+        // The same failure at the next seal: still shown, not notified again, not listed twice.
+        assert!(ended(&mut s, &sealed("newer", Some(failed_on("old")))).is_none());
+        assert_eq!(s.retention_warning.as_ref(), Some(&warning));
+        assert_eq!(s.partials_left.len(), 1);
+        // A reused snapshot ran no retention: the warning stands.
+        assert!(ended(&mut s, &sealed("newer", None)).is_none());
+        assert!(s.retention_warning.is_some());
+        // A retention that did its work clears it.
+        let done = RetentionOutcome {
+            removed: vec!["x".into()],
+            ..Default::default()
+        };
+        assert!(ended(&mut s, &sealed("newest", Some(done))).is_none());
+        assert_eq!(s.retention_warning, None);
+        // A snapshot that failed is a failure, and says nothing of retention.
+        let failure = Err(SnapshotFailure::lasting("no space"));
+        assert!(ended(&mut s, &failure).is_none());
+        assert_eq!(s.last_snapshot_error.as_deref(), Some("no space"));
+        assert_eq!(s.last_snapshot.as_ref().unwrap().id, "newest");
+    }
+
+    /// The retry removes the leftovers that can go now and keeps (with the new error) the
+    /// ones that cannot; it refuses anything that is not a partial of the store.
+    #[test]
+    fn the_retry_removes_what_it_can_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join(".partial-gone");
+        std::fs::create_dir(&gone).unwrap();
+        std::fs::write(gone.join("f"), "x").unwrap();
+        let sealed = dir.path().join("sealed");
+        std::fs::create_dir(&sealed).unwrap();
+        let left = |path: &Path| Leftover {
+            path: path.to_path_buf(),
+            error: "before".into(),
+        };
+        let tried = retry_leftovers(
+            dir.path(),
+            vec![
+                left(&gone),
+                left(&dir.path().join(".partial-never")),
+                left(&sealed),
+            ],
+        );
+        assert_eq!(tried[0], (gone.clone(), Ok(())));
+        assert!(!gone.exists());
+        assert_eq!(tried[1].1, Ok(()), "already gone counts as removed");
+        assert!(
+            tried[2]
+                .1
+                .as_ref()
+                .is_err_and(|e| e.contains("not a partial"))
+        );
+        assert!(sealed.is_dir());
     }
 }

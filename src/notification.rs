@@ -19,6 +19,10 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 pub enum EventKind {
     SnapshotSealed,
     SnapshotFailed,
+    /// A snapshot sealed, and the retention after it could not delete what it meant to (or
+    /// deleted nothing): the snapshot counts; the disk may fill (docs/operations.md
+    /// "Retention").
+    RetentionFailed,
     Frozen,
     Held,
     Released,
@@ -407,6 +411,7 @@ mod tests {
         }
         for kind in [
             EventKind::SnapshotSealed,
+            EventKind::RetentionFailed,
             EventKind::Frozen,
             EventKind::Released,
             EventKind::Recovered,
@@ -419,6 +424,11 @@ mod tests {
             serde_json::to_string(&EventKind::CrashLoop).unwrap(),
             "\"crash-loop\""
         );
+        assert_eq!(
+            serde_json::to_string(&EventKind::RetentionFailed).unwrap(),
+            "\"retention-failed\""
+        );
+        assert_eq!(EventKind::RetentionFailed.tags(), "warning");
     }
 
     #[tokio::test]

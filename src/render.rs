@@ -327,6 +327,17 @@ pub fn status(r: &StatusReport) -> String {
     if let Some(e) = &s.last_snapshot_error {
         let _ = writeln!(out, "LAST SNAPSHOT FAILED: {e}");
     }
+    if let Some(w) = &s.retention_warning {
+        let _ = writeln!(out, "RETENTION WARNING: {w}");
+    }
+    for left in &s.partials_left {
+        let _ = writeln!(
+            out,
+            "PARTIAL SNAPSHOT NOT REMOVED: {}: {} (retried every few minutes and when a snapshot begins)",
+            left.path.display(),
+            left.error
+        );
+    }
     // Without a stack the status line has said so; no state of another project is shown.
     if let Some(stack_) = &s.stack {
         match s.current_protection() {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::discover::Stack;
 use crate::protect::Protection;
 use crate::protect::state::{Headline, ProjectState};
+use crate::snapshot::store::Leftover;
 
 /// The daemon's state as the workers publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,15 @@ pub struct DaemonState {
     pub last_snapshot: Option<SnapshotSeen>,
     /// Why the last snapshot attempt failed, until one succeeds.
     pub last_snapshot_error: Option<String>,
+    /// Why the retention after the last seal did not do all it meant to (a snapshot it could
+    /// not delete, an unreadable restore journal); cleared by the next retention that does.
+    /// The snapshot itself is sealed either way.
+    #[serde(default)]
+    pub retention_warning: Option<String>,
+    /// Partial snapshots that could not be removed, each with why: the daemon protects
+    /// anyway and retries them (daemon.rs `PARTIAL_RETRY`, and when a snapshot begins).
+    #[serde(default)]
+    pub partials_left: Vec<Leftover>,
     #[serde(default)]
     pub protection: Protection,
     /// A restore that has not finished (its journal in the data dir): the daemon does not
@@ -81,6 +91,8 @@ impl DaemonState {
             last_event: None,
             last_snapshot: None,
             last_snapshot_error: None,
+            retention_warning: None,
+            partials_left: Vec::new(),
             protection: Protection::default(),
             restore_incomplete: None,
             restoring: None,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use harness::compose::docker_ok;
 use harness::guard::Guard;
 use harness::images::{build_server_image, ensure_images, server_repo};
+use harness::immutable::Immutable;
 use harness::webhook::{bodies_once, webhook};
 use harness::{Images, Stack, StackSpec, docker_available};
 use immich_guard::protect::{HoldKind, ProtectState};
@@ -584,4 +585,149 @@ fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
         s.state.protection.hold.is_none()
     });
     assert!(s.state.protection.snapshot_run.is_none());
+}
+
+/// Issue 18: a partial snapshot the daemon cannot remove at start (an immutable file in it)
+/// does not keep it from starting and protecting: `status` names the path, a snapshot
+/// seals, an upgrade is snapshotted before its migrations; once the cause is gone, the
+/// retry when a snapshot begins removes it.
+#[test]
+fn an_undeletable_partial_at_start_is_named_and_protection_goes_on() {
+    if !docker_available() {
+        return;
+    }
+    let (_images, stack) = stack_v119();
+    let snapshots = tempfile::tempdir().unwrap();
+    let partial = snapshots.path().join(".partial-x");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("db.sql.zst"), "half a dump").unwrap();
+    let Some(flag) = Immutable::set(&partial.join("db.sql.zst"), snapshots.path()) else {
+        return;
+    };
+    let guard = guard_for(&stack, snapshots.path(), "");
+    let assets_before = stack.asset_count();
+    let s = guard.status();
+    assert!(
+        s.state
+            .partials_left
+            .iter()
+            .any(|l| l.path == partial && l.error.contains("Operation not permitted")),
+        "{:?}",
+        s.state.partials_left
+    );
+    let text = String::from_utf8_lossy(&guard.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "PARTIAL SNAPSHOT NOT REMOVED: {}",
+            partial.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        guard.log().contains("cannot remove a partial snapshot"),
+        "{}",
+        guard.log()
+    );
+
+    // Protection works: the upgrade is snapshotted before the new version migrates.
+    stack.set_env("IMMICH_VERSION", "v1.120.0");
+    let meta = wait_snapshot(&guard, "pre-update");
+    assert_pre_migration(&meta, assets_before);
+    stack.compose(&["up", "-d"]);
+    assert_upgraded(&stack, assets_before);
+    // A manual snapshot seals too; the partial, tried again as it begins, is still there.
+    let out = guard.cli(&["snapshot"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(partial.exists());
+    assert_eq!(guard.status().state.partials_left.len(), 1);
+
+    // The admin clears the cause: the next snapshot's retry removes it.
+    flag.clear();
+    let out = guard.cli(&["snapshot"]);
+    assert!(out.status.success(), "{out:?}");
+    guard.wait_status("the partial removed", LONG, |s| {
+        s.state.partials_left.is_empty()
+    });
+    assert!(!partial.exists());
+    assert!(
+        guard
+            .log()
+            .contains("removed a partial snapshot left earlier"),
+        "{}",
+        guard.log()
+    );
+    assert_eq!(list(&guard).len(), 3, "pre-update and two manual snapshots");
+}
+
+/// Issue 18: the snapshot of a frozen new server seals, then retention fails (an old
+/// snapshot that cannot be deleted): the server is released as after any seal, never HELD,
+/// and the admin hears of the retention, not of a failed snapshot.
+#[test]
+fn a_retention_that_fails_after_the_seal_never_holds_the_server() {
+    if !docker_available() {
+        return;
+    }
+    let (images, stack) = stack_v119();
+    let (hook, received) = webhook();
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let stuck = harness::guard::snapshot_of(&stack, dir.path());
+    let other = harness::guard::snapshot_of(&stack, dir.path());
+    let Some(_flag) = Immutable::set(&snapshots.join(&stuck.id).join("db.sql.zst"), &snapshots)
+    else {
+        return;
+    };
+    let guard = guard_for(
+        &stack,
+        &snapshots,
+        &format!("keep_last = 1\n\n[notify]\nwebhook_url = {hook:?}\n"),
+    );
+    // Written since: the older snapshots do not cover the change, a new one is taken.
+    stack.psql("CREATE TABLE written_since (x int)");
+    let assets_before = stack.asset_count();
+
+    stack.recreate_server(images.server("v1.120.0"));
+    let meta = wait_snapshot(&guard, "pre-start");
+    assert_pre_migration(&meta, assets_before);
+    assert_upgraded(&stack, assets_before);
+    let s = guard.wait_status("idle on the new baseline", LONG, |s| {
+        let p = &s.state.protection;
+        p.state == ProtectState::Idle
+            && p.baseline.as_ref().is_some_and(|b| b.version == "v1.120.0")
+    });
+    let p = &s.state.protection;
+    assert!(p.hold.is_none(), "{p:?}");
+    assert!(
+        !p.releases.iter().any(|r| r.forced),
+        "released as sealed, not without a snapshot: {:?}",
+        p.releases
+    );
+    assert_eq!(s.state.last_snapshot_error, None);
+    let warning = s.state.retention_warning.clone().unwrap();
+    assert!(warning.contains(&stuck.id), "{warning}");
+    let ids: Vec<String> = list(&guard).into_iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        std::slice::from_ref(&meta.id),
+        "{} went, {} cannot",
+        other.id,
+        stuck.id
+    );
+
+    let bodies = bodies_once(&received, "retention-failed", Duration::from_secs(20));
+    let notice = bodies
+        .iter()
+        .find(|b| b["kind"] == "retention-failed")
+        .unwrap_or_else(|| panic!("no retention-failed notification: {bodies:?}"));
+    assert_eq!(notice["snapshot"], meta.id.as_str());
+    assert!(
+        notice["message"].as_str().unwrap().contains(&stuck.id),
+        "{notice}"
+    );
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b["kind"] != "snapshot-failed" && b["kind"] != "held"),
+        "{bodies:?}"
+    );
 }

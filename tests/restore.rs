@@ -334,6 +334,15 @@ fn said_every_step(out: &Output) {
     }
 }
 
+/// A v1 stack, a temp dir and a [`cli_config`] config in it.
+fn v1_with_config() -> (Stack, tempfile::TempDir, std::path::PathBuf) {
+    ensure_images(&[V1]);
+    let stack = Stack::up(StackSpec::new(V1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = cli_config(&stack, dir.path());
+    (stack, dir, config)
+}
+
 fn added_since(stack: &Stack, before: &Before) -> BTreeMap<String, Vec<u8>> {
     files(&stack.upload)
         .into_iter()
@@ -664,10 +673,7 @@ fn a_database_that_cannot_start_is_kept_as_files_and_replaced_by_a_working_one()
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1]);
-    let stack = Stack::up(StackSpec::new(V1));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = v1_with_config();
     let before = snapshot_v1(&stack, dir.path());
 
     // PostgreSQL refuses a data dir that says it is of another major version.
@@ -1427,4 +1433,39 @@ fn an_unfinished_restore_is_abandoned_after_saying_its_state_and_a_rerun_option_
         "{}",
         s.status_line
     );
+}
+
+/// Issue 18: `keep_last = 2`, two snapshots A and B of the running version, `restore A`:
+/// the pre-restore snapshot runs no retention, so A is still there when the restore reads
+/// it (it used to be deleted between the seal and `[3/7] database`), and B stays as well.
+#[test]
+fn restoring_with_keep_last_2_keeps_the_snapshot_it_restores() {
+    if !docker_available() {
+        return;
+    }
+    let (stack, dir, config) = v1_with_config();
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text_of.replacen("[snapshots]\n", "[snapshots]\nkeep_last = 2\n", 1),
+    )
+    .unwrap();
+    let a = snapshot_of(&stack, dir.path());
+    stack.psql("CREATE TABLE after_a (x int)");
+    let b = snapshot_of(&stack, dir.path());
+
+    let out = cli(&config, &["restore", &a.id, "--yes"]);
+    said_every_step(&out);
+    let j = journal_of(dir.path());
+    assert!(j.is_complete(), "{j:?}");
+    let kept = j.pre_restore.clone().expect("a pre-restore snapshot");
+    assert_eq!(
+        snapshot_ids(dir.path()),
+        BTreeSet::from([a.id.clone(), b.id.clone(), kept]),
+        "{}",
+        text(&out)
+    );
+    // A's state is back: the table made after it is gone.
+    let found = stack.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'after_a'");
+    assert_eq!(found.trim(), "0");
 }

@@ -192,7 +192,9 @@ async fn take_manual(
     found: &immich_guard::discover::Stack,
     config: &Config,
 ) -> Result<snapshot::store::Meta, snapshot::SnapshotError> {
-    snapshot::take(&docker(), HOST, found, config, &manual(), &|_| {}).await
+    snapshot::take(&docker(), HOST, found, config, &manual(), &|_| {})
+        .await
+        .map(|taken| taken.meta)
 }
 
 fn manual() -> snapshot::Request {

@@ -726,7 +726,12 @@ mod tests {
             let queue = if stalled {
                 SnapshotQueue::stalled()
             } else {
-                crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone())
+                crate::daemon::start_snapshot_queue(
+                    config.clone(),
+                    docker.clone(),
+                    tx.clone(),
+                    Notifier::new(&config.notify),
+                )
             };
             let notifier = Notifier::new(&config.notify);
             let guard = Guard::start(
@@ -1251,8 +1256,13 @@ mod tests {
         let (tx, mut state) = watch::channel(DaemonState::new("unix:///nowhere".into()));
         let tx = Arc::new(tx);
         let (_, docker) = watch::channel(None);
-        let queue = crate::daemon::start_snapshot_queue(config.clone(), docker.clone(), tx.clone());
         let notifier = crate::notification::Notifier::new(&config.notify);
+        let queue = crate::daemon::start_snapshot_queue(
+            config.clone(),
+            docker.clone(),
+            tx.clone(),
+            notifier.clone(),
+        );
         let guard = Guard::start(
             config,
             crate::daemon::show_in_status(tx),

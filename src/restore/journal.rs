@@ -351,4 +351,31 @@ mod tests {
         let said = incomplete(dir.path()).unwrap();
         assert!(said.contains("restore.json"), "{said}");
     }
+
+    /// Retention reads this file as plain JSON (it may not depend on this module): what it
+    /// takes a real journal to claim must be what the journal names, while unfinished.
+    #[test]
+    fn retention_reads_the_snapshots_a_journal_claims() {
+        use crate::snapshot::retention::{RESTORE_JOURNAL, restore_claims};
+        assert_eq!(FILE, RESTORE_JOURNAL);
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new("20261125T022301Z-v1.119.0-manual", "immich", false);
+        save(dir.path(), &mut j).unwrap();
+        assert_eq!(
+            restore_claims(dir.path()).unwrap(),
+            ["20261125T022301Z-v1.119.0-manual"]
+        );
+        j.pre_restore = Some("20261126T080000Z-v1.120.0-pre-restore".into());
+        mark(dir.path(), &mut j, Step::Preserve).unwrap();
+        assert_eq!(
+            restore_claims(dir.path()).unwrap(),
+            [
+                "20261125T022301Z-v1.119.0-manual",
+                "20261126T080000Z-v1.120.0-pre-restore"
+            ]
+        );
+        j.completed_at = Some(Utc::now());
+        save(dir.path(), &mut j).unwrap();
+        assert!(restore_claims(dir.path()).unwrap().is_empty());
+    }
 }

@@ -20,7 +20,7 @@ use crate::snapshot::{self, storage};
 
 /// Where a database that could not be dumped is kept inside the pre-restore snapshot.
 pub const DB_FILES_DIR: &str = "database-files";
-pub const TRIGGER: &str = "pre-restore";
+pub const TRIGGER: &str = snapshot::PRE_RESTORE;
 
 /// The preserved state: the snapshot's id (and meta), and whether its database was dumped.
 pub struct Preserved {
@@ -56,7 +56,7 @@ pub async fn take_dumped(
         progress(Progress::Note(p.text().to_string()));
     }
     Ok(Preserved {
-        meta: result.map_err(RestoreError::Preserve)?,
+        meta: result.map_err(RestoreError::Preserve)?.meta,
         dumped: true,
     })
 }
@@ -92,6 +92,7 @@ pub async fn take_files(
         started_at, &version, TRIGGER,
     ));
     let partial = store.begin(&id).map_err(store_err)?;
+    let id = partial.id().to_string();
     progress(Progress::Note(format!(
         "snapshot {id}: the database cannot be dumped ({reason}); keeping its data dir {} as files",
         data_dir.display()

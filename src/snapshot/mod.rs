@@ -88,6 +88,20 @@ impl From<SnapshotError> for SnapshotFailure {
     }
 }
 
+/// The trigger of the snapshot a restore takes of the state it replaces. It runs no
+/// retention: the snapshots the restore needs must all still be there when it reads them,
+/// and the next ordinary seal runs retention anyway.
+pub const PRE_RESTORE: &str = "pre-restore";
+
+/// A sealed snapshot (or the one already sealed that covers the request) and what retention
+/// did after the seal. The seal is what counts: a retention that fails is a warning.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub meta: Meta,
+    /// None when retention did not run (a pre-restore snapshot, an existing snapshot reused).
+    pub retention: Option<retention::RetentionOutcome>,
+}
+
 /// What to record about why a snapshot is taken, and (asked of the queue) of which stack.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -147,7 +161,8 @@ pub const STEPS: u64 = Stage::ALL.len() as u64;
 pub type Report<'a> = &'a (dyn Fn(Progress) + Send + Sync);
 
 /// Takes one snapshot of `stack` and seals it. Database facts are read first, then the dump,
-/// then the storage tree, then the compose config; the seal comes last.
+/// then the storage tree, then the compose config; the seal comes last, then retention
+/// (best effort: once sealed, nothing that follows makes this an error).
 pub async fn take(
     docker: &Docker,
     docker_host: &str,
@@ -155,7 +170,7 @@ pub async fn take(
     config: &Config,
     request: &Request,
     progress: Report<'_>,
-) -> Result<Meta, SnapshotError> {
+) -> Result<Taken, SnapshotError> {
     let missing = |what, hint| SnapshotError::Missing {
         project: stack.project.clone(),
         what,
@@ -207,11 +222,15 @@ pub async fn take(
                 "nothing written since {} (same version, migrations, transaction counter and upload folders): it covers this change",
                 same.id
             )));
-            return Ok(same.clone());
+            return Ok(Taken {
+                meta: same.clone(),
+                retention: None,
+            });
         }
     }
     check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
+    let id = partial.id().to_string();
     progress(Stage::Dump.begins(format!(
         "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
         facts.migrations.len(),
@@ -299,18 +318,41 @@ pub async fn take(
     };
     partial.seal(&meta)?;
     progress(Stage::Seal.begins(format!("sealed {}", meta.id)));
-    let removed = retention::apply(
-        &store,
-        config.snapshots.keep_last,
-        config.snapshots.keep_versions,
-    )?;
-    if !removed.is_empty() {
+    if request.trigger == PRE_RESTORE {
+        return Ok(Taken {
+            meta,
+            retention: None,
+        });
+    }
+    let outcome = run_retention(store, config).await;
+    if !outcome.removed.is_empty() {
         progress(Progress::Note(format!(
             "retention removed {}",
-            removed.join(", ")
+            outcome.removed.join(", ")
         )));
     }
-    Ok(meta)
+    if let Some(warning) = outcome.warning() {
+        tracing::warn!(snapshot = %meta.id, "{warning}");
+        progress(Progress::Note(format!(
+            "warning: {warning}; snapshot {} is sealed",
+            meta.id
+        )));
+    }
+    Ok(Taken {
+        meta,
+        retention: Some(outcome),
+    })
+}
+
+/// Retention on a blocking thread: deleting a snapshot of many files takes a while.
+async fn run_retention(store: Store, config: &Config) -> retention::RetentionOutcome {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || retention::apply(&store, &config))
+        .await
+        .unwrap_or_else(|e| retention::RetentionOutcome {
+            skipped: Some(format!("the retention thread failed: {e}")),
+            ..Default::default()
+        })
 }
 
 /// The storage half of a snapshot into `snap_dir` (`storage/` and the manifest), on a

@@ -8,7 +8,7 @@ use bollard::Docker;
 use tokio::sync::{mpsc, watch};
 
 use super::store::Meta;
-use super::{Request, SnapshotFailure, take};
+use super::{Request, SnapshotFailure, Taken, take};
 use crate::config::Config;
 use crate::discover::Stack;
 use crate::progress::Progress;
@@ -41,7 +41,8 @@ pub type StackHandle = watch::Receiver<Result<Stack, String>>;
 #[derive(Debug)]
 pub enum Activity<'a> {
     Began(&'a Request),
-    Ended(&'a Result<Meta, SnapshotFailure>),
+    /// Sealed (with what retention did after the seal), or why not.
+    Ended(&'a Result<Taken, SnapshotFailure>),
 }
 
 /// Told of every [`Activity`] before any waiter hears the result, so a status read after a
@@ -144,7 +145,7 @@ async fn worker(mut jobs: mpsc::Receiver<Job>, ctx: Context) {
         }
         (ctx.observer)(Activity::Ended(&result));
         let event = match result {
-            Ok(meta) => Event::Sealed(Box::new(meta)),
+            Ok(taken) => Event::Sealed(Box::new(taken.meta)),
             Err(failure) => {
                 tracing::error!(error = %failure, transient = failure.transient, "snapshot failed");
                 Event::Failed(failure)
@@ -163,7 +164,7 @@ async fn run_one(
     ctx: &Context,
     request: &Request,
     progress: mpsc::UnboundedSender<Progress>,
-) -> Result<Meta, SnapshotFailure> {
+) -> Result<Taken, SnapshotFailure> {
     let report = move |p: Progress| {
         let _ = progress.send(p);
     };
@@ -200,7 +201,7 @@ async fn run_one(
             }),
         };
         let failure = match attempt {
-            Ok(meta) => return Ok(meta),
+            Ok(taken) => return Ok(taken),
             Err(failure) => failure,
         };
         if !failure.transient || tokio::time::Instant::now() >= deadline {
@@ -241,7 +242,7 @@ mod tests {
         let observer: Observer = Box::new(move |a| {
             log.lock().unwrap().push(match a {
                 Activity::Began(r) => format!("began {}", r.trigger),
-                Activity::Ended(Ok(m)) => format!("sealed {}", m.id),
+                Activity::Ended(Ok(t)) => format!("sealed {}", t.meta.id),
                 Activity::Ended(Err(f)) => format!("failed {}", f.transient),
             })
         });

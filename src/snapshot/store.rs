@@ -131,19 +131,58 @@ impl Store {
         &self.root
     }
 
-    /// Removes what an interrupted snapshot left behind; returns the removed names.
-    pub fn clean_partials(&self) -> Result<Vec<String>, StoreError> {
-        let mut removed = Vec::new();
+    /// Removes what an interrupted snapshot left behind, going on past an entry it cannot
+    /// remove (an immutable file, a busy mount): the daemon must start and protect anyway,
+    /// and names what is left (README.md "Snapshots"). `Err` only when the dir cannot be
+    /// listed. Never call it while a snapshot of this store may be running: its partial
+    /// looks the same.
+    pub fn clean_partials(&self) -> Result<Cleanup, StoreError> {
+        let mut cleanup = Cleanup::default();
         for entry in std::fs::read_dir(&self.root).map_err(io(&self.root, "listing it"))? {
             let entry = entry.map_err(io(&self.root, "listing it"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL_PREFIX) {
-                super::storage::remove_snapshot_dir(&entry.path())
-                    .map_err(io(&entry.path(), "removing a partial snapshot"))?;
-                removed.push(name);
+            if !name.starts_with(PARTIAL_PREFIX) {
+                continue;
+            }
+            match self.remove_partial(&name) {
+                Ok(()) => cleanup.removed.push(name),
+                Err(e) => cleanup.left.push(Leftover::of(&e, entry.path())),
             }
         }
-        Ok(removed)
+        Ok(cleanup)
+    }
+
+    /// Removes one leftover partial by name (`.partial-...` directly under the root); one
+    /// already gone counts as removed. Anything else is refused: this never deletes a
+    /// sealed snapshot.
+    pub fn remove_partial(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.root.join(name);
+        if !self.is_partial(&path) {
+            return Err(StoreError::Io {
+                path,
+                action: "removing a partial snapshot",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a partial snapshot of this store",
+                ),
+            });
+        }
+        match super::storage::remove_snapshot_dir(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                path,
+                action: "removing a partial snapshot",
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `path` is a partial (unsealed) snapshot directly under this store's root.
+    pub fn is_partial(&self, path: &Path) -> bool {
+        path.parent() == Some(self.root.as_path())
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(PARTIAL_PREFIX))
     }
 
     /// `base`, or `base-2`, `base-3`... when snapshots were taken within the same second.
@@ -151,24 +190,30 @@ impl Store {
         unused_name(&self.root, base)
     }
 
-    /// Starts a snapshot: an empty `.partial-<id>` dir, removed again unless sealed.
+    /// Starts a snapshot: an empty `.partial-<id>` dir, removed again unless sealed. An old
+    /// partial of that name that cannot be removed is left (the partial cleanup retries it)
+    /// and the snapshot takes the next free name instead: see [`Partial::id`].
     pub fn begin(&self, id: &str) -> Result<Partial, StoreError> {
-        let final_dir = self.root.join(id);
-        if final_dir.exists() {
+        let mut id = id.to_string();
+        if self.root.join(&id).exists() {
             return Err(StoreError::Exists {
-                id: id.to_string(),
+                id,
                 dir: self.root.clone(),
             });
         }
-        let dir = self.root.join(format!("{PARTIAL_PREFIX}{id}"));
-        if dir.exists() {
-            super::storage::remove_snapshot_dir(&dir)
-                .map_err(io(&dir, "removing an old partial"))?;
+        let old = self.root.join(format!("{PARTIAL_PREFIX}{id}"));
+        if old.exists()
+            && let Err(e) = super::storage::remove_snapshot_dir(&old)
+        {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove an old partial snapshot; using another name");
+            id = self.unused_id(&id);
         }
+        let dir = self.root.join(format!("{PARTIAL_PREFIX}{id}"));
         crate::owner_only::create_dir(&dir).map_err(io(&dir, "creating it"))?;
         Ok(Partial {
+            final_dir: self.root.join(&id),
+            id,
             dir,
-            final_dir,
             sealed: false,
         })
     }
@@ -207,19 +252,53 @@ impl Store {
     }
 }
 
+/// What [`Store::clean_partials`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Cleanup {
+    /// Names removed.
+    pub removed: Vec<String>,
+    /// What could not be removed, and why.
+    pub left: Vec<Leftover>,
+}
+
+/// A partial snapshot that could not be removed: shown in `status`, retried later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leftover {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+impl Leftover {
+    /// `error` removing `path`, as the system said it (`Operation not permitted`).
+    pub fn of(error: &StoreError, path: PathBuf) -> Leftover {
+        let error = match error {
+            StoreError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        Leftover { path, error }
+    }
+}
+
 pub struct Partial {
+    id: String,
     dir: PathBuf,
     final_dir: PathBuf,
     sealed: bool,
 }
 
 impl Partial {
+    /// The snapshot's id: the one asked for, or the next free one (see [`Store::begin`]).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
     /// Writes meta.json (temp file, fsync, rename), fsyncs, and renames the dir into place.
     pub fn seal(mut self, meta: &Meta) -> Result<PathBuf, StoreError> {
+        debug_assert_eq!(meta.id, self.id, "a snapshot is sealed under its own id");
         let json = serde_json::to_vec_pretty(meta).expect("meta serializes");
         let meta_path = self.dir.join(META_FILE);
         replace_synced(&meta_path, &json).map_err(io(&meta_path, "writing meta"))?;
@@ -247,6 +326,40 @@ impl Drop for Partial {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// An immutable file (`chattr +i`, root on ext4 and most others): nothing can remove
+    /// it or the dir holding it. The flag goes again on drop, also when a test panics, so the
+    /// temp dir can be removed.
+    pub struct Immutable(PathBuf);
+
+    impl Immutable {
+        /// None (and a note) where the flag cannot be set: not root, or a filesystem without it.
+        pub fn set(path: &Path) -> Option<Immutable> {
+            let ok = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(path)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("skipped: cannot chattr +i {}", path.display());
+            }
+            ok.then(|| Immutable(path.to_path_buf()))
+        }
+
+        /// The file is at `path` now (its dir was renamed): the flag is taken off there.
+        pub fn moved_to(&mut self, path: PathBuf) {
+            self.0 = path;
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
 
     pub fn meta(id: &str, started: DateTime<Utc>) -> Meta {
         Meta {
@@ -328,12 +441,59 @@ pub(crate) mod tests {
         );
         assert_eq!(
             store.clean_partials().unwrap(),
-            vec![".partial-c".to_string()]
+            Cleanup {
+                removed: vec![".partial-c".to_string()],
+                left: vec![],
+            }
         );
         assert!(!leftover.exists());
         assert!(root.path().join("a/meta.json").exists());
         assert!(matches!(store.begin("a"), Err(StoreError::Exists { .. })));
         assert_eq!(store.unused_id("a"), "a-2");
         assert_eq!(store.unused_id("d"), "d");
+    }
+
+    /// Issue 18: an entry that cannot be removed is named and skipped; the others go, and a
+    /// snapshot that wants its name takes the next one.
+    #[test]
+    fn a_partial_that_cannot_be_removed_is_named_and_the_rest_go_on() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        for name in ["a", "stuck", "z"] {
+            let p = store.begin(name).unwrap();
+            std::fs::write(p.path().join("f"), "1").unwrap();
+            std::mem::forget(p);
+        }
+        let stuck = root.path().join(".partial-stuck");
+        let Some(flag) = Immutable::set(&stuck.join("f")) else {
+            return;
+        };
+        let cleanup = store.clean_partials().unwrap();
+        assert_eq!(cleanup.removed, [".partial-a", ".partial-z"]);
+        assert_eq!(cleanup.left.len(), 1);
+        assert_eq!(cleanup.left[0].path, stuck);
+        assert!(
+            cleanup.left[0].error.contains("Operation not permitted"),
+            "{:?}",
+            cleanup.left
+        );
+        // begin("stuck") cannot clear the old partial: it takes another name and seals.
+        let p = store.begin("stuck").unwrap();
+        assert_eq!(p.id(), "stuck-2");
+        let t0 = "2026-11-25T02:00:00Z".parse().unwrap();
+        p.seal(&meta("stuck-2", t0)).unwrap();
+        assert!(root.path().join("stuck-2/meta.json").is_file());
+        // Only partials are removed by name; once the flag is gone, the leftover goes.
+        assert!(store.remove_partial("stuck-2").is_err());
+        assert!(store.remove_partial("../x").is_err());
+        assert!(store.remove_partial(".partial-stuck").is_err());
+        drop(flag);
+        store.remove_partial(".partial-stuck").unwrap();
+        assert!(!stuck.exists());
+        store.remove_partial(".partial-stuck").unwrap();
+        assert!(
+            root.path().join("stuck-2").is_dir(),
+            "sealed is never touched"
+        );
     }
 }

@@ -268,5 +268,6 @@ pub fn snapshot_of(stack: &super::Stack, dir: &Path) -> immich_guard::snapshot::
         snapshot::take(&docker, host, &found, &config, &request, &|_| {})
             .await
             .unwrap()
+            .meta
     })
 }

@@ -6,6 +6,7 @@
 //! - [`guard`], [`docker_proxy`]: the daemon under test and a Docker socket proxy.
 //! - [`deps`]: the host's test dependencies, checked once, and the skip summary at exit.
 //! - [`host`]: other Immich stacks on the engine, and the cleanup of all the harness made.
+//! - [`immutable`]: files nothing can remove (`chattr +i`), cleared on drop.
 #![allow(dead_code, unused_imports)]
 
 pub mod compose;
@@ -14,6 +15,7 @@ pub mod docker_proxy;
 pub mod guard;
 pub mod host;
 pub mod images;
+pub mod immutable;
 pub mod loopfs;
 pub mod webhook;
 
