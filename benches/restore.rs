@@ -114,8 +114,16 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration, Duration) {
             ] {
                 empty(&upload);
                 let start = Instant::now();
-                let done =
-                    storage::restore_tree(&source, &entries, &upload, method, &[], true).unwrap();
+                let done = storage::restore_tree(
+                    &source,
+                    &entries,
+                    &upload,
+                    method,
+                    &[],
+                    true,
+                    &Default::default(),
+                )
+                .unwrap();
                 out.push(start.elapsed());
                 assert_eq!(done.replaced, files);
             }

@@ -21,6 +21,7 @@ use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
 use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
+use crate::snapshot::hash_queue::HashQueue;
 use crate::snapshot::queue::{self, Activity, DockerHandle, SnapshotQueue};
 use crate::snapshot::store::{Store, StoreError};
 use crate::status::{DaemonState, EventSeen, SnapshotSeen};
@@ -79,7 +80,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
-    let queue = start_snapshot_queue(config.clone(), docker_rx.clone(), state.clone());
+    let hashing = start_hash_queue(&config, &state);
+    let queue = snapshot_queue_hashing(
+        config.clone(),
+        docker_rx.clone(),
+        state.clone(),
+        Some(hashing),
+    );
     let guard = Guard::start(
         config.clone(),
         show_in_status(state.clone()),
@@ -226,7 +233,39 @@ pub fn show_in_status(state: State) -> crate::protect::Show {
     })
 }
 
+/// The content-hash passes: paused while the daemon snapshots, holds a frozen server, or
+/// restores (snapshot/hash_queue.rs).
+pub fn start_hash_queue(config: &Config, state: &State) -> HashQueue {
+    let seen = state.subscribe();
+    let busy = Box::new(move || {
+        let s = seen.borrow();
+        s.activity != "watching"
+            || s.restoring.is_some()
+            || s.restore_incomplete.is_some()
+            || matches!(
+                s.protection.state,
+                ProtectState::Snapshotting | ProtectState::Frozen | ProtectState::Held
+            )
+    });
+    HashQueue::start(
+        config.snapshot_dir(),
+        config.snapshots.hash_rate_mb * 1_000_000,
+        busy,
+    )
+}
+
 pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) -> SnapshotQueue {
+    snapshot_queue_hashing(config, docker, state, None)
+}
+
+/// The snapshot queue; with `hashing`, every snapshot it seals is queued for its content
+/// hashes.
+fn snapshot_queue_hashing(
+    config: Config,
+    docker: DockerHandle,
+    state: State,
+    hashing: Option<HashQueue>,
+) -> SnapshotQueue {
     let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
         (Some(stack), _) => Ok(stack.clone()),
         (None, why) => Err(why.clone().unwrap_or_else(|| queue::NOT_DISCOVERED.into())),
@@ -258,6 +297,9 @@ pub fn start_snapshot_queue(config: Config, docker: DockerHandle, state: State) 
                 s.activity = "watching".to_string();
                 match result {
                     Ok(meta) => {
+                        if let Some(hashing) = &hashing {
+                            hashing.push(&meta.id);
+                        }
                         s.last_snapshot = Some(SnapshotSeen {
                             id: meta.id.clone(),
                             version: meta.version.clone(),

@@ -346,8 +346,8 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
         return "no sealed snapshots yet (take one with `immich-guard snapshot`)\n".to_string();
     }
     let mut out = format!(
-        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}\n",
-        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "AGE", "SEALED"
+        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}\n",
+        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "HASHED", "AGE", "SEALED"
     );
     let now = chrono::Utc::now();
     for m in all {
@@ -357,7 +357,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}",
+            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}",
             m.id,
             m.version,
             m.trigger,
@@ -365,11 +365,22 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             bytes(m.dump.bytes),
             m.storage.files,
             method,
+            hashed(m),
             duration((now - m.sealed_at).num_seconds().max(0) as u64),
             m.sealed_at.format("%Y-%m-%d %H:%M:%S")
         );
     }
     out
+}
+
+/// The content-hash pass of a snapshot (snapshot/hashes.rs): `ok`, `FAILED` (its check
+/// names the problem: `list --json`), or `pending`.
+fn hashed(m: &crate::snapshot::store::Meta) -> &'static str {
+    match (&m.hashes, &m.check) {
+        (Some(_), Some(c)) if c.passed => "ok",
+        (Some(_), _) => "FAILED",
+        (None, _) => "pending",
+    }
 }
 
 fn bytes(n: u64) -> String {

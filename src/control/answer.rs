@@ -62,7 +62,11 @@ pub(super) async fn answer(
         Request::Restore {
             snapshot,
             no_preserve,
-        } => super::restore::answer(control, snapshot, no_preserve, write).await,
+            force,
+        } => {
+            let options = crate::restore::Options { no_preserve, force };
+            super::restore::answer(control, snapshot, options, write).await
+        }
         Request::Snapshot { label } => {
             // A snapshot of a half-restored stack is never wanted.
             let restoring = control.state.borrow().restoring.clone();

@@ -52,6 +52,9 @@ pub enum Request {
         snapshot: String,
         #[serde(default)]
         no_preserve: bool,
+        /// Skip (and list) stored files found damaged instead of refusing.
+        #[serde(default)]
+        force: bool,
     },
 }
 
@@ -281,7 +284,8 @@ mod tests {
             r,
             Request::Restore {
                 snapshot: "s1".into(),
-                no_preserve: false
+                no_preserve: false,
+                force: false
             }
         );
         assert!(r.is_mutating());

@@ -29,6 +29,10 @@ pub enum TreeError {
     Missing { path: PathBuf },
     #[error("btrfs {action} failed: {detail}")]
     Btrfs { action: String, detail: String },
+    #[error(
+        "the snapshot's copy of {0} (the manifest's content hashes): not put in place; run the restore again with --force to leave it as it is"
+    )]
+    Damaged(super::content::Damaged),
 }
 
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> TreeError {
@@ -52,6 +56,8 @@ pub struct TreeRestored {
     pub left: u64,
     /// A replaced btrfs subvolume, kept under this name.
     pub kept: Option<PathBuf>,
+    /// Damaged in the snapshot and left as they were (`--force`, restore/content.rs).
+    pub skipped: Vec<String>,
 }
 
 /// How the files go back.
@@ -62,8 +68,22 @@ enum Place {
     Copy,
 }
 
+fn place_of(method: StorageMethod) -> Place {
+    match method {
+        StorageMethod::Hardlink => Place::Link,
+        StorageMethod::Reflink | StorageMethod::Btrfs => Place::Reflink,
+        StorageMethod::Zfs | StorageMethod::Copy => Place::Copy,
+    }
+}
+
+/// Whether the storage step would put the stored file (`snap`) back over `live`.
+pub fn would_replace(snap: &std::fs::Metadata, live: &Path, method: StorageMethod) -> bool {
+    !same_file(snap, live, place_of(method))
+}
+
 /// Puts `upload` back to the manifest `entries`, the files taken from `source`.
 /// `remove_extra`: entries not in the manifest may go (the pre-restore snapshot holds them).
+/// `content`: each file checked before it goes into place (restore/content.rs).
 pub fn restore_tree(
     source: &Path,
     entries: &[ManifestEntry],
@@ -71,12 +91,9 @@ pub fn restore_tree(
     method: StorageMethod,
     excluded: &[String],
     remove_extra: bool,
+    content: &super::content::Content,
 ) -> Result<TreeRestored, TreeError> {
-    let place = match method {
-        StorageMethod::Hardlink => Place::Link,
-        StorageMethod::Reflink | StorageMethod::Btrfs => Place::Reflink,
-        StorageMethod::Zfs | StorageMethod::Copy => Place::Copy,
-    };
+    let place = place_of(method);
     let mut done = TreeRestored::default();
     std::fs::create_dir_all(upload).map_err(io(upload, "creating it"))?;
     for e in entries {
@@ -110,7 +127,12 @@ pub fn restore_tree(
                     done.unchanged += 1;
                     continue;
                 }
-                put_file(&from, &snap, &live, place)?;
+                let check =
+                    |temp: &Path| content.placed_ok(&e.path, temp).map_err(TreeError::Damaged);
+                if content.skips(&e.path) || !put_file(&from, &snap, &live, place, &check)? {
+                    done.skipped.push(e.path.clone());
+                    continue;
+                }
                 done.replaced += 1;
             }
         }
@@ -169,12 +191,14 @@ fn clear(path: &Path) -> Result<(), TreeError> {
     }
 }
 
+/// False when `check` refused the temp file (it is removed; the live file stays as it is).
 fn put_file(
     from: &Path,
     snap: &std::fs::Metadata,
     live: &Path,
     place: Place,
-) -> Result<(), TreeError> {
+    check: &dyn Fn(&Path) -> Result<bool, TreeError>,
+) -> Result<bool, TreeError> {
     let name = live.file_name().unwrap_or_default().to_string_lossy();
     let temp = live.with_file_name(format!(".{name}{TEMP_SUFFIX}"));
     let _ = std::fs::remove_file(&temp);
@@ -191,10 +215,19 @@ fn put_file(
         file.set_modified(snap.modified().map_err(io(from, "reading its mtime"))?)
             .map_err(io(&temp, "setting its mtime"))?;
     }
+    match check(&temp) {
+        Ok(true) => {}
+        refused => {
+            let _ = std::fs::remove_file(&temp);
+            refused?;
+            return Ok(false);
+        }
+    }
     if std::fs::symlink_metadata(live).is_ok_and(|m| m.is_dir()) {
         clear(live)?;
     }
-    std::fs::rename(&temp, live).map_err(io(live, "renaming the restored file into place"))
+    std::fs::rename(&temp, live).map_err(io(live, "renaming the restored file into place"))?;
+    Ok(true)
 }
 
 fn copy_file(from: &Path, to: &Path, reflink: bool) -> Result<(), TreeError> {
@@ -396,6 +429,7 @@ mod tests {
             method,
             &options.exclude,
             false,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -416,6 +450,7 @@ mod tests {
             method,
             &options.exclude,
             true,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!((again.replaced, again.removed), (0, 2), "{again:?}");
