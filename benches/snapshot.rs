@@ -277,22 +277,13 @@ fn main() {
         );
     }
     if let Some(h) = hashed {
-        let (ours, theirs, read) = h.small;
-        row(
-            &format!("content hashes, {} files", h.files),
-            ours,
-            theirs,
-            "find | xargs sha256sum",
-            1.5,
-        );
-        let (big, big_theirs, big_read) = h.big;
-        row(
-            &format!("content hashes, {} x 1 MiB", h.big_mb),
-            big,
-            big_theirs,
-            "find | xargs sha256sum",
-            1.5,
-        );
+        let ((ours, _, read), (big, _, big_read)) = (h.small, h.big);
+        for (name, (ours, theirs, _)) in [
+            (format!("content hashes, {} files", h.files), h.small),
+            (format!("content hashes, {} x 1 MiB", h.big_mb), h.big),
+        ] {
+            row(&name, ours, theirs, "find | xargs sha256sum", 1.5);
+        }
         let mb = |bytes: u64, d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();
         println!();
         println!(

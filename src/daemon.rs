@@ -239,7 +239,9 @@ pub fn start_hash_queue(config: &Config, state: &State) -> HashQueue {
     let seen = state.subscribe();
     let busy = Box::new(move || {
         let s = seen.borrow();
-        s.activity != "watching"
+        // Not while Docker is away: hashing needs none, and the wait may be long.
+        s.activity.starts_with("snapshotting")
+            || s.activity == "starting"
             || s.restoring.is_some()
             || s.restore_incomplete.is_some()
             || matches!(

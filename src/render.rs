@@ -608,4 +608,38 @@ mod tests {
              FAILED: 1 of 3 checks failed\n"
         );
     }
+
+    #[test]
+    fn the_list_says_whether_each_snapshot_is_hashed_and_its_check_passed() {
+        use crate::snapshot::hashes::ContentHashes;
+        use crate::snapshot::store::{SnapshotCheck, tests::meta};
+        let at = chrono::Utc::now();
+        let hashed = |passed| {
+            let mut m = meta(if passed { "good" } else { "bad" }, at);
+            m.hashes = Some(ContentHashes {
+                sha256: String::new(),
+                files: 1,
+                bytes: 1,
+                problems: u64::from(!passed),
+                at,
+                duration_ms: 1,
+            });
+            m.check = Some(SnapshotCheck {
+                kind: "content-hashes".into(),
+                at,
+                passed,
+                summary: String::new(),
+            });
+            m
+        };
+        let text = snapshots(&[hashed(true), hashed(false), meta("new", at)]);
+        let column = |id: &str| {
+            let line = text.lines().find(|l| l.starts_with(id)).unwrap();
+            line.split_whitespace().nth(9).unwrap().to_string()
+        };
+        assert!(text.lines().next().unwrap().contains("HASHED"), "{text}");
+        assert_eq!(column("good"), "ok", "{text}");
+        assert_eq!(column("bad"), "FAILED", "{text}");
+        assert_eq!(column("new"), "pending", "{text}");
+    }
 }
