@@ -119,9 +119,16 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration, Duration) {
                     immich_guard::restore::kept::Holders::new(&snap, Vec::new()),
                     immich_guard::restore::kept::Aside::new(&snap.join("kept"), "bench"),
                 );
-                let done =
-                    storage::restore_tree(&source, &entries, &upload, method, &[], true, &mut keep)
-                        .unwrap();
+                let done = storage::restore_tree(
+                    &source,
+                    &entries,
+                    &upload,
+                    method,
+                    &[],
+                    &mut keep,
+                    &Default::default(),
+                )
+                .unwrap();
                 out.push(start.elapsed());
                 assert_eq!(done.replaced, files);
             }

@@ -5,7 +5,14 @@
 //! - Storage: the hard-link tree of 200,000 files in an Immich-shaped tree (year/month
 //!   folders, thumbs) vs `cp -al` (target ratio ≤ 0.8).
 //!
-//! Run: `cargo bench --bench snapshot` (real Docker and PostgreSQL, a few minutes).
+//! - Content hashes (snapshot/hashes.rs), the pass after the seal: over the same 200,000-file
+//!   tree (the per-file cost) and over `IMMICH_GUARD_BENCH_HASH_MB` MiB of 1 MiB files (the
+//!   read rate), unlimited and at the default `snapshots.hash_rate_mb`, vs `sha256sum` on the
+//!   same files. The storage step (what a freeze waits for) is timed beside it: the pass is
+//!   not part of it, it runs on the sealed snapshot afterwards.
+//!
+//! Run: `cargo bench --bench snapshot` (real Docker and PostgreSQL, a few minutes);
+//! `IMMICH_GUARD_BENCH_ONLY=hashes` runs the content-hash rows alone (no Docker).
 //! `IMMICH_GUARD_BENCH_ROWS` and `IMMICH_GUARD_BENCH_FILES` scale the inputs; `..._RUNS`
 //! sets the runs per side (median reported).
 
@@ -21,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use harness::{Stack, StackSpec};
 use immich_guard::snapshot::db;
+use immich_guard::snapshot::hashes::{self, Finished, Flow, PassOptions};
 use immich_guard::snapshot::storage::{Options, Plan, StorageMethod, snapshot_tree};
+use immich_guard::snapshot::store::{MANIFEST_FILE, META_FILE, STORAGE_DIR, Store};
 
 fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
     let stack = Stack::up(StackSpec::default());
@@ -104,18 +113,145 @@ fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
     (median(ours), median(theirs))
 }
 
+/// A sealed hard-link snapshot `s` of `library` under `root/snapshots`; its dir and how long
+/// the storage step took.
+fn sealed_snapshot(
+    root: &std::path::Path,
+    library: &std::path::Path,
+) -> (std::path::PathBuf, Duration) {
+    let store = Store::open(&root.join("snapshots")).unwrap();
+    let partial = store.begin("s").unwrap();
+    let start = Instant::now();
+    let tree = snapshot_tree(
+        library,
+        partial.path(),
+        STORAGE_DIR,
+        &partial.path().join(MANIFEST_FILE),
+        &Plan::walking(StorageMethod::Hardlink),
+        &Options::default(),
+    )
+    .unwrap();
+    let storage_step = start.elapsed();
+    let now = chrono::Utc::now();
+    let meta = serde_json::from_value(serde_json::json!({
+        "format": 1, "id": "s", "trigger": "bench", "label": null, "project": "bench",
+        "version": "v1.119.0", "image_id": null, "repo_digests": [], "env_version": null,
+        "started_at": now, "sealed_at": now, "db": db::DbFacts::default(),
+        "dump": db::DumpFile::default(), "storage": tree, "upload_location": library,
+        "config_files": [], "size_bytes": 0
+    }))
+    .unwrap();
+    (partial.seal(&meta).unwrap(), storage_step)
+}
+
+/// Bytes this process read from storage (or the page cache), from /proc/self/io.
+fn read_chars() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("rchar: ")
+                    .and_then(|n| n.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// One content-hash pass over the snapshot at `dir` (its record removed first, so it runs
+/// whole): its time and the bytes it read.
+fn one_pass(dir: &std::path::Path, rate: u64) -> (Duration, u64) {
+    let meta_path = dir.join(META_FILE);
+    let mut meta: immich_guard::snapshot::store::Meta =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta.hashes = None;
+    meta.check = None;
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let before = read_chars();
+    let start = Instant::now();
+    let done = hashes::run_pass(dir, &PassOptions { rate }, &|| Flow::Go).unwrap();
+    let took = start.elapsed();
+    let Finished::Done { check, .. } = done else {
+        panic!("{done:?}")
+    };
+    assert!(check.passed, "{check:?}");
+    (took, read_chars() - before)
+}
+
+struct HashRows {
+    files: u64,
+    storage_step: Duration,
+    small: (Duration, Duration, u64),
+    big_mb: u64,
+    big: (Duration, Duration, u64),
+    throttled: Duration,
+}
+
+fn bench_hashes(runs: u64, files: u64, big_mb: u64) -> HashRows {
+    let root = tempfile::tempdir().unwrap();
+    let library = root.path().join("library-root");
+    make_library(&library, files);
+    let (dir, storage_step) = sealed_snapshot(root.path(), &library);
+    let sum = |dir: &std::path::Path| {
+        format!(
+            "find {} -type f -print0 | xargs -0 sha256sum > /dev/null",
+            dir.join(STORAGE_DIR).display()
+        )
+    };
+    let compare = |dir: &std::path::Path| {
+        let (mut ours, mut theirs, mut bytes) = (Vec::new(), Vec::new(), 0);
+        for i in 0..runs {
+            let mut run_ours = || {
+                let (took, read) = one_pass(dir, 0);
+                ours.push(took);
+                bytes = read;
+            };
+            let mut run_theirs = || theirs.push(sh(&sum(dir)));
+            alternate(i, &mut run_ours, &mut run_theirs);
+        }
+        (median(ours), median(theirs), bytes)
+    };
+    let small = compare(&dir);
+    drop(root);
+
+    let root = tempfile::tempdir().unwrap();
+    let library = root.path().join("library-root");
+    for i in 0..big_mb {
+        let folder = library.join(format!("library/admin/{}", 2010 + i % 15));
+        std::fs::create_dir_all(&folder).unwrap();
+        let bytes: Vec<u8> = (0..1u64 << 20).map(|b| (b * 31 + i) as u8).collect();
+        std::fs::write(folder.join(format!("IMG_{i:06}.jpg")), bytes).unwrap();
+    }
+    let (dir, _) = sealed_snapshot(root.path(), &library);
+    let big = compare(&dir);
+    let default_rate = immich_guard::config::Config::default()
+        .snapshots
+        .hash_rate_mb;
+    let (throttled, _) = one_pass(&dir, default_rate * 1_000_000);
+    HashRows {
+        files,
+        storage_step,
+        small,
+        big_mb,
+        big,
+        throttled,
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would too: only run when asked.
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    // IMMICH_GUARD_BENCH_ONLY=storage|dump runs one half (the storage half needs no Docker).
+    // IMMICH_GUARD_BENCH_ONLY=storage|dump|hashes runs one part (only the dump needs Docker).
     let only = std::env::var("IMMICH_GUARD_BENCH_ONLY").unwrap_or_default();
     let runs = common::env_num("IMMICH_GUARD_BENCH_RUNS", 3);
     let rows = common::env_num("IMMICH_GUARD_BENCH_ROWS", 1_200_000);
     let files = common::env_num("IMMICH_GUARD_BENCH_FILES", 200_000);
-    let dump = (only != "storage" && harness::docker_available()).then(|| bench_dump(runs, rows));
-    let tree = (only != "dump").then(|| bench_storage(runs, files));
+    let dump = ((only.is_empty() || only == "dump") && harness::docker_available())
+        .then(|| bench_dump(runs, rows));
+    let tree = (only.is_empty() || only == "storage").then(|| bench_storage(runs, files));
+    let big_mb = common::env_num("IMMICH_GUARD_BENCH_HASH_MB", 1024);
+    let hashed = (only.is_empty() || only == "hashes").then(|| bench_hashes(runs, files, big_mb));
     println!();
     println!(
         "median of {runs} runs each, alternating; {} cores",
@@ -138,6 +274,38 @@ fn main() {
             theirs,
             "cp -al",
             0.8,
+        );
+    }
+    if let Some(h) = hashed {
+        let ((ours, _, read), (big, _, big_read)) = (h.small, h.big);
+        for (name, (ours, theirs, _)) in [
+            (format!("content hashes, {} files", h.files), h.small),
+            (format!("content hashes, {} x 1 MiB", h.big_mb), h.big),
+        ] {
+            row(&name, ours, theirs, "find | xargs sha256sum", 1.5);
+        }
+        let mb = |bytes: u64, d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();
+        println!();
+        println!(
+            "content hashes, {} files: {:.1} s, {:.0} files/s, {:.1} MB read ({:.1} MB/s)",
+            h.files,
+            ours.as_secs_f64(),
+            h.files as f64 / ours.as_secs_f64(),
+            read as f64 / 1e6,
+            mb(read, ours)
+        );
+        println!(
+            "content hashes, {} MiB in 1 MiB files: unlimited {:.1} s ({:.0} MB/s); at the default hash_rate_mb {:.1} s ({:.0} MB/s)",
+            h.big_mb,
+            big.as_secs_f64(),
+            mb(big_read, big),
+            h.throttled.as_secs_f64(),
+            mb(big_read, h.throttled)
+        );
+        println!(
+            "the storage step of the same {}-file snapshot (what a freeze waits for): {:.2} s; the pass is not in it (it runs on the sealed snapshot afterwards)",
+            h.files,
+            h.storage_step.as_secs_f64()
         );
     }
 }

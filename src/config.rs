@@ -236,7 +236,14 @@ pub struct SnapshotConfig {
     /// How long a server stays frozen for a snapshot that does not seal (a dump stuck behind
     /// a database lock) before it is HELD with a notification (docs/operations.md).
     pub max_wait_secs: u64,
+    /// How fast the content-hash pass after each seal may read, in MB/s (0: unlimited); it
+    /// also runs at the lowest CPU and I/O priority (README.md, "Storage").
+    pub hash_rate_mb: u64,
 }
+
+/// The most `snapshots.hash_rate_mb` can say: beyond any disk, so a larger value is a typo
+/// (bytes for megabytes).
+pub const MAX_HASH_RATE_MB: u64 = 100_000;
 
 /// Folders Immich can regenerate; everything else under the upload location is an original.
 pub const DERIVED_FOLDERS: &[&str] = &["thumbs", "encoded-video"];
@@ -251,6 +258,7 @@ impl Default for SnapshotConfig {
             copy_across: false,
             skip_unreadable: false,
             max_wait_secs: 1800,
+            hash_rate_mb: 100,
         }
     }
 }
@@ -442,6 +450,13 @@ impl Config {
                 "snapshots.max_wait_secs",
                 &0,
                 "must be at least 1 s: a frozen server is held once its snapshot has run this long",
+            );
+        }
+        if self.snapshots.hash_rate_mb > MAX_HASH_RATE_MB {
+            return invalid(
+                "snapshots.hash_rate_mb",
+                &self.snapshots.hash_rate_mb,
+                &format!("is in MB/s: at most {MAX_HASH_RATE_MB} (0: unlimited)"),
             );
         }
         if let Some(x) = self
@@ -794,6 +809,20 @@ mod tests {
             .to_string();
         assert!(e.contains("max_wait_secs"), "{e}");
         assert_eq!(Config::default().snapshots.max_wait_secs, 1800);
+        let e = parse("[snapshots]\nhash_rate_mb = 100000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("snapshots.hash_rate_mb") && e.contains("MB/s"),
+            "{e}"
+        );
+        assert_eq!(
+            parse("[snapshots]\nhash_rate_mb = 0\n")
+                .unwrap()
+                .snapshots
+                .hash_rate_mb,
+            0
+        );
         assert!(parse("[crash_loop]\ndeaths = 1\n").is_err());
         let e = parse("[snapshots]\nexclude = [\"thumbs\", \"library\"]\n")
             .unwrap_err()

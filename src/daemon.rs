@@ -23,6 +23,7 @@ use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
 use crate::notification::{EventKind, Notifier};
 use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
+use crate::snapshot::hash_queue::HashQueue;
 use crate::snapshot::queue::{self, Activity, DockerHandle, SnapshotQueue};
 use crate::snapshot::store::{Leftover, Store, StoreError};
 use crate::snapshot::{SnapshotFailure, Taken};
@@ -98,11 +99,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (docker_tx, docker_rx) = watch::channel(None);
     let docker_tx: DockerTx = Arc::new(docker_tx);
     let notifier = Notifier::new(&config.notify);
-    let queue = start_snapshot_queue(
+    let hashing = start_hash_queue(&config, &state);
+    let queue = snapshot_queue_hashing(
         config.clone(),
         docker_rx.clone(),
         state.clone(),
         notifier.clone(),
+        Some(hashing),
     );
     let guard = Guard::start(
         config.clone(),
@@ -250,11 +253,46 @@ pub fn show_in_status(state: State) -> crate::protect::Show {
     })
 }
 
+/// The content-hash passes: paused while the daemon snapshots, holds a frozen server, or
+/// restores (snapshot/hash_queue.rs).
+pub fn start_hash_queue(config: &Config, state: &State) -> HashQueue {
+    let seen = state.subscribe();
+    let busy = Box::new(move || {
+        let s = seen.borrow();
+        // Not while Docker is away: hashing needs none, and the wait may be long.
+        s.activity.starts_with("snapshotting")
+            || s.activity == "starting"
+            || s.restoring.is_some()
+            || s.restore_incomplete.is_some()
+            || matches!(
+                s.protection.state,
+                ProtectState::Snapshotting | ProtectState::Frozen | ProtectState::Held
+            )
+    });
+    HashQueue::start(
+        config.snapshot_dir(),
+        config.snapshots.hash_rate_mb * 1_000_000,
+        busy,
+    )
+}
+
 pub fn start_snapshot_queue(
     config: Config,
     docker: DockerHandle,
     state: State,
     notifier: Notifier,
+) -> SnapshotQueue {
+    snapshot_queue_hashing(config, docker, state, notifier, None)
+}
+
+/// The snapshot queue; with `hashing`, every snapshot it seals is queued for its content
+/// hashes.
+fn snapshot_queue_hashing(
+    config: Config,
+    docker: DockerHandle,
+    state: State,
+    notifier: Notifier,
+    hashing: Option<HashQueue>,
 ) -> SnapshotQueue {
     let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
         (Some(stack), _) => Ok(stack.clone()),
@@ -294,6 +332,9 @@ pub fn start_snapshot_queue(
             state.send_modify(|s| notice = ended(s, result));
             if let Some(notice) = notice {
                 notifier.send(notice);
+            }
+            if let (Ok(taken), Some(hashing)) = (result, &hashing) {
+                hashing.push(&taken.meta.id);
             }
         }
     });

@@ -11,7 +11,7 @@ use immich_guard::control::client::{self, ClientError};
 use immich_guard::control::{Request, Response};
 use immich_guard::progress::Progress;
 use immich_guard::snapshot::store::{Meta, Store};
-use immich_guard::{daemon, discover, docker, incident, pin, render};
+use immich_guard::{daemon, discover, docker, incident, pin, render, restore};
 
 #[derive(Parser)]
 #[command(
@@ -141,7 +141,7 @@ enum Command {
         /// End an unfinished restore without finishing it: says what state the stack is in,
         /// then records it in the restore history and turns protection back on. Touches no
         /// data.
-        #[arg(long, conflicts_with_all = ["snapshot", "dry_run", "no_preserve"])]
+        #[arg(long, conflicts_with_all = ["snapshot", "dry_run", "no_preserve", "force"])]
         abandon: bool,
         /// Print every step; change nothing.
         #[arg(long)]
@@ -152,10 +152,19 @@ enum Command {
         /// Do not keep the current state first (needs --yes; recorded).
         #[arg(long)]
         no_preserve: bool,
+        /// Stored files whose content no longer matches the snapshot's content hashes are
+        /// left as they are (and listed) instead of refusing the whole restore.
+        #[arg(long)]
+        force: bool,
     },
     /// Check the config file as `run` would (also the paths, the socket's group and the
     /// Docker host on this machine) and print the effective settings.
     CheckConfig,
+    /// Record the content hashes of a sealed snapshot now (the daemon does it after each
+    /// seal, in the background): every stored file read and its SHA-256 written beside the
+    /// manifest, for restore and `verify --against`. Without an id: every snapshot that has
+    /// none yet, newest first. Resumes an interrupted pass.
+    Hash { snapshot: Option<String> },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -263,14 +272,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             yes,
             no_preserve,
+            force,
             ..
         } => runtime.block_on(restore_cmd(
             &config,
             &snapshot.unwrap_or_default(),
             dry_run,
             yes,
-            no_preserve,
+            restore::Options { no_preserve, force },
         )),
+        Command::Hash { snapshot } => hash_cmd(&config, snapshot.as_deref()),
         Command::CheckConfig => {
             for warning in config.check_environment(&path)? {
                 eprintln!("immich-guard: warning: {warning}");
@@ -774,6 +785,52 @@ async fn pin_cmd(config: &Config, version: &str, flags: PinFlags) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// `hash`: the content-hash pass of one snapshot, or of every one without it, here and now
+/// (at the lowest priority and `snapshots.hash_rate_mb`, as the daemon runs it).
+fn hash_cmd(config: &Config, id: Option<&str>) -> anyhow::Result<ExitCode> {
+    use immich_guard::snapshot::hashes::{self, Finished, Flow, PassOptions};
+    let root = config.snapshot_dir();
+    let ids = match id {
+        Some(id) => vec![id.to_string()],
+        None => hashes::unhashed(&root),
+    };
+    if ids.is_empty() {
+        println!("every sealed snapshot in {} is hashed", root.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for failed in hashes::lower_thread_priority() {
+        eprintln!("immich-guard: note: could not lower the priority ({failed})");
+    }
+    let options = PassOptions {
+        rate: config.snapshots.hash_rate_mb * 1_000_000,
+    };
+    let mut code = ExitCode::SUCCESS;
+    for id in ids {
+        let dir = root.join(&id);
+        if id.is_empty() || id.starts_with('.') || id.contains('/') || !dir.is_dir() {
+            bail!(
+                "no snapshot {id} in {}; `immich-guard list` shows the sealed ones",
+                root.display()
+            );
+        }
+        match hashes::run_pass(&dir, &options, &|| Flow::Go)? {
+            Finished::Done { check, .. } => {
+                println!(
+                    "{id}: {}: {}",
+                    if check.passed { "passed" } else { "FAILED" },
+                    check.summary
+                );
+                if !check.passed {
+                    code = ExitCode::FAILURE;
+                }
+            }
+            Finished::Gone => println!("{id}: deleted meanwhile"),
+            Finished::Stopped { .. } => unreachable!("this gate never stops"),
+        }
+    }
+    Ok(code)
+}
+
 /// `restore`: checks the snapshot, prints every step, confirms, then runs the restore: through
 /// the daemon when it answers (protection stands back for the restore's own stops and
 /// starts, README.md "How to recover"), else here under the daemon's data-dir lock so none
@@ -784,9 +841,9 @@ async fn restore_cmd(
     id: &str,
     dry_run: bool,
     yes: bool,
-    no_preserve: bool,
+    options: restore::Options,
 ) -> anyhow::Result<ExitCode> {
-    use immich_guard::restore;
+    let no_preserve = options.no_preserve;
     if no_preserve && !yes && !dry_run {
         bail!(
             "--no-preserve needs --yes: without a pre-restore snapshot the current database and files are not kept"
@@ -815,7 +872,7 @@ async fn restore_cmd(
     };
     if daemon && yes {
         // The daemon checks, plans and says every step itself.
-        return restore_through_daemon(config, id, no_preserve, false, new_bar()).await;
+        return restore_through_daemon(config, id, options, false, new_bar()).await;
     }
     let host = docker::engine_host(config.docker.host.as_deref());
     let docker = docker::connect(&host).await?;
@@ -826,7 +883,7 @@ async fn restore_cmd(
         config,
         stack: &stack,
     };
-    let plan = restore::plan(&ctx, id, restore::Options { no_preserve }).await?;
+    let plan = restore::plan(&ctx, id, options).await?;
     for line in plan.lines(&stack) {
         println!("{line}");
     }
@@ -847,7 +904,7 @@ async fn restore_cmd(
         }
     }
     if daemon {
-        return restore_through_daemon(config, id, no_preserve, true, new_bar()).await;
+        return restore_through_daemon(config, id, options, true, new_bar()).await;
     }
     let bar = new_bar();
     let mut progress = |p: Progress| show_restore_progress(bar.as_ref(), p);
@@ -937,13 +994,14 @@ fn show_restore_progress(bar: Option<&indicatif::ProgressBar>, p: Progress) {
 async fn restore_through_daemon(
     config: &Config,
     id: &str,
-    no_preserve: bool,
+    options: restore::Options,
     planned: bool,
     bar: Option<indicatif::ProgressBar>,
 ) -> anyhow::Result<ExitCode> {
     let request = Request::Restore {
         snapshot: id.to_string(),
-        no_preserve,
+        no_preserve: options.no_preserve,
+        force: options.force,
     };
     let response =
         client::request_with_progress(

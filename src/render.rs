@@ -357,8 +357,8 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
         return "no sealed snapshots yet (take one with `immich-guard snapshot`)\n".to_string();
     }
     let mut out = format!(
-        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}\n",
-        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "AGE", "SEALED"
+        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}\n",
+        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "HASHED", "AGE", "SEALED"
     );
     let now = chrono::Utc::now();
     for m in all {
@@ -368,7 +368,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:>7} {}",
+            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}",
             m.id,
             m.version,
             m.trigger,
@@ -376,11 +376,22 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             bytes(m.dump.bytes),
             m.storage.files,
             method,
+            hashed(m),
             duration((now - m.sealed_at).num_seconds().max(0) as u64),
             m.sealed_at.format("%Y-%m-%d %H:%M:%S")
         );
     }
     out
+}
+
+/// The content-hash pass of a snapshot (snapshot/hashes.rs): `ok`, `FAILED` (its check
+/// names the problem: `list --json`), or `pending`.
+fn hashed(m: &crate::snapshot::store::Meta) -> &'static str {
+    match (&m.hashes, &m.check) {
+        (Some(_), Some(c)) if c.passed => "ok",
+        (Some(_), _) => "FAILED",
+        (None, _) => "pending",
+    }
 }
 
 fn bytes(n: u64) -> String {
@@ -607,5 +618,39 @@ mod tests {
              \x20 [SKIP] schema      skipped: not in this image\n\
              FAILED: 1 of 3 checks failed\n"
         );
+    }
+
+    #[test]
+    fn the_list_says_whether_each_snapshot_is_hashed_and_its_check_passed() {
+        use crate::snapshot::hashes::ContentHashes;
+        use crate::snapshot::store::{SnapshotCheck, tests::meta};
+        let at = chrono::Utc::now();
+        let hashed = |passed| {
+            let mut m = meta(if passed { "good" } else { "bad" }, at);
+            m.hashes = Some(ContentHashes {
+                sha256: String::new(),
+                files: 1,
+                bytes: 1,
+                problems: u64::from(!passed),
+                at,
+                duration_ms: 1,
+            });
+            m.check = Some(SnapshotCheck {
+                kind: "content-hashes".into(),
+                at,
+                passed,
+                summary: String::new(),
+            });
+            m
+        };
+        let text = snapshots(&[hashed(true), hashed(false), meta("new", at)]);
+        let column = |id: &str| {
+            let line = text.lines().find(|l| l.starts_with(id)).unwrap();
+            line.split_whitespace().nth(9).unwrap().to_string()
+        };
+        assert!(text.lines().next().unwrap().contains("HASHED"), "{text}");
+        assert_eq!(column("good"), "ok", "{text}");
+        assert_eq!(column("bad"), "FAILED", "{text}");
+        assert_eq!(column("new"), "pending", "{text}");
     }
 }

@@ -14,6 +14,8 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+pub mod content;
+
 use crate::discover::{ImmichVersion, Stack};
 use crate::docker::{classify, error_chain};
 use crate::snapshot::storage::{EntryKind, ManifestEntry, read_manifest};
@@ -65,7 +67,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     /// Stable names: `containers`, `ping`, `version`, `assets`, `users`, `originals`,
-    /// `markers`, `schema`.
+    /// `content` (with a snapshot), `markers`, `schema`.
     pub name: String,
     pub outcome: Outcome,
     /// The numbers, and on failure what is wrong.
@@ -123,6 +125,8 @@ pub struct Baseline {
     pub manifest: PathBuf,
     /// Folders left out of the snapshot (`snapshots.exclude`): no marker recorded for them.
     pub excluded: Vec<String>,
+    /// The snapshot's content hashes and stored files (verify/content.rs).
+    pub content: content::Source,
 }
 
 impl Baseline {
@@ -135,6 +139,7 @@ impl Baseline {
             users: meta.db.users,
             manifest: dir.join(MANIFEST_FILE),
             excluded: meta.storage.excluded.clone(),
+            content: content::Source::of(meta, dir),
         }
     }
 }
@@ -327,6 +332,8 @@ pub struct Facts {
     pub markers: Result<Vec<(String, Observed)>, String>,
     /// Folders whose marker the baseline's manifest holds (or were excluded from it).
     pub marker_baseline: Option<BTreeSet<String>>,
+    /// The originals' content against the baseline's hashes; `None` without a baseline.
+    pub content: Option<content::Facts>,
     pub schema: SchemaFact,
 }
 
@@ -339,6 +346,9 @@ pub fn evaluate(facts: &Facts, baseline: Option<&Baseline>, expected: Option<&st
     ];
     checks.extend(check_counts(&facts.counts, baseline));
     checks.push(check_originals(facts.originals.as_ref(), baseline));
+    if let (Some(found), Some(b)) = (&facts.content, baseline) {
+        checks.push(content::check(found, &b.id));
+    }
     checks.push(check_markers(
         &facts.markers,
         facts.marker_baseline.as_ref(),
@@ -817,6 +827,16 @@ pub async fn gather(
         (Some(Err(e.clone())), Err(e), None)
     });
 
+    let content = match baseline {
+        Some(b) => {
+            let (upload, source) = (stack.upload_location.clone(), b.content.clone());
+            let looked =
+                tokio::task::spawn_blocking(move || content::gather(upload.as_deref(), &source))
+                    .await;
+            Some(looked.unwrap_or_else(|e| Some(Err(format!("content check thread: {e}")))))
+        }
+        None => None,
+    };
     let schema = match &server {
         Some((c, true)) => schema_check(docker, docker_host, c.id.as_deref().unwrap_or("")).await,
         _ => SchemaFact::NoServer,
@@ -830,6 +850,7 @@ pub async fn gather(
         originals,
         markers,
         marker_baseline,
+        content,
         schema,
     }
 }
@@ -1013,6 +1034,7 @@ mod tests {
             users: Some(2),
             manifest: PathBuf::from("/nonexistent"),
             excluded: Vec::new(),
+            content: content::Source::default(),
         }
     }
 
@@ -1047,6 +1069,7 @@ mod tests {
                 .map(|f| (f.to_string(), Observed::Size(0)))
                 .collect()),
             marker_baseline: None,
+            content: None,
             schema: SchemaFact::Absent("no immich-admin".into()),
         }
     }

@@ -197,7 +197,7 @@ fn verify_passes_a_healthy_stack_and_catches_each_fault_on_its_own() {
         text.contains(&format!(
             "  [FAIL] containers  3/4 running; redis ({redis}) exited\n"
         )) && text.contains("  [PASS] ping ")
-            && text.ends_with("FAILED: 1 of 8 checks failed\n"),
+            && text.ends_with("FAILED: 1 of 9 checks failed\n"),
         "{text}"
     );
     docker_ok(&["start", &redis]);

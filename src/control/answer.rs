@@ -62,7 +62,11 @@ pub(super) async fn answer(
         Request::Restore {
             snapshot,
             no_preserve,
-        } => super::restore::answer(control, snapshot, no_preserve, write).await,
+            force,
+        } => {
+            let options = crate::restore::Options { no_preserve, force };
+            super::restore::answer(control, snapshot, options, write).await
+        }
         Request::AbandonRestore {} => {
             let running = control.state.borrow().restoring.clone();
             let response = match running {

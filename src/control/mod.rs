@@ -52,6 +52,9 @@ pub enum Request {
         snapshot: String,
         #[serde(default)]
         no_preserve: bool,
+        /// Skip (and list) stored files found damaged instead of refusing.
+        #[serde(default)]
+        force: bool,
     },
     /// End an unfinished restore without finishing it (`restore --abandon`): its journal goes
     /// to the history and protection is back on. Refused while a restore runs.
@@ -290,7 +293,8 @@ mod tests {
             r,
             Request::Restore {
                 snapshot: "s1".into(),
-                no_preserve: false
+                no_preserve: false,
+                force: false
             }
         );
         assert!(r.is_mutating());

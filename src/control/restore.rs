@@ -16,7 +16,7 @@ use crate::restore::{self, Progress};
 pub(super) async fn answer(
     control: &Control,
     snapshot: String,
-    no_preserve: bool,
+    options: restore::Options,
     write: &mut OwnedWriteHalf,
 ) -> Result<(), ()> {
     // A daemon just started (to finish an interrupted restore, say) has not looked yet:
@@ -58,7 +58,7 @@ pub(super) async fn answer(
             host,
             stack,
             snapshot,
-            no_preserve,
+            options,
         },
         control.guard.clone(),
         tx,
@@ -107,7 +107,7 @@ struct Job {
     host: String,
     stack: crate::discover::Stack,
     snapshot: String,
-    no_preserve: bool,
+    options: restore::Options,
 }
 
 async fn run(job: Job, guard: GuardHandle, tx: mpsc::UnboundedSender<Response>) {
@@ -121,10 +121,7 @@ async fn run(job: Job, guard: GuardHandle, tx: mpsc::UnboundedSender<Response>) 
         stack: &job.stack,
     };
     let data_dir = &job.config.daemon.data_dir;
-    let options = restore::Options {
-        no_preserve: job.no_preserve,
-    };
-    let result = match restore::plan(&ctx, &job.snapshot, options).await {
+    let result = match restore::plan(&ctx, &job.snapshot, job.options).await {
         Ok(plan) => {
             tracing::info!(snapshot = %job.snapshot, "restore through the daemon begins");
             for line in plan.lines(&job.stack) {

@@ -10,6 +10,7 @@
 //! the daemon (streaming over the control socket, control/restore.rs) run the same code.
 
 pub mod abandon;
+pub mod content;
 pub mod database;
 pub mod journal;
 pub mod kept;
@@ -129,6 +130,8 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Tree(#[from] storage::TreeError),
+    #[error(transparent)]
+    Content(#[from] content::ContentError),
     #[error("pinning the snapshot's version: {0}")]
     Pin(#[from] crate::pin::PinError),
     #[error("{command} failed: {detail}")]
@@ -153,6 +156,8 @@ pub struct Ctx<'a> {
 pub struct Options {
     /// Do not keep the current state first (the CLI allows it only with `--yes`).
     pub no_preserve: bool,
+    /// Put back everything but the stored files found damaged, and list those (restore/content.rs).
+    pub force: bool,
 }
 
 /// What the restore will find and do, decided before anything is touched.
@@ -176,6 +181,8 @@ pub struct Plan {
     pub pin: crate::pin::Plan,
     /// The compose command line that brings the stack up.
     pub up: String,
+    /// The stored files to put back, checked against the manifest's content hashes.
+    pub content: content::Content,
 }
 
 /// What a finished restore did.
@@ -195,9 +202,19 @@ pub struct Outcome {
 impl Outcome {
     /// One line: what was restored, what was kept, what was set aside.
     pub fn summary(&self, project: &str) -> String {
+        let skipped = self.tree.as_ref().map_or(&[][..], |t| &t.skipped[..]);
         format!(
-            "restored {project} to {}{}{}",
+            "restored {project} to {}{}{}{}",
             self.snapshot,
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} damaged file(s) in the snapshot NOT restored (--force): {}",
+                    skipped.len(),
+                    skipped.join(", ")
+                )
+            },
             self.pre_restore
                 .as_deref()
                 .map(|p| format!("; the state before is kept as snapshot {p}"))
@@ -295,9 +312,38 @@ pub async fn plan(ctx: &Ctx<'_>, id: &str, options: Options) -> Result<Plan, Res
         .clone()
         .unwrap_or_else(|| meta.upload_location.clone());
     let pin = crate::pin::plan_for(ctx.stack, &meta.version)?;
+    let content = {
+        let (meta, dir) = (meta.clone(), dir.clone());
+        let (source, upload) = (storage_source.clone(), upload.clone());
+        tokio::task::spawn_blocking(move || {
+            let manifest = dir.join(MANIFEST_FILE);
+            let entries = crate::snapshot::storage::read_manifest(&manifest).map_err(|source| {
+                RestoreError::ReadSnapshot {
+                    path: manifest.clone(),
+                    source,
+                }
+            })?;
+            let method = meta.storage.method;
+            let would_replace =
+                |snap: &std::fs::Metadata, live: &Path| storage::would_replace(snap, live, method);
+            content::check_before(
+                &meta,
+                &dir,
+                &source,
+                &upload,
+                &entries,
+                options.force,
+                &would_replace,
+            )
+            .map_err(RestoreError::from)
+        })
+        .await
+        .expect("content check thread")?
+    };
     Ok(Plan {
         no_preserve,
         notes,
+        content,
         resume,
         database_now,
         storage_source,
@@ -451,6 +497,7 @@ impl Plan {
             crate::snapshot::store::DUMP_FILE,
             MANIFEST_FILE
         ));
+        out.extend(self.content.lines());
         if let Some(j) = &self.resume {
             out.push(format!(
                 "continuing the interrupted restore started {} (done: {})",
@@ -928,7 +975,9 @@ async fn run_steps(
                 plan.meta.storage.method
             ),
         );
+        // A subvolume goes back whole: with damaged files to leave out, file by file.
         let swapped = if plan.meta.storage.method == StorageMethod::Btrfs
+            && plan.content.damaged.is_empty()
             && crate::snapshot::storage::is_btrfs_subvolume(&plan.storage_source)
             && (crate::snapshot::storage::is_btrfs_subvolume(&plan.upload) || !plan.upload.exists())
         {
@@ -977,20 +1026,14 @@ async fn run_steps(
             // Only what a pre-restore snapshot holds may be removed; without one (as with
             // --no-preserve) what the snapshot does not list stays.
             let pre_restores = j.all_pre_restores();
-            let remove_extra = !pre_restores.is_empty();
             let mut keep = kept::Keep::new(
                 kept::Holders::new(&ctx.config.snapshot_dir(), pre_restores),
                 kept::Aside::new(data_dir, &j.id()),
             );
+            let content = plan.content.clone();
             let (done, keep) = tokio::task::spawn_blocking(move || {
                 storage::restore_tree(
-                    &source,
-                    &entries,
-                    &upload,
-                    method,
-                    &excluded,
-                    remove_extra,
-                    &mut keep,
+                    &source, &entries, &upload, method, &excluded, &mut keep, &content,
                 )
                 .map(|done| (done, keep))
             })
@@ -1003,6 +1046,13 @@ async fn run_steps(
             }
             for line in storage_lines(&done, &keep) {
                 progress(Progress::Note(line));
+            }
+            if !done.skipped.is_empty() {
+                progress(Progress::Note(format!(
+                    "--force: {} damaged file(s) NOT put back, left as they were: {}",
+                    done.skipped.len(),
+                    done.skipped.join(", ")
+                )));
             }
             tree = Some(done);
         }

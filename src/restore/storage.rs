@@ -32,6 +32,10 @@ pub enum TreeError {
     Missing { path: PathBuf },
     #[error("btrfs {action} failed: {detail}")]
     Btrfs { action: String, detail: String },
+    #[error(
+        "the snapshot's copy of {0} (the manifest's content hashes): not put in place; run the restore again with --force to leave it as it is"
+    )]
+    Damaged(super::content::Damaged),
 }
 
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> TreeError {
@@ -58,6 +62,8 @@ pub struct TreeRestored {
     pub moved_aside: u64,
     /// A replaced btrfs subvolume, kept under this name.
     pub kept: Option<PathBuf>,
+    /// Damaged in the snapshot and left as they were (`--force`, restore/content.rs).
+    pub skipped: Vec<String>,
 }
 
 /// How the files go back.
@@ -68,23 +74,35 @@ enum Place {
     Copy,
 }
 
-/// Puts `upload` back to the manifest `entries`, the files taken from `source`.
-/// `remove_extra`: entries not in the manifest go (removed when held, else moved aside);
-/// otherwise they stay. Whatever is overwritten goes through `keep` first.
+fn place_of(method: StorageMethod) -> Place {
+    match method {
+        StorageMethod::Hardlink => Place::Link,
+        StorageMethod::Reflink | StorageMethod::Btrfs => Place::Reflink,
+        StorageMethod::Zfs | StorageMethod::Copy => Place::Copy,
+    }
+}
+
+/// Whether the storage step would put the stored file (`snap`) back over `live`.
+pub fn would_replace(snap: &std::fs::Metadata, live: &Path, method: StorageMethod) -> bool {
+    !same_file(snap, live, place_of(method))
+}
+
+/// Puts `upload` back to the manifest `entries`, the files taken from `source`. Whatever is
+/// removed or overwritten goes through `keep` first; entries the manifest does not list go
+/// (removed when held, else moved aside) only when `keep` has a pre-restore snapshot to hold
+/// them, otherwise they stay (`--no-preserve`). `content`: each file checked before it goes
+/// into place (restore/content.rs).
 pub fn restore_tree(
     source: &Path,
     entries: &[ManifestEntry],
     upload: &Path,
     method: StorageMethod,
     excluded: &[String],
-    remove_extra: bool,
     keep: &mut Keep,
+    content: &super::content::Content,
 ) -> Result<TreeRestored, TreeError> {
-    let place = match method {
-        StorageMethod::Hardlink => Place::Link,
-        StorageMethod::Reflink | StorageMethod::Btrfs => Place::Reflink,
-        StorageMethod::Zfs | StorageMethod::Copy => Place::Copy,
-    };
+    let remove_extra = !keep.holders.is_empty();
+    let place = place_of(method);
     let mut done = TreeRestored::default();
     std::fs::create_dir_all(upload).map_err(io(upload, "creating it"))?;
     for e in entries {
@@ -118,10 +136,20 @@ pub fn restore_tree(
                     done.unchanged += 1;
                     continue;
                 }
+                // A damaged stored copy (`--force`) is not put back: the live file stays.
+                if content.skips(&e.path) {
+                    done.skipped.push(e.path.clone());
+                    continue;
+                }
                 if keep.clear_way(&e.path, &live)? == Cleared::MovedAside {
                     done.moved_aside += 1;
                 }
-                put_file(&from, &snap, &live, place)?;
+                let check =
+                    |temp: &Path| content.placed_ok(&e.path, temp).map_err(TreeError::Damaged);
+                if !put_file(&from, &snap, &live, place, &check)? {
+                    done.skipped.push(e.path.clone());
+                    continue;
+                }
                 done.replaced += 1;
             }
         }
@@ -205,12 +233,14 @@ fn clear(path: &Path) -> Result<(), TreeError> {
     }
 }
 
+/// False when `check` refused the temp file (it is removed; the live file stays as it is).
 fn put_file(
     from: &Path,
     snap: &std::fs::Metadata,
     live: &Path,
     place: Place,
-) -> Result<(), TreeError> {
+    check: &dyn Fn(&Path) -> Result<bool, TreeError>,
+) -> Result<bool, TreeError> {
     let name = live.file_name().unwrap_or_default().to_string_lossy();
     let temp = live.with_file_name(format!(".{name}{TEMP_SUFFIX}"));
     let _ = std::fs::remove_file(&temp);
@@ -227,11 +257,20 @@ fn put_file(
         file.set_modified(snap.modified().map_err(io(from, "reading its mtime"))?)
             .map_err(io(&temp, "setting its mtime"))?;
     }
+    match check(&temp) {
+        Ok(true) => {}
+        refused => {
+            let _ = std::fs::remove_file(&temp);
+            refused?;
+            return Ok(false);
+        }
+    }
     // A folder in a file's place was moved aside by the caller; only an empty one is left.
     if std::fs::symlink_metadata(live).is_ok_and(|m| m.is_dir()) {
         std::fs::remove_dir(live).map_err(io(live, "removing an empty folder"))?;
     }
-    std::fs::rename(&temp, live).map_err(io(live, "renaming the restored file into place"))
+    std::fs::rename(&temp, live).map_err(io(live, "renaming the restored file into place"))?;
+    Ok(true)
 }
 
 fn copy_file(from: &Path, to: &Path, reflink: bool) -> Result<(), TreeError> {
@@ -474,15 +513,17 @@ mod tests {
             "uploaded during the restore",
         );
 
-        let mut k = keep(&data, &snapshots, &["pre"]);
+        // No pre-restore snapshot: nothing the snapshot does not list goes, and the changed
+        // b.jpg is moved aside before the snapshot's copy takes its place.
+        let mut k = keep(&data, &snapshots, &[]);
         let kept = restore_tree(
             &source,
             &entries,
             &upload,
             method,
             &options.exclude,
-            false,
             &mut k,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -494,9 +535,11 @@ mod tests {
             "photo b"
         );
         assert!(upload.join("upload/u2/new.jpg").exists(), "{kept:?}");
-        assert_eq!((kept.replaced, kept.left, kept.moved_aside), (2, 3, 0));
-        // "edited b" was overwritten only because the pre-restore snapshot holds it.
-        assert_eq!(k.held.get("pre"), Some(&1));
+        assert_eq!((kept.replaced, kept.left, kept.moved_aside), (2, 3, 1));
+        assert_eq!(
+            fs::read_to_string(data.join("kept/r1/upload/u1/b.jpg")).unwrap(),
+            "edited b"
+        );
 
         let mut k = keep(&data, &snapshots, &["pre"]);
         let again = restore_tree(
@@ -505,8 +548,8 @@ mod tests {
             &upload,
             method,
             &options.exclude,
-            true,
             &mut k,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -516,6 +559,8 @@ mod tests {
         );
         assert!(!upload.join("upload/u2").exists());
         assert_eq!(k.aside.moved, ["upload/u2/later.jpg"]);
+        // new.jpg was removed only because the pre-restore snapshot holds it.
+        assert_eq!(k.held.get("pre"), Some(&1));
         assert_eq!(
             fs::read_to_string(data.join("kept/r1/upload/u2/later.jpg")).unwrap(),
             "uploaded during the restore"
@@ -546,8 +591,8 @@ mod tests {
             &upload,
             method,
             &[],
-            false,
             &mut k,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!((done.replaced, done.moved_aside, done.left), (1, 1, 1));

@@ -4,6 +4,8 @@
 //! any failure drops the partial, so nothing half-made is ever listed.
 
 pub mod db;
+pub mod hash_queue;
+pub mod hashes;
 pub mod queue;
 pub mod retention;
 pub mod storage;
@@ -315,6 +317,7 @@ pub async fn take(
         upload_mark,
         missing_config_files: copied_config.missing,
         check: None,
+        hashes: None,
     };
     partial.seal(&meta)?;
     progress(Stage::Seal.begins(format!("sealed {}", meta.id)));

@@ -74,6 +74,10 @@ pub struct Meta {
     /// snapshot/hashes.rs): retention keeps the newest snapshot whose check passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<SnapshotCheck>,
+    /// The manifest's content hashes, once the pass after the seal finished
+    /// (snapshot/hashes.rs): `hashes.jsonl.zst` beside the manifest, and its SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashes: Option<super::hashes::ContentHashes>,
 }
 
 /// One check of a sealed snapshot's contents, recorded in its meta.json.
@@ -397,6 +401,7 @@ pub(crate) mod tests {
             upload_mark: None,
             size_bytes: 0,
             check: None,
+            hashes: None,
         }
     }
 

@@ -232,13 +232,23 @@ pub fn cli_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 /// A config for the CLI with no daemon: the stack by project, snapshots in `<dir>/snapshots`,
 /// data in `<dir>/data`, a socket (`<dir>/run/guard.sock`) no daemon serves.
 pub fn cli_config(stack: &super::Stack, dir: &Path) -> PathBuf {
+    cli_config_with(stack, dir, &dir.join("snapshots"), "")
+}
+
+/// [`cli_config`] with the snapshots in `snapshots` and more `[snapshots]` keys.
+pub fn cli_config_with(
+    stack: &super::Stack,
+    dir: &Path,
+    snapshots: &Path,
+    snapshot_keys: &str,
+) -> PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
         format!(
-            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n\n[daemon]\ndata_dir = {:?}\n\n[control]\nsocket = {:?}\n",
+            "[stack]\nproject = {:?}\n\n[snapshots]\ndir = {:?}\n{snapshot_keys}\n[daemon]\ndata_dir = {:?}\n\n[control]\nsocket = {:?}\n",
             stack.project,
-            dir.join("snapshots").display().to_string(),
+            snapshots.display().to_string(),
             dir.join("data").display().to_string(),
             dir.join("run/guard.sock").display().to_string(),
         ),
@@ -250,14 +260,22 @@ pub fn cli_config(stack: &super::Stack, dir: &Path) -> PathBuf {
 /// Takes a manual snapshot of the stack as the daemon would, through the library, into
 /// `<dir>/snapshots` (the [`cli_config`] layout).
 pub fn snapshot_of(stack: &super::Stack, dir: &Path) -> immich_guard::snapshot::store::Meta {
+    let mut config = immich_guard::config::Config::default();
+    config.snapshots.dir = Some(dir.join("snapshots"));
+    snapshot_with(stack, config)
+}
+
+/// [`snapshot_of`] with `config` (its snapshot dir, method settings); the stack by project.
+pub fn snapshot_with(
+    stack: &super::Stack,
+    mut config: immich_guard::config::Config,
+) -> immich_guard::snapshot::store::Meta {
     use immich_guard::snapshot;
+    config.stack.project = Some(stack.project.clone());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let host = "unix:///var/run/docker.sock";
         let docker = bollard::Docker::connect_with_local_defaults().unwrap();
-        let mut config = immich_guard::config::Config::default();
-        config.stack.project = Some(stack.project.clone());
-        config.snapshots.dir = Some(dir.join("snapshots"));
         let found = immich_guard::discover::discover(&docker, host, &config)
             .await
             .unwrap();
