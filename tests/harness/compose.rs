@@ -1307,6 +1307,16 @@ impl ScratchPostgres {
     pub fn logs(&self) -> String {
         container_logs(&self.name)
     }
+
+    /// Its address on Docker's network (PostgreSQL listens on 5432, password `scratch`).
+    pub fn ip(&self) -> String {
+        inspect(
+            &self.name,
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        )
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("{} has no address", self.name))
+    }
 }
 
 impl Drop for ScratchPostgres {
