@@ -55,6 +55,8 @@ pub struct Secrets {
     spelled: Vec<Vec<char>>,
     /// Base64 runs only a secret determines (encoded.rs).
     base64: Vec<String>,
+    /// Bytes any form of any secret can start with: every other place is passed over at once.
+    starts: Vec<bool>,
 }
 
 impl Secrets {
@@ -73,6 +75,11 @@ impl Secrets {
                 if !self.base64.contains(&core) {
                     self.base64.push(core);
                 }
+            }
+            self.starts.resize(256, false);
+            let firsts = self.base64.iter().map(|c| c.as_bytes()[0]);
+            for b in encoded::first_bytes(value).chain(firsts) {
+                self.starts[usize::from(b)] = true;
             }
         }
     }
@@ -132,6 +139,10 @@ impl Secrets {
         }
         let mut i = 0;
         while i < bytes.len() {
+            if !self.starts[usize::from(bytes[i])] {
+                i += 1;
+                continue;
+            }
             // Every form starts with an ASCII byte or the secret's own first character, so
             // `i..end` lies on character boundaries.
             let end = self
@@ -155,10 +166,6 @@ impl Secrets {
         found
     }
 
-    fn contained_in(&self, text: &str) -> bool {
-        !self.occurrences(text).is_empty()
-    }
-
     /// Every URL password and every occurrence of a known secret replaced.
     pub fn scrub(&self, text: &str) -> String {
         let text = url::redact(text);
@@ -169,12 +176,15 @@ impl Secrets {
     /// secret rarely stands alone in a log line; what surrounds it is often part of it).
     pub fn scrub_lines(&self, text: &str) -> String {
         let text = url::redact(text);
-        if !self.contained_in(&text) {
+        let found = self.occurrences(&text);
+        if found.is_empty() {
             return text;
         }
         let mut out = String::with_capacity(text.len());
+        let mut start = 0;
         for line in text.split_inclusive('\n') {
-            if self.contained_in(line) {
+            let end = start + line.len();
+            if found.iter().any(|r| r.start < end && r.end > start) {
                 out.push_str(REDACTED_LINE);
                 if line.ends_with('\n') {
                     out.push('\n');
@@ -182,6 +192,7 @@ impl Secrets {
             } else {
                 out.push_str(line);
             }
+            start = end;
         }
         out
     }

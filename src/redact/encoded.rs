@@ -23,6 +23,28 @@ pub fn match_at(text: &[u8], at: usize, secret: &[char]) -> Option<usize> {
         .find_map(|end| match_at(text, end, rest))
 }
 
+/// The bytes a form of `secret` can start with.
+pub fn first_bytes(secret: &str) -> impl Iterator<Item = u8> {
+    let first = secret.chars().next();
+    let raw = first.map(|c| {
+        let mut buf = [0u8; 4];
+        c.encode_utf8(&mut buf);
+        buf[0]
+    });
+    let other = match first {
+        Some(' ') => Some(b'+'),
+        _ => None,
+    };
+    [Some(b'%'), Some(b'\\'), raw, other].into_iter().flatten()
+}
+
+/// The number that hex `digits` (either case) spell; None for anything else (even `+`).
+fn hex(digits: &[u8]) -> Option<u32> {
+    digits
+        .iter()
+        .try_fold(0, |n, d| Some(n * 16 + (*d as char).to_digit(16)?))
+}
+
 /// Ends of the forms of `c` that `text` holds at `at`: raw, percent, `+`, JSON escape, `$$`.
 fn forms(text: &[u8], at: usize, c: char) -> [Option<usize>; 4] {
     let rest = &text[at.min(text.len())..];
@@ -33,14 +55,13 @@ fn forms(text: &[u8], at: usize, c: char) -> [Option<usize>; 4] {
         let mut end = at;
         for b in raw {
             let t = text.get(end..end + 3)?;
-            let hex = std::str::from_utf8(&t[1..]).ok()?;
-            (t[0] == b'%' && u8::from_str_radix(hex, 16).ok()? == *b).then_some(())?;
+            (t[0] == b'%' && hex(&t[1..])? == u32::from(*b)).then_some(())?;
             end += 3;
         }
         Some(end)
     };
     let json = || {
-        let short = match c {
+        let short: Option<&[u8; 2]> = match c {
             '"' => Some(b"\\\""),
             '\\' => Some(b"\\\\"),
             '/' => Some(b"\\/"),
@@ -51,15 +72,14 @@ fn forms(text: &[u8], at: usize, c: char) -> [Option<usize>; 4] {
             '\u{c}' => Some(b"\\f"),
             _ => None,
         };
-        if let Some(end) = short.and_then(|s: &[u8; 2]| spelled(s)) {
+        if let Some(end) = short.and_then(|s| spelled(s)) {
             return Some(end);
         }
         let mut units = [0u16; 2];
         let mut end = at;
         for unit in c.encode_utf16(&mut units) {
             let t = text.get(end..end + 6)?;
-            let hex = std::str::from_utf8(&t[2..]).ok()?;
-            (t.starts_with(b"\\u") && u16::from_str_radix(hex, 16).ok()? == *unit).then_some(())?;
+            (t.starts_with(b"\\u") && hex(&t[2..])? == u32::from(*unit)).then_some(())?;
             end += 6;
         }
         Some(end)
@@ -69,8 +89,15 @@ fn forms(text: &[u8], at: usize, c: char) -> [Option<usize>; 4] {
         '$' => spelled(b"$$"),
         _ => None,
     };
+    // Most places start no form: only a `%` or a `\` can start an encoded one.
+    let first = rest.first().copied();
     // `$$` before `$`: a compose file's `$$` is one `$` of the secret.
-    [other, spelled(raw), percent(), json()]
+    [
+        other,
+        spelled(raw),
+        (first == Some(b'%')).then(percent).flatten(),
+        (first == Some(b'\\')).then(json).flatten(),
+    ]
 }
 
 /// Runs of base64 that only `secret`'s bytes determine, for each of the three places its
@@ -141,7 +168,13 @@ mod tests {
         ] {
             assert!(spells(text, secret), "{text}");
         }
-        for text in ["Pr0be!S3cret@9", "Pr0be%2S3cret@9f", "Pr0be!!S3cret@9f"] {
+        for text in [
+            "Pr0be!S3cret@9",
+            "Pr0be%2S3cret@9f",
+            "Pr0be!!S3cret@9f",
+            "Pr0be%+21S3cret@9f",
+            "Pr0be\\u+021S3cret@9f",
+        ] {
             assert!(!spells(text, secret), "{text}");
         }
     }
