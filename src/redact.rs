@@ -11,7 +11,7 @@ use serde_json::Value;
 mod encoded;
 mod url;
 
-pub use url::is_url_key;
+use url::is_url_key;
 
 /// What a removed value is replaced with.
 pub const REDACTED: &str = "<redacted>";
