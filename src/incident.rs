@@ -288,8 +288,10 @@ pub fn write_bundle(
             write(partial.join("config").join(name), text.as_bytes())?;
         }
     }
-    let incident_json = serde_json::to_vec_pretty(incident).expect("incident serializes");
-    write(partial.join(INCIDENT_FILE), &incident_json)?;
+    write(
+        partial.join(INCIDENT_FILE),
+        &incident_json(incident, &evidence.secrets),
+    )?;
     let mut guard_view = guard_view.clone();
     redact::json(&mut guard_view, &evidence.secrets);
     let guard_json = serde_json::to_vec_pretty(&guard_view).expect("a JSON value serializes");
@@ -301,6 +303,14 @@ pub fn write_bundle(
     std::fs::rename(&partial, &final_dir).map_err(err(&final_dir))?;
     crate::durable::sync_dir(dir).map_err(err(dir))?;
     Ok(final_dir)
+}
+
+/// `incident.json` as the bundle holds it: redacted like the rest, since its findings and
+/// notes quote logs and error messages.
+pub fn incident_json(incident: &Incident, secrets: &Secrets) -> Vec<u8> {
+    let mut value = serde_json::to_value(incident).expect("incident serializes");
+    redact::json(&mut value, secrets);
+    serde_json::to_vec_pretty(&value).expect("a JSON value serializes")
 }
 
 /// Sealed incidents, newest last.

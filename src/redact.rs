@@ -1,9 +1,17 @@
 //! Secrets out of what is kept for sharing (incident bundles): values of secret-looking keys
-//! in `.env` files, compose files and container environments, and any known secret value
-//! wherever else it turns up (logs, command lines, URLs). Snapshots are not redacted: a
-//! restore needs the real `.env`.
+//! in `.env` files, compose files and container environments, the password of any URL's
+//! userinfo (url.rs), and any known secret value wherever else it turns up (logs, command
+//! lines), raw or encoded (encoded.rs). Snapshots are not redacted: a restore needs the real
+//! `.env`.
+
+use std::ops::Range;
 
 use serde_json::Value;
+
+mod encoded;
+mod url;
+
+use url::is_url_key;
 
 /// What a removed value is replaced with.
 pub const REDACTED: &str = "<redacted>";
@@ -43,6 +51,12 @@ fn is_reference(value: &str) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Secrets {
     values: Vec<String>,
+    /// `values` as characters, same order: what the matcher of encoded forms walks.
+    spelled: Vec<Vec<char>>,
+    /// Base64 runs only a secret determines (encoded.rs).
+    base64: Vec<String>,
+    /// Bytes any form of any secret can start with: every other place is passed over at once.
+    starts: Vec<bool>,
 }
 
 impl Secrets {
@@ -56,55 +70,121 @@ impl Secrets {
             self.values.push(value.to_string());
             // Longest first, so a secret containing another is replaced whole.
             self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+            self.spelled = self.values.iter().map(|v| v.chars().collect()).collect();
+            for core in encoded::base64_cores(value) {
+                if !self.base64.contains(&core) {
+                    self.base64.push(core);
+                }
+            }
+            self.starts.resize(256, false);
+            let firsts = self.base64.iter().map(|c| c.as_bytes()[0]);
+            for b in encoded::first_bytes(value).chain(firsts) {
+                self.starts[usize::from(b)] = true;
+            }
         }
     }
 
-    /// The values of secret keys in a `.env` text.
+    /// A URL's password, as written and as the client decodes it (`%40` → `@`): a log may
+    /// show either.
+    fn add_url_password(&mut self, password: &str) {
+        self.add(password);
+        self.add(&url::percent_decode(password));
+    }
+
+    /// The passwords of the URLs in free text.
+    pub fn add_urls(&mut self, text: &str) {
+        for r in url::passwords(text) {
+            self.add_url_password(&text[r]);
+        }
+    }
+
+    /// The secrets a `KEY=value` setting holds: its value under a secret key, the password
+    /// of a URL under any key.
+    fn add_setting(&mut self, key: &str, value: &str) {
+        if is_secret_key(key) {
+            self.add(value);
+        } else if let Some(r) = url::value_password(value).filter(|_| is_url_key(key)) {
+            self.add_url_password(&value[r]);
+        }
+        self.add_urls(value);
+    }
+
+    /// The values of secret keys and URL passwords in a `.env` text.
     pub fn add_env(&mut self, text: &str) {
         for line in text.lines() {
-            if let Some((key, value)) = env_pair(line)
-                && is_secret_key(key)
-            {
-                self.add(value);
+            match env_pair(line) {
+                Some((key, value)) => self.add_setting(key, value),
+                None => self.add_urls(line),
             }
         }
     }
 
-    /// The values of secret keys in a compose file (maps and `KEY=value` lists).
+    /// The values of secret keys (maps and `KEY=value` lists) and URL passwords in a compose
+    /// file.
     pub fn add_compose(&mut self, text: &str) {
         for line in text.lines() {
-            if let Some(split) = yaml_pair(line)
-                && is_secret_key(&line[split.key.clone()])
-            {
-                self.add(&line[split.value.clone()]);
+            match yaml_pair(line) {
+                Some(p) => self.add_setting(&line[p.key], &line[p.value]),
+                None => self.add_urls(line),
             }
         }
     }
 
-    fn contained_in(&self, text: &str) -> bool {
-        self.values.iter().any(|v| text.contains(v.as_str()))
+    /// Where the known secrets are in `text`, in any form encoded.rs knows.
+    fn occurrences(&self, text: &str) -> Vec<Range<usize>> {
+        let bytes = text.as_bytes();
+        let mut found = Vec::new();
+        if self.values.is_empty() {
+            return found;
+        }
+        let mut i = 0;
+        while i < bytes.len() {
+            if !self.starts[usize::from(bytes[i])] {
+                i += 1;
+                continue;
+            }
+            // Every form starts with an ASCII byte or the secret's own first character, so
+            // `i..end` lies on character boundaries.
+            let end = self
+                .spelled
+                .iter()
+                .find_map(|s| encoded::match_at(bytes, i, s))
+                .or_else(|| {
+                    self.base64
+                        .iter()
+                        .find(|c| bytes[i..].starts_with(c.as_bytes()))
+                        .map(|c| i + c.len())
+                });
+            match end {
+                Some(end) if end > i => {
+                    found.push(i..end);
+                    i = end;
+                }
+                _ => i += 1,
+            }
+        }
+        found
     }
 
-    /// Every occurrence replaced.
+    /// Every URL password and every occurrence of a known secret replaced.
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for v in &self.values {
-            if out.contains(v.as_str()) {
-                out = out.replace(v.as_str(), REDACTED);
-            }
-        }
-        out
+        let text = url::redact(text);
+        url::replace(&text, &self.occurrences(&text))
     }
 
-    /// Log text: a line holding a secret is replaced whole (a secret rarely stands alone in a
-    /// log line; what surrounds it is often part of it, like a connection string).
+    /// Log text: URL passwords replaced, and a line holding a known secret replaced whole (a
+    /// secret rarely stands alone in a log line; what surrounds it is often part of it).
     pub fn scrub_lines(&self, text: &str) -> String {
-        if !self.contained_in(text) {
-            return text.to_string();
+        let text = url::redact(text);
+        let found = self.occurrences(&text);
+        if found.is_empty() {
+            return text;
         }
         let mut out = String::with_capacity(text.len());
+        let mut start = 0;
         for line in text.split_inclusive('\n') {
-            if self.contained_in(line) {
+            let end = start + line.len();
+            if found.iter().any(|r| r.start < end && r.end > start) {
                 out.push_str(REDACTED_LINE);
                 if line.ends_with('\n') {
                     out.push('\n');
@@ -112,6 +192,7 @@ impl Secrets {
             } else {
                 out.push_str(line);
             }
+            start = end;
         }
         out
     }
@@ -129,7 +210,8 @@ fn env_pair(line: &str) -> Option<(&str, &str)> {
     (!key.is_empty() && !key.contains(char::is_whitespace)).then_some((key, value))
 }
 
-/// A `.env` text with the value of every secret key replaced; comments and layout kept.
+/// A `.env` text with the value of every secret key and every URL password replaced;
+/// comments and layout kept.
 pub fn env_text(text: &str) -> String {
     text.split_inclusive('\n')
         .map(|line| match env_pair(line) {
@@ -138,7 +220,11 @@ pub fn env_text(text: &str) -> String {
                 let end = if line.ends_with('\n') { "\n" } else { "" };
                 format!("{}{REDACTED}{end}", &line[..cut])
             }
-            _ => line.to_string(),
+            Some((key, value)) => {
+                let cut = line.len() - value.len();
+                format!("{}{}", &line[..cut], url::redact_value(key, value))
+            }
+            None => url::redact(line),
         })
         .collect()
 }
@@ -215,46 +301,49 @@ fn yaml_pair(line: &str) -> Option<YamlPair> {
     })
 }
 
-/// A compose file with the value of every secret key replaced (in `environment:` maps and
-/// lists alike); comments and layout kept.
+/// A compose file with the value of every secret key (in `environment:` maps and lists
+/// alike) and every URL password replaced; comments and layout kept.
 pub fn compose_text(text: &str) -> String {
     text.split_inclusive('\n')
         .map(|line| match yaml_pair(line) {
-            Some(p)
-                if is_secret_key(&line[p.key.clone()]) && !is_reference(&line[p.value.clone()]) =>
-            {
+            Some(p) => {
+                let (key, value) = (&line[p.key.clone()], &line[p.value.clone()]);
+                let value = if is_secret_key(key) && !is_reference(value) {
+                    REDACTED.to_string()
+                } else {
+                    url::redact_value(key, value)
+                };
                 format!(
-                    "{}{REDACTED}{}",
+                    "{}{value}{}",
                     &line[..p.value.start],
-                    &line[p.value.end..]
+                    url::redact(&line[p.value.end..])
                 )
             }
-            _ => line.to_string(),
+            None => url::redact(line),
         })
         .collect()
 }
 
-/// `KEY=value` strings of secret keys redacted (a container's `Config.Env`), the known
-/// secrets removed from every other string.
+/// `KEY=value` strings of secret keys redacted (a container's `Config.Env`), and the values of
+/// secret keys in objects; URL passwords and the known secrets removed from every string.
 pub fn json(value: &mut Value, secrets: &Secrets) {
     match value {
         Value::String(s) => {
-            if let Some((key, v)) = s.split_once('=')
-                && is_secret_key(key)
-                && !is_reference(v)
-            {
-                *s = format!("{key}={REDACTED}");
-            } else {
-                *s = secrets.scrub(s);
-            }
+            *s = match s.split_once('=') {
+                Some((key, v)) if is_secret_key(key) && !is_reference(v) => {
+                    format!("{key}={REDACTED}")
+                }
+                Some((key, v)) => secrets.scrub(&format!("{key}={}", url::redact_value(key, v))),
+                None => secrets.scrub(s),
+            };
         }
         Value::Array(items) => items.iter_mut().for_each(|v| json(v, secrets)),
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                if is_secret_key(key) && v.is_string() {
-                    *v = Value::String(REDACTED.into());
-                } else {
-                    json(v, secrets);
+                match v {
+                    Value::String(_) if is_secret_key(key) => *v = Value::String(REDACTED.into()),
+                    Value::String(s) => *s = secrets.scrub(&url::redact_value(key, s)),
+                    _ => json(v, secrets),
                 }
             }
         }
@@ -262,19 +351,23 @@ pub fn json(value: &mut Value, secrets: &Secrets) {
     }
 }
 
-/// Secret values from `KEY=value` strings anywhere in a JSON value (a container's
-/// `Config.Env`).
+/// Secret values from `KEY=value` strings (a container's `Config.Env`), secret keys of
+/// objects and URLs anywhere in a JSON value.
 pub fn add_json(secrets: &mut Secrets, value: &Value) {
     match value {
-        Value::String(s) => {
-            if let Some((key, v)) = s.split_once('=')
-                && is_secret_key(key)
-            {
-                secrets.add(v);
+        Value::String(s) => match s.split_once('=') {
+            Some((key, v)) => secrets.add_setting(key, v),
+            None => secrets.add_urls(s),
+        },
+        Value::Array(items) => items.iter().for_each(|v| add_json(secrets, v)),
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(s) => secrets.add_setting(key, s),
+                    _ => add_json(secrets, v),
+                }
             }
         }
-        Value::Array(items) => items.iter().for_each(|v| add_json(secrets, v)),
-        Value::Object(map) => map.values().for_each(|v| add_json(secrets, v)),
         _ => {}
     }
 }
@@ -389,12 +482,155 @@ mod tests {
         // Too short or well known: never searched for in free text.
         s.add("abc");
         s.add("postgres");
-        let log =
-            "2026 starting\n2026 connect postgres://postgres:p4ssw0rd-long@db:5432\n2026 abc done";
+        let log = "2026 starting\n2026 auth p4ssw0rd-long rejected\n2026 abc done\n\
+                   2026 connect postgres://postgres:p4ssw0rd%2Dlong@db:5432 as postgres";
+        // A URL's password goes, the line stays: it says what connects where.
         assert_eq!(
             s.scrub_lines(log),
-            format!("2026 starting\n{REDACTED_LINE}\n2026 abc done")
+            format!(
+                "2026 starting\n{REDACTED_LINE}\n2026 abc done\n\
+                 2026 connect postgres://postgres:<redacted>@db:5432 as postgres"
+            )
         );
         assert_eq!(s.scrub_lines("nothing here\n"), "nothing here\n");
+    }
+
+    /// The issue's password in every form a bundle can hold it, under the keys and in the
+    /// places it turned up: `.env`, compose, a container's `Env`, a log line.
+    const RAW: &str = "Pr0be!S3cret@9f";
+    const FORMS: &[&str] = &[
+        "Pr0be!S3cret@9f",
+        "Pr0be%21S3cret%409f",
+        "Pr0be%21S3cret%40%39%66",
+        "Pr0be!S3cret%409f",
+        "%50%72%30%62%65%21%53%33%63%72%65%74%40%39%66",
+        "Pr0be\\u0021S3cret\\u0040\\u0039f",
+    ];
+
+    fn assert_clean(out: &str) {
+        for form in FORMS.iter().copied().chain(["%21S3cret", "S3cret"]) {
+            assert!(!out.contains(form), "{form} in {out}");
+        }
+    }
+
+    #[test]
+    fn url_passwords_in_env_copies_in_every_encoding() {
+        let env = format!(
+            "DB_PASSWORD={RAW}\n\
+             DB_URL=postgresql://postgres:Pr0be%21S3cret%409f@database:5432/immich\n\
+             DATABASE_URL='postgres://postgres:Pr0be%21S3cret%40%39%66@db/immich'\n\
+             REDIS_URL=redis://default:Pr0be%21S3cret%409f@redis:6379\n\
+             MY_CONN=postgres://postgres:Pr0be%21S3cret%409f@db/immich?sslmode=disable\n\
+             RAW_URL=postgres://postgres:{RAW}@db/immich\n\
+             # an old one: postgres://postgres:Pr0be%21S3cret%409f@old/immich\n\
+             IMMICH_VERSION=v1.119.0\n"
+        );
+        let out = env_text(&env);
+        assert_eq!(
+            out,
+            "DB_PASSWORD=<redacted>\n\
+             DB_URL=postgresql://postgres:<redacted>@database:5432/immich\n\
+             DATABASE_URL='postgres://postgres:<redacted>@db/immich'\n\
+             REDIS_URL=redis://default:<redacted>@redis:6379\n\
+             MY_CONN=postgres://postgres:<redacted>@db/immich?sslmode=disable\n\
+             RAW_URL=postgres://postgres:<redacted>@db/immich\n\
+             # an old one: postgres://postgres:<redacted>@old/immich\n\
+             IMMICH_VERSION=v1.119.0\n"
+        );
+        let mut secrets = Secrets::default();
+        secrets.add_env(&env);
+        for known in [RAW, "Pr0be%21S3cret%409f", "Pr0be%21S3cret%40%39%66"] {
+            assert!(secrets.values.iter().any(|v| v == known), "{known}");
+        }
+        // Text that names the password in another form, with no URL around it.
+        for form in FORMS {
+            let text = format!("password was {form}, retrying");
+            let out = secrets.scrub(&text);
+            assert_eq!(out, "password was <redacted>, retrying", "{form}");
+            assert_eq!(secrets.scrub_lines(&text), REDACTED_LINE, "{form}");
+        }
+    }
+
+    #[test]
+    fn either_hex_case() {
+        // The issue's `%21` and `%40` have no hex letter; `:`, `/` and `?` do.
+        let mut secrets = Secrets::default();
+        secrets.add_env("DB_URL=postgres://postgres:Pa%3Ass%2Fw0rd%3Fx@db/immich");
+        for form in [
+            "Pa:ss/w0rd?x",
+            "Pa%3Ass%2Fw0rd%3Fx",
+            "Pa%3ass%2fw0rd%3fx",
+            "Pa%3Ass%2fw0rd%3Fx",
+            "Pa:ss\\/w0rd\\u003fx",
+        ] {
+            assert_eq!(
+                secrets.scrub(&format!("[{form}]")),
+                "[<redacted>]",
+                "{form}"
+            );
+        }
+        assert_eq!(
+            env_text("DB_URL=postgres://postgres:Pa%3ass%2fw0rd%3fx@db/immich"),
+            "DB_URL=postgres://postgres:<redacted>@db/immich"
+        );
+    }
+
+    #[test]
+    fn a_password_learnt_only_from_a_url_is_found_anywhere() {
+        // No DB_PASSWORD: only the server's DB_URL knows it, percent-encoded.
+        let mut v = serde_json::json!({
+            "Config": {
+                "Env": ["DB_URL=postgresql://postgres:Pr0be%21S3cret%409f@database:5432/immich", "TZ=UTC"],
+                "Cmd": ["node", "--db", "postgresql://postgres:Pr0be%21S3cret%409f@database/immich"],
+                "Labels": {"x.backup.url": "postgresql://postgres:Pr0be%21S3cret%40%39%66@database/immich", "note": "pw Pr0be!S3cret@9f"}
+            }
+        });
+        let mut secrets = Secrets::default();
+        add_json(&mut secrets, &v);
+        assert!(
+            secrets.values.iter().any(|s| s == RAW),
+            "{:?}",
+            secrets.values
+        );
+        json(&mut v, &secrets);
+        let text = serde_json::to_string_pretty(&v).unwrap();
+        assert_clean(&text);
+        assert!(
+            text.contains("\"DB_URL=postgresql://postgres:<redacted>@database:5432/immich\""),
+            "{text}"
+        );
+        assert!(text.contains("\"pw <redacted>\""), "{text}");
+        // Logs: the decoded form the server may print, and a basic-auth header.
+        let basic = "GET /api Authorization: Basic cG9zdGdyZXM6UHIwYmUhUzNjcmV0QDlm";
+        let log = format!("boot\nauth with {RAW}\n{basic}\nready\n");
+        assert_eq!(
+            secrets.scrub_lines(&log),
+            format!("boot\n{REDACTED_LINE}\n{REDACTED_LINE}\nready\n")
+        );
+    }
+
+    #[test]
+    fn compose_copies_lose_url_passwords_and_dollar_escaped_secrets() {
+        let yaml = "services:\n  server:\n    environment:\n      DB_URL: \"postgresql://postgres:Pr0be%21S3cret%409f@database:5432/immich\"\n      - REDIS_URL=redis://:Pr0be%21S3cret%409f@redis\n      DB_PASSWORD: \"Pr0be!S3cret@9f\"\n      OTHER: \"x$$Pr0be!S3cret@9f\"\n    command: [\"start\", \"--url=postgres://u:Pr0be!S3cret@9f@db/x\"]\n";
+        let mut secrets = Secrets::default();
+        secrets.add_compose(yaml);
+        let out = secrets.scrub(&compose_text(yaml));
+        assert_clean(&out);
+        assert!(
+            out.contains("DB_URL: \"postgresql://postgres:<redacted>@database:5432/immich\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("- REDIS_URL=redis://:<redacted>@redis\n"),
+            "{out}"
+        );
+        assert!(out.contains("--url=postgres://u:<redacted>@db/x"), "{out}");
+        // A secret with a `$`, written `$$` in a compose file.
+        let mut secrets = Secrets::default();
+        secrets.add("dollar$ecret9");
+        assert_eq!(
+            secrets.scrub("PASS: dollar$$ecret9 # escaped"),
+            "PASS: <redacted> # escaped"
+        );
     }
 }

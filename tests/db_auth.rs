@@ -2,7 +2,9 @@
 //! password on its local socket too (initdb `--auth-local=scram-sha-256`, as a hardened
 //! install does). The daemon's snapshot must dump it with the discovered password, passed in
 //! the exec's environment: never on a command line (where every process in the container and
-//! `docker top` can read it), in a log or in the status.
+//! `docker top` can read it), in a log or in the status. When the database says no, the
+//! error names what was being done and says what PostgreSQL said (issue 18), never the
+//! password.
 
 mod harness;
 
@@ -10,8 +12,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use harness::compose::ScratchPostgres;
 use harness::guard::Guard;
 use harness::{Stack, docker_available};
+use immich_guard::discover::DbAccess;
+use immich_guard::snapshot::db::{DbError, facts};
 use immich_guard::snapshot::store::Meta;
 
 /// Rows of filler: enough that pg_dumpall runs long enough to be seen in the process list.
@@ -170,4 +175,62 @@ fn snapshot_of_a_database_that_wants_a_password_on_its_socket() {
         !meta_json.contains(&password),
         "the password is in meta.json"
     );
+}
+
+/// `facts` against a real PostgreSQL, as `user` with `password` on `database`.
+fn facts_error(db: &ScratchPostgres, user: &str, password: &str, database: &str) -> DbError {
+    let access = DbAccess {
+        user: user.into(),
+        password: password.into(),
+        password_known: true,
+        database: database.into(),
+        host: Some(db.ip()),
+        port: 5432,
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(facts(&access))
+        .expect_err("PostgreSQL refuses")
+}
+
+#[test]
+fn database_errors_name_the_operation_and_postgresqls_own_words() {
+    if !docker_available() {
+        return;
+    }
+    let db = ScratchPostgres::start();
+    // A role that may log in but not read the asset table.
+    db.psql(
+        "postgres",
+        "CREATE TABLE asset (id int); CREATE ROLE reader LOGIN PASSWORD 'R3ader!pass@x'",
+    );
+    let wrong = "Wr0ng!pass@word";
+    let cases = [
+        (
+            facts_error(&db, "postgres", wrong, "postgres"),
+            "connecting to the database at",
+            r#"FATAL: password authentication failed for user "postgres" (SQLSTATE 28P01)"#,
+        ),
+        (
+            facts_error(&db, "postgres", "scratch", "nosuchdb"),
+            "connecting to the database at",
+            r#"FATAL: database "nosuchdb" does not exist (SQLSTATE 3D000)"#,
+        ),
+        (
+            facts_error(&db, "reader", "R3ader!pass@x", "postgres"),
+            "counting assets: ",
+            "ERROR: permission denied for table asset (SQLSTATE 42501)",
+        ),
+    ];
+    for (e, operation, words) in &cases {
+        let message = e.to_string();
+        eprintln!("{message}");
+        assert!(message.contains(operation), "{message}");
+        assert!(message.contains(words), "{message}");
+        assert!(!message.contains("db error"), "{message}");
+        assert!(!e.is_transient(), "{message}");
+        for password in [wrong, "R3ader!pass@x", "scratch"] {
+            assert!(!message.contains(password), "{message}");
+        }
+    }
 }

@@ -60,6 +60,27 @@ fn assert_private(root: &Path, snapshot_root: &Path) -> Vec<String> {
     listing
 }
 
+/// A crash loop: the server (started with `STANDIN_CRASH_FILE`) fails at every boot from its
+/// restart on. Returns the incident bundle once the halt has rewritten its incident.json.
+fn crash_loop_bundle(stack: &Stack, guard: &Guard) -> PathBuf {
+    std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
+    docker_ok(&["restart", &stack.container_name("immich-server")]);
+    let s = guard.wait_status("the crash loop halted", LONG, |s| {
+        s.state.protection.incident.is_some() && !s.state.protection.halted.is_empty()
+    });
+    let incident = s.state.protection.incident.unwrap();
+    let start = std::time::Instant::now();
+    while !guard.log().contains("incident bundle written") {
+        assert!(
+            start.elapsed() < LONG,
+            "no bundle rewrite:\n{}",
+            guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    incident.dir.join(&incident.id)
+}
+
 #[test]
 fn a_daemon_run_by_hand_under_umask_022_keeps_snapshots_and_incidents_owner_only_without_secrets() {
     if !docker_available() {
@@ -99,14 +120,7 @@ fn a_daemon_run_by_hand_under_umask_022_keeps_snapshots_and_incidents_owner_only
         immich_guard::snapshot::storage::StorageMethod::Hardlink
     );
 
-    // A crash loop: the server fails at every boot from its restart on.
-    std::fs::write(stack.upload.join(".standin-crash"), "boot").unwrap();
-    docker_ok(&["restart", &stack.container_name("immich-server")]);
-    let s = guard.wait_status("the crash loop halted", LONG, |s| {
-        s.state.protection.incident.is_some() && !s.state.protection.halted.is_empty()
-    });
-    let incident = s.state.protection.incident.unwrap();
-    let bundle = incident.dir.join(&incident.id);
+    let bundle = crash_loop_bundle(&stack, &guard);
     assert!(bundle.join("config/.env").is_file());
 
     let data = guard.dir.path().join("data");
@@ -176,6 +190,144 @@ fn a_daemon_run_by_hand_under_umask_022_keeps_snapshots_and_incidents_owner_only
         "permissions after a snapshot and an incident:\n{}",
         listing.join("\n")
     );
+}
+
+/// Issue 18: `!` and `@` are what URL userinfo must percent-encode.
+const URL_PASSWORD: &str = "Pr0be!S3cret@9f";
+const URL_ENCODED: &str = "Pr0be%21S3cret%409f";
+/// `Authorization: Basic` of `postgres:Pr0be!S3cret@9f`.
+const BASIC_AUTH: &str = "cG9zdGdyZXM6UHIwYmUhUzNjcmV0QDlm";
+
+/// The bytes of every file under `dir`, zstd ones decompressed. Any other compressed format
+/// fails the test: it would be unread.
+fn files_decoded(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(dir) {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path().to_path_buf();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let bytes = std::fs::read(&path).unwrap();
+        let bytes = if name.ends_with(".zst") {
+            zstd::decode_all(&bytes[..]).unwrap()
+        } else {
+            assert!(
+                ![".gz", ".tgz", ".xz", ".bz2", ".zip", ".tar"]
+                    .iter()
+                    .any(|ext| name.ends_with(ext)),
+                "{}: a compressed file this test cannot read",
+                path.display()
+            );
+            bytes
+        };
+        files.push((path, bytes));
+    }
+    files
+}
+
+#[test]
+fn an_incident_bundle_holds_a_url_encoded_password_in_no_form() {
+    if !docker_available() {
+        return;
+    }
+    let db_url = format!("postgresql://postgres:{URL_ENCODED}@database:5432/immich");
+    // The server's crash line names the password three more ways: in a URL with lowercase-hex
+    // full encoding, JSON-escaped, and in a basic-auth header.
+    let crash = format!(
+        r#"Error: cannot connect to postgresql://postgres:%50%72%30%62%65%21%53%33%63%72%65%74%40%39%66@database/immich {{"password":"Pr0be\u0021S3cret\u00409f"}} Authorization: Basic {BASIC_AUTH}"#
+    );
+    harness::compose::remove_leftovers();
+    let stack = Stack::create(
+        StackSpec::default()
+            .db_password(URL_PASSWORD)
+            .restart("always")
+            .boot_delay_ms(300)
+            .env("STANDIN_CRASH_FILE", "/data/.standin-crash")
+            .env("STANDIN_CRASH_MESSAGE", &crash)
+            .env("DB_URL", &db_url),
+    );
+    // In `.env` too, where Immich documents DB_URL.
+    let mut env = std::fs::read_to_string(&stack.env_file).unwrap();
+    env.push_str(&format!("DB_URL={db_url}\n"));
+    std::fs::write(&stack.env_file, &env).unwrap();
+    stack.compose(&["up", "-d"]);
+    // The stand-in connects with DB_PASSWORD: the stack works with this password.
+    stack
+        .wait_server_ready(stack.spec.ready_timeout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stack.psql("SELECT 1"), "1");
+
+    let snapshots = tempfile::tempdir().unwrap();
+    let guard = Guard::watching(
+        &stack,
+        snapshots.path(),
+        "\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n",
+    );
+    guard.wait_status("a baseline", Duration::from_secs(60), |s| {
+        s.state.protection.baseline.is_some()
+    });
+    let bundle = crash_loop_bundle(&stack, &guard);
+
+    // Compared in lower case: each percent-encoded form in either hex case at once.
+    let json_escaped = serde_json::to_string(URL_PASSWORD).unwrap();
+    let forms: Vec<String> = [
+        URL_PASSWORD,
+        URL_ENCODED,
+        "Pr0be!S3cret%409f",
+        "%50%72%30%62%65%21%53%33%63%72%65%74%40%39%66",
+        r"Pr0be\u0021S3cret\u00409f",
+        json_escaped.trim_matches('"'),
+    ]
+    .iter()
+    .map(|f| f.to_ascii_lowercase())
+    .collect();
+    let files = files_decoded(&bundle);
+    assert!(files.len() >= 10, "{files:?}");
+    for (path, bytes) in &files {
+        let lower = bytes.to_ascii_lowercase();
+        for form in &forms {
+            assert!(
+                !lower.windows(form.len()).any(|w| w == form.as_bytes()),
+                "{} holds the password as {form}:\n{}",
+                path.display(),
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        assert!(
+            !bytes
+                .windows(BASIC_AUTH.len())
+                .any(|w| w == BASIC_AUTH.as_bytes()),
+            "{} holds the basic-auth header",
+            path.display()
+        );
+    }
+    // Only the password went: what connects where is still there.
+    let redacted_url = "postgresql://postgres:<redacted>@database:5432/immich";
+    let read = |rel: &str| std::fs::read_to_string(bundle.join(rel)).unwrap();
+    let env = read("config/.env");
+    assert!(env.contains("DB_PASSWORD=<redacted>"), "{env}");
+    assert!(env.contains(&format!("DB_URL={redacted_url}")), "{env}");
+    let compose = read("config/docker-compose.yml");
+    assert!(
+        compose.contains(&format!("DB_URL: \"{redacted_url}\"")),
+        "{compose}"
+    );
+    let inspect = read("inspect/immich-server.json");
+    assert!(
+        inspect.contains(&format!("\"DB_URL={redacted_url}\"")),
+        "{inspect}"
+    );
+    let log = read("logs/immich-server.log");
+    assert!(
+        log.contains(immich_guard::redact::REDACTED_LINE),
+        "the crash line held the password: {log}"
+    );
+    let daemon_log = guard.log().to_ascii_lowercase();
+    for form in &forms {
+        assert!(!daemon_log.contains(form.as_str()), "the log holds {form}");
+    }
 }
 
 #[test]

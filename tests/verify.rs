@@ -305,4 +305,29 @@ fn verify_passes_a_healthy_stack_and_catches_each_fault_on_its_own() {
         String::from_utf8_lossy(&out.stderr).contains("no sealed snapshot nope"),
         "{out:?}"
     );
+
+    // A wrong database password (issue 18): the counts say what was tried and what
+    // PostgreSQL answered, not "db error", and not the password.
+    let wrong = "Wr0ng!pass@word";
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[database]\npassword = {wrong:?}\n"));
+    std::fs::write(&config, text).unwrap();
+    let (out, report) = verify(&config, &[]);
+    let ip = stack.ip("database").unwrap();
+    for name in ["assets", "users"] {
+        assert_eq!(
+            detail(&report, name),
+            format!(
+                "cannot count: connecting to the database at {ip}:5432 (database immich, user postgres): \
+                 FATAL: password authentication failed for user \"postgres\" (SQLSTATE 28P01)"
+            )
+        );
+    }
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains(wrong) && !all.contains(&stack.db_password));
 }

@@ -172,8 +172,9 @@ pub struct Guard {
     compose_rx: Option<mpsc::Receiver<ComposeEvent>>,
     waiting: HashMap<ReplyId, Waiting>,
     next_reply: u64,
-    /// Incident bundles written, by incident ID, for the rewrite after the halt.
-    bundles: HashMap<String, PathBuf>,
+    /// Incident bundles written, by incident ID, with the secrets they were redacted of, for
+    /// the rewrite after the halt.
+    bundles: HashMap<String, (PathBuf, crate::redact::Secrets)>,
     disk: Option<DiskStamp>,
     /// The view last written to `protection.json`.
     saved: Option<StateFile>,
@@ -457,7 +458,8 @@ impl Guard {
                     &view,
                 ) {
                     Ok(path) => {
-                        self.bundles.insert(incident.id.clone(), path);
+                        self.bundles
+                            .insert(incident.id.clone(), (path, evidence.secrets.clone()));
                     }
                     Err(e) => tracing::error!(error = %e, "could not write the incident bundle"),
                 }
@@ -477,10 +479,10 @@ impl Guard {
             Effect::FinishIncident { incident } => {
                 // The halted list is known only now: the sealed bundle's incident.json is
                 // replaced whole, never left half-written.
-                if let Some(path) = self.bundles.remove(&incident.id) {
+                if let Some((path, secrets)) = self.bundles.remove(&incident.id) {
                     let _ = crate::durable::replace_synced(
                         &path.join(crate::incident::INCIDENT_FILE),
-                        &serde_json::to_vec_pretty(&*incident).unwrap_or_default(),
+                        &crate::incident::incident_json(&incident, &secrets),
                     );
                     tracing::info!(dir = %path.display(), "incident bundle written");
                 }

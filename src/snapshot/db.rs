@@ -43,9 +43,10 @@ pub enum DbError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("database {what}: {detail}")]
-    Sql { what: String, detail: String },
-    #[error("database connection to {target}: {detail}")]
+    /// `detail` is PostgreSQL's own words (pg_error.rs).
+    #[error("{operation}: {detail}")]
+    Sql { operation: String, detail: String },
+    #[error("connecting to the database at {target}: {detail}")]
     Connect { target: String, detail: String },
 }
 
@@ -62,6 +63,8 @@ impl DbError {
             "timeout",
             "no route to host",
             "unknown (database container not running",
+            // cannot_connect_now: starting up, shutting down, in recovery.
+            "sqlstate 57p03",
         ];
         match self {
             DbError::Connect { detail, .. } => {
@@ -306,13 +309,16 @@ pub struct DbFacts {
     pub xid_snapshot: Option<String>,
 }
 
-/// Connects with the discovered credentials and reads migrations, counts and size.
+/// Connects with the discovered credentials and reads migrations, counts and size. An error
+/// names what was being done and what PostgreSQL said, never the password.
 pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
-    let sql = |what: &str| {
-        let what = what.to_string();
+    let mut password = crate::redact::Secrets::default();
+    password.add(&access.password);
+    let describe = |e: &tokio_postgres::Error| password.scrub(&crate::pg_error::describe(e));
+    let sql = |operation: String| {
         move |e: tokio_postgres::Error| DbError::Sql {
-            what: what.clone(),
-            detail: e.to_string(),
+            operation,
+            detail: describe(&e),
         }
     };
     let host = access.host.as_deref().ok_or_else(|| DbError::Connect {
@@ -328,8 +334,11 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         .dbname(&access.database)
         .connect_timeout(std::time::Duration::from_secs(10));
     let (client, connection) = config.connect(NoTls).await.map_err(|e| DbError::Connect {
-        target: format!("{host}:{}", access.port),
-        detail: e.to_string(),
+        target: format!(
+            "{host}:{} (database {}, user {})",
+            access.port, access.database, access.user
+        ),
+        detail: describe(&e),
     })?;
     let conn = tokio::spawn(connection);
 
@@ -342,11 +351,14 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     let mut counts = Vec::new();
     let mut migrations = Vec::new();
     for table in ["migrations", "kysely_migrations"] {
-        let mut names: Vec<String> = if exists(&client, table).await.map_err(sql(table))? {
+        let found = exists(&client, table)
+            .await
+            .map_err(sql(format!("looking for the migrations table {table}")))?;
+        let mut names: Vec<String> = if found {
             client
                 .query(&format!("SELECT name::text FROM {table}"), &[])
                 .await
-                .map_err(sql(table))?
+                .map_err(sql(format!("reading the applied migrations in {table}")))?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
@@ -360,14 +372,14 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     // StandardizeNames (~v1.137) renamed assets→asset and users→user.
     let assets = count_first(&client, &["asset", "assets"])
         .await
-        .map_err(sql("asset count"))?;
+        .map_err(sql("counting assets".into()))?;
     let users = count_first(&client, &["\"user\"", "users"])
         .await
-        .map_err(sql("user count"))?;
+        .map_err(sql("counting users".into()))?;
     let database_bytes: i64 = client
         .query_one("SELECT pg_database_size(current_database())", &[])
         .await
-        .map_err(sql("size"))?
+        .map_err(sql("reading the database size".into()))?
         .get(0);
     drop(client);
     let _ = conn.await;
@@ -425,6 +437,38 @@ mod tests {
         assert_eq!(exec_env(&access), Some(vec!["PGPASSWORD=s3cret".into()]));
         access.password_known = false;
         assert_eq!(exec_env(&access), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_target_and_the_cause() {
+        // A port nothing listens on: bound, then let go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let access = DbAccess {
+            user: "postgres".into(),
+            password: "Pr0be!S3cret@9f".into(),
+            password_known: true,
+            database: "immich".into(),
+            host: Some("127.0.0.1".into()),
+            port,
+        };
+        let e = facts(&access).await.unwrap_err();
+        let message = e.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "connecting to the database at 127.0.0.1:{port} (database immich, user postgres): error connecting to server: "
+            )),
+            "{message}"
+        );
+        assert!(
+            message.to_lowercase().contains("connection refused"),
+            "{message}"
+        );
+        assert!(e.is_transient(), "{message}");
+        assert!(!message.contains("Pr0be"), "{message}");
     }
 
     #[test]

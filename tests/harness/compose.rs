@@ -60,6 +60,9 @@ pub struct StackSpec {
     /// Leave `container_name` out (Immich's file sets it): compose names the containers
     /// `project-service-1` (v2) or `project_service_1` (v1).
     pub compose_names: bool,
+    /// `DB_PASSWORD` in `.env` (random hex when None): a password with characters a URL
+    /// must percent-encode, for the redaction tests.
+    pub db_password: Option<String>,
 }
 
 impl Default for StackSpec {
@@ -75,6 +78,7 @@ impl Default for StackSpec {
             wait_ready: true,
             ready_timeout: Duration::from_secs(90),
             compose_names: false,
+            db_password: None,
         }
     }
 }
@@ -120,6 +124,17 @@ impl StackSpec {
     /// Do not wait for the server in `up` (it is expected to fail, or the test waits itself).
     pub fn no_wait(mut self) -> StackSpec {
         self.wait_ready = false;
+        self
+    }
+
+    /// `DB_PASSWORD` (and so `POSTGRES_PASSWORD`): written unquoted in `.env`, so no `$`,
+    /// `#`, quote or space.
+    pub fn db_password(mut self, password: &str) -> StackSpec {
+        assert!(
+            !password.contains(['$', '#', '"', '\'', ' ', '\n']),
+            "{password:?} needs quoting in .env"
+        );
+        self.db_password = Some(password.into());
         self
     }
 
@@ -393,7 +408,7 @@ impl Stack {
                 std::os::unix::fs::chown(&upload, Some(uid), ids.get(1).copied()).ok();
             }
         }
-        let db_password = random_hex(12);
+        let db_password = spec.db_password.clone().unwrap_or_else(|| random_hex(12));
         let env_file = dir.join(".env");
         std::fs::write(
             &env_file,
@@ -1316,6 +1331,16 @@ impl ScratchPostgres {
 
     pub fn logs(&self) -> String {
         container_logs(&self.name)
+    }
+
+    /// Its address on Docker's network (PostgreSQL listens on 5432, password `scratch`).
+    pub fn ip(&self) -> String {
+        inspect(
+            &self.name,
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        )
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("{} has no address", self.name))
     }
 }
 
