@@ -214,3 +214,60 @@ impl Content {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::hashes::read_hashes;
+    use crate::snapshot::hashes::run_pass;
+    use crate::snapshot::hashes::tests::{FILES, flip_byte, go, meta_of, options, sealed};
+    use crate::snapshot::storage::{StorageMethod, read_manifest};
+    use crate::snapshot::store::{MANIFEST_FILE, STORAGE_DIR};
+
+    #[test]
+    fn a_flipped_byte_in_a_stored_original_is_found_and_refused() {
+        let s = sealed(StorageMethod::Copy);
+        run_pass(&s.dir, &options(), &go).unwrap();
+        let stored = s.dir.join("storage/upload/u1/02.jpg");
+        flip_byte(&stored);
+        let meta = meta_of(&s.dir);
+        let entries = read_manifest(&s.dir.join(MANIFEST_FILE)).unwrap();
+        // Everything would be put back (an empty upload location).
+        let empty = tempfile::tempdir().unwrap();
+        let check = |force| {
+            check_before(
+                &meta,
+                &s.dir,
+                &s.dir.join(STORAGE_DIR),
+                empty.path(),
+                &entries,
+                force,
+                &|_, _| true,
+            )
+        };
+        let refused = check(false).unwrap_err().to_string();
+        assert!(refused.contains("upload/u1/02.jpg"), "{refused}");
+        let recorded = &read_hashes(&meta, &s.dir).unwrap().unwrap()["upload/u1/02.jpg"];
+        assert!(
+            refused.contains(recorded.sha256.as_deref().unwrap()),
+            "{refused}"
+        );
+        let forced = check(true).unwrap();
+        assert_eq!(forced.damaged.len(), 1);
+        assert!(forced.skips("upload/u1/02.jpg"));
+        assert!(!forced.skips("upload/u1/01.jpg"));
+        assert_eq!(forced.checked, FILES as u64);
+        // The storage step's own check refuses the same file in its temp place.
+        let damaged = Content::default();
+        assert_eq!(damaged.placed_ok("upload/u1/02.jpg", &stored), Ok(true));
+        assert!(matches!(
+            check(true).unwrap().placed_ok("upload/u1/02.jpg", &stored),
+            Ok(false)
+        ));
+        assert!(
+            forced
+                .placed_ok("upload/u1/01.jpg", &s.dir.join("storage/upload/u1/01.jpg"))
+                .unwrap()
+        );
+    }
+}

@@ -669,4 +669,4 @@ pub fn unhashed(root: &Path) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
