@@ -213,3 +213,42 @@ pub fn check(facts: &Facts, id: &str) -> Check {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::hashes::run_pass;
+    use crate::snapshot::hashes::tests::{FILES, go, meta_of, options, sealed};
+    use std::fs;
+
+    #[test]
+    fn an_in_place_write_to_a_hard_linked_original_is_reported() {
+        let s = sealed(StorageMethod::Hardlink);
+        run_pass(&s.dir, &options(), &go).unwrap();
+        let meta = meta_of(&s.dir);
+        let source = Source::of(&meta, &s.dir);
+        let clean = gather(Some(&s.upload), &source).unwrap().unwrap();
+        assert!(
+            clean.in_place.is_empty() && clean.differ.is_empty(),
+            "{clean:?}"
+        );
+        assert_eq!(clean.hashed, FILES);
+
+        // Open for writing without truncating, change bytes: the snapshot's link sees it too.
+        use std::os::unix::fs::FileExt;
+        let live = s.upload.join("upload/u1/04.jpg");
+        let f = fs::File::options().write(true).open(&live).unwrap();
+        f.write_all_at(b"EDITED", 0).unwrap();
+        drop(f);
+        let found = gather(Some(&s.upload), &source).unwrap().unwrap();
+        assert_eq!(found.in_place.len(), 1, "{found:?}");
+        assert!(found.in_place[0].starts_with("upload/u1/04.jpg"));
+        let line = check(&Some(Ok(found)), "s1");
+        assert_eq!(line.outcome, crate::verify::Outcome::Fail);
+        assert!(
+            line.detail.contains("changed in place since the snapshot"),
+            "{}",
+            line.detail
+        );
+    }
+}
