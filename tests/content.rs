@@ -178,6 +178,13 @@ fn a_flipped_byte_in_a_stored_original_is_refused_at_restore_and_skipped_with_fo
     eprintln!("forced:\n{said}");
     assert!(out.status.success(), "{said}");
     assert!(said.contains("NOT restored (--force)"), "{said}");
+    // The verify after it does not judge the file the admin chose to leave, and says so.
+    assert!(
+        said.contains(
+            "1 left as they were by restore --force (their stored copy is damaged), not judged"
+        ),
+        "{said}"
+    );
     assert!(said.contains(&damaged), "{said}");
     let now = originals(&stack.upload);
     assert_eq!(now.get(&gone), Some(&then[&gone]), "the rest is restored");

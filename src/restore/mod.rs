@@ -1125,11 +1125,19 @@ async fn run_steps(
         format!("verify --against {}", plan.meta.id),
     );
     let fresh = rediscover(ctx).await?;
-    let verify_plan = crate::verify::Plan::against(
+    let mut verify_plan = crate::verify::Plan::against(
         &plan.meta,
         &plan.dir,
         format!("the restored snapshot {}", plan.meta.id),
     );
+    if let Some(b) = &mut verify_plan.baseline {
+        b.content.left_by_restore = plan
+            .content
+            .damaged
+            .iter()
+            .map(|d| d.path.clone())
+            .collect();
+    }
     let report = crate::verify::verify(ctx.docker, ctx.host, &fresh, &verify_plan).await;
     j.verify_passed = Some(report.passed());
     j.completed_at = Some(chrono::Utc::now());

@@ -32,6 +32,9 @@ pub struct Source {
     pub method: Option<StorageMethod>,
     /// `None`: the pass after the seal has not finished.
     pub hashes: Option<ContentHashes>,
+    /// Live files a `restore --force` left as they were (their stored copy was damaged): not
+    /// judged against the snapshot, only counted.
+    pub left_by_restore: Vec<String>,
 }
 
 impl Source {
@@ -41,6 +44,7 @@ impl Source {
             storage: storage_root(meta, dir),
             method: Some(meta.storage.method),
             hashes: meta.hashes.clone(),
+            left_by_restore: Vec::new(),
         }
     }
 }
@@ -58,6 +62,8 @@ pub struct Found {
     pub in_place: Vec<String>,
     /// Other methods: stored copies changed or gone since they were hashed.
     pub stored_changed: Vec<String>,
+    /// Live files `restore --force` left as they were, not judged.
+    pub left_by_restore: usize,
 }
 
 pub type Facts = Option<Result<Found, String>>;
@@ -107,7 +113,12 @@ fn look(upload: Option<&Path>, source: &Source, recorded: &ContentHashes) -> Res
         }
     }
     if let Some(upload) = upload {
-        live(upload, &entries, &hashes, &mut found);
+        let judged: Vec<_> = entries
+            .into_iter()
+            .filter(|e| !source.left_by_restore.contains(&e.path))
+            .collect();
+        live(upload, &judged, &hashes, &mut found);
+        found.left_by_restore = source.left_by_restore.len();
     }
     found.differ.sort();
     found.in_place.sort();
@@ -171,11 +182,19 @@ pub fn check(facts: &Facts, id: &str) -> Check {
         Some(Ok(found)) => found,
     };
     let sampled = format!(
-        "{}/{} live originals with their recorded size and mtime hashed{}",
+        "{}/{} live originals with their recorded size and mtime hashed{}{}",
         found.hashed,
         found.eligible,
         if found.hashed < found.eligible {
             format!(" (a {} s budget)", LIVE_BUDGET.as_secs())
+        } else {
+            String::new()
+        },
+        if found.left_by_restore > 0 {
+            format!(
+                "; {} left as they were by restore --force (their stored copy is damaged), not judged",
+                found.left_by_restore
+            )
         } else {
             String::new()
         }
