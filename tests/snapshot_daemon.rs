@@ -223,6 +223,8 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     let snapshots = dir.path().join("snapshots");
     let stuck = harness::guard::snapshot_of(&stack, dir.path());
     let other = harness::guard::snapshot_of(&stack, dir.path());
+    // The newest snapshot whose content check passed is kept whatever keep_last says.
+    let checked = harness::guard::snapshot_of(&stack, dir.path());
     let Some(flag) = Immutable::set(&snapshots.join(&stuck.id).join("db.sql.zst"), &snapshots)
     else {
         return;
@@ -231,6 +233,7 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     guard.wait_status("stack discovered", Duration::from_secs(30), |s| {
         s.state.stack.is_some()
     });
+    wait_all_checked(&guard);
 
     let out = guard.cli(&["snapshot"]);
     let (stdout, stderr) = (
@@ -252,13 +255,17 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
         "{stderr}"
     );
     let listed = list(&guard);
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert!(stdout.contains(&listed[0].id), "{stdout}");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        listed[0].id, checked.id,
+        "the newest checked snapshot stays"
+    );
+    assert!(stdout.contains(&listed[1].id), "{stdout}");
 
     let status = guard.status();
     assert_eq!(
         status.state.last_snapshot.as_ref().unwrap().id,
-        listed[0].id
+        listed[1].id
     );
     assert_eq!(status.state.last_snapshot_error, None);
     let warning = status.state.retention_warning.clone().unwrap();
@@ -292,6 +299,7 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     // is removed when that snapshot begins.
     flag.clear();
     stack.psql("CREATE TABLE after_the_fix (x int)");
+    wait_all_checked(&guard);
     let out = guard.cli(&["snapshot"]);
     assert!(out.status.success(), "{out:?}");
     let s = guard.wait_status("the leftover removed", Duration::from_secs(30), |s| {
@@ -299,5 +307,19 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     });
     assert_eq!(s.state.retention_warning, None);
     assert!(!leftover.exists());
-    assert_eq!(list(&guard).len(), 1);
+    // The new one, and the one before it as the newest checked; `checked` went.
+    let ids: Vec<String> = list(&guard).into_iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        [listed[1].id.clone(), s.state.last_snapshot.unwrap().id]
+    );
+}
+
+/// Until the daemon's content-hash pass has checked every sealed snapshot.
+fn wait_all_checked(guard: &Guard) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !list(guard).iter().all(|m| m.check_passed()) {
+        assert!(std::time::Instant::now() < deadline, "{}", guard.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
