@@ -33,17 +33,11 @@ fn guard_for(stack: &Stack, snapshots: &std::path::Path, extra: &str) -> Guard {
     guard
 }
 
-fn list(guard: &Guard) -> Vec<Meta> {
-    let out = guard.cli(&["list", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn wait_snapshot(guard: &Guard, trigger: &str) -> Meta {
     guard.wait_status(&format!("a sealed {trigger} snapshot"), LONG, |s| {
         s.state.last_snapshot.is_some()
     });
-    let all = list(guard);
+    let all = guard.list();
     all.into_iter()
         .rev()
         .find(|m| m.trigger == trigger)
@@ -169,7 +163,7 @@ fn manual_upgrade_env_then_up_is_snapshotted_before_migrations() {
     assert_eq!(s.state.protection.state, ProtectState::Idle);
     assert!(s.state.protection.pending.is_none());
     assert_eq!(
-        list(&guard).len(),
+        guard.list().len(),
         1,
         "one change, one snapshot; log:\n{}",
         guard.log()
@@ -389,7 +383,7 @@ fn down_edit_up_waits_for_the_database_and_snapshots_before_migrations() {
             && p.baseline.as_ref().is_some_and(|b| b.version == "v1.120.0")
     });
     assert!(s.state.protection.hold.is_none());
-    let all = list(guard);
+    let all = guard.list();
     assert_eq!(all.len(), 1, "{all:?}");
     assert_pre_migration(&all[0], assets_before);
     assert!(
@@ -461,7 +455,7 @@ fn a_burst_of_env_edits_is_snapshotted_once() {
         // Edits a few seconds apart, as an admin saving again and again.
         std::thread::sleep(Duration::from_millis(2500));
     }
-    let all = list(&guard);
+    let all = guard.list();
     assert_eq!(
         all.len(),
         1,
@@ -656,7 +650,7 @@ fn an_undeletable_partial_at_start_is_named_and_protection_goes_on() {
         "{}",
         guard.log()
     );
-    assert_eq!(list(&guard).len(), 3, "pre-update and two manual snapshots");
+    assert_eq!(guard.list().len(), 3, "pre-update and two manual snapshots");
 }
 
 /// Issue 18: the snapshot of a frozen new server seals, then retention fails (an old
@@ -684,12 +678,8 @@ fn a_retention_that_fails_after_the_seal_never_holds_the_server() {
         &snapshots,
         &format!("keep_last = 1\n\n[notify]\nwebhook_url = {hook:?}\n"),
     );
-    // The daemon hashes the snapshots it finds at start (snapshot/hash_queue.rs).
-    let deadline = std::time::Instant::now() + LONG;
-    while !list(&guard).iter().all(|m| m.check_passed()) {
-        assert!(std::time::Instant::now() < deadline, "{}", guard.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The daemon hashes the snapshots it finds at start.
+    guard.wait_all_checked(LONG);
     // Written since: the older snapshots do not cover the change, a new one is taken.
     stack.psql("CREATE TABLE written_since (x int)");
     let assets_before = stack.asset_count();
@@ -713,7 +703,7 @@ fn a_retention_that_fails_after_the_seal_never_holds_the_server() {
     assert_eq!(s.state.last_snapshot_error, None);
     let warning = s.state.retention_warning.clone().unwrap();
     assert!(warning.contains(&stuck.id), "{warning}");
-    let ids: Vec<String> = list(&guard).into_iter().map(|m| m.id).collect();
+    let ids: Vec<String> = guard.list().into_iter().map(|m| m.id).collect();
     assert_eq!(
         ids,
         [checked.id.clone(), meta.id.clone()],

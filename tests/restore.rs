@@ -334,13 +334,22 @@ fn said_every_step(out: &Output) {
     }
 }
 
-/// A v1 stack, a temp dir and a [`cli_config`] config in it.
-fn v1_with_config() -> (Stack, tempfile::TempDir, std::path::PathBuf) {
-    ensure_images(&[V1]);
-    let stack = Stack::up(StackSpec::new(V1));
+/// The images of `versions`, a stack up as `spec` says, a temp dir and a [`cli_config`]
+/// config in it.
+fn with_config(
+    versions: &[&str],
+    spec: StackSpec,
+) -> (Stack, tempfile::TempDir, std::path::PathBuf) {
+    ensure_images(versions);
+    let stack = Stack::up(spec);
     let dir = tempfile::tempdir().unwrap();
     let config = cli_config(&stack, dir.path());
     (stack, dir, config)
+}
+
+/// A v1 stack, a temp dir and a [`cli_config`] config in it.
+fn v1_with_config() -> (Stack, tempfile::TempDir, std::path::PathBuf) {
+    with_config(&[V1], StackSpec::new(V1))
 }
 
 fn added_since(stack: &Stack, before: &Before) -> BTreeMap<String, Vec<u8>> {
@@ -355,10 +364,7 @@ fn restore_brings_back_database_files_and_version_across_a_migrating_upgrade() {
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1, V2]);
-    let stack = Stack::up(StackSpec::new(V1));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(&[V1, V2], StackSpec::new(V1));
     let before = snapshot_v1(&stack, dir.path());
     let deleted = upgrade_and_delete(&stack, &before);
     let added = added_since(&stack, &before);
@@ -394,10 +400,7 @@ fn dry_run_prints_every_step_and_a_tampered_snapshot_is_refused_before_anything_
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1, V2]);
-    let stack = Stack::up(StackSpec::new(V1));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(&[V1, V2], StackSpec::new(V1));
     let before = snapshot_v1(&stack, dir.path());
     stack.set_env("IMMICH_VERSION", V2);
     let env = std::fs::read(&stack.env_file).unwrap();
@@ -890,11 +893,11 @@ fn restore_with_the_daemon_running_freezes_holds_and_halts_nothing_and_a_crash_l
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1, V2]);
     // The stand-in crashes at boot once this file (in the upload location) says so.
-    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_CRASH_FILE", "/data/.standin-crash"));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(
+        &[V1, V2],
+        StackSpec::new(V1).env("STANDIN_CRASH_FILE", "/data/.standin-crash"),
+    );
     let mut toml = std::fs::read_to_string(&config).unwrap();
     toml.push_str("\n[crash_loop]\ndeaths = 3\nwindow_secs = 120\n");
     std::fs::write(&config, toml).unwrap();
@@ -1138,10 +1141,10 @@ fn a_restore_while_phones_upload_keeps_every_file_and_row_that_existed() {
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1]);
-    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "100"));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(
+        &[V1],
+        StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "100"),
+    );
     let daemon = Daemon::start(&config, dir.path());
     daemon.wait_baseline(V1);
     let out = cli(&config, &["snapshot", "--json"]);
@@ -1183,10 +1186,10 @@ fn a_daemon_killed_mid_restore_and_the_stack_writing_again_before_the_rerun_lose
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1]);
-    let stack = Stack::up(StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "200"));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(
+        &[V1],
+        StackSpec::new(V1).env("STANDIN_UPLOAD_EVERY_MS", "200"),
+    );
     let meta = snapshot_of(&stack, dir.path());
     let watcher = Watcher::start(&stack);
     {
@@ -1274,10 +1277,7 @@ fn a_refused_restore_starts_the_stack_again_leaves_no_journal_and_the_next_upgra
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1, V2]);
-    let stack = Stack::up(StackSpec::new(V1));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(&[V1, V2], StackSpec::new(V1));
     let daemon = Daemon::start(&config, dir.path());
     daemon.wait_baseline(V1);
     let out = cli(&config, &["snapshot", "--json"]);
@@ -1366,10 +1366,7 @@ fn an_unfinished_restore_is_abandoned_after_saying_its_state_and_a_rerun_option_
     if !docker_available() {
         return;
     }
-    ensure_images(&[V1, V2]);
-    let stack = Stack::up(StackSpec::new(V1));
-    let dir = tempfile::tempdir().unwrap();
-    let config = cli_config(&stack, dir.path());
+    let (stack, dir, config) = with_config(&[V1, V2], StackSpec::new(V1));
     let before = snapshot_v1(&stack, dir.path());
     upgrade_and_delete(&stack, &before);
     let id = before.meta.id.as_str();

@@ -20,12 +20,6 @@ fn guard_for(stack: &Stack, snapshots: &std::path::Path) -> Guard {
     guard
 }
 
-fn list(guard: &Guard) -> Vec<Meta> {
-    let out = guard.cli(&["list", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
     if !docker_available() {
@@ -51,7 +45,7 @@ fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
     assert!(stderr.contains("dumping with pg_dumpall"), "{stderr}");
     assert!(stderr.contains("storage:"), "{stderr}");
 
-    let listed = list(&guard);
+    let listed = guard.list();
     assert_eq!(listed.len(), 1);
     let meta = &listed[0];
     assert_eq!(meta.label.as_deref(), Some("before trying v1.120"));
@@ -118,7 +112,7 @@ fn two_snapshot_requests_at_once_give_one_snapshot() {
     let (a, b) = (run(), run());
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     assert_eq!(a, b, "both callers get the one snapshot");
-    assert_eq!(list(&guard).len(), 1);
+    assert_eq!(guard.list().len(), 1);
 }
 
 #[test]
@@ -162,7 +156,7 @@ fn only_root_may_take_a_snapshot() {
         err.contains("permission denied") && err.contains("root"),
         "{err}"
     );
-    assert!(list(&guard).is_empty());
+    assert!(guard.list().is_empty());
 }
 
 #[test]
@@ -206,7 +200,7 @@ fn daemon_killed_mid_snapshot_leaves_a_partial_that_the_next_start_removes() {
         "{}",
         again.log()
     );
-    assert!(list(&again).is_empty(), "never listed");
+    assert!(again.list().is_empty(), "never listed");
 }
 
 /// Issue 18: a snapshot that seals counts, whatever the retention after it does. Two older
@@ -233,7 +227,7 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     guard.wait_status("stack discovered", Duration::from_secs(30), |s| {
         s.state.stack.is_some()
     });
-    wait_all_checked(&guard);
+    guard.wait_all_checked(Duration::from_secs(60));
 
     let out = guard.cli(&["snapshot"]);
     let (stdout, stderr) = (
@@ -254,7 +248,7 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
         )) && stderr.contains("Operation not permitted"),
         "{stderr}"
     );
-    let listed = list(&guard);
+    let listed = guard.list();
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(
         listed[0].id, checked.id,
@@ -299,7 +293,7 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     // is removed when that snapshot begins.
     flag.clear();
     stack.psql("CREATE TABLE after_the_fix (x int)");
-    wait_all_checked(&guard);
+    guard.wait_all_checked(Duration::from_secs(60));
     let out = guard.cli(&["snapshot"]);
     assert!(out.status.success(), "{out:?}");
     let s = guard.wait_status("the leftover removed", Duration::from_secs(30), |s| {
@@ -308,18 +302,9 @@ fn a_retention_that_fails_after_the_seal_is_a_warning_and_snapshot_exits_0() {
     assert_eq!(s.state.retention_warning, None);
     assert!(!leftover.exists());
     // The new one, and the one before it as the newest checked; `checked` went.
-    let ids: Vec<String> = list(&guard).into_iter().map(|m| m.id).collect();
+    let ids: Vec<String> = guard.list().into_iter().map(|m| m.id).collect();
     assert_eq!(
         ids,
         [listed[1].id.clone(), s.state.last_snapshot.unwrap().id]
     );
-}
-
-/// Until the daemon's content-hash pass has checked every sealed snapshot.
-fn wait_all_checked(guard: &Guard) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !list(guard).iter().all(|m| m.check_passed()) {
-        assert!(std::time::Instant::now() < deadline, "{}", guard.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

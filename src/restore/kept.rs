@@ -5,13 +5,12 @@
 //! deletes a file that exists nowhere else (README.md "How to recover").
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::storage::TreeError;
+use super::storage::{TreeError, io};
 use crate::snapshot::storage::{EntryKind, read_manifest};
-use crate::snapshot::store::{MANIFEST_FILE, META_FILE, Meta, STORAGE_DIR};
+use crate::snapshot::store::{MANIFEST_FILE, META_FILE, STORAGE_DIR, read_meta};
 
 /// Under the data dir: files a restore set aside, one folder per restore.
 pub const KEPT_DIR: &str = "kept";
@@ -50,23 +49,11 @@ impl Holders {
             let mut holders = Vec::new();
             for id in &self.ids {
                 let dir = self.snapshots.join(id);
-                let meta: Meta = std::fs::read(dir.join(META_FILE))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .ok_or_else(|| TreeError::Io {
-                        path: dir.join(META_FILE),
-                        action: "reading the pre-restore snapshot",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "missing or unreadable",
-                        ),
-                    })?;
+                let meta = read_meta(&dir)
+                    .map_err(io(&dir.join(META_FILE), "reading the pre-restore snapshot"))?;
                 let manifest = dir.join(MANIFEST_FILE);
-                let entries = read_manifest(&manifest).map_err(|source| TreeError::Io {
-                    path: manifest.clone(),
-                    action: "reading the pre-restore snapshot's manifest",
-                    source,
-                })?;
+                let entries = read_manifest(&manifest)
+                    .map_err(io(&manifest, "reading the pre-restore snapshot's manifest"))?;
                 holders.push(Holder {
                     id: id.clone(),
                     source: meta
@@ -87,10 +74,13 @@ impl Holders {
 
     /// The pre-restore snapshot that holds the live entry at `live` (relative path `rel`)
     /// as it is now, if any. Folders are never "held": they are removed only when empty.
-    pub fn holding(&mut self, rel: &str, live: &Path) -> Result<Option<String>, TreeError> {
-        let Ok(now) = std::fs::symlink_metadata(live) else {
-            return Ok(None);
-        };
+    /// `now`: the live entry's own metadata (not followed).
+    fn holding(
+        &mut self,
+        rel: &str,
+        live: &Path,
+        now: &std::fs::Metadata,
+    ) -> Result<Option<String>, TreeError> {
         if self.ids.is_empty() || now.is_dir() {
             return Ok(None);
         }
@@ -122,47 +112,14 @@ impl Holders {
     }
 }
 
-/// Whether two files have the same bytes (read side by side, stopping at the first
-/// difference).
+/// Whether two files have the same bytes (their SHA-256, as snapshots record it).
 fn same_bytes(a: &Path, b: &Path) -> Result<bool, TreeError> {
-    let open = |p: &Path| {
-        std::fs::File::open(p).map_err(|source| TreeError::Io {
-            path: p.to_path_buf(),
-            action: "reading it to compare",
-            source,
-        })
+    let sha = |p: &Path| {
+        crate::snapshot::db::file_sha256(p)
+            .map(|(sha, _)| sha)
+            .map_err(io(p, "reading it to compare"))
     };
-    let (mut fa, mut fb) = (open(a)?, open(b)?);
-    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-    loop {
-        let na = read_full(&mut fa, &mut ba, a)?;
-        let nb = read_full(&mut fb, &mut bb, b)?;
-        if na != nb || ba[..na] != bb[..nb] {
-            return Ok(false);
-        }
-        if na == 0 {
-            return Ok(true);
-        }
-    }
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8], path: &Path) -> Result<usize, TreeError> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(TreeError::Io {
-                    path: path.to_path_buf(),
-                    action: "reading it to compare",
-                    source,
-                });
-            }
-        }
-    }
-    Ok(n)
+    Ok(sha(a)? == sha(b)?)
 }
 
 /// Where a restore moves what no pre-restore snapshot holds.
@@ -188,14 +145,6 @@ impl Aside {
     /// same filesystem, else a synced copy then the removal of the original. An entry
     /// already there (a rerun after a kill) is kept under a numbered name, never replaced.
     pub fn take(&mut self, rel: &str, live: &Path) -> Result<(), TreeError> {
-        let io = |path: &Path, action: &'static str| {
-            let path = path.to_path_buf();
-            move |source| TreeError::Io {
-                path,
-                action,
-                source,
-            }
-        };
         let mut dest = self.dir.join(rel);
         if let Some(parent) = dest.parent() {
             crate::owner_only::create_dir_all(parent).map_err(io(parent, "creating it"))?;
@@ -262,10 +211,10 @@ impl Keep {
     /// Makes way at `live` (relative path `rel`): a held entry may be removed or overwritten
     /// by the caller; anything else is moved aside first.
     pub fn clear_way(&mut self, rel: &str, live: &Path) -> Result<Cleared, TreeError> {
-        if std::fs::symlink_metadata(live).is_err() {
+        let Ok(now) = std::fs::symlink_metadata(live) else {
             return Ok(Cleared::Empty);
-        }
-        if let Some(id) = self.holders.holding(rel, live)? {
+        };
+        if let Some(id) = self.holders.holding(rel, live, &now)? {
             *self.held.entry(id).or_default() += 1;
             return Ok(Cleared::Held);
         }
@@ -276,14 +225,6 @@ impl Keep {
 
 /// A synced copy of a file, symlink or folder tree (owner, mode and mtime of files kept).
 fn copy_tree(from: &Path, to: &Path) -> Result<(), TreeError> {
-    let io = |path: &Path, action: &'static str| {
-        let path = path.to_path_buf();
-        move |source| TreeError::Io {
-            path,
-            action,
-            source,
-        }
-    };
     let m = std::fs::symlink_metadata(from).map_err(io(from, "reading it"))?;
     if m.file_type().is_symlink() {
         let target = std::fs::read_link(from).map_err(io(from, "reading the link"))?;

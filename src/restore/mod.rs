@@ -414,9 +414,8 @@ pub fn check_snapshot(snapshots: &Path, id: &str) -> Result<(Meta, PathBuf), Res
         });
     }
     let meta_path = dir.join(META_FILE);
-    let meta: Meta = std::fs::read(&meta_path)
+    let meta = crate::snapshot::store::read_meta(&dir)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| RestoreError::NotSealed {
             id: id.to_string(),
             path: meta_path.clone(),
@@ -525,10 +524,7 @@ impl Plan {
             |s: &Option<crate::discover::Service>| s.as_ref().map(|s| s.container_name.clone());
         let db = name(&stack.database).unwrap_or_else(|| "the database".into());
         let s = Step::Stop;
-        let stops: Vec<String> = [&stack.server, &stack.machine_learning, &stack.redis]
-            .into_iter()
-            .filter_map(name)
-            .collect();
+        let stops = stack::writers(stack);
         out.push(format!(
             "{}. stop{}: {}, so that nothing writes from here on (the database too if it cannot start)",
             s.number(),
@@ -740,15 +736,7 @@ async fn run_steps(
     // is touched this is done again on every run: a resumed restore may find the stack
     // started meanwhile (by hand, or by Docker at boot), writing.
     if !j.changed_data() {
-        let names: Vec<String> = [
-            &ctx.stack.server,
-            &ctx.stack.machine_learning,
-            &ctx.stack.redis,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|s| s.container_name.clone())
-        .collect();
+        let names = stack::writers(ctx.stack);
         step(progress, Step::Stop, names.join(", "));
         for name in &names {
             if stack::stop(ctx.docker, ctx.host, name).await? && !j.stopped.contains(name) {
@@ -1164,10 +1152,7 @@ async fn unchanged_since_kept(ctx: &Ctx<'_>, j: &Journal) -> bool {
         // --no-preserve: nothing was kept, nothing is to keep.
         return j.no_preserve;
     };
-    let Ok(meta) = std::fs::read(ctx.config.snapshot_dir().join(id).join(META_FILE))
-        .map_err(|_| ())
-        .and_then(|b| serde_json::from_slice::<Meta>(&b).map_err(|_| ()))
-    else {
+    let Ok(meta) = crate::snapshot::store::read_meta(&ctx.config.snapshot_dir().join(id)) else {
         return false;
     };
     let (Some(access), Some(upload)) = (ctx.stack.db.as_ref(), &ctx.stack.upload_location) else {

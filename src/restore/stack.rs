@@ -15,6 +15,16 @@ use crate::discover::Stack;
 /// Seconds a container gets to stop before it is killed (Immich's server finishes jobs).
 const STOP_TIMEOUT_SECS: i32 = 30;
 
+/// The containers the stop step stops so that nothing writes: server, machine learning
+/// and redis, as discovered.
+pub fn writers(stack: &Stack) -> Vec<String> {
+    [&stack.server, &stack.machine_learning, &stack.redis]
+        .into_iter()
+        .flatten()
+        .map(|s| s.container_name.clone())
+        .collect()
+}
+
 /// Stops `container` (already stopped is fine); whether it was running.
 pub async fn stop(docker: &Docker, host: &str, container: &str) -> Result<bool, RestoreError> {
     let options = bollard::query_parameters::StopContainerOptionsBuilder::default()

@@ -38,7 +38,7 @@ pub enum TreeError {
     Damaged(super::content::Damaged),
 }
 
-fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> TreeError {
+pub(super) fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> TreeError {
     let path = path.to_path_buf();
     move |source| TreeError::Io {
         path,

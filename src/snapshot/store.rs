@@ -98,6 +98,14 @@ impl Meta {
     }
 }
 
+/// The `meta.json` of the snapshot at `dir` (sealed or not); a file that does not parse is
+/// `InvalidData`.
+pub fn read_meta(dir: &Path) -> std::io::Result<Meta> {
+    let bytes = std::fs::read(dir.join(META_FILE))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 pub struct Store {
     root: PathBuf,
 }

@@ -146,6 +146,23 @@ impl Guard {
         cli(&self.config_path, args)
     }
 
+    /// `list --json`: the sealed snapshots, oldest first.
+    pub fn list(&self) -> Vec<immich_guard::snapshot::store::Meta> {
+        let out = self.cli(&["list", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Until the daemon's content-hash pass (snapshot/hash_queue.rs) has checked every sealed
+    /// snapshot.
+    pub fn wait_all_checked(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.list().iter().all(|m| m.check_passed()) {
+            assert!(Instant::now() < deadline, "{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// SIGKILL: the daemon gets no chance to clean up, like a power cut or an OOM kill.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
