@@ -45,6 +45,8 @@ fn cli_snapshot_is_sealed_listed_and_shown_in_status() {
     assert!(stderr.contains("dumping with pg_dumpall"), "{stderr}");
     assert!(stderr.contains("storage:"), "{stderr}");
 
+    // The content-hash pass after the seal adds its record to meta.json: compared once done.
+    guard.wait_all_checked(Duration::from_secs(60));
     let listed = guard.list();
     assert_eq!(listed.len(), 1);
     let meta = &listed[0];
