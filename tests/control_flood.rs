@@ -176,7 +176,11 @@ fn a_flood_on_the_socket_does_not_blind_protection() {
     // something else had leaked them): accept backs off instead of spinning, the log says so
     // once, and the socket serves again as soon as descriptors are back.
     // Only the soft limit: lowering the hard one cannot be undone without CAP_SYS_RESOURCE.
-    set_fd_limit(pid, open_fds(pid) + 2, HOST_FD_LIMIT);
+    // The content-hash pass that follows the seal opens files and directories of its own;
+    // once it is done the daemon's count is steady, so the limit leaves exactly two spare.
+    guard.wait_all_checked(LONG);
+    let steady = steady_fds(pid);
+    set_fd_limit(pid, steady + 2, HOST_FD_LIMIT);
     let queued: Vec<UnixStream> = (0..40)
         .map(|_| UnixStream::connect(&guard.socket).unwrap())
         .collect();
@@ -342,6 +346,20 @@ fn fd_limit_of(pid: u32) -> u64 {
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
     line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// The daemon's descriptor count once it has been the same for a second.
+fn steady_fds(pid: u32) -> u64 {
+    let deadline = Instant::now() + LONG;
+    let mut last = open_fds(pid);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = open_fds(pid);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 fn open_fds(pid: u32) -> u64 {
