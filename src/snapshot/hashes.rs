@@ -310,16 +310,14 @@ pub fn run_pass(
             ),
         },
     };
-    // Read again: meta.json is the snapshot's, written whole; only our fields change.
-    let Some(mut fresh) = read_meta(dir)? else {
-        return Ok(Finished::Gone);
-    };
-    fresh.hashes = Some(hashes.clone());
-    fresh.check = Some(check.clone());
-    let json = serde_json::to_vec_pretty(&fresh).expect("meta serializes");
-    match replace_synced(&dir.join(META_FILE), &json) {
-        Ok(()) => {}
-        Err(_) if !dir.join(META_FILE).exists() => return Ok(Finished::Gone),
+    // Read again under the store's lock: meta.json is the snapshot's; only our fields change.
+    let recorded = super::store::update_meta(dir, |fresh| {
+        fresh.hashes = Some(hashes.clone());
+        fresh.check = Some(check.clone());
+    });
+    match recorded {
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(Finished::Gone),
         Err(e) => return Err(io(&dir.join(META_FILE), "recording the hashes")(e)),
     }
     let _ = std::fs::remove_file(&partial_path);

@@ -106,6 +106,30 @@ pub fn read_meta(dir: &Path) -> std::io::Result<Meta> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Serializes every rewrite of a sealed snapshot's meta.json in this process: the
+/// content-hash pass and the restore drill each add their own fields after the seal, and a
+/// read-modify-write of one must not drop the other's.
+static META_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Rewrites the meta.json of the sealed snapshot at `dir` with `change` applied (temp file,
+/// fsync, rename): read again under the lock, so only the fields `change` touches change.
+/// `Ok(None)`: the snapshot is gone (retention or the admin removed it meanwhile).
+pub fn update_meta(dir: &Path, change: impl FnOnce(&mut Meta)) -> std::io::Result<Option<Meta>> {
+    let _one_writer = META_WRITES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut meta = match read_meta(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    change(&mut meta);
+    let json = serde_json::to_vec_pretty(&meta).expect("meta serializes");
+    match replace_synced(&dir.join(META_FILE), &json) {
+        Ok(()) => Ok(Some(meta)),
+        Err(_) if !dir.join(META_FILE).exists() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub struct Store {
     root: PathBuf,
 }
