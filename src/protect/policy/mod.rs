@@ -113,6 +113,14 @@ enum Starting {
     },
 }
 
+impl Starting {
+    fn container(&self) -> &str {
+        match self {
+            Starting::Pausing(event) | Starting::Inspecting { event, .. } => &event.container_id,
+        }
+    }
+}
+
 /// Why a frozen or held server is let go; comes back with the `Thawed` result.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Thaw {
@@ -386,8 +394,9 @@ pub struct Policy {
     release_waiters: Vec<ReplyId>,
     /// A restore runs, or one is unfinished: protection stands back.
     restore: Option<restoring::Mode>,
-    /// A server start between its pause and its inspect.
-    starting: Option<Starting>,
+    /// Server starts between their pause and their inspect, one per container: a second
+    /// start (another container) must not drop the first, or it stays paused unjudged.
+    starting: Vec<Starting>,
     disk: Box<Disk>,
 }
 
@@ -426,7 +435,7 @@ impl Policy {
             verifying: false,
             release_waiters: Vec::new(),
             restore: None,
-            starting: None,
+            starting: Vec::new(),
             disk: Box::default(),
         }
     }

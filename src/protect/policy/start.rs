@@ -65,7 +65,22 @@ impl Policy {
         out.push(Effect::Pause {
             container: event.container_id.clone(),
         });
-        self.starting = Some(Starting::Pausing(event));
+        self.starting
+            .retain(|s| s.container() != event.container_id.as_str());
+        self.starting.push(Starting::Pausing(event));
+    }
+
+    /// The start of `container` waiting for this result, taken out of the list.
+    fn take_starting(
+        &mut self,
+        container: &str,
+        waits: impl Fn(&Starting) -> bool,
+    ) -> Option<Starting> {
+        let at = self
+            .starting
+            .iter()
+            .position(|s| s.container() == container && waits(s))?;
+        Some(self.starting.remove(at))
     }
 
     /// The pause returned: `now` is when, so the delay is the freeze's.
@@ -76,12 +91,10 @@ impl Policy {
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
-        let event = match self.starting.take() {
-            Some(Starting::Pausing(event)) if event.container_id == container => event,
-            other => {
-                self.starting = other;
-                return;
-            }
+        let Some(Starting::Pausing(event)) =
+            self.take_starting(&container, |s| matches!(s, Starting::Pausing(_)))
+        else {
+            return;
         };
         let delay_ms = (now - event.at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         match &outcome {
@@ -103,7 +116,7 @@ impl Policy {
         out.push(Effect::Inspect {
             container: container.clone(),
         });
-        self.starting = Some(Starting::Inspecting {
+        self.starting.push(Starting::Inspecting {
             event,
             outcome,
             delay_ms,
@@ -119,16 +132,13 @@ impl Policy {
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
-        let (event, outcome, delay_ms) = match self.starting.take() {
-            Some(Starting::Inspecting {
-                event,
-                outcome,
-                delay_ms,
-            }) if event.container_id == container => (event, outcome, delay_ms),
-            other => {
-                self.starting = other;
-                return;
-            }
+        let Some(Starting::Inspecting {
+            event,
+            outcome,
+            delay_ms,
+        }) = self.take_starting(&container, |s| matches!(s, Starting::Inspecting { .. }))
+        else {
+            return;
         };
         let (image_id, version) = match image {
             Some(facts) => {

@@ -831,6 +831,42 @@ fn a_start_of_a_removed_container_freezes_nothing() {
 }
 
 #[test]
+fn a_second_start_before_the_first_pause_returns_drops_neither() {
+    // compose's recreate can start a new container while the first one's pause is on its
+    // way; each pause result must still be inspected, or that container stays paused unjudged.
+    let mut t = T::on_v119();
+    let image = "ghcr.io/immich-app/immich-server:v1.120.0";
+    t.step(Event::Started(t.event("c1", image)));
+    let out = t.step(Event::Started(t.event("c2", image)));
+    assert!(matches!(out.as_slice(), [Effect::Pause { container }] if container == "c2"));
+    for c in ["c1", "c2"] {
+        let out = t.step(Event::Paused {
+            container: c.into(),
+            outcome: PauseOutcome::Paused,
+        });
+        assert!(
+            matches!(out.as_slice(), [Effect::Inspect { container }] if container == c),
+            "{c}: {out:?}"
+        );
+    }
+    t.step(Event::Inspected {
+        container: "c1".into(),
+        image: Some(facts(V120)),
+    });
+    t.step(Event::Inspected {
+        container: "c2".into(),
+        image: Some(facts(V120)),
+    });
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let out = t.sealed(V119);
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::Thaw { server, .. } if server.container == "c2")),
+        "the newest container is let go once the snapshot seals: {out:?}"
+    );
+}
+
+#[test]
 fn a_server_that_cannot_be_paused_is_stopped() {
     let mut t = T::on_v119();
     t.step(Event::Started(
