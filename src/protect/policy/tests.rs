@@ -102,8 +102,7 @@ fn view(version: Option<&str>) -> ComposeView {
             "ghcr.io/immich-app/immich-server:{}",
             version.unwrap_or("release")
         )),
-        ml_image: None,
-        files: vec![],
+        ..ComposeView::default()
     }
 }
 
