@@ -49,17 +49,23 @@ pub struct ComposeView {
     pub ml_image: Option<String>,
     /// Each file read, with the hex SHA-256 of its content, so a view changes when any byte does.
     pub files: Vec<(PathBuf, String)>,
-    /// What the upgrade-path check reads (crate::paths): the variables a row of its table
-    /// names, from `.env` then the server's and machine learning's `environment:` (none is a
-    /// secret; nothing else of `.env` is kept).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub path_env: BTreeMap<String, String>,
+    /// What the upgrade-path check reads (crate::paths); boxed, the view travels in events.
+    pub paths: Box<PathFacts>,
+}
+
+/// What the compose config says that Immich's upgrade-path table reads (crate::paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PathFacts {
+    /// The variables a row of the table names, from `.env` then the machine learning's and
+    /// the server's `environment:` (none is a secret; nothing else of `.env` is kept).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     /// The database service's image, interpolated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub database_image: Option<String>,
     /// Where the server service mounts the upload location in the container (`/data` or
     /// `/usr/src/app/upload`), when it mounts one of them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_mount: Option<String>,
 }
 
@@ -181,9 +187,11 @@ pub fn read_view(
         server_image: server.and_then(|s| s.image.clone()),
         ml_image: ml.and_then(|s| s.image.clone()),
         files,
-        path_env,
-        database_image: database.and_then(|(_, s)| s.image.clone()),
-        upload_mount: server.and_then(|s| s.upload_mount.clone()),
+        paths: Box::new(PathFacts {
+            env: path_env,
+            database_image: database.and_then(|(_, s)| s.image.clone()),
+            upload_mount: server.and_then(|s| s.upload_mount.clone()),
+        }),
     })
 }
 
@@ -545,7 +553,8 @@ services:
         .unwrap();
         let view = read_view(dir.path(), &[PathBuf::from("docker-compose.yml")], None).unwrap();
         let env: Vec<(&str, &str)> = view
-            .path_env
+            .paths
+            .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
@@ -559,10 +568,13 @@ services:
             ]
         );
         assert_eq!(
-            view.database_image.as_deref(),
+            view.paths.database_image.as_deref(),
             Some("tensorchord/pgvecto-rs:pg14-v0.2.0")
         );
-        assert_eq!(view.upload_mount.as_deref(), Some("/usr/src/app/upload"));
+        assert_eq!(
+            view.paths.upload_mount.as_deref(),
+            Some("/usr/src/app/upload")
+        );
         let json = serde_json::to_string(&view).unwrap();
         assert!(!json.contains("hunter2"), "{json}");
     }
