@@ -19,6 +19,7 @@ pub mod lock;
 pub mod memory;
 pub mod notification;
 pub mod owner_only;
+pub mod paths;
 pub mod pg_error;
 pub mod pin;
 pub mod post_upgrade;

@@ -113,6 +113,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Immich's documented upgrade constraints as immich-guard checks them (the table this
+    /// build carries): from, to, what must hold, hold or warn, the source, the way through.
+    Paths {
+        #[arg(long)]
+        json: bool,
+    },
     /// Diagnose logs collected without the daemon (before it was installed, or from another
     /// machine) with the engine incidents use: `docker compose logs | immich-guard diagnose -`,
     /// or `--logs FILE [--service NAME]` (repeatable; the Nth --service names the Nth file when
@@ -264,6 +270,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             services,
             json,
         } => diagnose_cmd(input, logs, services, json),
+        Command::Paths { json } => {
+            let rows = immich_guard::paths::table();
+            if json {
+                println!("{}", serde_json::to_string_pretty(rows)?);
+            } else {
+                print!("{}", immich_guard::paths::render(rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Restore {
             abandon: true, yes, ..
         } => runtime.block_on(abandon_cmd(&config, yes)),

@@ -26,6 +26,9 @@ pub enum EventKind {
     Frozen,
     Held,
     Released,
+    /// What Immich's upgrade-path table says about a pending change (holds to come,
+    /// warnings), once per change of what it says.
+    UpgradePath,
     CrashLoop,
     /// The verify after an upgrade failed (docs/operations.md "DEGRADED").
     Degraded,
@@ -38,6 +41,7 @@ impl EventKind {
     fn priority(self) -> u8 {
         match self {
             EventKind::Held
+            | EventKind::UpgradePath
             | EventKind::CrashLoop
             | EventKind::SnapshotFailed
             | EventKind::Degraded => 4,

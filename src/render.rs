@@ -138,6 +138,10 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
                 .map(|id| format!(", covered by {id}"))
                 .unwrap_or_else(|| ", no snapshot sealed for it yet".into())
         );
+        // What Immich's upgrade-path table says about it (`immich-guard paths`).
+        for n in &c.notes {
+            let _ = writeln!(out, "  upgrade path: {}", n.line());
+        }
     }
     if let Some(s) = &p.settling {
         let _ = writeln!(

@@ -4,5 +4,5 @@
 pub mod model;
 pub mod watch;
 
-pub use model::{ComposeError, ComposeView, read_view};
+pub use model::{ComposeError, ComposeView, PathFacts, read_view};
 pub use watch::{ComposeEvent, ComposeWatcher, DEFAULT_DEBOUNCE};

@@ -5,7 +5,7 @@
 //! The daemon has not got the admin's shell environment, so `${VAR}` is filled from `.env` only;
 //! compose would let a variable exported in the admin's shell override `.env`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -37,7 +37,7 @@ pub enum ComposeError {
 }
 
 /// What the compose config says about Immich, and the files it was read from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ComposeView {
     /// `.env` `IMMICH_VERSION`; None when unset or empty (compose then uses the image default).
     pub immich_version: Option<String>,
@@ -49,6 +49,35 @@ pub struct ComposeView {
     pub ml_image: Option<String>,
     /// Each file read, with the hex SHA-256 of its content, so a view changes when any byte does.
     pub files: Vec<(PathBuf, String)>,
+    /// What the upgrade-path check reads (crate::paths); boxed, the view travels in events.
+    pub paths: Box<PathFacts>,
+}
+
+/// What the compose config says that Immich's upgrade-path table reads (crate::paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PathFacts {
+    /// The variables a row of the table names, from `.env` then the machine learning's and
+    /// the server's `environment:` (none is a secret; nothing else of `.env` is kept).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The database service's image, interpolated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_image: Option<String>,
+    /// Where the server service mounts the upload location in the container (`/data` or
+    /// `/usr/src/app/upload`), when it mounts one of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_mount: Option<String>,
+}
+
+/// The container paths Immich has mounted the upload location at (crate::paths reads which).
+const UPLOAD_MOUNTS: [&str; 2] = ["/data", "/usr/src/app/upload"];
+
+/// One service as the merged files describe it, for what the view keeps.
+#[derive(Default)]
+struct ServiceView {
+    image: Option<String>,
+    env: BTreeMap<String, String>,
+    upload_mount: Option<String>,
 }
 
 /// Reads `.env` (missing is fine) and the compose files, later files overriding a service's
@@ -80,8 +109,8 @@ pub fn read_view(
         }
     };
 
-    // (service, image) in order of first appearance; a later file replaces the image.
-    let mut images: Vec<(String, String)> = Vec::new();
+    // Services in order of first appearance; a later file replaces what it sets.
+    let mut services: Vec<(String, ServiceView)> = Vec::new();
     for file in compose_files {
         let path = dir.join(file);
         let bytes = std::fs::read(&path).map_err(|source| ComposeError::Read {
@@ -96,39 +125,126 @@ pub fn read_view(
         let mut doc: yaml_serde::Value = yaml_serde::from_slice(&bytes).map_err(parse_error)?;
         // Admins share settings between services with anchors and `<<: *x`.
         doc.apply_merge().map_err(parse_error)?;
-        let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else {
+        let Some(file_services) = doc.get("services").and_then(|s| s.as_mapping()) else {
             continue;
         };
-        for (name, service) in services {
-            let (Some(name), Some(image)) =
-                (name.as_str(), service.get("image").and_then(|i| i.as_str()))
-            else {
-                continue;
+        for (name, service) in file_services {
+            let Some(name) = name.as_str() else { continue };
+            let at = match services.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    services.push((name.to_string(), ServiceView::default()));
+                    services.len() - 1
+                }
             };
-            let image = interpolate(image, &env).map_err(|message| ComposeError::Interpolate {
-                path: path.clone(),
-                service: name.to_string(),
-                message,
-            })?;
-            match images.iter_mut().find(|(n, _)| n == name) {
-                Some((_, old)) => *old = image,
-                None => images.push((name.to_string(), image)),
+            let view = &mut services[at].1;
+            if let Some(image) = service.get("image").and_then(|i| i.as_str()) {
+                let image =
+                    interpolate(image, &env).map_err(|message| ComposeError::Interpolate {
+                        path: path.clone(),
+                        service: name.to_string(),
+                        message,
+                    })?;
+                view.image = Some(image);
+            }
+            view.env.extend(watched_environment(service, &env));
+            if let Some(mount) = upload_mount(service, &env) {
+                view.upload_mount = Some(mount);
             }
         }
     }
 
     let find = |name: &str| {
-        images
+        services
             .iter()
-            .find(|(_, image)| ImageRef::parse(image).is_of(name))
-            .map(|(_, image)| image.clone())
+            .find(|(_, s)| {
+                s.image
+                    .as_deref()
+                    .is_some_and(|i| ImageRef::parse(i).is_of(name))
+            })
+            .map(|(_, s)| s)
     };
+    let (server, ml) = (find(SERVER_IMAGE), find(ML_IMAGE));
+    // `.env` first (both Immich services read it), then what `environment:` sets over it.
+    let mut path_env: BTreeMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| crate::paths::watched(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for s in ml.into_iter().chain(server) {
+        path_env.extend(s.env.clone());
+    }
+    let database = services.iter().find(|(name, s)| {
+        name == "database"
+            || s.image.as_deref().is_some_and(|i| {
+                let name = ImageRef::parse(i).name().to_ascii_lowercase();
+                name.contains("postgres") || name.contains("pgvecto")
+            })
+    });
     Ok(ComposeView {
         immich_version: env.get("IMMICH_VERSION").filter(|v| !v.is_empty()).cloned(),
         env_missing,
-        server_image: find(SERVER_IMAGE),
-        ml_image: find(ML_IMAGE),
+        server_image: server.and_then(|s| s.image.clone()),
+        ml_image: ml.and_then(|s| s.image.clone()),
         files,
+        paths: Box::new(PathFacts {
+            env: path_env,
+            database_image: database.and_then(|(_, s)| s.image.clone()),
+            upload_mount: server.and_then(|s| s.upload_mount.clone()),
+        }),
+    })
+}
+
+/// The watched variables (crate::paths::watched) a service's `environment:` sets, in the
+/// map or the list form, interpolated (a value compose would refuse is kept as written).
+fn watched_environment(
+    service: &yaml_serde::Value,
+    env: &HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let value = |v: &str| interpolate(v, env).unwrap_or_else(|_| v.to_string());
+    let pairs: Vec<(String, String)> = match service.get("environment") {
+        Some(yaml_serde::Value::Mapping(m)) => m
+            .iter()
+            .filter_map(|(k, v)| {
+                let v = match v {
+                    yaml_serde::Value::String(s) => s.clone(),
+                    yaml_serde::Value::Number(n) => n.to_string(),
+                    yaml_serde::Value::Bool(b) => b.to_string(),
+                    _ => String::new(),
+                };
+                Some((k.as_str()?.to_string(), v))
+            })
+            .collect(),
+        Some(yaml_serde::Value::Sequence(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str())
+            .map(|i| match i.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (i.to_string(), env.get(i).cloned().unwrap_or_default()),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter(|(k, _)| crate::paths::watched(k))
+        .map(|(k, v)| (k, value(&v)))
+        .collect()
+}
+
+/// The container path among `UPLOAD_MOUNTS` a service mounts something at (short
+/// `src:target[:mode]`, interpolated first, or long `target:` syntax).
+fn upload_mount(service: &yaml_serde::Value, env: &HashMap<String, String>) -> Option<String> {
+    let volumes = service.get("volumes")?.as_sequence()?;
+    volumes.iter().find_map(|v| {
+        let target = match v {
+            yaml_serde::Value::String(s) => {
+                interpolate(s, env).ok()?.split(':').nth(1)?.to_string()
+            }
+            other => other.get("target")?.as_str()?.to_string(),
+        };
+        let target = target.trim_end_matches('/');
+        UPLOAD_MOUNTS.contains(&target).then(|| target.to_string())
     })
 }
 
@@ -405,6 +521,62 @@ mod tests {
         );
         let names: Vec<_> = view.files.iter().map(|(p, _)| p.clone()).collect();
         assert_eq!(names, [dir.join(".env"), dir.join("docker-compose.yml")]);
+    }
+
+    #[test]
+    fn the_view_keeps_what_the_upgrade_paths_read_and_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(".env"),
+            "IMMICH_VERSION=v3.0.0\nDB_PASSWORD=hunter2\nDB_VECTOR_EXTENSION=pgvecto.rs\nMACHINE_LEARNING_PRELOAD__CLIP=ViT-B-32\nUPLOAD_LOCATION=./library\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("docker-compose.yml"),
+            r#"
+services:
+  immich-server:
+    image: ghcr.io/immich-app/immich-server:${IMMICH_VERSION:-release}
+    volumes:
+      - ${UPLOAD_LOCATION:-./x}:/usr/src/app/upload
+    environment:
+      - IMMICH_MACHINE_LEARNING_PING_TIMEOUT=2000
+      - DB_PASSWORD
+  immich-machine-learning:
+    image: ghcr.io/immich-app/immich-machine-learning:${IMMICH_VERSION:-release}
+    environment:
+      DB_VECTOR_EXTENSION: vectorchord
+  database:
+    image: tensorchord/pgvecto-rs:pg14-v0.2.0
+"#,
+        )
+        .unwrap();
+        let view = read_view(dir.path(), &[PathBuf::from("docker-compose.yml")], None).unwrap();
+        let env: Vec<(&str, &str)> = view
+            .paths
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        // The server's `environment:` wins over the machine learning's, which wins over .env.
+        assert_eq!(
+            env,
+            [
+                ("DB_VECTOR_EXTENSION", "vectorchord"),
+                ("IMMICH_MACHINE_LEARNING_PING_TIMEOUT", "2000"),
+                ("MACHINE_LEARNING_PRELOAD__CLIP", "ViT-B-32"),
+            ]
+        );
+        assert_eq!(
+            view.paths.database_image.as_deref(),
+            Some("tensorchord/pgvecto-rs:pg14-v0.2.0")
+        );
+        assert_eq!(
+            view.paths.upload_mount.as_deref(),
+            Some("/usr/src/app/upload")
+        );
+        let json = serde_json::to_string(&view).unwrap();
+        assert!(!json.contains("hunter2"), "{json}");
     }
 
     #[test]

@@ -212,6 +212,8 @@ impl Guard {
             disk: None,
             saved: None,
         };
+        // Read once: the upgrade-path table's CPU rows (the policy reads no file).
+        guard.policy.set_host_cpu(crate::paths::Cpu::host());
         guard.refresh_disk();
         guard.publish();
         tokio::spawn(guard.run(rx));

@@ -62,6 +62,10 @@ pub struct PendingChange {
     pub snapshot: Option<String>,
     #[serde(default)]
     pub sealed_at: Option<DateTime<Utc>>,
+    /// What Immich's upgrade-path table says about this change (crate::paths): holds and
+    /// warnings, shown in `status` and notified once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<crate::paths::Verdict>,
 }
 
 impl PendingChange {
@@ -96,6 +100,9 @@ mod known_or_unknown {
 pub enum HoldKind {
     SnapshotFailed,
     Downgrade,
+    /// A change Immich's upgrade-path table forbids (crate::paths): held before it migrates
+    /// until the admin takes the way through or `release --force`.
+    UpgradePath,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1163,6 +1163,9 @@ pub fn compose_yaml(project: &str, spec: &StackSpec) -> String {
             "STANDIN_ASSETS_PER_BOOT".to_string(),
             spec.assets_per_boot.to_string(),
         ),
+        // The upload is mounted at /data for every version, as an admin who moved to /data
+        // before v1.137 had to say (else the upgrade-path table holds a pre-1.137 server).
+        ("IMMICH_MEDIA_LOCATION".to_string(), "/data".to_string()),
     ];
     server_env.extend(spec.server_env.iter().cloned());
     let server_env: String = server_env

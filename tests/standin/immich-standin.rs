@@ -47,6 +47,7 @@ const CATALOG: &[(&str, &str)] = &[
     ("v1.137.0", "1752267649968-StandardizeNames"),
     ("v2.0.0", "1756000000000-AddWorkflows"),
     ("v2.1.0", "1758000000000-AddOcr"),
+    ("v3.0.0", "1780000000000-DropPgvectors"),
 ];
 
 /// The media folders Immich checks at boot, each with a `.immich` marker.

@@ -27,6 +27,7 @@ use crate::post_upgrade::VerifyDue;
 use crate::snapshot::store::Meta;
 
 mod crash;
+mod paths;
 mod release;
 mod restoring;
 mod snapshot;
@@ -130,8 +131,12 @@ pub enum Thaw {
     HoldSealed { name: String },
     /// `protect.fail_open`: the snapshot failed and the server goes anyway.
     FailOpen { name: String },
-    /// `release --force`.
-    Forced { name: String, reply: ReplyId },
+    /// `release --force`; `overrode`: the upgrade-path hold it overrode, for the record.
+    Forced {
+        name: String,
+        reply: ReplyId,
+        overrode: Option<String>,
+    },
     /// A held downgrade that `pin` recorded since.
     Pinned {
         name: String,
@@ -398,6 +403,8 @@ pub struct Policy {
     /// start (another container) must not drop the first, or it stays paused unjudged.
     starting: Vec<Starting>,
     disk: Box<Disk>,
+    /// The host's CPU, for the upgrade-path table's CPU rows (read by the driver at start).
+    cpu: crate::paths::Cpu,
 }
 
 impl Policy {
@@ -437,7 +444,13 @@ impl Policy {
             restore: None,
             starting: Vec::new(),
             disk: Box::default(),
+            cpu: crate::paths::Cpu::default(),
         }
+    }
+
+    /// The host's CPU flags, read once by the driver (the policy reads no file).
+    pub fn set_host_cpu(&mut self, cpu: crate::paths::Cpu) {
+        self.cpu = cpu;
     }
 
     pub fn state(&self) -> &ProjectState {
@@ -796,6 +809,7 @@ impl Policy {
             detected_at: now,
             snapshot: None,
             sealed_at: None,
+            notes: Vec::new(),
         }
     }
 }

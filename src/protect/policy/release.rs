@@ -18,6 +18,14 @@ impl Policy {
         match self.state.phase.clone() {
             Phase::Held { hold, .. } => {
                 let name = hold.container_name.clone();
+                if !force && hold.kind == HoldKind::UpgradePath {
+                    // Only the way through or a forced release ends it: a retry changes nothing.
+                    out.push(Effect::Reply {
+                        to: reply,
+                        result: Err(format!("{}; {}", hold.reason, hold.hint)),
+                    });
+                    return;
+                }
                 if !force && hold.kind == HoldKind::Downgrade {
                     match self.rollback_pinned(&hold.version) {
                         // `immich-guard pin` judged and recorded this rollback since the hold.
@@ -46,9 +54,14 @@ impl Policy {
                     return;
                 }
                 self.state.phase.open();
+                let overrode = (hold.kind == HoldKind::UpgradePath).then(|| hold.reason.clone());
                 out.push(Effect::Thaw {
                     server: Frozen::from(&hold),
-                    why: Thaw::Forced { name, reply },
+                    why: Thaw::Forced {
+                        name,
+                        reply,
+                        overrode,
+                    },
                 });
             }
             Phase::Frozen { server, .. } => {
@@ -66,7 +79,11 @@ impl Policy {
                 let name = server.container_name.clone();
                 out.push(Effect::Thaw {
                     server,
-                    why: Thaw::Forced { name, reply },
+                    why: Thaw::Forced {
+                        name,
+                        reply,
+                        overrode: None,
+                    },
                 });
             }
             Phase::Paused {
@@ -163,7 +180,19 @@ impl Policy {
             Thaw::FailOpen { name } => {
                 self.record_release(&name, true, &format!("fail-open: {message}"), now, out)
             }
-            Thaw::Forced { name, reply } => {
+            Thaw::Forced {
+                name,
+                reply,
+                overrode,
+            } => {
+                // An overridden upgrade-path hold is recorded with what it said (the
+                // releases in protection.json, the log, the notification).
+                let message = match overrode {
+                    Some(reason) => {
+                        format!("{message}, overriding the upgrade-path hold: {reason}")
+                    }
+                    None => message,
+                };
                 self.record_release(&name, true, &message, now, out);
                 out.push(Effect::Reply {
                     to: reply,

@@ -158,6 +158,23 @@ impl Policy {
             self.hold_downgrade(&event, &version, &image_id, &baseline, paused, now, out);
             return;
         }
+        // Immich's upgrade paths: a version a hold row forbids is held before it migrates.
+        let holds = self.path_holds(&version);
+        if !holds.is_empty() {
+            self.hold_path(&event, &version, &image_id, paused, &holds, now, out);
+            return;
+        }
+        if self
+            .state
+            .phase
+            .hold()
+            .is_some_and(|h| h.kind == HoldKind::UpgradePath)
+        {
+            // The held version was replaced by one the table allows (the way through was
+            // taken): this start is judged on its own.
+            tracing::info!(version = %version, "a version the upgrade paths allow replaces the held one");
+            self.state.phase.open();
+        }
         if self.starts_freely(&image_id, now) {
             // Known after all (a tag the cache had not seen): let it go at once.
             if paused {
@@ -237,6 +254,14 @@ impl Policy {
         if let Some(b) = &self.state.baseline {
             if b.image_id == image_id {
                 return true;
+            }
+            // A version Immich's upgrade paths forbid is held at its start, never let through.
+            if self
+                .versions
+                .get(image_id)
+                .is_some_and(|v| !self.path_holds(v).is_empty())
+            {
+                return false;
             }
             // A downgrade is never covered (the old version cannot run on a newer schema),
             // unless `immich-guard pin` judged and recorded this very rollback.
@@ -350,6 +375,7 @@ impl Policy {
             if p.snapshot.is_none() {
                 self.request_snapshot(Trigger::PreUpdate, now, out);
             }
+            self.note_paths(now, out);
             out.push(Effect::Publish);
             return;
         }
@@ -357,6 +383,7 @@ impl Policy {
         self.state.pending =
             Some(self.new_pending(&version, Some(id), ChangeSource::ImagePull, now));
         self.request_snapshot(Trigger::PreUpdate, now, out);
+        self.note_paths(now, out);
         out.push(Effect::Publish);
     }
 
@@ -388,6 +415,8 @@ impl Policy {
         let image_changed = before.server_image != after.server_image;
         let version_changed = before.immich_version != after.immich_version;
         if !image_changed && !version_changed {
+            // Another line changed (DB_VECTOR_EXTENSION, a mount): the notes may differ.
+            self.note_paths(now, out);
             return;
         }
         let to = after
@@ -460,6 +489,7 @@ impl Policy {
         }
         self.state.pending = Some(self.new_pending(to, None, source, now));
         self.request_snapshot(Trigger::PreUpdate, now, out);
+        self.note_paths(now, out);
         out.push(Effect::Publish);
     }
 

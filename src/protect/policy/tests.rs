@@ -102,8 +102,7 @@ fn view(version: Option<&str>) -> ComposeView {
             "ghcr.io/immich-app/immich-server:{}",
             version.unwrap_or("release")
         )),
-        ml_image: None,
-        files: vec![],
+        ..ComposeView::default()
     }
 }
 
@@ -1205,4 +1204,215 @@ fn a_held_downgrade_names_the_commands_that_apply() {
     let h = start::downgrade_hint("v1.118.0", "v1.120.0", &unknown, None);
     assert!(!h.contains("restore"), "{h}");
     assert!(h.contains("`immich-guard release --force`"), "{h}");
+}
+
+// Immich's upgrade paths (crate::paths; tests/upgrade_paths.rs stages them with Docker).
+
+const V136: &str = "v1.136.0";
+const V137: &str = "v1.137.0";
+
+/// The `immich` stack on `version`, server container `c1`.
+fn on(version: &str) -> T {
+    let mut t = T::new();
+    t.discover(stack(version, "c1"));
+    t
+}
+
+fn path_notes(t: &T) -> Vec<(String, crate::paths::Level)> {
+    t.p.state()
+        .pending
+        .as_ref()
+        .map(|p| p.notes.iter().map(|n| (n.row.clone(), n.level)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_jump_past_1_137_is_held_at_its_start_and_stays_held_when_the_snapshot_seals() {
+    let mut t = on(V120);
+    // The `.env` edit is judged at once: status notes and a notification, nothing held yet.
+    let out = t.env(Some(V120), Some(V137));
+    assert_eq!(snapshot_requests(&out), ["pre-update"]);
+    assert_eq!(notices(&out), [EventKind::UpgradePath]);
+    assert_eq!(
+        path_notes(&t),
+        [("typeorm-upgrade".to_string(), crate::paths::Level::Hold)]
+    );
+    assert_eq!(t.status(), ProtectState::Snapshotting);
+    // `compose up`: paused at its start, inspected, held before it migrates.
+    let out = t.start_unknown("c2", V137);
+    assert_eq!(t.status(), ProtectState::Held);
+    assert_eq!(
+        notices(&out),
+        [EventKind::Held],
+        "notes already notified once"
+    );
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert_eq!(hold.kind, HoldKind::UpgradePath);
+    assert!(hold.paused && hold.container == "c2");
+    assert!(
+        hold.reason.contains("Invalid upgrade path"),
+        "{}",
+        hold.reason
+    );
+    assert!(
+        hold.reason
+            .contains("docs.immich.app/errors#typeorm-upgrade")
+    );
+    assert!(hold.hint.contains("IMMICH_VERSION=v1.132.3") && hold.hint.contains("--force"));
+    // The snapshot of v1.120.0 seals: the server stays held.
+    let out = t.sealed(V120);
+    assert!(thaw_of(&out).is_none(), "{out:?}");
+    assert_eq!(t.status(), ProtectState::Held);
+    // A plain release says why and how; it changes nothing.
+    let (reply, out) = t.release(false);
+    let err = replied(&out, reply).unwrap().unwrap_err();
+    assert!(
+        err.contains("Invalid upgrade path") && err.contains("way through"),
+        "{err}"
+    );
+    assert_eq!(t.status(), ProtectState::Held);
+    // A restart keeps the hold.
+    let mut t = t.restarted();
+    assert_eq!(t.status(), ProtectState::Held);
+    // `release --force` lets it through, and says what it overrode.
+    let (reply, out) = t.release(true);
+    assert!(matches!(
+        thaw_of(&out),
+        Some(Thaw::Forced { overrode: Some(r), .. }) if r.contains("Invalid upgrade path")
+    ));
+    let out = t.thawed(&out);
+    assert!(replied(&out, reply).unwrap().is_ok());
+    assert_eq!(notices(&out), [EventKind::Released]);
+    let release = t.p.state().releases.last().unwrap().clone();
+    assert!(release.forced);
+    assert!(
+        release.what.contains("overriding the upgrade-path hold"),
+        "{}",
+        release.what
+    );
+    assert_eq!(t.baseline().as_deref(), Some(V137));
+}
+
+#[test]
+fn the_path_through_1_136_goes_each_step_released_after_its_snapshot() {
+    let mut t = on(V120);
+    t.start_unknown("c2", V136);
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let out = t.sealed(V120);
+    assert_eq!(thaw_of(&out), Some(&Thaw::Sealed));
+    t.thawed(&out);
+    assert_eq!(t.baseline().as_deref(), Some(V136));
+    t.later(3600);
+    t.start_unknown("c3", V137);
+    assert_eq!(t.status(), ProtectState::Frozen, "frozen, not held");
+    let out = t.sealed(V136);
+    assert_eq!(thaw_of(&out), Some(&Thaw::Sealed));
+    t.thawed(&out);
+    assert_eq!(t.baseline().as_deref(), Some(V137));
+}
+
+#[test]
+fn taking_the_way_through_replaces_a_held_version_with_a_freeze() {
+    let mut t = on(V120);
+    t.start_unknown("c2", V137);
+    assert_eq!(t.status(), ProtectState::Held);
+    // The admin sets v1.136.0 and `compose up` recreates the server.
+    let out = t.start_unknown("c3", V136);
+    assert_eq!(t.status(), ProtectState::Frozen, "{out:?}");
+    assert_eq!(t.p.state().phase.frozen().unwrap().container, "c3");
+}
+
+#[test]
+fn a_v3_target_on_a_pgvecto_rs_database_image_is_held() {
+    let mut t = T::new();
+    let mut s = stack("v2.7.5", "c1");
+    s.database = Some(service(
+        "database",
+        "db",
+        "tensorchord/pgvecto-rs:pg14-v0.2.0",
+        "sha256:pgv",
+    ));
+    t.discover(s);
+    t.start_unknown("c2", "v3.0.0");
+    assert_eq!(t.status(), ProtectState::Held);
+    let hold = t.p.state().phase.hold().unwrap();
+    assert!(
+        hold.reason.contains("v3-pgvecto-rs-image"),
+        "{}",
+        hold.reason
+    );
+    // The warnings of the same change are in the notes beside the hold.
+    assert!(path_notes(&t).contains(&("v3-mobile-apps".into(), crate::paths::Level::Warn)));
+}
+
+#[test]
+fn warnings_are_shown_and_notified_once_and_never_hold() {
+    let mut t = on("v2.7.5");
+    let v3 = |extra: &[(&str, &str)]| ComposeView {
+        paths: Box::new(crate::compose::PathFacts {
+            env: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+        ..view(Some("v3.0.0"))
+    };
+    let out = t.step(Event::Compose(ComposeEvent::Changed {
+        before: view(Some("v2.7.5")),
+        after: v3(&[("IMMICH_MACHINE_LEARNING_PING_TIMEOUT", "2000")]),
+    }));
+    assert_eq!(notices(&out), [EventKind::UpgradePath]);
+    let rows: Vec<String> = path_notes(&t).into_iter().map(|(r, _)| r).collect();
+    assert_eq!(rows, ["v3-removed-ping-timeout", "v3-mobile-apps"]);
+    // The same view again (a touch of the file): not notified again.
+    let out = t.step(Event::Compose(ComposeEvent::Changed {
+        before: v3(&[("IMMICH_MACHINE_LEARNING_PING_TIMEOUT", "2000")]),
+        after: v3(&[("IMMICH_MACHINE_LEARNING_PING_TIMEOUT", "2000")]),
+    }));
+    assert!(notices(&out).is_empty(), "{out:?}");
+    // The variable removed: the notes follow, and a warning less is no news to notify.
+    t.step(Event::Compose(ComposeEvent::Changed {
+        before: v3(&[("IMMICH_MACHINE_LEARNING_PING_TIMEOUT", "2000")]),
+        after: v3(&[]),
+    }));
+    assert_eq!(path_notes(&t).len(), 1);
+    t.sealed("v2.7.5");
+    // The start is not held: the snapshot covers it and it goes.
+    let out = t.start_unknown("c2", "v3.0.0");
+    assert!(
+        matches!(out.first(), Some(Effect::Unpause { .. })),
+        "{out:?}"
+    );
+    assert_eq!(t.baseline().as_deref(), Some("v3.0.0"));
+}
+
+#[test]
+fn an_env_edit_to_a_pgvecto_rs_v3_is_reported_before_anything_starts() {
+    let mut t = on("v2.7.5");
+    let out = t.step(Event::Compose(ComposeEvent::Changed {
+        before: view(Some("v2.7.5")),
+        after: ComposeView {
+            paths: Box::new(crate::compose::PathFacts {
+                env: [("DB_VECTOR_EXTENSION".to_string(), "pgvecto.rs".to_string())].into(),
+                ..Default::default()
+            }),
+            ..view(Some("v3.0.0"))
+        },
+    }));
+    let Some(Effect::Notify(n)) = out.iter().find(|e| matches!(e, Effect::Notify(_))) else {
+        panic!("{out:?}")
+    };
+    assert_eq!(n.kind, EventKind::UpgradePath);
+    assert!(n.title.contains("will be held"), "{}", n.title);
+    assert!(
+        n.message.contains("DB_VECTOR_EXTENSION=pgvecto.rs"),
+        "{}",
+        n.message
+    );
+    assert_eq!(
+        t.status(),
+        ProtectState::Snapshotting,
+        "nothing is held yet"
+    );
 }
