@@ -111,7 +111,11 @@ pub fn stack(s: &Stack) -> String {
     out
 }
 
-fn protection(out: &mut String, p: &crate::protect::Protection) {
+fn protection(
+    out: &mut String,
+    p: &crate::protect::Protection,
+    uploads: Option<&crate::uploads::RecentUploads>,
+) {
     let state = serde_json::to_value(p.state)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -138,6 +142,9 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
                 .map(|id| format!(", covered by {id}"))
                 .unwrap_or_else(|| ", no snapshot sealed for it yet".into())
         );
+        if let Some(u) = uploads.filter(|u| u.busy()) {
+            let _ = writeln!(out, "  before it goes: {}", u.line());
+        }
     }
     if let Some(s) = &p.settling {
         let _ = writeln!(
@@ -152,6 +159,16 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
             out,
             "FROZEN: {} ({}) paused {:.1} ms after its start, until its snapshot is sealed",
             f.container_name, f.version, f.delay_ms
+        );
+    }
+    if let Some(w) = &p.release_wait {
+        let _ = writeln!(
+            out,
+            "WAITING: snapshot {} sealed {}; the server stays frozen until {} (protect.wait_for_quiet_uploads; it goes at the latest at {}; `immich-guard release` lets it go now)",
+            w.snapshot,
+            w.since.format("%Y-%m-%d %H:%M:%S UTC"),
+            w.waiting_for,
+            w.until.format("%Y-%m-%d %H:%M:%S UTC"),
         );
     }
     if let Some(x) = &p.paused_server {
@@ -341,10 +358,19 @@ pub fn status(r: &StatusReport) -> String {
     // Without a stack the status line has said so; no state of another project is shown.
     if let Some(stack_) = &s.stack {
         match s.current_protection() {
-            Some(p) => protection(&mut out, p),
+            Some(p) => protection(&mut out, p, s.uploads.as_ref()),
             None => {
                 let _ = writeln!(out, "protection: reading the state of {}", stack_.project);
             }
+        }
+        if let Some(u) = &s.uploads {
+            let _ = writeln!(
+                out,
+                "uploads: {} (read {}, every {} s)",
+                u.line(),
+                u.read_at.format("%H:%M:%S UTC"),
+                crate::uploads::REFRESH.as_secs()
+            );
         }
         out.push_str(&stack(stack_));
     }

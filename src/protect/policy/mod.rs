@@ -28,6 +28,7 @@ use crate::snapshot::store::Meta;
 
 mod crash;
 mod release;
+mod release_ready;
 mod restoring;
 mod snapshot;
 mod start;
@@ -130,6 +131,9 @@ pub enum Thaw {
         pinned_at: DateTime<Utc>,
         reply: ReplyId,
     },
+    /// A sealed freeze that waited for what its release needs (release_ready.rs), and why it
+    /// goes now.
+    Waited { name: String, note: String },
     /// A server paused by someone else, released on a version the database runs (or forced).
     ForeignPause {
         name: String,
@@ -268,6 +272,8 @@ pub enum Event {
         version: String,
     },
     SnapshotFailed(crate::snapshot::SnapshotFailure),
+    /// The upload activity, read when asked (`AskUploads`) and every `uploads::REFRESH`.
+    Uploads(Box<crate::uploads::RecentUploads>),
     Verified {
         due: VerifyDue,
         report: Box<crate::verify::Report>,
@@ -354,6 +360,10 @@ pub enum Effect {
     ShowRestoring(Option<String>),
     /// `status`: a restore unfinished (its journal's line).
     ShowIncomplete(Option<String>),
+    /// Reads the upload activity, off the driver's loop → `Uploads`.
+    AskUploads,
+    /// `status`: the upload activity.
+    ShowUploads(Box<crate::uploads::RecentUploads>),
     Notify(Box<Notice>),
     Reply {
         to: ReplyId,
@@ -389,6 +399,8 @@ pub struct Policy {
     /// A server start between its pause and its inspect.
     starting: Option<Starting>,
     disk: Box<Disk>,
+    /// The newest reading of the upload activity.
+    uploads: Option<crate::uploads::RecentUploads>,
 }
 
 impl Policy {
@@ -428,6 +440,7 @@ impl Policy {
             restore: None,
             starting: None,
             disk: Box::default(),
+            uploads: None,
         }
     }
 
@@ -548,11 +561,16 @@ impl Policy {
             }
             Event::SnapshotSealed { id, version } => self.on_sealed(id, version, now, &mut out),
             Event::SnapshotFailed(failure) => self.on_snapshot_failed(failure, now, &mut out),
+            Event::Uploads(seen) => self.on_uploads(*seen, now, &mut out),
             Event::Verified {
                 due,
                 report,
                 server,
             } => self.on_verified(due, *report, server, now, &mut out),
+        }
+        // A release wait belongs to its freeze: gone with it.
+        if self.state.phase.frozen().is_none() {
+            self.state.release_wait = None;
         }
         out
     }
@@ -579,6 +597,7 @@ impl Policy {
             .into_iter()
             .chain(verify)
             .chain(self.freeze_deadline())
+            .chain(self.release_check())
             .min()?;
         Some(if at <= now - TimeDelta::seconds(1) {
             now + AGAIN
@@ -592,6 +611,7 @@ impl Policy {
         if self.freeze_deadline().is_some_and(|at| at <= now) {
             self.hold_stuck(now, out);
         }
+        self.check_release(now, out);
         if let Some(stack) = self.stack.clone() {
             self.settle(&stack, now, out);
         }
@@ -691,6 +711,15 @@ impl Policy {
         now: DateTime<Utc>,
     ) -> Effect {
         let pending = self.state.pending.as_ref();
+        // Before a pending change goes through, the admin hears of a phone backing up.
+        let message = match self
+            .uploads
+            .as_ref()
+            .filter(|u| pending.is_some() && u.busy())
+        {
+            Some(u) => format!("{message}\n{}.", u.line()),
+            None => message,
+        };
         Effect::Notify(Box::new(Notice {
             kind,
             project: self
