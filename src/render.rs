@@ -563,7 +563,51 @@ pub fn verify(r: &crate::verify::Report) -> String {
     } else {
         writeln!(out, "FAILED: {failed} of {} checks failed", r.checks.len())
     };
+    if let Some(n) = &r.not_restored {
+        not_restored(&mut out, n);
+    }
     out
+}
+
+/// After a restore: what only the pre-restore snapshot holds.
+fn not_restored(out: &mut String, n: &crate::verify::not_restored::NotRestored) {
+    const SHOWN: usize = 20;
+    let count = match (n.count, &n.error) {
+        (Some(count), _) => count,
+        (None, e) => {
+            let _ = writeln!(
+                out,
+                "uploaded after the restored snapshot: cannot tell ({}), compared with pre-restore snapshot {}",
+                e.as_deref().unwrap_or("unknown"),
+                n.pre_restore
+            );
+            return;
+        }
+    };
+    if count == 0 {
+        let _ = writeln!(
+            out,
+            "uploaded after the restored snapshot: none (every asset of pre-restore snapshot {} is in the database)",
+            n.pre_restore
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "UPLOADED AFTER THE RESTORED SNAPSHOT: {count} asset(s) only in pre-restore snapshot {}; phones that still have them upload them again (its storage/ holds the files):",
+        n.pre_restore
+    );
+    for a in n.assets.iter().take(SHOWN) {
+        let _ = writeln!(out, "  {}  {}  {}", a.id, a.owner, a.original_path);
+    }
+    if count > SHOWN {
+        let _ = writeln!(
+            out,
+            "  … and {} more (`verify --json` lists up to {})",
+            count - SHOWN,
+            crate::verify::not_restored::LISTED
+        );
+    }
 }
 
 #[cfg(test)]
@@ -635,6 +679,7 @@ mod tests {
                 check("assets", Outcome::Fail, "0 now, 40000 in the snapshot"),
                 check("schema", Outcome::Skipped, "skipped: not in this image"),
             ],
+            not_restored: None,
         };
         assert_eq!(
             verify(&report),

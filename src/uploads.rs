@@ -121,17 +121,7 @@ async fn query(access: &DbAccess) -> Result<Seen, String> {
     let db = crate::snapshot::db::connect(access, READ_TIMEOUT, &options)
         .await
         .map_err(|e| e.to_string())?;
-    // StandardizeNames (~v1.137) renamed assets → asset; the columns kept their names.
-    let mut table = None;
-    for name in ["asset", "assets"] {
-        if crate::snapshot::db::exists(&db.client, name)
-            .await
-            .map_err(|e| db.describe(&e))?
-        {
-            table = Some(name);
-            break;
-        }
-    }
+    let table = db.asset_table().await.map_err(|e| db.describe(&e))?;
     let Some(table) = table else {
         db.close().await;
         return Err("no asset table in the database".into());

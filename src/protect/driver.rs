@@ -1214,6 +1214,7 @@ mod tests {
                 outcome,
                 detail: format!("{assets} now, 40000 in the snapshot"),
             }],
+            not_restored: None,
         }
     }
 

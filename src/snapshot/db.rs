@@ -334,6 +334,17 @@ impl Connection {
         }
     }
 
+    /// The asset table: `asset`, or `assets` before StandardizeNames (~v1.137) renamed it
+    /// (the columns kept their names); None when there is neither.
+    pub async fn asset_table(&self) -> Result<Option<&'static str>, tokio_postgres::Error> {
+        for name in ["asset", "assets"] {
+            if exists(&self.client, name).await? {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// Closes the connection and waits for it to end.
     pub async fn close(self) {
         drop(self.client);
@@ -437,7 +448,7 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     })
 }
 
-pub(crate) async fn exists(
+async fn exists(
     client: &tokio_postgres::Client,
     table: &str,
 ) -> Result<bool, tokio_postgres::Error> {
