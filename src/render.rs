@@ -157,8 +157,15 @@ fn protection(
     if let Some(f) = &p.frozen {
         let _ = writeln!(
             out,
-            "FROZEN: {} ({}) paused {:.1} ms after its start, until its snapshot is sealed",
-            f.container_name, f.version, f.delay_ms
+            "FROZEN: {} ({}) paused {:.1} ms after its start, until {}",
+            f.container_name,
+            f.version,
+            f.delay_ms,
+            if p.release_wait.is_some() {
+                "what WAITING says"
+            } else {
+                "its snapshot is sealed"
+            }
         );
     }
     if let Some(w) = &p.release_wait {
@@ -689,6 +696,25 @@ mod tests {
              \x20 [SKIP] schema      skipped: not in this image\n\
              FAILED: 1 of 3 checks failed\n"
         );
+        // After a restore: the assets only the pre-restore snapshot holds, the first 20.
+        use crate::verify::not_restored::{LostAsset, NotRestored};
+        let mut report = report;
+        let lost = |i: usize| LostAsset {
+            id: format!("id-{i}"),
+            owner: "phone@example.com".into(),
+            original_path: format!("/data/upload/u/{i}.jpg"),
+            uploaded_at: None,
+        };
+        report.not_restored = Some(NotRestored {
+            pre_restore: "pre".into(),
+            count: Some(22),
+            assets: (0..22).map(lost).collect(),
+            error: None,
+        });
+        let text = verify(&report);
+        assert!(text.contains("UPLOADED AFTER THE RESTORED SNAPSHOT: 22 asset(s) only in pre-restore snapshot pre;"), "{text}");
+        assert!(text.contains("\n  id-19  phone@example.com  /data/upload/u/19.jpg\n  … and 2 more (`verify --json` lists up to 1000)\n"), "{text}");
+        assert!(!text.contains("id-20"), "{text}");
     }
 
     #[test]
