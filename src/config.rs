@@ -100,11 +100,115 @@ impl Default for NotifyConfig {
 }
 
 /// Passive protection (README.md "How it protects").
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProtectConfig {
     /// Let a frozen server go when its snapshot fails, instead of holding it (default: hold).
     pub fail_open: bool,
+    /// Keep a frozen server frozen after its snapshot seals until no asset has been uploaded
+    /// for this long (docs/operations.md "Uploads"); off when absent or 0.
+    pub wait_for_quiet_uploads: Option<Minutes>,
+    /// The longest that wait lasts; then the server goes anyway, and says so.
+    pub wait_for_quiet_max_minutes: Minutes,
+}
+
+impl Default for ProtectConfig {
+    fn default() -> Self {
+        ProtectConfig {
+            fail_open: false,
+            wait_for_quiet_uploads: None,
+            wait_for_quiet_max_minutes: Minutes::from_secs(60 * 60),
+        }
+    }
+}
+
+impl ProtectConfig {
+    /// The quiet time a release waits for, when the wait is on.
+    pub fn quiet_uploads(&self) -> Option<std::time::Duration> {
+        self.wait_for_quiet_uploads
+            .filter(|m| m.secs > 0)
+            .map(Minutes::duration)
+    }
+}
+
+/// A length of time given in minutes: a number (`10`, `0.5`) or a string with a unit
+/// (`"90s"`, `"10m"`, `"1h"`). Parsed where it is read, so a bad value never travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Minutes {
+    secs: u64,
+}
+
+impl Minutes {
+    pub const fn from_secs(secs: u64) -> Minutes {
+        Minutes { secs }
+    }
+
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.secs)
+    }
+
+    fn parse(text: &str) -> Result<Minutes, String> {
+        let t = text.trim();
+        let (number, unit) =
+            t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+        let per = match unit.trim() {
+            "s" | "sec" | "secs" => 1.0,
+            "" | "m" | "min" | "mins" => 60.0,
+            "h" => 3600.0,
+            other => return Err(format!("unknown unit {other:?} (s, m or h)")),
+        };
+        let n: f64 = number.trim().parse().map_err(|_| {
+            format!("{text:?} is not a number of minutes (10, 0.5, \"90s\", \"10m\", \"1h\")")
+        })?;
+        Minutes::of(n * per)
+    }
+
+    fn of(secs: f64) -> Result<Minutes, String> {
+        if !secs.is_finite() || !(0.0..=366.0 * 86_400.0).contains(&secs) {
+            return Err(format!("{secs} s is not a length of time from 0 to a year"));
+        }
+        Ok(Minutes {
+            secs: secs.round() as u64,
+        })
+    }
+}
+
+impl fmt::Display for Minutes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.secs.is_multiple_of(60) {
+            write!(f, "{} min", self.secs / 60)
+        } else {
+            write!(f, "{} s", self.secs)
+        }
+    }
+}
+
+impl Serialize for Minutes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.secs.is_multiple_of(60) {
+            s.serialize_u64(self.secs / 60)
+        } else {
+            s.serialize_str(&format!("{}s", self.secs))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Minutes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Minutes, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Minutes::of(n as f64 * 60.0),
+            Raw::Float(n) => Minutes::of(n * 60.0),
+            Raw::Text(t) => Minutes::parse(&t),
+        }
+        .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Overrides for what discovery finds on the Docker host.
@@ -452,6 +556,13 @@ impl Config {
                 "must be at least 1 s: a frozen server is held once its snapshot has run this long",
             );
         }
+        if self.protect.wait_for_quiet_max_minutes.secs == 0 {
+            return invalid(
+                "protect.wait_for_quiet_max_minutes",
+                &0,
+                "must be more than 0: a server waiting for quiet uploads goes once it has waited this long",
+            );
+        }
         if self.snapshots.hash_rate_mb > MAX_HASH_RATE_MB {
             return invalid(
                 "snapshots.hash_rate_mb",
@@ -710,6 +821,40 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/immich-guard/config.toml"))
+    }
+
+    #[test]
+    fn quiet_uploads_take_minutes_or_a_duration_with_its_unit() {
+        let c = parse("").unwrap();
+        assert_eq!(c.protect.quiet_uploads(), None);
+        assert_eq!(
+            c.protect.wait_for_quiet_max_minutes.duration().as_secs(),
+            3600
+        );
+        let secs = |text: &str| {
+            parse(&format!("[protect]\nwait_for_quiet_uploads = {text}\n"))
+                .map(|c| c.protect.quiet_uploads().map(|d| d.as_secs()))
+        };
+        assert_eq!(secs("10").unwrap(), Some(600));
+        assert_eq!(secs("0.5").unwrap(), Some(30));
+        assert_eq!(secs("\"30s\"").unwrap(), Some(30));
+        assert_eq!(secs("\"10m\"").unwrap(), Some(600));
+        assert_eq!(secs("\"1h\"").unwrap(), Some(3600));
+        assert_eq!(secs("0").unwrap(), None);
+        for bad in ["-1", "\"10 parsecs\"", "\"soon\"", "true"] {
+            let e = secs(bad).unwrap_err().to_string();
+            assert!(e.contains("wait_for_quiet_uploads"), "{bad}: {e}");
+        }
+        let e = parse("[protect]\nwait_for_quiet_max_minutes = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("protect.wait_for_quiet_max_minutes"), "{e}");
+        // What `check-config` prints reads back as the same value.
+        let c =
+            parse("[protect]\nwait_for_quiet_uploads = \"90s\"\nwait_for_quiet_max_minutes = 20\n")
+                .unwrap();
+        let again = parse(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
     }
 
     #[test]

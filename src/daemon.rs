@@ -249,6 +249,7 @@ pub fn show_in_status(state: State) -> crate::protect::Show {
             }
             Shown::Restoring(line) => s.restoring = line,
             Shown::Incomplete(line) => s.restore_incomplete = line,
+            Shown::Uploads(seen) => s.uploads = Some(seen.clone()),
         })
     })
 }

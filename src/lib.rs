@@ -32,5 +32,6 @@ pub mod restore;
 pub mod snapshot;
 pub mod status;
 pub mod systemd;
+pub mod uploads;
 pub mod verify;
 pub mod version;

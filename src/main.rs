@@ -613,7 +613,18 @@ async fn verify_cmd(
     let docker = docker::connect(&host).await?;
     let stack = discover::discover(&docker, &host, config).await?;
     let plan = verify::choose_plan(&config.snapshot_dir(), against.as_deref(), &stack)?;
-    let report = verify::verify(&docker, &host, &stack, &plan).await;
+    let mut report = verify::verify(&docker, &host, &stack, &plan).await;
+    // After a finished restore of this stack (the journal is kept until the next one): what
+    // only its pre-restore snapshot holds.
+    if let Ok(Some(j)) = immich_guard::restore::journal::load(&config.daemon.data_dir)
+        && j.is_complete()
+        && j.project == stack.project
+        && against.as_ref().is_none_or(|a| *a == j.snapshot)
+        && let (Some(id), Some(access)) = (&j.pre_restore, &stack.db)
+    {
+        report.not_restored =
+            Some(verify::not_restored::compare(&config.snapshot_dir(), id, access).await);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -312,6 +312,7 @@ mod tests {
             at: Utc::now(),
             passed: checks.iter().all(|c| c.outcome != Outcome::Fail),
             checks,
+            not_restored: None,
         }
     }
 

@@ -111,7 +111,11 @@ pub fn stack(s: &Stack) -> String {
     out
 }
 
-fn protection(out: &mut String, p: &crate::protect::Protection) {
+fn protection(
+    out: &mut String,
+    p: &crate::protect::Protection,
+    uploads: Option<&crate::uploads::RecentUploads>,
+) {
     let state = serde_json::to_value(p.state)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -142,6 +146,9 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
         for n in &c.notes {
             let _ = writeln!(out, "  upgrade path: {}", n.line());
         }
+        if let Some(u) = uploads.filter(|u| u.busy()) {
+            let _ = writeln!(out, "  before it goes: {}", u.line());
+        }
     }
     if let Some(s) = &p.settling {
         let _ = writeln!(
@@ -154,8 +161,25 @@ fn protection(out: &mut String, p: &crate::protect::Protection) {
     if let Some(f) = &p.frozen {
         let _ = writeln!(
             out,
-            "FROZEN: {} ({}) paused {:.1} ms after its start, until its snapshot is sealed",
-            f.container_name, f.version, f.delay_ms
+            "FROZEN: {} ({}) paused {:.1} ms after its start, until {}",
+            f.container_name,
+            f.version,
+            f.delay_ms,
+            if p.release_wait.is_some() {
+                "what WAITING says"
+            } else {
+                "its snapshot is sealed"
+            }
+        );
+    }
+    if let Some(w) = &p.release_wait {
+        let _ = writeln!(
+            out,
+            "WAITING: snapshot {} sealed {}; the server stays frozen until {} (protect.wait_for_quiet_uploads; it goes at the latest at {}; `immich-guard release` lets it go now)",
+            w.snapshot,
+            w.since.format("%Y-%m-%d %H:%M:%S UTC"),
+            w.waiting_for,
+            w.until.format("%Y-%m-%d %H:%M:%S UTC"),
         );
     }
     if let Some(x) = &p.paused_server {
@@ -345,10 +369,19 @@ pub fn status(r: &StatusReport) -> String {
     // Without a stack the status line has said so; no state of another project is shown.
     if let Some(stack_) = &s.stack {
         match s.current_protection() {
-            Some(p) => protection(&mut out, p),
+            Some(p) => protection(&mut out, p, s.uploads.as_ref()),
             None => {
                 let _ = writeln!(out, "protection: reading the state of {}", stack_.project);
             }
+        }
+        if let Some(u) = &s.uploads {
+            let _ = writeln!(
+                out,
+                "uploads: {} (read {}, every {} s)",
+                u.line(),
+                u.read_at.format("%H:%M:%S UTC"),
+                crate::uploads::REFRESH.as_secs()
+            );
         }
         out.push_str(&stack(stack_));
     }
@@ -541,7 +574,51 @@ pub fn verify(r: &crate::verify::Report) -> String {
     } else {
         writeln!(out, "FAILED: {failed} of {} checks failed", r.checks.len())
     };
+    if let Some(n) = &r.not_restored {
+        not_restored(&mut out, n);
+    }
     out
+}
+
+/// After a restore: what only the pre-restore snapshot holds.
+fn not_restored(out: &mut String, n: &crate::verify::not_restored::NotRestored) {
+    const SHOWN: usize = 20;
+    let count = match (n.count, &n.error) {
+        (Some(count), _) => count,
+        (None, e) => {
+            let _ = writeln!(
+                out,
+                "uploaded after the restored snapshot: cannot tell ({}), compared with pre-restore snapshot {}",
+                e.as_deref().unwrap_or("unknown"),
+                n.pre_restore
+            );
+            return;
+        }
+    };
+    if count == 0 {
+        let _ = writeln!(
+            out,
+            "uploaded after the restored snapshot: none (every asset of pre-restore snapshot {} is in the database)",
+            n.pre_restore
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "UPLOADED AFTER THE RESTORED SNAPSHOT: {count} asset(s) only in pre-restore snapshot {}; phones that still have them upload them again (its storage/ holds the files):",
+        n.pre_restore
+    );
+    for a in n.assets.iter().take(SHOWN) {
+        let _ = writeln!(out, "  {}  {}  {}", a.id, a.owner, a.original_path);
+    }
+    if count > SHOWN {
+        let _ = writeln!(
+            out,
+            "  … and {} more (`verify --json` lists up to {})",
+            count - SHOWN,
+            crate::verify::not_restored::LISTED
+        );
+    }
 }
 
 #[cfg(test)]
@@ -613,6 +690,7 @@ mod tests {
                 check("assets", Outcome::Fail, "0 now, 40000 in the snapshot"),
                 check("schema", Outcome::Skipped, "skipped: not in this image"),
             ],
+            not_restored: None,
         };
         assert_eq!(
             verify(&report),
@@ -622,6 +700,25 @@ mod tests {
              \x20 [SKIP] schema      skipped: not in this image\n\
              FAILED: 1 of 3 checks failed\n"
         );
+        // After a restore: the assets only the pre-restore snapshot holds, the first 20.
+        use crate::verify::not_restored::{LostAsset, NotRestored};
+        let mut report = report;
+        let lost = |i: usize| LostAsset {
+            id: format!("id-{i}"),
+            owner: "phone@example.com".into(),
+            original_path: format!("/data/upload/u/{i}.jpg"),
+            uploaded_at: None,
+        };
+        report.not_restored = Some(NotRestored {
+            pre_restore: "pre".into(),
+            count: Some(22),
+            assets: (0..22).map(lost).collect(),
+            error: None,
+        });
+        let text = verify(&report);
+        assert!(text.contains("UPLOADED AFTER THE RESTORED SNAPSHOT: 22 asset(s) only in pre-restore snapshot pre;"), "{text}");
+        assert!(text.contains("\n  id-19  phone@example.com  /data/upload/u/19.jpg\n  … and 2 more (`verify --json` lists up to 1000)\n"), "{text}");
+        assert!(!text.contains("id-20"), "{text}");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct DaemonState {
     /// A restore running through the daemon: its snapshot and step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<String>,
+    /// Assets uploaded lately (uploads.rs), read every `uploads::REFRESH`; None before the
+    /// first reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploads: Option<crate::uploads::RecentUploads>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +100,7 @@ impl DaemonState {
             protection: Protection::default(),
             restore_incomplete: None,
             restoring: None,
+            uploads: None,
         }
     }
 
@@ -128,6 +133,13 @@ impl DaemonState {
         match shown.headline() {
             Headline::Held(hold) => {
                 return format!("HELD {}: {}", hold.container_name, hold.reason);
+            }
+            Headline::Frozen { server, .. } if shown.release_wait().is_some() => {
+                let wait = shown.release_wait().expect("checked");
+                return format!(
+                    "frozen {} ({}): snapshot {} sealed, waiting for {}",
+                    server.container_name, server.version, wait.snapshot, wait.waiting_for
+                );
             }
             Headline::Frozen { server, run } => {
                 return format!(

@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 pub mod content;
+pub mod not_restored;
 
 use crate::discover::{ImmichVersion, Stack};
 use crate::docker::{classify, error_chain};
@@ -98,6 +99,9 @@ pub struct Report {
     /// No check failed (skipped ones do not count).
     pub passed: bool,
     pub checks: Vec<Check>,
+    /// After a restore: the assets only its pre-restore snapshot holds (not_restored.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_restored: Option<not_restored::NotRestored>,
 }
 
 impl Report {
@@ -727,6 +731,7 @@ pub async fn verify(docker: &Docker, docker_host: &str, stack: &Stack, plan: &Pl
         at: Utc::now(),
         passed,
         checks,
+        not_restored: None,
     }
 }
 

@@ -53,7 +53,7 @@ async fn dump_restores_into_an_empty_postgres_with_the_same_rows() {
     let sql = zstd::decode_all(&bytes[..]).unwrap();
     assert_eq!(dump.sql_bytes, sql.len() as u64);
 
-    let rows = "SELECT string_agg(id || ':' || original_path || ':' || checksum, ',' ORDER BY id) FROM assets";
+    let rows = "SELECT string_agg(id || ':' || \"originalPath\" || ':' || checksum, ',' ORDER BY id) FROM assets";
     let original_rows = stack.psql(rows);
     let scratch = tokio::task::spawn_blocking(ScratchPostgres::start)
         .await
@@ -223,7 +223,7 @@ async fn snapshot_seals_database_storage_and_config_together() {
     let dump = std::fs::read(dir.join("db.sql.zst")).unwrap();
     assert_eq!(meta.dump.sha256, format!("{:x}", Sha256::digest(&dump)));
     // Every asset file is in the storage tree.
-    let paths = stack.psql("SELECT string_agg(original_path, ',') FROM assets");
+    let paths = stack.psql("SELECT string_agg(\"originalPath\", ',') FROM assets");
     for p in paths.split(',') {
         let rel = p.strip_prefix("/data/").unwrap();
         assert!(dir.join("storage").join(rel).is_file(), "{rel} in snapshot");

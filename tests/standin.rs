@@ -146,7 +146,7 @@ fn fresh_stack_boots_and_answers_ping_and_version() {
     assert_eq!(stack.user_count(), 1);
     assert_eq!(stack.asset_count(), 4);
     let owner = stack.psql("SELECT id FROM users");
-    let rows = stack.psql("SELECT id || ' ' || original_path || ' ' || encode(checksum, 'hex') FROM assets ORDER BY id");
+    let rows = stack.psql("SELECT id || ' ' || \"originalPath\" || ' ' || encode(checksum, 'hex') FROM assets ORDER BY id");
     let mut contents = Vec::new();
     for row in rows.lines() {
         let parts: Vec<&str> = row.split(' ').collect();
@@ -555,7 +555,7 @@ fn pg_dumpall_via_docker_exec_works() {
     assert!(dump.contains("1729000000000-AddAssetJobStatus"), "the data");
 
     // Restores into an empty PostgreSQL with the same rows.
-    let rows = "SELECT string_agg(id || original_path || encode(checksum, 'hex'), ',' ORDER BY id) FROM assets";
+    let rows = "SELECT string_agg(id || \"originalPath\" || encode(checksum, 'hex'), ',' ORDER BY id) FROM assets";
     let scratch = harness::ScratchPostgres::start();
     let restored = scratch.restore(&out.stdout);
     assert!(

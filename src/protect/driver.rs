@@ -142,6 +142,8 @@ pub enum Shown<'a> {
     Restoring(Option<String>),
     /// A restore unfinished (its journal's line).
     Incomplete(Option<String>),
+    /// The upload activity, as last read.
+    Uploads(&'a crate::uploads::RecentUploads),
 }
 
 pub type Show = Box<dyn Fn(Shown<'_>) + Send>;
@@ -178,6 +180,8 @@ pub struct Guard {
     disk: Option<DiskStamp>,
     /// The view last written to `protection.json`.
     saved: Option<StateFile>,
+    /// The upload activity has been read once since the stack was found.
+    uploads_read: bool,
 }
 
 impl Guard {
@@ -211,6 +215,7 @@ impl Guard {
             bundles: HashMap::new(),
             disk: None,
             saved: None,
+            uploads_read: false,
         };
         // Read once: the upgrade-path table's CPU rows (the policy reads no file).
         guard.policy.set_host_cpu(crate::paths::Cpu::host());
@@ -221,6 +226,9 @@ impl Guard {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        // The upload activity for `status` and the notifications: one cheap read a minute.
+        let mut uploads = tokio::time::interval(crate::uploads::REFRESH);
+        uploads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wakeup = self.policy.next_wakeup(Utc::now());
             let compose = async {
@@ -245,9 +253,39 @@ impl Guard {
                 },
                 Some(event) = compose => Event::Compose(event),
                 () = wait => Event::Wakeup,
+                _ = uploads.tick() => {
+                    self.read_uploads();
+                    continue;
+                }
             };
+            // The first reading as soon as there is a database to read.
+            let found = matches!(event, Event::Discovered { .. });
             self.handle(event).await;
+            if found && !self.uploads_read {
+                self.read_uploads();
+            }
         }
+    }
+
+    /// Reads the upload activity in a task of its own (a database that does not answer
+    /// never delays a pause); the reading comes back as `Event::Uploads`.
+    fn read_uploads(&mut self) {
+        let Some(stack) = &self.policy.stack else {
+            return;
+        };
+        self.uploads_read = true;
+        let access = stack.db.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let seen = match access {
+                Some(access) => crate::uploads::read(&access).await,
+                None => crate::uploads::RecentUploads::unknown(
+                    "no database found in the stack",
+                    Utc::now(),
+                ),
+            };
+            let _ = tx.send(Input::Result(Event::Uploads(Box::new(seen))));
+        });
     }
 
     /// An input as the policy takes it: a reply channel becomes an ID.
@@ -586,6 +624,20 @@ impl Guard {
             }
             Effect::ShowIncomplete(line) => {
                 (self.show)(Shown::Incomplete(line));
+                None
+            }
+            Effect::AskUploads => {
+                if self.policy.stack.is_some() {
+                    self.read_uploads();
+                    None
+                } else {
+                    Some(Event::Uploads(Box::new(
+                        crate::uploads::RecentUploads::unknown("no stack found yet", Utc::now()),
+                    )))
+                }
+            }
+            Effect::ShowUploads(seen) => {
+                (self.show)(Shown::Uploads(&seen));
                 None
             }
             Effect::Notify(notice) => {
@@ -1164,6 +1216,7 @@ mod tests {
                 outcome,
                 detail: format!("{assets} now, 40000 in the snapshot"),
             }],
+            not_restored: None,
         }
     }
 

@@ -195,6 +195,34 @@ pub struct Protection {
     pub snapshot_run: Option<SnapshotRun>,
     #[serde(default)]
     pub paused_server: Option<PausedServer>,
+    /// A frozen server whose snapshot sealed, waiting for what its release needs
+    /// (policy/release_ready.rs); only while frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_wait: Option<ReleaseWait>,
+}
+
+/// A frozen server kept frozen after its snapshot sealed, until no upload has arrived for
+/// `protect.wait_for_quiet_uploads` or `until` passes (docs/operations.md "Uploads").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseWait {
+    /// The snapshot that sealed for the freeze.
+    pub snapshot: String,
+    /// When that snapshot began: an upload after it may not be in it.
+    pub snapshot_since: DateTime<Utc>,
+    pub since: DateTime<Utc>,
+    /// The bound (`protect.wait_for_quiet_max_minutes`): then the server goes anyway.
+    pub until: DateTime<Utc>,
+    /// What it waits for, in the admin's words.
+    pub waiting_for: String,
+    /// When the upload activity is to be read next.
+    pub next_check: DateTime<Utc>,
+    /// A read was asked for and its answer is not in yet.
+    #[serde(default)]
+    pub asked: bool,
+    /// A second snapshot was asked for the uploads that arrived after the first began, and
+    /// why the server may go: its seal releases the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resnapshot: Option<String>,
 }
 
 /// The protective snapshot running now, and the step it is at: what a frozen server waits on.
@@ -252,6 +280,7 @@ impl Default for Protection {
             verifies: Verifies::default(),
             snapshot_run: None,
             paused_server: None,
+            release_wait: None,
         }
     }
 }
@@ -477,6 +506,8 @@ pub struct ProjectState {
     pub halted: Vec<crate::incident::Halted>,
     pub incident: Option<crate::incident::Incident>,
     pub verifies: Verifies,
+    /// Meaningful only while `phase` is `Frozen` (`ProjectState::release_wait`).
+    pub release_wait: Option<ReleaseWait>,
 }
 
 impl Default for ProjectState {
@@ -561,13 +592,23 @@ impl ProjectState {
             verifies: self.verifies.clone(),
             snapshot_run: self.phase.run().cloned(),
             paused_server: self.phase.paused().cloned(),
+            release_wait: self.release_wait().cloned(),
         }
+    }
+
+    /// The wait of a frozen server whose snapshot sealed; None in any other phase.
+    pub fn release_wait(&self) -> Option<&ReleaseWait> {
+        self.release_wait
+            .as_ref()
+            .filter(|_| self.phase.frozen().is_some())
     }
 
     /// A view read back (from `protection.json`): no snapshot survives a restart, so a
     /// freeze waits for a new one; a hold wins over a freeze, a freeze over a foreign pause.
     pub fn from_view(mut p: Protection) -> ProjectState {
         p.snapshot_run = None;
+        // The freeze waits for a new snapshot, and the wait begins again when it seals.
+        p.release_wait = None;
         ProjectState::shown(p)
     }
 
@@ -605,6 +646,7 @@ impl ProjectState {
             halted: p.halted,
             incident: p.incident,
             verifies: p.verifies,
+            release_wait: p.release_wait,
         }
     }
 

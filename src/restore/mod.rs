@@ -1126,7 +1126,12 @@ async fn run_steps(
             .map(|d| d.path.clone())
             .collect();
     }
-    let report = crate::verify::verify(ctx.docker, ctx.host, &fresh, &verify_plan).await;
+    let mut report = crate::verify::verify(ctx.docker, ctx.host, &fresh, &verify_plan).await;
+    // What was uploaded after the restored snapshot: the phones upload it again.
+    if let (Some(id), Some(access)) = (&j.pre_restore, fresh.db.as_ref()) {
+        let dir = ctx.config.snapshot_dir();
+        report.not_restored = Some(crate::verify::not_restored::compare(&dir, id, access).await);
+    }
     j.verify_passed = Some(report.passed());
     j.completed_at = Some(chrono::Utc::now());
     journal::mark(data_dir, j, Step::Verify)?;

@@ -309,18 +309,58 @@ pub struct DbFacts {
     pub xid_snapshot: Option<String>,
 }
 
-/// Connects with the discovered credentials and reads migrations, counts and size. An error
-/// names what was being done and what PostgreSQL said, never the password.
-pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
-    let mut password = crate::redact::Secrets::default();
-    password.add(&access.password);
-    let describe = |e: &tokio_postgres::Error| password.scrub(&crate::pg_error::describe(e));
-    let sql = |operation: String| {
-        move |e: tokio_postgres::Error| DbError::Sql {
+/// A connection made with the discovered credentials, and how to quote PostgreSQL's errors
+/// without the password.
+pub struct Connection {
+    pub client: tokio_postgres::Client,
+    secrets: crate::redact::Secrets,
+    task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Connection {
+    /// PostgreSQL's own words (pg_error.rs), the password scrubbed.
+    pub fn describe(&self, e: &tokio_postgres::Error) -> String {
+        self.secrets.scrub(&crate::pg_error::describe(e))
+    }
+
+    pub fn sql(
+        &self,
+        operation: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> DbError + '_ {
+        let operation = operation.into();
+        move |e| DbError::Sql {
             operation,
-            detail: describe(&e),
+            detail: self.describe(&e),
         }
-    };
+    }
+
+    /// The asset table: `asset`, or `assets` before StandardizeNames (~v1.137) renamed it
+    /// (the columns kept their names); None when there is neither.
+    pub async fn asset_table(&self) -> Result<Option<&'static str>, tokio_postgres::Error> {
+        for name in ["asset", "assets"] {
+            if exists(&self.client, name).await? {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Closes the connection and waits for it to end.
+    pub async fn close(self) {
+        drop(self.client);
+        let _ = self.task.await;
+    }
+}
+
+/// Connects to the Immich database. `options`: PostgreSQL settings for the session
+/// (`-c statement_timeout=2000`), empty for none.
+pub async fn connect(
+    access: &DbAccess,
+    timeout: std::time::Duration,
+    options: &str,
+) -> Result<Connection, DbError> {
+    let mut secrets = crate::redact::Secrets::default();
+    secrets.add(&access.password);
     let host = access.host.as_deref().ok_or_else(|| DbError::Connect {
         target: "the database".into(),
         detail: "address unknown (database container not running, or set database.host)".into(),
@@ -332,15 +372,30 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         .user(&access.user)
         .password(&access.password)
         .dbname(&access.database)
-        .connect_timeout(std::time::Duration::from_secs(10));
+        .connect_timeout(timeout);
+    if !options.is_empty() {
+        config.options(options);
+    }
     let (client, connection) = config.connect(NoTls).await.map_err(|e| DbError::Connect {
         target: format!(
             "{host}:{} (database {}, user {})",
             access.port, access.database, access.user
         ),
-        detail: describe(&e),
+        detail: secrets.scrub(&crate::pg_error::describe(&e)),
     })?;
-    let conn = tokio::spawn(connection);
+    Ok(Connection {
+        client,
+        secrets,
+        task: tokio::spawn(connection),
+    })
+}
+
+/// Connects with the discovered credentials and reads migrations, counts and size. An error
+/// names what was being done and what PostgreSQL said, never the password.
+pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
+    let db = connect(access, std::time::Duration::from_secs(10), "").await?;
+    let client = &db.client;
+    let sql = |operation: String| db.sql(operation);
 
     // First: a write after this is a write after the snapshot's state.
     let xid_snapshot = client
@@ -351,7 +406,7 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     let mut counts = Vec::new();
     let mut migrations = Vec::new();
     for table in ["migrations", "kysely_migrations"] {
-        let found = exists(&client, table)
+        let found = exists(client, table)
             .await
             .map_err(sql(format!("looking for the migrations table {table}")))?;
         let mut names: Vec<String> = if found {
@@ -370,10 +425,10 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         migrations.extend(names);
     }
     // StandardizeNames (~v1.137) renamed assets→asset and users→user.
-    let assets = count_first(&client, &["asset", "assets"])
+    let assets = count_first(client, &["asset", "assets"])
         .await
         .map_err(sql("counting assets".into()))?;
-    let users = count_first(&client, &["\"user\"", "users"])
+    let users = count_first(client, &["\"user\"", "users"])
         .await
         .map_err(sql("counting users".into()))?;
     let database_bytes: i64 = client
@@ -381,8 +436,7 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
         .await
         .map_err(sql("reading the database size".into()))?
         .get(0);
-    drop(client);
-    let _ = conn.await;
+    db.close().await;
     Ok(DbFacts {
         migrations,
         typeorm_migrations: counts[0],

@@ -4,6 +4,7 @@
 //! any failure drops the partial, so nothing half-made is ever listed.
 
 pub mod db;
+pub mod dump_rows;
 pub mod hash_queue;
 pub mod hashes;
 pub mod queue;

@@ -20,6 +20,9 @@
 //! container crash-loop without recreating it), `STANDIN_CRASH_TIMES` (crash only the first N
 //! boots of this container: a restart loop that recovers by itself).
 //!
+//! The asset table's columns carry Immich's own names (`"ownerId"`, `"originalPath"`,
+//! `"createdAt"`: when the server received the upload), which immich-guard reads.
+//!
 //! Only std and crates the package already depends on; never the `immich_guard` library.
 
 use std::io::{Read as _, Write as _};
@@ -557,7 +560,7 @@ fn migration_sql(name: &str) -> &'static str {
     match name.split_once('-').map_or(name, |(_, n)| n) {
         "InitialSchema" => {
             "CREATE TABLE users (id uuid PRIMARY KEY, email varchar NOT NULL UNIQUE, name varchar NOT NULL DEFAULT '', is_admin boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT now());
-             CREATE TABLE assets (id uuid PRIMARY KEY, owner_id uuid NOT NULL REFERENCES users(id) ON DELETE CASCADE, original_path varchar NOT NULL, checksum bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE assets (id uuid PRIMARY KEY, \"ownerId\" uuid NOT NULL REFERENCES users(id) ON DELETE CASCADE, \"originalPath\" varchar NOT NULL, checksum bytea NOT NULL, \"createdAt\" timestamptz NOT NULL DEFAULT now());
              CREATE TABLE version_history (id SERIAL PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), version text NOT NULL);
              CREATE TABLE system_metadata (key varchar PRIMARY KEY, value jsonb NOT NULL);"
         }
@@ -872,7 +875,7 @@ async fn try_add_asset(
     let checksum: Vec<u8> = Sha256::digest(&content).to_vec();
     let original_path = media.join(&rel).display().to_string();
     db.execute(
-        &format!("INSERT INTO {table} (id, owner_id, original_path, checksum, created_at) VALUES ($1::text::uuid, $2::text::uuid, $3, $4, now())"),
+        &format!("INSERT INTO {table} (id, \"ownerId\", \"originalPath\", checksum, \"createdAt\") VALUES ($1::text::uuid, $2::text::uuid, $3, $4, now())"),
         &[&id, &owner, &original_path, &checksum],
     )
     .await

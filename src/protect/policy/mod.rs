@@ -29,6 +29,7 @@ use crate::snapshot::store::Meta;
 mod crash;
 mod paths;
 mod release;
+mod release_ready;
 mod restoring;
 mod snapshot;
 mod start;
@@ -143,6 +144,9 @@ pub enum Thaw {
         pinned_at: DateTime<Utc>,
         reply: ReplyId,
     },
+    /// A sealed freeze that waited for what its release needs (release_ready.rs), and why it
+    /// goes now.
+    Waited { name: String, note: String },
     /// A server paused by someone else, released on a version the database runs (or forced).
     ForeignPause {
         name: String,
@@ -281,6 +285,8 @@ pub enum Event {
         version: String,
     },
     SnapshotFailed(crate::snapshot::SnapshotFailure),
+    /// The upload activity, read when asked (`AskUploads`) and every `uploads::REFRESH`.
+    Uploads(Box<crate::uploads::RecentUploads>),
     Verified {
         due: VerifyDue,
         report: Box<crate::verify::Report>,
@@ -367,6 +373,10 @@ pub enum Effect {
     ShowRestoring(Option<String>),
     /// `status`: a restore unfinished (its journal's line).
     ShowIncomplete(Option<String>),
+    /// Reads the upload activity, off the driver's loop → `Uploads`.
+    AskUploads,
+    /// `status`: the upload activity.
+    ShowUploads(Box<crate::uploads::RecentUploads>),
     Notify(Box<Notice>),
     Reply {
         to: ReplyId,
@@ -405,6 +415,8 @@ pub struct Policy {
     disk: Box<Disk>,
     /// The host's CPU, for the upgrade-path table's CPU rows (read by the driver at start).
     cpu: crate::paths::Cpu,
+    /// The newest reading of the upload activity.
+    uploads: Option<crate::uploads::RecentUploads>,
 }
 
 impl Policy {
@@ -445,6 +457,7 @@ impl Policy {
             starting: Vec::new(),
             disk: Box::default(),
             cpu: crate::paths::Cpu::default(),
+            uploads: None,
         }
     }
 
@@ -570,11 +583,16 @@ impl Policy {
             }
             Event::SnapshotSealed { id, version } => self.on_sealed(id, version, now, &mut out),
             Event::SnapshotFailed(failure) => self.on_snapshot_failed(failure, now, &mut out),
+            Event::Uploads(seen) => self.on_uploads(*seen, now, &mut out),
             Event::Verified {
                 due,
                 report,
                 server,
             } => self.on_verified(due, *report, server, now, &mut out),
+        }
+        // A release wait belongs to its freeze: gone with it.
+        if self.state.phase.frozen().is_none() {
+            self.state.release_wait = None;
         }
         out
     }
@@ -601,6 +619,7 @@ impl Policy {
             .into_iter()
             .chain(verify)
             .chain(self.freeze_deadline())
+            .chain(self.release_check())
             .min()?;
         Some(if at <= now - TimeDelta::seconds(1) {
             now + AGAIN
@@ -614,6 +633,7 @@ impl Policy {
         if self.freeze_deadline().is_some_and(|at| at <= now) {
             self.hold_stuck(now, out);
         }
+        self.check_release(now, out);
         if let Some(stack) = self.stack.clone() {
             self.settle(&stack, now, out);
         }
@@ -713,6 +733,15 @@ impl Policy {
         now: DateTime<Utc>,
     ) -> Effect {
         let pending = self.state.pending.as_ref();
+        // Before a pending change goes through, the admin hears of a phone backing up.
+        let message = match self
+            .uploads
+            .as_ref()
+            .filter(|u| pending.is_some() && u.busy())
+        {
+            Some(u) => format!("{message}\n{}.", u.line()),
+            None => message,
+        };
         Effect::Notify(Box::new(Notice {
             kind,
             project: self

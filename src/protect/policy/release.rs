@@ -65,6 +65,10 @@ impl Policy {
                 });
             }
             Phase::Frozen { server, .. } => {
+                if !force && self.release_wait_ended_by_admin(out) {
+                    self.release_waiters.push(reply);
+                    return;
+                }
                 if !force {
                     out.push(Effect::Reply {
                         to: reply,
@@ -168,6 +172,16 @@ impl Policy {
         self.change_made(now);
         match why {
             Thaw::Sealed => tracing::info!("{message}"),
+            Thaw::Waited { name, note } => {
+                let what = format!("{message}: {note}");
+                self.record_release(&name, false, &what, now, out);
+                for to in self.release_waiters.drain(..) {
+                    out.push(Effect::Reply {
+                        to,
+                        result: Ok(what.clone()),
+                    });
+                }
+            }
             Thaw::HoldSealed { name } => {
                 self.record_release(&name, false, &message, now, out);
                 for to in self.release_waiters.drain(..) {

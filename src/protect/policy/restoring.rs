@@ -260,6 +260,12 @@ impl Policy {
                 self.stack = Some(*stack);
                 None
             }
+            // Shown, never judged: nothing is released while a restore has the stack.
+            Event::Uploads(seen) => {
+                out.push(Effect::ShowUploads(seen.clone()));
+                self.uploads = Some(*seen);
+                None
+            }
             // The compose config the restore's pin wrote is remembered, not an upgrade.
             Event::Compose(ComposeEvent::Changed { after, .. }) => {
                 self.compose_view = Some(after);

@@ -15,6 +15,7 @@ impl Policy {
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) {
+        let began = self.state.phase.run().map_or(now, |r| r.since);
         self.state.phase.set_run(None);
         if let Some(p) = &mut self.state.pending {
             p.snapshot = Some(id.clone());
@@ -27,13 +28,7 @@ impl Policy {
             now,
         ));
         match self.state.phase.clone() {
-            Phase::Frozen { server, .. } => {
-                self.state.phase.open();
-                out.push(Effect::Thaw {
-                    server,
-                    why: Thaw::Sealed,
-                });
-            }
+            Phase::Frozen { server, .. } => self.after_seal(server, &id, began, now, out),
             // A retried snapshot (`release`) sealed: the hold is over.
             Phase::Held { hold, .. } if hold.kind == HoldKind::SnapshotFailed => {
                 self.state.phase.open();

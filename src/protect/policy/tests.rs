@@ -548,6 +548,240 @@ fn a_snapshot_stuck_behind_a_lock_becomes_a_hold_that_ends_when_it_seals() {
 
 // tests/incident.rs, one row each.
 
+// Uploads noticed (release_ready.rs): a sealed freeze waits for quiet uploads.
+
+/// Protecting v1.119.0 with `protect.wait_for_quiet_uploads` = 2 min, bounded at 10 min.
+fn waiting_for_quiet() -> T {
+    let mut config = Config::default();
+    config.protect.wait_for_quiet_uploads = Some(crate::config::Minutes::from_secs(120));
+    config.protect.wait_for_quiet_max_minutes = crate::config::Minutes::from_secs(600);
+    let mut t = T::with(config, StateFile::default());
+    t.discover(stack(V119, "c1"));
+    t
+}
+
+/// A reading taken now: `n` in the window, the newest `ago` seconds ago (None: no asset).
+fn uploads_read(t: &mut T, n: i64, ago: Option<i64>) -> Vec<Effect> {
+    let seen = crate::uploads::RecentUploads {
+        read_at: t.now,
+        seen: crate::uploads::Seen::Known {
+            last_10_min: n,
+            newest: ago.map(|s| t.now - TimeDelta::seconds(s)),
+        },
+    };
+    t.step(Event::Uploads(Box::new(seen)))
+}
+
+fn asks_uploads(out: &[Effect]) -> bool {
+    out.iter().any(|e| matches!(e, Effect::AskUploads))
+}
+
+fn wait_of(t: &T) -> crate::protect::state::ReleaseWait {
+    t.p.state()
+        .view()
+        .release_wait
+        .expect("a release wait in the view")
+}
+
+#[test]
+fn a_sealed_freeze_waits_frozen_until_uploads_stop_then_goes() {
+    let mut t = waiting_for_quiet();
+    uploads_read(&mut t, 4, Some(20));
+    let out = t.start_unknown("c2", V120);
+    // The notice of the frozen change says a phone may be backing up.
+    let frozen = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::Notify(n) if n.kind == EventKind::Frozen => Some(n.message.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        frozen.contains("4 assets uploaded in the last 10 minutes; a phone may be backing up"),
+        "{frozen}"
+    );
+    t.later(30);
+    let out = t.sealed(V119);
+    assert_eq!(thaw_of(&out), None, "{out:?}");
+    assert!(asks_uploads(&out));
+    assert_eq!(t.status(), ProtectState::Frozen);
+    let sealed_at = t.now;
+    // Uploads go on: it waits, and says for what and until when.
+    t.later(2);
+    let out = uploads_read(&mut t, 9, Some(1));
+    assert_eq!(thaw_of(&out), None);
+    let wait = wait_of(&t);
+    assert!(
+        wait.waiting_for
+            .starts_with("no upload for 2 min (at the latest until 12:10:"),
+        "{}",
+        wait.waiting_for
+    );
+    assert!(
+        wait.waiting_for.contains("9 assets uploaded"),
+        "{}",
+        wait.waiting_for
+    );
+    assert_eq!(wait.until, sealed_at + TimeDelta::minutes(10));
+    let check = t.p.next_wakeup(t.now).unwrap();
+    assert_eq!(check, wait.next_check);
+    assert!(
+        check > t.now + TimeDelta::seconds(100) && check <= t.now + TimeDelta::seconds(120),
+        "{check}"
+    );
+    // Woken: the uploads are read again (never by the policy itself).
+    t.now = check;
+    let out = t.step(Event::Wakeup);
+    assert!(asks_uploads(&out), "{out:?}");
+    // Quiet for two minutes now, but the last uploads came after the snapshot began: they are
+    // snapshotted again before the server goes.
+    let out = uploads_read(&mut t, 9, Some(121));
+    assert_eq!(thaw_of(&out), None);
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    assert!(wait_of(&t).waiting_for.starts_with("a new snapshot"));
+    assert_eq!(
+        t.p.next_wakeup(t.now),
+        Some(t.now + TimeDelta::seconds(30 * 60)),
+        "only the snapshot's own deadline"
+    );
+    let out = t.sealed(V119);
+    let Some(Thaw::Waited { note, .. }) = thaw_of(&out) else {
+        panic!("released after the second seal: {out:?}");
+    };
+    assert!(note.starts_with("no upload for 2 min; the uploads that arrived after 20261125T120000Z-v1.119.0-pre began are in 20261125T120000Z-v1.119.0-pre"), "{note}");
+    let out = t.thawed(&out);
+    assert_eq!(notices(&out), [EventKind::Released]);
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+    assert!(t.p.state().view().release_wait.is_none());
+    assert!(
+        t.p.state()
+            .releases
+            .last()
+            .unwrap()
+            .what
+            .contains("no upload for 2 min")
+    );
+}
+
+#[test]
+fn uploads_quiet_since_before_the_snapshot_let_the_server_go_without_another() {
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.later(5);
+    t.sealed(V119);
+    let out = uploads_read(&mut t, 0, Some(3 * 3600));
+    assert!(
+        matches!(thaw_of(&out), Some(Thaw::Waited { note, .. }) if note == "no upload for 2 min"),
+        "{out:?}"
+    );
+    assert!(snapshot_requests(&out).is_empty());
+    // An empty library is quiet too.
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.sealed(V119);
+    assert!(matches!(
+        thaw_of(&uploads_read(&mut t, 0, None)),
+        Some(Thaw::Waited { .. })
+    ));
+}
+
+#[test]
+fn uploads_that_never_stop_are_waited_for_only_until_the_bound() {
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.sealed(V119);
+    let until = wait_of(&t).until;
+    while t.now < until {
+        let out = uploads_read(&mut t, 30, Some(0));
+        assert_eq!(thaw_of(&out), None);
+        assert!(snapshot_requests(&out).is_empty());
+        let at = t.p.next_wakeup(t.now).unwrap();
+        assert!(at <= until, "never woken after the bound: {at}");
+        t.now = at;
+        assert!(asks_uploads(&t.step(Event::Wakeup)));
+    }
+    let out = uploads_read(&mut t, 30, Some(0));
+    assert_eq!(
+        snapshot_requests(&out),
+        ["pre-start"],
+        "what came meanwhile is snapshotted"
+    );
+    let out = t.sealed(V119);
+    let Some(Thaw::Waited { note, .. }) = thaw_of(&out) else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.starts_with("uploads went on for the whole wait (protect.wait_for_quiet_max_minutes)"),
+        "{note}"
+    );
+}
+
+#[test]
+fn uploads_that_cannot_be_read_keep_the_wait_until_the_bound_and_say_so() {
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.sealed(V119);
+    let until = wait_of(&t).until;
+    let unknown = |t: &mut T| {
+        let seen = crate::uploads::RecentUploads::unknown("connection refused", t.now);
+        t.step(Event::Uploads(Box::new(seen)))
+    };
+    let out = unknown(&mut t);
+    assert_eq!(thaw_of(&out), None);
+    assert!(
+        wait_of(&t)
+            .waiting_for
+            .ends_with("uploads unknown (connection refused)")
+    );
+    assert_eq!(t.p.next_wakeup(t.now), Some(t.now + TimeDelta::seconds(30)));
+    t.now = until;
+    let out = unknown(&mut t);
+    let Some(Thaw::Waited { note, .. }) = thaw_of(&out) else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.contains("could not be read") && note.contains("connection refused"),
+        "{note}"
+    );
+    assert!(snapshot_requests(&out).is_empty());
+}
+
+#[test]
+fn a_release_during_the_quiet_wait_lets_the_covered_server_go_unforced() {
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.sealed(V119);
+    uploads_read(&mut t, 5, Some(1));
+    let (reply, out) = t.release(false);
+    let Some(Thaw::Waited { note, .. }) = thaw_of(&out) else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.starts_with("`immich-guard release` while it waited for no upload for 2 min"),
+        "{note}"
+    );
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, reply), Some(Ok(_))), "{out:?}");
+    assert!(!t.p.state().releases.last().unwrap().forced);
+}
+
+#[test]
+fn a_restart_during_the_quiet_wait_snapshots_again_and_waits_again() {
+    let mut t = waiting_for_quiet();
+    t.start_unknown("c2", V120);
+    t.sealed(V119);
+    assert!(t.p.state_file().projects["immich"].release_wait.is_some());
+    let mut config = Config::default();
+    config.protect = t.p.config.protect.clone();
+    let mut again = T::with(config, t.p.state_file());
+    assert_eq!(again.status(), ProtectState::Frozen);
+    assert!(again.p.state().view().release_wait.is_none());
+    let out = again.discover(stack(V119, "c1"));
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    let out = again.sealed(V119);
+    assert!(asks_uploads(&out) && thaw_of(&out).is_none());
+}
+
 /// A death of `container` with Docker's RestartCount at `count`.
 fn die(t: &mut T, container: &str, service: &str, count: i64) -> Vec<Effect> {
     let e = ContainerEvent {
