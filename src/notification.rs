@@ -31,6 +31,8 @@ pub enum EventKind {
     Degraded,
     /// A later verify passed: DEGRADED is over.
     Recovered,
+    /// A snapshot's restore drill failed (src/drill/): it may not restore.
+    DrillFailed,
 }
 
 impl EventKind {
@@ -40,6 +42,7 @@ impl EventKind {
             EventKind::Held
             | EventKind::CrashLoop
             | EventKind::SnapshotFailed
+            | EventKind::DrillFailed
             | EventKind::Degraded => 4,
             _ => 3,
         }
@@ -405,6 +408,7 @@ mod tests {
             EventKind::Held,
             EventKind::CrashLoop,
             EventKind::SnapshotFailed,
+            EventKind::DrillFailed,
             EventKind::Degraded,
         ] {
             assert_eq!(kind.priority(), 4, "{kind:?}");

@@ -43,6 +43,21 @@ pub struct DaemonState {
     /// A restore running through the daemon: its snapshot and step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<String>,
+    /// The restore drill of the newest snapshot drilled or sealed (src/drill/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillSeen>,
+}
+
+/// A snapshot's restore drill as the daemon last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillSeen {
+    pub snapshot: String,
+    pub running: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<crate::snapshot::store::DrillResult>,
+    /// Why no drill could be run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +111,7 @@ impl DaemonState {
             protection: Protection::default(),
             restore_incomplete: None,
             restoring: None,
+            drill: None,
         }
     }
 

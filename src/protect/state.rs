@@ -96,6 +96,17 @@ mod known_or_unknown {
 pub enum HoldKind {
     SnapshotFailed,
     Downgrade,
+    /// The protective snapshot sealed but its restore drill failed (`snapshots.drill =
+    /// "before-release"`): held like a failed snapshot.
+    DrillFailed,
+}
+
+impl HoldKind {
+    /// Held for want of a snapshot proven good: `release` takes another, and its seal (and
+    /// drill) ends the hold.
+    pub fn retries_snapshot(self) -> bool {
+        matches!(self, HoldKind::SnapshotFailed | HoldKind::DrillFailed)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

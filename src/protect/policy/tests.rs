@@ -254,7 +254,7 @@ impl T {
 fn snapshot_requests(out: &[Effect]) -> Vec<String> {
     out.iter()
         .filter_map(|e| match e {
-            Effect::RequestSnapshot(r) => Some(r.trigger.clone()),
+            Effect::RequestSnapshot { request: r, .. } => Some(r.trigger.clone()),
             _ => None,
         })
         .collect()
@@ -314,9 +314,9 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
     assert_eq!(t.status(), ProtectState::Frozen);
     assert_eq!(snapshot_requests(&out), ["pre-start"]);
     assert_eq!(notices(&out), [EventKind::Frozen]);
-    let Effect::RequestSnapshot(r) = out
+    let Effect::RequestSnapshot { request: r, .. } = out
         .iter()
-        .find(|e| matches!(e, Effect::RequestSnapshot(_)))
+        .find(|e| matches!(e, Effect::RequestSnapshot { .. }))
         .unwrap()
     else {
         unreachable!()
