@@ -573,7 +573,7 @@ fn check_storage(meta: &Meta, dir: &Path) -> StorageChecked {
 }
 
 /// Up to [`SAMPLE`] entries spread evenly over `all` (the first always).
-fn sample<'a, T>(all: &'a [T]) -> impl Iterator<Item = &'a T> {
+fn sample<T>(all: &[T]) -> impl Iterator<Item = &T> {
     let n = all.len().min(SAMPLE);
     (0..n).map(move |i| &all[i * all.len() / n])
 }
