@@ -203,8 +203,9 @@ fn a_truncated_or_changed_dump_fails_its_drill() {
 fn newer_dump_image() -> String {
     ensure_images(&[]);
     let name = tag("postgres:15-newer-dump");
-    // printf's own escapes: \n a newline, \" a double quote (the RUN line is single-quoted).
-    let wrapper = r#"#!/bin/sh\necho \"SET transaction_timeout = 0;\"\nexec /usr/lib/postgresql/15/bin/pg_dumpall \"$@\"\n"#;
+    // printf's own escapes (the RUN line is single-quoted): \n a newline, \047 a single
+    // quote, \042 a double quote.
+    let wrapper = r#"#!/bin/sh\necho \047SET transaction_timeout = 0;\047\nexec /usr/lib/postgresql/15/bin/pg_dumpall \042$@\042\n"#;
     let dockerfile = format!(
         "FROM {base}\nLABEL {TEST_LABEL}=1\nRUN mkdir -p /opt/newer && printf '{wrapper}' > /opt/newer/pg_dumpall && chmod 755 /opt/newer/pg_dumpall\nENV PATH=/opt/newer:/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin\n",
         base = postgres_image()
