@@ -112,7 +112,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tokio::spawn(remove_drill_leftovers(
         docker_rx.clone(),
         config.daemon.data_dir.clone(),
-        Utc::now().timestamp(),
     ));
     let queue = snapshot_queue_hashing(
         config.clone(),
@@ -397,9 +396,9 @@ pub fn start_drill_queue(
     DrillQueue::start(config.clone(), docker, stacks, observer)
 }
 
-/// Removes the drill containers a killed run of this data dir left (created before `before`,
-/// the daemon's start: never one a drill of this run has started), once Docker answers.
-async fn remove_drill_leftovers(mut docker: DockerHandle, data_dir: PathBuf, before: i64) {
+/// Removes the drill containers a killed run of this data dir left (never one of this run's
+/// drills: see `scratch::LABEL_RUN`), once Docker answers.
+async fn remove_drill_leftovers(mut docker: DockerHandle, data_dir: PathBuf) {
     let connection = match docker.wait_for(Option::is_some).await {
         Ok(c) => c.clone(),
         Err(_) => return,
@@ -407,7 +406,7 @@ async fn remove_drill_leftovers(mut docker: DockerHandle, data_dir: PathBuf, bef
     let Some((docker, _)) = connection else {
         return;
     };
-    for name in crate::drill::scratch::remove_leftovers(&docker, &data_dir, before).await {
+    for name in crate::drill::scratch::remove_leftovers(&docker, &data_dir).await {
         tracing::warn!(container = %name, "removed a drill container an earlier run left behind");
     }
 }

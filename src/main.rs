@@ -613,6 +613,10 @@ async fn drill_here(
     eprintln!("immich-guard: daemon not running; drilling {id} here");
     let host = docker::engine_host(config.docker.host.as_deref());
     let docker = docker::connect(&host).await?;
+    // Holding the lock, like a starting daemon: a drill a killed run left is ours to remove.
+    for name in drill::scratch::remove_leftovers(&docker, &config.daemon.data_dir).await {
+        eprintln!("immich-guard: removed a drill container an earlier run left behind: {name}");
+    }
     // The live database container gives the image and its settings; without a stack the
     // image the snapshot recorded is used.
     let stack = match discover::discover(&docker, &host, config).await {

@@ -24,6 +24,9 @@ pub const LABEL_DRILL: &str = "immich-guard.drill";
 /// On every scratch container: the data dir of the daemon (or CLI) that made it, so a daemon
 /// removes only its own leftovers.
 pub const LABEL_OWNER: &str = "immich-guard.data-dir";
+/// On every scratch container: the process that made it, so a daemon at start removes those
+/// of earlier runs only (only one process holds a data dir's lock at a time).
+pub const LABEL_RUN: &str = "immich-guard.run";
 /// Scratch dirs of databases too large for the tmpfs, under the data dir.
 pub const SCRATCH_DIR: &str = "drill-scratch";
 const DEFAULT_PGDATA: &str = "/var/lib/postgresql/data";
@@ -79,6 +82,12 @@ fn copied_env(entry: &str) -> bool {
 fn env_value<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
     env.iter()
         .find_map(|e| e.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// This process's run id (for [`LABEL_RUN`]).
+fn run_id() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| random_hex(8))
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -268,6 +277,7 @@ pub async fn start(
     let mut labels = HashMap::new();
     labels.insert(LABEL_DRILL.to_string(), label.to_string());
     labels.insert(LABEL_OWNER.to_string(), data_dir.display().to_string());
+    labels.insert(LABEL_RUN.to_string(), run_id().to_string());
     // Appended to PostgreSQL's own command line: a throwaway database needs no durability.
     let cmd = spec.cmd.clone().map(|mut cmd| {
         if cmd.first().map(String::as_str) == Some("postgres") {
@@ -381,10 +391,9 @@ async fn remove_container(docker: &Docker, name: &str) {
 }
 
 /// Removes the scratch containers (and dirs) an earlier run of this data dir left behind (a
-/// kill mid-drill): created before `before` (seconds since the epoch: this run's start), so
-/// never one this run started; never one another daemon's data dir labelled. Returns their
-/// names.
-pub async fn remove_leftovers(docker: &Docker, data_dir: &Path, before: i64) -> Vec<String> {
+/// kill mid-drill): never one this process started (its run label), never one another data
+/// dir's daemon labelled. Call it holding the data dir's lock. Returns their names.
+pub async fn remove_leftovers(docker: &Docker, data_dir: &Path) -> Vec<String> {
     let mut filters = HashMap::new();
     filters.insert(
         "label".to_string(),
@@ -404,7 +413,12 @@ pub async fn remove_leftovers(docker: &Docker, data_dir: &Path, before: i64) -> 
         .unwrap_or_default()
     {
         let Some(id) = c.id else { continue };
-        if c.created.is_some_and(|t| t >= before) {
+        let ours = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_RUN))
+            .is_some_and(|r| r == run_id());
+        if ours {
             continue;
         }
         remove_container(docker, &id).await;
