@@ -814,6 +814,26 @@ mod tests {
     }
 
     #[test]
+    fn the_drill_mode_is_one_of_three_and_its_limits_are_checked() {
+        assert_eq!(Config::default().snapshots.drill, DrillMode::BeforeRelease);
+        let c = parse("[snapshots]\ndrill = \"after-release\"\ndrill_cpus = 0.5\n").unwrap();
+        assert_eq!(c.snapshots.drill, DrillMode::AfterRelease);
+        assert_eq!(c.snapshots.drill_cpus, 0.5);
+        let e = parse("[snapshots]\ndrill = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drill") && e.contains("before-release"), "{e}");
+        let e = parse("[snapshots]\ndrill_cpus = 0.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshots.drill_cpus"), "{e}");
+        let e = parse("[snapshots]\ndrill_memory_mb = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshots.drill_memory_mb"), "{e}");
+    }
+
+    #[test]
     fn relative_snapshot_dir_is_refused() {
         let e = parse("[snapshots]\ndir = \"snapshots\"\n")
             .unwrap_err()
