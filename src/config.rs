@@ -819,18 +819,16 @@ mod tests {
         let c = parse("[snapshots]\ndrill = \"after-release\"\ndrill_cpus = 0.5\n").unwrap();
         assert_eq!(c.snapshots.drill, DrillMode::AfterRelease);
         assert_eq!(c.snapshots.drill_cpus, 0.5);
-        let e = parse("[snapshots]\ndrill = \"sometimes\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("drill") && e.contains("before-release"), "{e}");
-        let e = parse("[snapshots]\ndrill_cpus = 0.0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("snapshots.drill_cpus"), "{e}");
-        let e = parse("[snapshots]\ndrill_memory_mb = 10\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("snapshots.drill_memory_mb"), "{e}");
+        for (toml, names) in [
+            ("drill = \"sometimes\"", "before-release"),
+            ("drill_cpus = 0.0", "snapshots.drill_cpus"),
+            ("drill_memory_mb = 10", "snapshots.drill_memory_mb"),
+        ] {
+            let e = parse(&format!("[snapshots]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(names), "{toml}: {e}");
+        }
     }
 
     #[test]
