@@ -343,6 +343,29 @@ pub struct SnapshotConfig {
     /// How fast the content-hash pass after each seal may read, in MB/s (0: unlimited); it
     /// also runs at the lowest CPU and I/O priority (README.md, "Storage").
     pub hash_rate_mb: u64,
+    /// When the restore drill (src/drill/) runs after a seal, and whether a protective
+    /// snapshot counts before its drill passed (docs/operations.md "Restore drills").
+    pub drill: DrillMode,
+    /// Memory PostgreSQL may use in a drill's scratch container, in MB (its tmpfs comes on top).
+    pub drill_memory_mb: u64,
+    /// CPUs the scratch container may use (fractions allowed).
+    pub drill_cpus: f64,
+    /// The largest tmpfs a drill's scratch database may take, in MB; a database whose replay
+    /// needs more goes to a scratch dir under the data dir instead.
+    pub drill_tmpfs_mb: u64,
+}
+
+/// `snapshots.drill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrillMode {
+    /// A pre-update/pre-start snapshot counts (a frozen server goes) only once its drill
+    /// passed; a failed drill holds the update like a failed snapshot.
+    BeforeRelease,
+    /// The server goes at the seal; the drill runs after, recorded and notified.
+    AfterRelease,
+    /// No drill after seals; `immich-guard drill` still works.
+    Off,
 }
 
 /// The most `snapshots.hash_rate_mb` can say: beyond any disk, so a larger value is a typo
@@ -363,6 +386,10 @@ impl Default for SnapshotConfig {
             skip_unreadable: false,
             max_wait_secs: 1800,
             hash_rate_mb: 100,
+            drill: DrillMode::BeforeRelease,
+            drill_memory_mb: 1024,
+            drill_cpus: 1.0,
+            drill_tmpfs_mb: 2048,
         }
     }
 }
@@ -568,6 +595,20 @@ impl Config {
                 "snapshots.hash_rate_mb",
                 &self.snapshots.hash_rate_mb,
                 &format!("is in MB/s: at most {MAX_HASH_RATE_MB} (0: unlimited)"),
+            );
+        }
+        if !(self.snapshots.drill_cpus > 0.0 && self.snapshots.drill_cpus <= 1024.0) {
+            return invalid(
+                "snapshots.drill_cpus",
+                &self.snapshots.drill_cpus,
+                "must be more than 0 (a fraction of a CPU is allowed) and at most 1024",
+            );
+        }
+        if self.snapshots.drill_memory_mb < 64 {
+            return invalid(
+                "snapshots.drill_memory_mb",
+                &self.snapshots.drill_memory_mb,
+                "must be at least 64 MB: PostgreSQL does not start in less",
             );
         }
         if let Some(x) = self
@@ -915,6 +956,24 @@ mod tests {
         ));
         let e = e.to_string();
         assert!(e.contains("crash_loop.window_secs = 0"), "{e}");
+    }
+
+    #[test]
+    fn the_drill_mode_is_one_of_three_and_its_limits_are_checked() {
+        assert_eq!(Config::default().snapshots.drill, DrillMode::BeforeRelease);
+        let c = parse("[snapshots]\ndrill = \"after-release\"\ndrill_cpus = 0.5\n").unwrap();
+        assert_eq!(c.snapshots.drill, DrillMode::AfterRelease);
+        assert_eq!(c.snapshots.drill_cpus, 0.5);
+        for (toml, names) in [
+            ("drill = \"sometimes\"", "before-release"),
+            ("drill_cpus = 0.0", "snapshots.drill_cpus"),
+            ("drill_memory_mb = 10", "snapshots.drill_memory_mb"),
+        ] {
+            let e = parse(&format!("[snapshots]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(names), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -21,13 +21,14 @@ use crate::config::Config;
 use crate::control::server::{Control, ControlError, ControlServer};
 use crate::discover::{self, DiscoverError};
 use crate::docker::{self, DockerError};
+use crate::drill::queue::{Activity as DrillActivity, DrillQueue};
 use crate::notification::{EventKind, Notifier};
 use crate::protect::{ContainerEvent, Guard, GuardHandle, Input, ProtectState};
 use crate::snapshot::hash_queue::HashQueue;
 use crate::snapshot::queue::{self, Activity, DockerHandle, SnapshotQueue};
 use crate::snapshot::store::{Leftover, Store, StoreError};
 use crate::snapshot::{SnapshotFailure, Taken};
-use crate::status::{DaemonState, EventSeen, SnapshotSeen};
+use crate::status::{DaemonState, DrillSeen, EventSeen, SnapshotSeen};
 use crate::systemd::ServiceManager;
 
 /// Events arrive in bursts (a recreate is destroy+create+start+...): one discovery per burst.
@@ -100,18 +101,32 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let docker_tx: DockerTx = Arc::new(docker_tx);
     let notifier = Notifier::new(&config.notify);
     let hashing = start_hash_queue(&config, &state);
+    // The newest snapshot's drill, as recorded, until a drill or a seal says more.
+    if let Some(newest) = store.list().ok().and_then(|all| {
+        all.into_iter()
+            .max_by(|a, b| (a.sealed_at, &a.id).cmp(&(b.sealed_at, &b.id)))
+    }) {
+        state.send_modify(|s| s.drill = Some(drill_seen(&newest)));
+    }
+    let drills = start_drill_queue(&config, docker_rx.clone(), state.clone(), notifier.clone());
+    tokio::spawn(remove_drill_leftovers(
+        docker_rx.clone(),
+        config.daemon.data_dir.clone(),
+    ));
     let queue = snapshot_queue_hashing(
         config.clone(),
         docker_rx.clone(),
         state.clone(),
         notifier.clone(),
         Some(hashing),
+        Some(drills.clone()),
     );
     let guard = Guard::start(
         config.clone(),
         show_in_status(state.clone()),
         docker_rx.clone(),
         queue.clone(),
+        Some(drills.clone()),
         notifier,
     );
     // A restore left unfinished: its stops and starts must not be judged as crashes or
@@ -129,6 +144,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let control_task = tokio::spawn(control.serve(Control {
         state: rx.clone(),
         queue,
+        drills,
         snapshot_dir,
         incident_dir: config.daemon.data_dir.join(crate::incident::DIR),
         guard: guard.clone(),
@@ -283,18 +299,11 @@ pub fn start_snapshot_queue(
     state: State,
     notifier: Notifier,
 ) -> SnapshotQueue {
-    snapshot_queue_hashing(config, docker, state, notifier, None)
+    snapshot_queue_hashing(config, docker, state, notifier, None, None)
 }
 
-/// The snapshot queue; with `hashing`, every snapshot it seals is queued for its content
-/// hashes.
-fn snapshot_queue_hashing(
-    config: Config,
-    docker: DockerHandle,
-    state: State,
-    notifier: Notifier,
-    hashing: Option<HashQueue>,
-) -> SnapshotQueue {
+/// The stack discovery last published (or why none), for the queues that retry with it.
+fn published_stacks(state: &State) -> queue::StackHandle {
     let found = |s: &DaemonState| match (&s.stack, &s.discovery_error) {
         (Some(stack), _) => Ok(stack.clone()),
         (None, why) => Err(why.clone().unwrap_or_else(|| queue::NOT_DISCOVERED.into())),
@@ -317,6 +326,104 @@ fn snapshot_queue_hashing(
             }
         }
     });
+    stacks
+}
+
+/// A snapshot's drill as `status` shows it before a drill of it has run here.
+fn drill_seen(meta: &crate::snapshot::store::Meta) -> DrillSeen {
+    DrillSeen {
+        snapshot: meta.id.clone(),
+        running: false,
+        result: meta.drill.clone(),
+        error: None,
+    }
+}
+
+/// The drill queue: each drill in `status` while it runs and after; a failed one notified.
+pub fn start_drill_queue(
+    config: &Config,
+    docker: DockerHandle,
+    state: State,
+    notifier: Notifier,
+) -> DrillQueue {
+    let stacks = published_stacks(&state);
+    let observer = Box::new(move |activity: DrillActivity<'_>| {
+        let (id, result) = match activity {
+            DrillActivity::Began(id) => {
+                state.send_modify(|s| {
+                    s.drill = Some(DrillSeen {
+                        snapshot: id.to_string(),
+                        running: true,
+                        result: None,
+                        error: None,
+                    })
+                });
+                return;
+            }
+            DrillActivity::Ended(id, result) => (id, result),
+        };
+        let project = state
+            .borrow()
+            .stack
+            .as_ref()
+            .map(|s| s.project.clone())
+            .unwrap_or_default();
+        state.send_modify(|s| {
+            s.drill = Some(DrillSeen {
+                snapshot: id.to_string(),
+                running: false,
+                result: result.as_ref().ok().cloned(),
+                error: result.as_ref().err().cloned(),
+            })
+        });
+        if let Ok(r) = result
+            && !r.passed
+        {
+            notifier.send(crate::notification::Event {
+                kind: EventKind::DrillFailed,
+                project,
+                title: format!("Restore drill of snapshot {id} failed"),
+                message: format!(
+                    "{}. This snapshot may not restore; see `immich-guard list` and `immich-guard drill {id}`.",
+                    r.first_error.as_deref().unwrap_or("unknown")
+                ),
+                snapshot: Some(id.to_string()),
+                from_version: None,
+                to_version: None,
+                at: Utc::now(),
+            });
+        }
+    });
+    DrillQueue::start(config.clone(), docker, stacks, observer)
+}
+
+/// Removes the drill containers a killed run of this data dir left (never one of this run's
+/// drills: see `scratch::LABEL_RUN`), once Docker answers.
+async fn remove_drill_leftovers(mut docker: DockerHandle, data_dir: PathBuf) {
+    let connection = match docker.wait_for(Option::is_some).await {
+        Ok(c) => c.clone(),
+        Err(_) => return,
+    };
+    let Some((docker, _)) = connection else {
+        return;
+    };
+    for name in crate::drill::scratch::remove_leftovers(&docker, &data_dir).await {
+        tracing::warn!(container = %name, "removed a drill container an earlier run left behind");
+    }
+}
+
+/// The snapshot queue; with `hashing`, every snapshot it seals is queued for its content
+/// hashes.
+fn snapshot_queue_hashing(
+    config: Config,
+    docker: DockerHandle,
+    state: State,
+    notifier: Notifier,
+    hashing: Option<HashQueue>,
+    drills: Option<DrillQueue>,
+) -> SnapshotQueue {
+    let stacks = published_stacks(&state);
+    let drill_mode = config.snapshots.drill;
     let retry = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(retry_partials(
         config.snapshot_dir(),
@@ -337,9 +444,28 @@ fn snapshot_queue_hashing(
             if let (Ok(taken), Some(hashing)) = (result, &hashing) {
                 hashing.push(&taken.meta.id);
             }
+            if let (Ok(taken), Some(drills)) = (result, &drills)
+                && after_seal_drill(drill_mode, taken)
+            {
+                drills.after_seal(&taken.meta.id);
+            }
         }
     });
     SnapshotQueue::start(config, docker, stacks, observer)
+}
+
+/// Whether the queue's observer drills this seal: a newly sealed snapshot (not one reused
+/// for an unchanged state, not a pre-restore one), unless drills are off or the driver
+/// drills it before release (a protective snapshot under "before-release").
+fn after_seal_drill(mode: crate::config::DrillMode, taken: &Taken) -> bool {
+    use crate::config::DrillMode;
+    let protective = matches!(taken.meta.trigger.as_str(), "pre-update" | "pre-start");
+    taken.retention.is_some()
+        && match mode {
+            DrillMode::Off => false,
+            DrillMode::AfterRelease => true,
+            DrillMode::BeforeRelease => !protective,
+        }
 }
 
 /// A snapshot of the queue ended: the status it leaves, and a notice when the retention
@@ -363,6 +489,7 @@ fn ended(
         sealed_at: meta.sealed_at,
     });
     s.last_snapshot_error = None;
+    s.drill = Some(drill_seen(meta));
     let outcome = taken.retention.as_ref()?;
     for n in &outcome.not_deleted {
         if let Some(path) = &n.leftover

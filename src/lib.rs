@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod diagnose;
 pub mod discover;
 pub mod docker;
+pub mod drill;
 pub mod durable;
 pub mod image_ref;
 pub mod incident;

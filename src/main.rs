@@ -56,6 +56,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore drill: replay a snapshot's dump (the newest without ID) into a scratch
+    /// database from the live database's image, compare migrations and counts, check its
+    /// originals; the result is recorded in its meta.json. Through the daemon when it runs,
+    /// else here. Exits non-zero when the drill fails.
+    Drill {
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the sealed snapshots (read from the snapshot dir when the daemon is down).
     List {
         #[arg(long)]
@@ -240,6 +249,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => runtime.block_on(status_cmd(&config, json)),
         Command::Snapshot { label, json } => runtime.block_on(snapshot_cmd(&config, label, json)),
         Command::List { json } => runtime.block_on(list_cmd(&config, json)),
+        Command::Drill { id, json } => runtime.block_on(drill_cmd(&config, id, json)),
         Command::Incident { id, json } => runtime.block_on(incident_cmd(&config, id, json)),
         Command::Release {
             service,
@@ -574,6 +584,74 @@ async fn ack_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         println!("{message}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn drill_cmd(config: &Config, id: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let request = Request::Drill { id: id.clone() };
+    let asked =
+        client::request_with_progress(&config.control.socket, &request, |line| eprintln!("{line}"))
+            .await;
+    let (id, result) = match asked {
+        Ok(response) => expect(response, |r| match r {
+            Response::Drilled { id, result } => Some((id, *result)),
+            _ => None,
+        })?,
+        Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
+            drill_here(config, id).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{}", render::drill(&id, &result));
+    }
+    Ok(if result.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A drill in this process, the daemon being down: under its data-dir lock, so a daemon
+/// starting meanwhile cannot take this drill's container for a leftover.
+async fn drill_here(
+    config: &Config,
+    id: Option<String>,
+) -> anyhow::Result<(String, immich_guard::snapshot::store::DrillResult)> {
+    use immich_guard::drill;
+    let _lock = immich_guard::lock::acquire(config)?;
+    let id = match id {
+        Some(id) => id,
+        None => drill::newest(&config.snapshot_dir())?,
+    };
+    eprintln!("immich-guard: daemon not running; drilling {id} here");
+    let host = docker::engine_host(config.docker.host.as_deref());
+    let docker = docker::connect(&host).await?;
+    // Holding the lock, like a starting daemon: a drill a killed run left is ours to remove.
+    for name in drill::scratch::remove_leftovers(&docker, &config.daemon.data_dir).await {
+        eprintln!("immich-guard: removed a drill container an earlier run left behind: {name}");
+    }
+    // The live database container gives the image and its settings; without a stack the
+    // image the snapshot recorded is used.
+    let stack = match discover::discover(&docker, &host, config).await {
+        Ok(stack) => Some(stack),
+        Err(e) => {
+            eprintln!(
+                "immich-guard: no stack found ({e}); using the database image the snapshot recorded"
+            );
+            None
+        }
+    };
+    let live = drill::Live::of(stack.as_ref());
+    let ctx = drill::Context {
+        docker: &docker,
+        host: &host,
+        config,
+        live: &live,
+    };
+    let result = drill::run(&ctx, &id, None, &|line| eprintln!("{line}")).await?;
+    Ok((id, result))
 }
 
 async fn list_cmd(config: &Config, json: bool) -> anyhow::Result<ExitCode> {

@@ -34,6 +34,8 @@ pub enum EventKind {
     Degraded,
     /// A later verify passed: DEGRADED is over.
     Recovered,
+    /// A snapshot's restore drill failed (src/drill/): it may not restore.
+    DrillFailed,
 }
 
 impl EventKind {
@@ -44,6 +46,7 @@ impl EventKind {
             | EventKind::UpgradePath
             | EventKind::CrashLoop
             | EventKind::SnapshotFailed
+            | EventKind::DrillFailed
             | EventKind::Degraded => 4,
             _ => 3,
         }
@@ -409,6 +412,7 @@ mod tests {
             EventKind::Held,
             EventKind::CrashLoop,
             EventKind::SnapshotFailed,
+            EventKind::DrillFailed,
             EventKind::Degraded,
         ] {
             assert_eq!(kind.priority(), 4, "{kind:?}");

@@ -355,6 +355,9 @@ pub fn status(r: &StatusReport) -> String {
     if let Some(e) = &s.last_snapshot_error {
         let _ = writeln!(out, "LAST SNAPSHOT FAILED: {e}");
     }
+    if let Some(d) = &s.drill {
+        let _ = writeln!(out, "restore drill: {}", drill_seen(d));
+    }
     if let Some(w) = &s.retention_warning {
         let _ = writeln!(out, "RETENTION WARNING: {w}");
     }
@@ -388,14 +391,33 @@ pub fn status(r: &StatusReport) -> String {
     out
 }
 
+fn drill_seen(d: &crate::status::DrillSeen) -> String {
+    match (&d.result, &d.error) {
+        _ if d.running => format!("{}: running", d.snapshot),
+        (Some(r), _) => format!("{}: {}", d.snapshot, crate::drill::summary(r)),
+        (None, Some(e)) => format!("{}: not run: {e}", d.snapshot),
+        (None, None) => format!("{}: not drilled yet", d.snapshot),
+    }
+}
+
 /// The `list` table: id, version, trigger, size, DB size, files, method, age, sealed.
 pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
     if all.is_empty() {
         return "no sealed snapshots yet (take one with `immich-guard snapshot`)\n".to_string();
     }
     let mut out = format!(
-        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}\n",
-        "ID", "VERSION", "TRIGGER", "SIZE", "DB", "FILES", "METHOD", "HASHED", "AGE", "SEALED"
+        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>7} {}\n",
+        "ID",
+        "VERSION",
+        "TRIGGER",
+        "SIZE",
+        "DB",
+        "FILES",
+        "METHOD",
+        "HASHED",
+        "DRILL",
+        "AGE",
+        "SEALED"
     );
     let now = chrono::Utc::now();
     for m in all {
@@ -405,7 +427,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:>7} {}",
+            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>7} {}",
             m.id,
             m.version,
             m.trigger,
@@ -414,6 +436,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             m.storage.files,
             method,
             hashed(m),
+            drilled(m),
             duration((now - m.sealed_at).num_seconds().max(0) as u64),
             m.sealed_at.format("%Y-%m-%d %H:%M:%S")
         );
@@ -429,6 +452,24 @@ fn hashed(m: &crate::snapshot::store::Meta) -> &'static str {
         (Some(_), _) => "FAILED",
         (None, _) => "pending",
     }
+}
+
+/// The restore drill of a snapshot (src/drill/): `passed`, `FAILED` (`list --json` or
+/// `drill` says why), or `-` when none ran.
+fn drilled(m: &crate::snapshot::store::Meta) -> &'static str {
+    match &m.drill {
+        Some(d) if d.passed => "passed",
+        Some(_) => "FAILED",
+        None => "-",
+    }
+}
+
+/// One restore drill for `immich-guard drill`.
+pub fn drill(id: &str, r: &crate::snapshot::store::DrillResult) -> String {
+    let mut out = format!("drill of {id}: {}\n", crate::drill::summary(r));
+    let _ = writeln!(out, "  database image: {}", r.image);
+    let _ = writeln!(out, "  scratch database: {}", r.scratch);
+    out
 }
 
 fn bytes(n: u64) -> String {
@@ -753,5 +794,19 @@ mod tests {
         assert_eq!(column("good"), "ok", "{text}");
         assert_eq!(column("bad"), "FAILED", "{text}");
         assert_eq!(column("new"), "pending", "{text}");
+        // The drill column beside it.
+        let mut drilled = meta("drilled", at);
+        drilled.drill = Some(crate::snapshot::store::tests::drill(true, at));
+        let mut failed = meta("failed", at);
+        failed.drill = Some(crate::snapshot::store::tests::drill(false, at));
+        let text = snapshots(&[drilled, failed, meta("new", at)]);
+        let drill = |id: &str| {
+            let line = text.lines().find(|l| l.starts_with(id)).unwrap();
+            line.split_whitespace().nth(10).unwrap().to_string()
+        };
+        assert!(text.lines().next().unwrap().contains("DRILL"), "{text}");
+        assert_eq!(drill("drilled"), "passed", "{text}");
+        assert_eq!(drill("failed"), "FAILED", "{text}");
+        assert_eq!(drill("new"), "-", "{text}");
     }
 }

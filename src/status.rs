@@ -47,6 +47,21 @@ pub struct DaemonState {
     /// first reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uploads: Option<crate::uploads::RecentUploads>,
+    /// The restore drill of the newest snapshot drilled or sealed (src/drill/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillSeen>,
+}
+
+/// A snapshot's restore drill as the daemon last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillSeen {
+    pub snapshot: String,
+    pub running: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<crate::snapshot::store::DrillResult>,
+    /// Why no drill could be run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +116,7 @@ impl DaemonState {
             restore_incomplete: None,
             restoring: None,
             uploads: None,
+            drill: None,
         }
     }
 

@@ -91,6 +91,44 @@ pub(super) async fn answer(
             };
             send(write, &response).await
         }
+        Request::Drill { id } => {
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let dir = control.snapshot_dir.clone();
+                    match tokio::task::spawn_blocking(move || crate::drill::newest(&dir))
+                        .await
+                        .expect("list thread")
+                    {
+                        Ok(id) => id,
+                        Err(e) => return send(write, &Response::error(e.to_string())).await,
+                    }
+                }
+            };
+            let (notes, mut lines) = tokio::sync::mpsc::unbounded_channel();
+            let drill = control.drills.drill(&id, None, Some(notes));
+            tokio::pin!(drill);
+            // A client that went away does not stop the drill; it just stops hearing of it.
+            let mut listening = true;
+            let result = loop {
+                tokio::select! {
+                    result = &mut drill => break result,
+                    Some(line) = lines.recv() => {
+                        if listening {
+                            listening = send(write, &Response::Progress { message: line }).await.is_ok();
+                        }
+                    }
+                }
+            };
+            let response = match result {
+                Ok(result) => Response::Drilled {
+                    id: id.clone(),
+                    result: Box::new(result),
+                },
+                Err(message) => Response::error(message),
+            };
+            send(write, &response).await
+        }
         Request::Snapshot { label } => {
             // A snapshot of a half-restored stack is never wanted.
             let restoring = control.state.borrow().restoring.clone();

@@ -56,6 +56,12 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Drill a sealed snapshot (the newest without `id`): its dump replayed into a scratch
+    /// database and its storage checked; `progress` lines, then `drilled` or an error.
+    Drill {
+        #[serde(default)]
+        id: Option<String>,
+    },
     /// End an unfinished restore without finishing it (`restore --abandon`): its journal goes
     /// to the history and protection is back on. Refused while a restore runs.
     AbandonRestore {},
@@ -70,6 +76,7 @@ impl Request {
                 | Request::Release { .. }
                 | Request::Ack {}
                 | Request::Restore { .. }
+                | Request::Drill { .. }
                 | Request::AbandonRestore {}
         )
     }
@@ -85,6 +92,7 @@ pub const VERBS: &[&str] = &[
     "ack",
     "restore",
     "abandon_restore",
+    "drill",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +105,11 @@ pub enum Response {
         message: String,
     },
     Snapshot(Box<Meta>),
+    /// A drill ran (passed or failed: see `result.passed`).
+    Drilled {
+        id: String,
+        result: Box<crate::snapshot::store::DrillResult>,
+    },
     List {
         snapshots: Vec<Meta>,
     },

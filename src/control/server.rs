@@ -27,6 +27,8 @@ use crate::status::DaemonState;
 pub struct Control {
     pub state: watch::Receiver<DaemonState>,
     pub queue: SnapshotQueue,
+    /// Restore drills, one at a time (src/drill/).
+    pub drills: crate::drill::queue::DrillQueue,
     pub snapshot_dir: PathBuf,
     pub incident_dir: PathBuf,
     pub guard: GuardHandle,

@@ -23,6 +23,7 @@ use super::state::Protection;
 use crate::compose::{ComposeEvent, ComposeWatcher, read_view};
 use crate::config::Config;
 use crate::discover::Stack;
+use crate::drill::queue::DrillQueue;
 use crate::notification::Notifier;
 use crate::snapshot::queue::{DockerHandle, Event as SnapshotEvent, SnapshotQueue};
 use crate::snapshot::store::Store;
@@ -167,6 +168,9 @@ pub struct Guard {
     show: Show,
     docker: DockerHandle,
     queue: SnapshotQueue,
+    /// Drills a protective snapshot before it counts (`snapshots.drill = "before-release"`);
+    /// `None` in tests without Docker.
+    drills: Option<DrillQueue>,
     notifier: Notifier,
     tx: mpsc::UnboundedSender<Input>,
     state_file: PathBuf,
@@ -190,6 +194,7 @@ impl Guard {
         show: Show,
         docker: DockerHandle,
         queue: SnapshotQueue,
+        drills: Option<DrillQueue>,
         notifier: Notifier,
     ) -> GuardHandle {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -205,6 +210,7 @@ impl Guard {
             show,
             docker,
             queue,
+            drills,
             notifier,
             tx: tx.clone(),
             state_file,
@@ -543,20 +549,36 @@ impl Guard {
                     why,
                 })
             }
-            Effect::RequestSnapshot(request) => {
+            Effect::RequestSnapshot {
+                request,
+                drill_first,
+            } => {
+                // The scratch database starts beside the dump and storage: only the replay
+                // and the checks come after the seal.
+                let drills = self.drills.clone().filter(|_| drill_first);
+                let prepared = drills
+                    .as_ref()
+                    .and_then(|d| d.prepare(request.stack.as_ref(), &request.trigger));
                 let mut events = self.queue.request(*request).await;
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
+                    let progress = |line: String| {
+                        let _ = tx.send(Input::Result(Event::SnapshotProgress(line)));
+                    };
                     while let Some(event) = events.recv().await {
                         let result = match event {
                             SnapshotEvent::Progress(p) => {
-                                let line = p.text().to_string();
-                                let _ = tx.send(Input::Result(Event::SnapshotProgress(line)));
+                                progress(p.text().to_string());
                                 continue;
                             }
-                            SnapshotEvent::Sealed(meta) => Event::SnapshotSealed {
-                                id: meta.id,
-                                version: meta.version,
+                            SnapshotEvent::Sealed(meta) => match &drills {
+                                Some(drills) => {
+                                    drill_before_release(drills, *meta, prepared, &progress).await
+                                }
+                                None => Event::SnapshotSealed {
+                                    id: meta.id,
+                                    version: meta.version,
+                                },
                             },
                             SnapshotEvent::Failed(failure) => Event::SnapshotFailed(failure),
                         };
@@ -710,6 +732,53 @@ impl Guard {
 }
 
 /// The image a container was created from (its ID); None when it is gone.
+/// The sealed protective snapshot's drill (`snapshots.drill = "before-release"`): sealed for
+/// the policy once it passed (or passed before: an unchanged state already drilled), else
+/// `DrillFailed` with the first error.
+async fn drill_before_release(
+    drills: &DrillQueue,
+    meta: crate::snapshot::store::Meta,
+    prepared: Option<crate::drill::queue::Prepared>,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Event {
+    let sealed = |meta: crate::snapshot::store::Meta| Event::SnapshotSealed {
+        id: meta.id,
+        version: meta.version,
+    };
+    if meta.drill_passed() {
+        progress(format!("{} passed its restore drill already", meta.id));
+        return sealed(meta);
+    }
+    progress(format!(
+        "drilling {}: replaying its dump into a scratch database",
+        meta.id
+    ));
+    let (notes_tx, mut notes) = mpsc::unbounded_channel();
+    let result = {
+        let drill = drills.drill(&meta.id, prepared, Some(notes_tx));
+        tokio::pin!(drill);
+        loop {
+            tokio::select! {
+                result = &mut drill => break result,
+                Some(line) = notes.recv() => progress(format!("drill: {line}")),
+            }
+        }
+    };
+    match result {
+        Ok(r) if r.passed => sealed(meta),
+        Ok(r) => Event::DrillFailed {
+            id: meta.id,
+            version: meta.version,
+            error: r.first_error.unwrap_or_else(|| "unknown".into()),
+        },
+        Err(error) => Event::DrillFailed {
+            id: meta.id,
+            version: meta.version,
+            error,
+        },
+    }
+}
+
 async fn container_image(docker: &Docker, id: &str) -> Option<String> {
     docker
         .inspect_container(id, None::<InspectContainerOptions>)
@@ -795,6 +864,7 @@ mod tests {
                 crate::daemon::show_in_status(tx.clone()),
                 docker,
                 queue,
+                None,
                 notifier,
             );
             Fed {
@@ -1325,6 +1395,7 @@ mod tests {
             crate::daemon::show_in_status(tx),
             docker,
             queue,
+            None,
             notifier,
         );
         guard.send(Input::Discovered {

@@ -103,6 +103,17 @@ pub enum HoldKind {
     /// A change Immich's upgrade-path table forbids (crate::paths): held before it migrates
     /// until the admin takes the way through or `release --force`.
     UpgradePath,
+    /// The protective snapshot sealed but its restore drill failed (`snapshots.drill =
+    /// "before-release"`): held like a failed snapshot.
+    DrillFailed,
+}
+
+impl HoldKind {
+    /// Held for want of a snapshot proven good: `release` takes another, and its seal (and
+    /// drill) ends the hold.
+    pub fn retries_snapshot(self) -> bool {
+        matches!(self, HoldKind::SnapshotFailed | HoldKind::DrillFailed)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

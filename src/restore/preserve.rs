@@ -138,6 +138,8 @@ pub async fn take_files(
         upload_mark: None,
         check: None,
         hashes: None,
+        db_image: None,
+        drill: None,
     };
     let sealed = partial.seal(&meta).map_err(store_err)?;
     // After the seal: a partial dir is removed by the next daemon start, and these files must

@@ -319,6 +319,11 @@ pub async fn take(
         missing_config_files: copied_config.missing,
         check: None,
         hashes: None,
+        db_image: Some(store::DbImage {
+            reference: database.image.clone(),
+            id: database.image_id.clone(),
+        }),
+        drill: None,
     };
     partial.seal(&meta)?;
     progress(Stage::Seal.begins(format!("sealed {}", meta.id)));

@@ -1,6 +1,7 @@
 //! Which sealed snapshots to delete: keep the last N, the newest of each version the database
 //! has run with (README.md "Snapshots": never the last good snapshot of a version), the newest
-//! `pre-update` snapshot of each version, the newest snapshot whose check passed, every
+//! `pre-update` snapshot of each version, the newest snapshot whose check passed, the newest
+//! whose restore drill passed (src/drill/: the one proven to restore), every
 //! snapshot an unfinished restore needs, and never the newest of all. Only a version's older
 //! copies are ever deleted, so a burst of snapshots of one version can never push the other
 //! versions out. `plan` is pure; `apply` reads what a restore claims, deletes, and reports
@@ -53,6 +54,7 @@ pub fn plan(
     let mut newest_of: HashSet<(&str, String)> = HashSet::new();
     let mut newest_pre_update_of: HashSet<(&str, String)> = HashSet::new();
     let mut checked: HashSet<&str> = HashSet::new();
+    let mut drilled: HashSet<&str> = HashSet::new();
     for m in &newest_first {
         let key = (m.project.as_str(), version_key(&m.version));
         if m.trigger == "pre-update" && newest_pre_update_of.insert(key.clone()) {
@@ -63,6 +65,10 @@ pub fn plan(
         }
         // The newest whose contents were read back and found whole: the one known good.
         if m.check_passed() && checked.insert(m.project.as_str()) {
+            keep.insert(m.id.as_str());
+        }
+        // The newest whose dump replayed and whose counts and files were found as recorded.
+        if m.drill_passed() && drilled.insert(m.project.as_str()) {
             keep.insert(m.id.as_str());
         }
     }
@@ -364,6 +370,29 @@ mod tests {
         }
         assert_eq!(plan(&s, 1, 0, &[]), vec!["ok-old", "bad"]);
         assert!(!s[2].check_passed() && !s[3].check_passed() && s[1].check_passed());
+    }
+
+    #[test]
+    fn the_newest_snapshot_whose_drill_passed_is_kept_per_project() {
+        let at = "2026-11-02T00:00:00Z".parse().unwrap();
+        let drill = |passed| Some(crate::snapshot::store::tests::drill(passed, at));
+        let mut s = snaps(&[
+            ("drilled-old", "v1"),
+            ("drilled", "v1"),
+            ("failed", "v1"),
+            ("not-drilled", "v1"),
+            ("o-drilled", "v1"),
+            ("o-new", "v1"),
+        ]);
+        s[0].drill = drill(true);
+        s[1].drill = drill(true);
+        s[2].drill = drill(false);
+        s[4].drill = drill(true);
+        for m in &mut s[4..] {
+            m.project = "other".into();
+        }
+        assert_eq!(plan(&s, 1, 0, &[]), vec!["drilled-old", "failed"]);
+        assert!(s[1].drill_passed() && s[2].drill_failed() && !s[3].drill_passed());
     }
 
     /// Writes `json` as the restore journal in a new data dir.

@@ -78,6 +78,60 @@ pub struct Meta {
     /// (snapshot/hashes.rs): `hashes.jsonl.zst` beside the manifest, and its SHA-256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashes: Option<super::hashes::ContentHashes>,
+    /// The live database container's image when the snapshot was taken: what a restore
+    /// drill replays into when that container is gone (src/drill/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_image: Option<DbImage>,
+    /// The newest restore drill of this snapshot (src/drill/): retention keeps the newest
+    /// snapshot whose drill passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillResult>,
+}
+
+/// The database container's image, as the snapshot saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DbImage {
+    /// As the container names it (`ghcr.io/immich-app/postgres:14-vectorchord…`).
+    pub reference: String,
+    /// `sha256:…`; what a drill starts when it still exists.
+    pub id: String,
+}
+
+/// One restore drill: the snapshot's dump replayed into a scratch database and its storage
+/// checked against the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillResult {
+    pub at: DateTime<Utc>,
+    pub passed: bool,
+    /// The whole drill: scratch database, replay, checks.
+    pub duration_ms: u64,
+    /// The replay alone (0 when it did not run).
+    pub replay_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// Originals of the manifest found in the snapshot's storage with their recorded size.
+    pub files_checked: u64,
+    /// Originals read whole and hashed (a sample).
+    pub sample_hashed: u64,
+    /// What the sample was compared with: `content hashes` (the hash pass had run) or
+    /// `readable at the recorded size`.
+    pub sample_against: String,
+    /// The image the scratch database ran.
+    pub image: String,
+    /// Where the scratch database lived, and why (`tmpfs`, or a dir when too large).
+    pub scratch: String,
+}
+
+impl Meta {
+    /// Whether the newest drill of this snapshot passed.
+    pub fn drill_passed(&self) -> bool {
+        self.drill.as_ref().is_some_and(|d| d.passed)
+    }
+
+    /// Whether a drill ran and failed.
+    pub fn drill_failed(&self) -> bool {
+        self.drill.as_ref().is_some_and(|d| !d.passed)
+    }
 }
 
 /// One check of a sealed snapshot's contents, recorded in its meta.json.
@@ -397,6 +451,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A drill of a snapshot at `at` that passed or failed.
+    pub fn drill(passed: bool, at: DateTime<Utc>) -> DrillResult {
+        DrillResult {
+            at,
+            passed,
+            duration_ms: 1000,
+            replay_ms: 500,
+            first_error: (!passed).then(|| "psql stopped".to_string()),
+            files_checked: 3,
+            sample_hashed: 3,
+            sample_against: "content hashes".into(),
+            image: "postgres:15".into(),
+            scratch: "tmpfs".into(),
+        }
+    }
+
     pub fn meta(id: &str, started: DateTime<Utc>) -> Meta {
         Meta {
             format: 1,
@@ -434,6 +504,8 @@ pub(crate) mod tests {
             size_bytes: 0,
             check: None,
             hashes: None,
+            db_image: None,
+            drill: None,
         }
     }
 

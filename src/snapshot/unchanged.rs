@@ -49,7 +49,8 @@ fn mtime_ns(meta: &std::fs::Metadata) -> Option<i64> {
 }
 
 /// The newest sealed snapshot of `project`, when it is of `version` (and `image_id`, when
-/// both are known) and the database and uploads are as they were when it was taken.
+/// both are known) and the database and uploads are as they were when it was taken. One
+/// whose restore drill failed never covers: a new dump is taken instead (src/drill/).
 pub fn covering<'a>(
     sealed: &'a [Meta],
     project: &str,
@@ -68,6 +69,7 @@ pub fn covering<'a>(
     };
     (crate::version::same_version(&newest.version, version)
         && same_image
+        && !newest.drill_failed()
         && newest.db.migrations == now.migrations
         && newest.db.xid_snapshot.as_deref().is_some_and(quiet)
         && newest.db.xid_snapshot == now.xid_snapshot
@@ -148,6 +150,18 @@ mod tests {
         assert!(covering(&busy, "immich", "v1.119.0", None, &facts, up).is_none());
         // Another project's snapshot is not this one's.
         assert!(covering(&list, "other", "v1.119.0", None, &now("750:750:"), up).is_none());
+        // One whose restore drill failed is dumped again; a passed drill still covers.
+        let mut drilled = list.clone();
+        drilled[1].drill = Some(crate::snapshot::store::tests::drill(
+            false,
+            drilled[1].sealed_at,
+        ));
+        assert!(covering(&drilled, "immich", "v1.119.0", None, &now("750:750:"), up).is_none());
+        drilled[1].drill = Some(crate::snapshot::store::tests::drill(
+            true,
+            drilled[1].sealed_at,
+        ));
+        assert!(covering(&drilled, "immich", "v1.119.0", None, &now("750:750:"), up).is_some());
     }
 
     #[test]

@@ -130,8 +130,9 @@ pub enum Thaw {
     Sealed,
     /// A hold ended by a snapshot `release` retried.
     HoldSealed { name: String },
-    /// `protect.fail_open`: the snapshot failed and the server goes anyway.
-    FailOpen { name: String },
+    /// `protect.fail_open`: the snapshot (or its drill) failed and the server goes anyway;
+    /// `cause` says which, for the release record.
+    FailOpen { name: String, cause: String },
     /// `release --force`; `overrode`: the upgrade-path hold it overrode, for the record.
     Forced {
         name: String,
@@ -287,6 +288,12 @@ pub enum Event {
     SnapshotFailed(crate::snapshot::SnapshotFailure),
     /// The upload activity, read when asked (`AskUploads`) and every `uploads::REFRESH`.
     Uploads(Box<crate::uploads::RecentUploads>),
+    /// The protective snapshot sealed, and its restore drill (before release) failed.
+    DrillFailed {
+        id: String,
+        version: String,
+        error: String,
+    },
     Verified {
         due: VerifyDue,
         report: Box<crate::verify::Report>,
@@ -354,7 +361,13 @@ pub enum Effect {
         why: UnhaltFor,
     },
     /// Queues (or joins) a snapshot → `SnapshotProgress`…, `SnapshotSealed` | `SnapshotFailed`.
-    RequestSnapshot(Box<crate::snapshot::Request>),
+    /// With `drill_first` (`snapshots.drill = "before-release"`), a scratch database is started
+    /// beside it and the sealed snapshot is drilled before it is reported: `SnapshotSealed`
+    /// only once its drill passed, else `DrillFailed` (src/drill/).
+    RequestSnapshot {
+        request: Box<crate::snapshot::Request>,
+        drill_first: bool,
+    },
     /// Runs a verify in its own task → `Verified`.
     Verify {
         due: VerifyDue,
@@ -584,6 +597,9 @@ impl Policy {
             Event::SnapshotSealed { id, version } => self.on_sealed(id, version, now, &mut out),
             Event::SnapshotFailed(failure) => self.on_snapshot_failed(failure, now, &mut out),
             Event::Uploads(seen) => self.on_uploads(*seen, now, &mut out),
+            Event::DrillFailed { id, version, error } => {
+                self.on_drill_failed(id, version, error, now, &mut out)
+            }
             Event::Verified {
                 due,
                 report,
@@ -712,16 +728,18 @@ impl Policy {
             .pending
             .as_ref()
             .map(|p| format!("{} ({})", p.arrow(), p.source));
-        out.push(Effect::RequestSnapshot(Box::new(
-            crate::snapshot::Request {
+        out.push(Effect::RequestSnapshot {
+            request: Box::new(crate::snapshot::Request {
                 trigger: trigger.as_str().into(),
                 label,
                 version: self.state.data_version(),
                 // The stack as the policy last saw it (none between `compose down` and `up`:
                 // the queue then waits for the one discovery publishes).
                 stack: self.stack.clone(),
-            },
-        )));
+            }),
+            // A snapshot not proven to restore does not let an update migrate.
+            drill_first: self.config.snapshots.drill == crate::config::DrillMode::BeforeRelease,
+        });
         out.push(Effect::Publish);
     }
 

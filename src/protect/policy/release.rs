@@ -191,9 +191,13 @@ impl Policy {
                     });
                 }
             }
-            Thaw::FailOpen { name } => {
-                self.record_release(&name, true, &format!("fail-open: {message}"), now, out)
-            }
+            Thaw::FailOpen { name, cause } => self.record_release(
+                &name,
+                true,
+                &format!("fail-open ({cause}): {message}"),
+                now,
+                out,
+            ),
             Thaw::Forced {
                 name,
                 reply,

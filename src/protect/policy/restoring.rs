@@ -286,7 +286,8 @@ impl Policy {
             | Event::VerifyNotRun
             | Event::SnapshotProgress(_)
             | Event::SnapshotSealed { .. }
-            | Event::SnapshotFailed(_) => Some(event),
+            | Event::SnapshotFailed(_)
+            | Event::DrillFailed { .. } => Some(event),
             // Image events (the restore's pull of the pinned image), wakeups, and anything
             // while a restore is unfinished.
             Event::Started(_)

@@ -30,7 +30,7 @@ impl Policy {
         match self.state.phase.clone() {
             Phase::Frozen { server, .. } => self.after_seal(server, &id, began, now, out),
             // A retried snapshot (`release`) sealed: the hold is over.
-            Phase::Held { hold, .. } if hold.kind == HoldKind::SnapshotFailed => {
+            Phase::Held { hold, .. } if hold.kind.retries_snapshot() => {
                 self.state.phase.open();
                 out.push(Effect::Thaw {
                     server: Frozen::from(&hold),
@@ -61,8 +61,9 @@ impl Policy {
             });
         }
         if let Phase::Held { hold, .. } = &mut self.state.phase
-            && hold.kind == HoldKind::SnapshotFailed
+            && hold.kind.retries_snapshot()
         {
+            hold.kind = HoldKind::SnapshotFailed;
             // `HELD:` quotes the newest failure, not the first one.
             hold.reason = snapshot_failed_reason(&hold.version, &message);
             if retried {
@@ -85,12 +86,16 @@ impl Policy {
                 let name = frozen.container_name.clone();
                 out.push(Effect::Thaw {
                     server: frozen,
-                    why: Thaw::FailOpen { name },
+                    why: Thaw::FailOpen {
+                        name,
+                        cause: format!("the snapshot failed: {message}"),
+                    },
                 });
             }
             Some(frozen) => {
                 let reason = snapshot_failed_reason(&frozen.version, &message);
                 self.hold_frozen(
+                    HoldKind::SnapshotFailed,
                     &frozen,
                     reason,
                     "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
@@ -138,6 +143,7 @@ impl Policy {
         );
         tracing::error!(reason = %reason, "held the server: its snapshot does not finish");
         self.hold_frozen(
+            HoldKind::SnapshotFailed,
             &server,
             reason,
             "find what blocks it (a lock on the database: `SELECT pid, state, query FROM pg_stat_activity`); once it seals the server is released; `immich-guard release` waits for it, `immich-guard release --force` starts the server without a snapshot",
@@ -149,8 +155,10 @@ impl Policy {
     }
 
     /// The frozen server stays paused, as a hold the admin is told about and acts on.
+    #[allow(clippy::too_many_arguments)]
     fn hold_frozen(
         &mut self,
+        kind: HoldKind,
         frozen: &Frozen,
         reason: String,
         hint: &str,
@@ -159,7 +167,7 @@ impl Policy {
         out: &mut Vec<Effect>,
     ) {
         let hold = Hold {
-            kind: HoldKind::SnapshotFailed,
+            kind,
             container: frozen.container.clone(),
             container_name: frozen.container_name.clone(),
             image_id: frozen.image_id.clone(),
@@ -178,6 +186,86 @@ impl Policy {
         let run = self.state.phase.run().cloned();
         self.state.phase = Phase::Held { hold, run };
     }
+}
+
+impl Policy {
+    /// The protective snapshot sealed, but its drill failed (`snapshots.drill =
+    /// "before-release"`): it does not count. A frozen server is held as for a failed
+    /// snapshot (released with `protect.fail_open`, recorded as such); a hold already there
+    /// (a `release` retry) says the newest failure; with no server waiting, the change stays
+    /// uncovered, so the new server is frozen when it starts.
+    pub(super) fn on_drill_failed(
+        &mut self,
+        id: String,
+        version: String,
+        error: String,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        self.state.phase.set_run(None);
+        tracing::error!(snapshot = %id, error = %error, "the protective snapshot's restore drill failed");
+        let message = format!("snapshot {id} sealed but its restore drill failed: {error}");
+        for to in self.release_waiters.drain(..) {
+            out.push(Effect::Reply {
+                to,
+                result: Err(message.clone()),
+            });
+        }
+        const HINT: &str = "see `immich-guard list` and `immich-guard drill`; fix the cause, then `immich-guard release` (takes and drills a new snapshot), or `immich-guard release --force` to start without a proven one";
+        if let Phase::Held { hold, .. } = &mut self.state.phase
+            && hold.kind.retries_snapshot()
+        {
+            hold.kind = HoldKind::DrillFailed;
+            hold.reason = drill_failed_reason(&hold.version, &message);
+            hold.hint = HINT.into();
+            let (version, reason) = (hold.version.clone(), hold.reason.clone());
+            out.push(self.notify(
+                EventKind::Held,
+                format!("Immich {version} still held: restore drill failed"),
+                format!("{reason} {HINT}"),
+                now,
+            ));
+            out.push(Effect::Publish);
+            return;
+        }
+        match self.state.phase.frozen().cloned() {
+            Some(frozen) if self.state.fail_open => {
+                tracing::warn!("protect.fail_open = true: releasing the server although its snapshot's drill failed");
+                self.state.phase.open();
+                let name = frozen.container_name.clone();
+                out.push(Effect::Thaw {
+                    server: frozen,
+                    why: Thaw::FailOpen {
+                        name,
+                        cause: message.clone(),
+                    },
+                });
+            }
+            Some(frozen) => {
+                let reason = drill_failed_reason(&frozen.version, &message);
+                self.hold_frozen(
+                    HoldKind::DrillFailed,
+                    &frozen,
+                    reason,
+                    HINT,
+                    "restore drill failed",
+                    now,
+                    out,
+                );
+            }
+            None => out.push(self.notify(
+                EventKind::SnapshotFailed,
+                "Protective snapshot failed its restore drill".into(),
+                format!("{message}. The data of {version} is not covered: a server that starts on the new version will be frozen and snapshotted again."),
+                now,
+            )),
+        }
+        out.push(Effect::Publish);
+    }
+}
+
+pub(super) fn drill_failed_reason(version: &str, message: &str) -> String {
+    format!("the snapshot before starting {version} is not proven to restore: {message}")
 }
 
 pub(super) fn snapshot_failed_reason(version: &str, message: &str) -> String {

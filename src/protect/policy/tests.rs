@@ -253,7 +253,7 @@ impl T {
 fn snapshot_requests(out: &[Effect]) -> Vec<String> {
     out.iter()
         .filter_map(|e| match e {
-            Effect::RequestSnapshot(r) => Some(r.trigger.clone()),
+            Effect::RequestSnapshot { request: r, .. } => Some(r.trigger.clone()),
             _ => None,
         })
         .collect()
@@ -313,9 +313,9 @@ fn watchtower_like_recreate_is_frozen_until_the_snapshot_is_sealed() {
     assert_eq!(t.status(), ProtectState::Frozen);
     assert_eq!(snapshot_requests(&out), ["pre-start"]);
     assert_eq!(notices(&out), [EventKind::Frozen]);
-    let Effect::RequestSnapshot(r) = out
+    let Effect::RequestSnapshot { request: r, .. } = out
         .iter()
-        .find(|e| matches!(e, Effect::RequestSnapshot(_)))
+        .find(|e| matches!(e, Effect::RequestSnapshot { .. }))
         .unwrap()
     else {
         unreachable!()
@@ -420,6 +420,139 @@ fn a_held_server_released_by_force_goes_without_a_snapshot() {
     assert!(matches!(replied(&out, reply), Some(Ok(m)) if m.starts_with("forced release")));
     assert!(t.p.state().releases[0].forced);
     assert_eq!(t.status(), ProtectState::Idle);
+}
+
+fn drill_failed(error: &str) -> Event {
+    Event::DrillFailed {
+        id: "s1".into(),
+        version: V119.into(),
+        error: error.into(),
+    }
+}
+
+/// Which drill a protective snapshot asks for, by `snapshots.drill`.
+fn drill_first_of(out: &[Effect]) -> Vec<bool> {
+    out.iter()
+        .filter_map(|e| match e {
+            Effect::RequestSnapshot { drill_first, .. } => Some(*drill_first),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_protective_snapshot_is_drilled_before_release_unless_configured_otherwise() {
+    use crate::config::DrillMode;
+    let mut t = T::on_v119();
+    assert_eq!(drill_first_of(&t.start_unknown("c2", V120)), [true]);
+    for mode in [DrillMode::AfterRelease, DrillMode::Off] {
+        let mut config = Config::default();
+        config.snapshots.drill = mode;
+        let mut t = T::with(config, StateFile::default());
+        t.discover(stack(V119, "c1"));
+        assert_eq!(
+            drill_first_of(&t.start_unknown("c2", V120)),
+            [false],
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_drill_holds_the_new_server_like_a_failed_snapshot() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    let out = t.step(drill_failed("psql stopped at the first SQL error: unrecognized configuration parameter \"transaction_timeout\""));
+    assert_eq!(t.status(), ProtectState::Held);
+    assert_eq!(notices(&out), [EventKind::Held]);
+    assert!(thaw_of(&out).is_none(), "fail closed");
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert_eq!(hold.kind, HoldKind::DrillFailed);
+    assert!(
+        hold.reason.contains("not proven to restore"),
+        "{}",
+        hold.reason
+    );
+    assert!(
+        hold.reason.contains("transaction_timeout"),
+        "{}",
+        hold.reason
+    );
+    assert!(hold.hint.contains("release --force"), "{}", hold.hint);
+    // No pending change counts as covered by the drilled snapshot.
+    assert!(
+        t.p.state()
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.snapshot.is_none())
+    );
+    // `release` takes (and drills) another snapshot; failing again, the caller hears why.
+    let (first, out) = t.release(false);
+    assert_eq!(snapshot_requests(&out), ["pre-start"]);
+    assert_eq!(drill_first_of(&out), [true]);
+    let out = t.step(drill_failed("assets: 4 replayed, 10 recorded"));
+    assert!(matches!(replied(&out, first), Some(Err(m)) if m.contains("assets: 4 replayed")));
+    assert_eq!(notices(&out), [EventKind::Held]);
+    let hold = t.p.state().phase.hold().unwrap().clone();
+    assert_eq!(hold.kind, HoldKind::DrillFailed);
+    assert!(hold.reason.contains("assets: 4"), "{}", hold.reason);
+    // A snapshot that seals (its drill passed) ends the hold as a release.
+    let (second, _) = t.release(false);
+    let out = t.sealed(V119);
+    assert!(matches!(thaw_of(&out), Some(Thaw::HoldSealed { .. })));
+    let out = t.thawed(&out);
+    assert!(matches!(replied(&out, second), Some(Ok(_))));
+    assert_eq!(t.status(), ProtectState::Idle);
+    assert_eq!(t.baseline().as_deref(), Some(V120));
+}
+
+#[test]
+fn a_failed_drill_held_is_released_by_force_and_recorded() {
+    let mut t = T::on_v119();
+    t.start_unknown("c2", V120);
+    t.step(drill_failed("boom"));
+    let (_, out) = t.release(true);
+    assert!(snapshot_requests(&out).is_empty());
+    assert!(matches!(thaw_of(&out), Some(Thaw::Forced { .. })));
+    t.thawed(&out);
+    assert!(t.p.state().releases[0].forced);
+    assert_eq!(t.status(), ProtectState::Idle);
+}
+
+#[test]
+fn fail_open_lets_the_server_go_when_its_drill_fails_and_says_why() {
+    let mut config = Config::default();
+    config.protect.fail_open = true;
+    let mut t = T::with(config, StateFile::default());
+    t.discover(stack(V119, "c1"));
+    t.start_unknown("c2", V120);
+    let out = t.step(drill_failed("dump truncated"));
+    assert!(matches!(thaw_of(&out), Some(Thaw::FailOpen { .. })));
+    t.thawed(&out);
+    let what = &t.p.state().releases[0].what;
+    assert!(
+        what.starts_with(
+            "fail-open (snapshot s1 sealed but its restore drill failed: dump truncated)"
+        ),
+        "{what}"
+    );
+}
+
+#[test]
+fn a_failed_drill_with_no_server_waiting_leaves_the_change_uncovered() {
+    let mut t = T::on_v119();
+    let out = t.env(Some(V119), Some(V120));
+    assert_eq!(drill_first_of(&out), [true]);
+    assert_eq!(t.status(), ProtectState::Snapshotting);
+    let out = t.step(drill_failed("boom"));
+    assert_eq!(notices(&out), [EventKind::SnapshotFailed]);
+    assert_eq!(t.status(), ProtectState::Idle);
+    assert!(
+        t.p.state()
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.snapshot.is_none())
+    );
 }
 
 #[test]
