@@ -52,15 +52,22 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
         let theirs_file = dir.path().join(format!("theirs-{i}.sql.zst"));
         let mut run_ours = || {
             let start = Instant::now();
-            runtime
-                .block_on(db::dump(
+            // As a snapshot dumps: of an exported point (pg_dumpall of the rest, pg_dump of
+            // the Immich database with --snapshot).
+            runtime.block_on(async {
+                let point = db::Point::take(&stack.db_access()).await.unwrap();
+                db::dump(
                     &docker,
                     "unix:///var/run/docker.sock",
                     &container,
                     &stack.db_access(),
+                    Some(&point),
                     &ours_file,
-                ))
+                )
+                .await
                 .unwrap();
+                point.end().await;
+            });
             ours.push(start.elapsed());
         };
         let mut run_theirs = || {

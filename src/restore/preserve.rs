@@ -138,6 +138,7 @@ pub async fn take_files(
         upload_mark: None,
         check: None,
         hashes: None,
+        pause: None,
     };
     let sealed = partial.seal(&meta).map_err(store_err)?;
     // After the seal: a partial dir is removed by the next daemon start, and these files must

@@ -78,6 +78,10 @@ pub struct Meta {
     /// (snapshot/hashes.rs): `hashes.jsonl.zst` beside the manifest, and its SHA-256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashes: Option<super::hashes::ContentHashes>,
+    /// How the writers were stopped for the snapshot's point in time (snapshot/pause.rs):
+    /// what was paused and how long, or why nothing was. None in snapshots of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<super::pause::Pause>,
 }
 
 /// One check of a sealed snapshot's contents, recorded in its meta.json.
@@ -434,6 +438,7 @@ pub(crate) mod tests {
             size_bytes: 0,
             check: None,
             hashes: None,
+            pause: None,
         }
     }
 
