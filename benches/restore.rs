@@ -48,7 +48,7 @@ fn bench_db(runs: u64, rows: u64) -> (Duration, Duration, u64) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let docker = bollard::Docker::connect_with_local_defaults().unwrap();
     runtime
-        .block_on(db::dump(&docker, HOST, &container, &access, &dump))
+        .block_on(db::dump(&docker, HOST, &container, &access, None, &dump))
         .unwrap();
     let count = || stack.psql("SELECT count(*) FROM filler");
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());

@@ -11,6 +11,12 @@
 //!   same files. The storage step (what a freeze waits for) is timed beside it: the pass is
 //!   not part of it, it runs on the sealed snapshot afterwards.
 //!
+//! - The pause (snapshot/pause.rs): a whole `snapshot::take` of a running stack with the
+//!   same database and 200,000 files in its upload location, the stand-in uploading; the
+//!   writers' pause from meta.json (target < 5 s), beside the storage step it mostly is. On
+//!   btrfs (a loop-mounted image, root only) the tree's moment is fixed by a subvolume
+//!   snapshot: the time to that moment is timed on the same 200,000 files.
+//!
 //! Run: `cargo bench --bench snapshot` (real Docker and PostgreSQL, a few minutes);
 //! `IMMICH_GUARD_BENCH_ONLY=hashes` runs the content-hash rows alone (no Docker).
 //! `IMMICH_GUARD_BENCH_ROWS` and `IMMICH_GUARD_BENCH_FILES` scale the inputs; `..._RUNS`
@@ -52,15 +58,22 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
         let theirs_file = dir.path().join(format!("theirs-{i}.sql.zst"));
         let mut run_ours = || {
             let start = Instant::now();
-            runtime
-                .block_on(db::dump(
+            // As a snapshot dumps: of an exported point (pg_dumpall of the rest, pg_dump of
+            // the Immich database with --snapshot).
+            runtime.block_on(async {
+                let point = db::Point::take(&stack.db_access()).await.unwrap();
+                db::dump(
                     &docker,
                     "unix:///var/run/docker.sock",
                     &container,
                     &stack.db_access(),
+                    Some(&point),
                     &ours_file,
-                ))
+                )
+                .await
                 .unwrap();
+                point.end().await;
+            });
             ours.push(start.elapsed());
         };
         let mut run_theirs = || {
@@ -74,6 +87,86 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
         std::fs::remove_file(&theirs_file).ok();
     }
     (median(ours), median(theirs), size)
+}
+
+/// The pause of real snapshots: (median pause, median storage step, runs' pauses in ms).
+fn bench_pause(runs: u64, rows: u64, files: u64) -> (Duration, Duration, Vec<u64>) {
+    let stack = Stack::up(StackSpec::default().env("STANDIN_UPLOAD_EVERY_MS", "50"));
+    stack.psql(&format!(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS a, \
+         repeat(md5(g::text), 3) AS b FROM generate_series(1, {rows}) g"
+    ));
+    make_library(&stack.upload, files);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+    let mut config = immich_guard::config::Config::default();
+    config.stack.project = Some(stack.project.clone());
+    let snapshots = tempfile::tempdir_in(stack.upload.parent().unwrap()).unwrap();
+    config.snapshots.dir = Some(snapshots.path().to_path_buf());
+    config.snapshots.keep_last = 1;
+    let host = "unix:///var/run/docker.sock";
+    let found = runtime
+        .block_on(immich_guard::discover::discover(&docker, host, &config))
+        .unwrap();
+    let (mut pauses, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let request = immich_guard::snapshot::Request {
+            trigger: "manual".into(),
+            ..Default::default()
+        };
+        let taken = runtime
+            .block_on(immich_guard::snapshot::take(
+                &docker,
+                host,
+                &found,
+                &config,
+                &request,
+                &|_| {},
+            ))
+            .unwrap();
+        let pause = taken.meta.pause.expect("a pause is recorded");
+        assert!(taken.meta.storage.files >= files);
+        pauses.push(Duration::from_millis(pause.duration_ms));
+        steps.push(Duration::from_millis(taken.meta.storage.duration_ms));
+    }
+    let all = pauses.iter().map(|d| d.as_millis() as u64).collect();
+    (median(pauses), median(steps), all)
+}
+
+/// On a loop-mounted btrfs with the upload location a subvolume of `files` files: the time
+/// from the start of the storage step to its moment being fixed (the subvolume snapshot),
+/// and the whole step (the manifest listed from the snapshot afterwards). None without root.
+fn bench_btrfs_freeze(runs: u64, files: u64) -> Option<(Duration, Duration)> {
+    let fs_ = harness::loopfs::LoopFs::new("mkfs.btrfs", &["-q"], 2048)?;
+    let upload = fs_.mnt.join("upload");
+    sh(&format!("btrfs subvolume create -q {}", upload.display()));
+    make_library(&upload, files);
+    let snapshots = fs_.mnt.join("snapshots");
+    std::fs::create_dir(&snapshots).unwrap();
+    let (mut frozen, mut whole) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let plan =
+            immich_guard::snapshot::storage::choose_method(&upload, &snapshots, false).unwrap();
+        assert_eq!(plan.method, StorageMethod::Btrfs);
+        let dir = snapshots.join(format!("s{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        let start = Instant::now();
+        let at = std::cell::Cell::new(None);
+        immich_guard::snapshot::storage::snapshot_tree_frozen(
+            &upload,
+            &dir,
+            STORAGE_DIR,
+            &dir.join(MANIFEST_FILE),
+            &plan,
+            &Options::default(),
+            &|| at.set(Some(start.elapsed())),
+        )
+        .unwrap();
+        whole.push(start.elapsed());
+        frozen.push(at.get().expect("frozen"));
+        immich_guard::snapshot::storage::remove_snapshot_dir(&dir).unwrap();
+    }
+    Some((median(frozen), median(whole)))
 }
 
 fn bench_storage(runs: u64, files: u64) -> (Duration, Duration) {
@@ -252,6 +345,11 @@ fn main() {
     let tree = (only.is_empty() || only == "storage").then(|| bench_storage(runs, files));
     let big_mb = common::env_num("IMMICH_GUARD_BENCH_HASH_MB", 1024);
     let hashed = (only.is_empty() || only == "hashes").then(|| bench_hashes(runs, files, big_mb));
+    let pause = ((only.is_empty() || only == "pause") && harness::docker_available())
+        .then(|| bench_pause(runs, rows, files));
+    let btrfs = (only.is_empty() || only == "pause")
+        .then(|| bench_btrfs_freeze(runs, files))
+        .flatten();
     println!();
     println!(
         "median of {runs} runs each, alternating; {} cores",
@@ -274,6 +372,32 @@ fn main() {
             theirs,
             "cp -al",
             0.8,
+        );
+    }
+    if let Some((pause, step, all)) = &pause {
+        println!(
+            "| {:<34} | {:>9.2} s | {:>11} | {:<36} | {:>5} | < 5 s {} |",
+            format!("writers' pause, {} rows, {files} files", rows),
+            pause.as_secs_f64(),
+            "-",
+            "(none: no tool takes one point)",
+            "-",
+            if pause.as_secs_f64() < 5.0 {
+                "✓"
+            } else {
+                "✗"
+            }
+        );
+        println!(
+            "\nthe pause of each run (ms): {all:?}; the storage step inside it (median): {:.2} s",
+            step.as_secs_f64()
+        );
+    }
+    if let Some((frozen, whole)) = btrfs {
+        println!(
+            "btrfs subvolume, {files} files: the tree's moment fixed after {:.3} s (what the pause waits for); the whole storage step with the manifest listed {:.2} s",
+            frozen.as_secs_f64(),
+            whole.as_secs_f64()
         );
     }
     if let Some(h) = hashed {

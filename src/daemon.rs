@@ -612,6 +612,9 @@ async fn supervise_docker(
                     s.docker.since = Utc::now();
                     s.activity = "watching".to_string();
                 });
+                // Before any snapshot or discovery: what a snapshot of a daemon killed
+                // mid-pause had paused goes on (protection's frozen and held servers stay).
+                resume_interrupted_pause(&docker, &host, &config).await;
                 docker_tx.send_replace(Some((docker.clone(), host.clone())));
                 let lost = follow_events(&docker, &host, &config, &state, &guard).await;
                 docker_tx.send_replace(None);
@@ -626,6 +629,27 @@ async fn supervise_docker(
             }
         }
     }
+}
+
+/// Resumes the writers a snapshot had paused when the daemon was killed (the record in the
+/// snapshot dir), except the containers `protection.json` names as frozen, held or paused by
+/// someone else: protection owns those. An unreadable `protection.json` resumes nothing.
+async fn resume_interrupted_pause(docker: &Docker, host: &str, config: &Config) {
+    let dir = config.snapshot_dir();
+    if !dir.join(crate::snapshot::pause::RECORD_FILE).exists() {
+        return;
+    }
+    let protected = match crate::protect::gated_containers(
+        &config.daemon.data_dir,
+        config.stack.project.as_deref(),
+    ) {
+        Ok(protected) => protected,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the protection state: the writers an interrupted snapshot paused are left paused (`docker unpause` them once checked)");
+            return;
+        }
+    };
+    crate::snapshot::pause::resume_leftover(docker, host, &dir, &protected).await;
 }
 
 fn mark_unreachable(state: &State, error: &DockerError) {

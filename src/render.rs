@@ -400,13 +400,15 @@ fn drill_seen(d: &crate::status::DrillSeen) -> String {
     }
 }
 
-/// The `list` table: id, version, trigger, size, DB size, files, method, age, sealed.
+/// The `list` table: id, version, trigger, size, DB size, files, method, hashed, drill, the
+/// writers' pause (snapshot/pause.rs: its length, `none`, or `-` when not recorded), age,
+/// sealed.
 pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
     if all.is_empty() {
         return "no sealed snapshots yet (take one with `immich-guard snapshot`)\n".to_string();
     }
     let mut out = format!(
-        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>7} {}\n",
+        "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>6} {:>7} {}\n",
         "ID",
         "VERSION",
         "TRIGGER",
@@ -416,6 +418,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
         "METHOD",
         "HASHED",
         "DRILL",
+        "PAUSE",
         "AGE",
         "SEALED"
     );
@@ -427,7 +430,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>7} {}",
+            "{:<40} {:<10} {:<11} {:>9} {:>9} {:>8} {:<8} {:<7} {:<7} {:>6} {:>7} {}",
             m.id,
             m.version,
             m.trigger,
@@ -437,6 +440,7 @@ pub fn snapshots(all: &[crate::snapshot::store::Meta]) -> String {
             method,
             hashed(m),
             drilled(m),
+            m.pause.as_ref().map_or("-".to_string(), |p| p.short()),
             duration((now - m.sealed_at).num_seconds().max(0) as u64),
             m.sealed_at.format("%Y-%m-%d %H:%M:%S")
         );
@@ -808,5 +812,36 @@ mod tests {
         assert_eq!(drill("drilled"), "passed", "{text}");
         assert_eq!(drill("failed"), "FAILED", "{text}");
         assert_eq!(drill("new"), "-", "{text}");
+    }
+
+    #[test]
+    fn the_list_shows_how_long_the_writers_were_paused() {
+        use crate::snapshot::pause::{Pause, PauseMethod};
+        use crate::snapshot::store::tests::meta;
+        let at = chrono::Utc::now();
+        let paused = |id, method, duration_ms| {
+            let mut m = meta(id, at);
+            m.pause = Some(Pause {
+                method,
+                containers: vec!["immich_server".into()],
+                duration_ms,
+                notes: Vec::new(),
+            });
+            m
+        };
+        let text = snapshots(&[
+            paused("paused", PauseMethod::DockerPause, 1840),
+            paused("frozen", PauseMethod::None, 0),
+            meta("older", at),
+        ]);
+        let column = |id: &str| {
+            let line = text.lines().find(|l| l.starts_with(id)).unwrap();
+            line.split_whitespace().nth(11).unwrap().to_string()
+        };
+        assert!(text.lines().next().unwrap().contains("PAUSE"), "{text}");
+        assert_eq!(column("paused"), "1.8s", "{text}");
+        assert_eq!(column("frozen"), "none", "{text}");
+        // A snapshot of an older version recorded no pause.
+        assert_eq!(column("older"), "-", "{text}");
     }
 }

@@ -38,23 +38,38 @@ async fn dump_restores_into_an_empty_postgres_with_the_same_rows() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sql.zst");
+    // As a snapshot dumps: of a point taken first; a row written after it is not dumped.
+    let rows = "SELECT string_agg(id || ':' || \"originalPath\" || ':' || checksum, ',' ORDER BY id) FROM assets";
+    let original_rows = stack.psql(rows);
+    let point = db::Point::take(&stack.db_access()).await.unwrap();
+    stack.psql("INSERT INTO assets (id, \"ownerId\", \"originalPath\", checksum) SELECT gen_random_uuid(), \"ownerId\", '/data/upload/after-the-point.jpg', '\\x00' FROM assets LIMIT 1");
+    assert_ne!(
+        stack.psql(rows),
+        original_rows,
+        "the row after the point is written"
+    );
+    assert_eq!(
+        point.facts().await.unwrap().assets,
+        Some(4),
+        "facts are of the point"
+    );
     let dump = db::dump(
         &docker(),
         HOST,
         &stack.container_name("database"),
         &stack.db_access(),
+        Some(&point),
         &path,
     )
     .await
     .unwrap();
+    point.end().await;
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(dump.bytes, bytes.len() as u64);
     assert_eq!(dump.sha256, format!("{:x}", Sha256::digest(&bytes)));
     let sql = zstd::decode_all(&bytes[..]).unwrap();
     assert_eq!(dump.sql_bytes, sql.len() as u64);
 
-    let rows = "SELECT string_agg(id || ':' || \"originalPath\" || ':' || checksum, ',' ORDER BY id) FROM assets";
-    let original_rows = stack.psql(rows);
     let scratch = tokio::task::spawn_blocking(ScratchPostgres::start)
         .await
         .unwrap();
@@ -86,7 +101,7 @@ async fn stopped_database_gives_a_clear_error_and_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sql.zst");
     let name = stack.container_name("database");
-    let e = db::dump(&docker(), HOST, &name, &stack.db_access(), &path)
+    let e = db::dump(&docker(), HOST, &name, &stack.db_access(), None, &path)
         .await
         .unwrap_err();
     assert!(matches!(e, DbError::NotRunning { .. }), "{e:?}");
@@ -145,6 +160,7 @@ async fn disk_full_during_the_dump_names_the_cause() {
         HOST,
         &stack.container_name("database"),
         &stack.db_access(),
+        None,
         &path,
     )
     .await

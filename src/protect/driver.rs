@@ -299,7 +299,12 @@ impl Guard {
         match input {
             Input::Started(e) => Event::Started(e),
             Input::Image { reference } => Event::Image { reference },
-            Input::Discovered { stack, listed_at } => Event::Discovered { stack, listed_at },
+            // A writer paused by a snapshot's point in time is running as far as
+            // protection is concerned: not a foreign pause (snapshot/pause.rs).
+            Input::Discovered { stack, listed_at } => Event::Discovered {
+                stack: Box::new(crate::snapshot::pause::as_running(*stack)),
+                listed_at,
+            },
             Input::Died(e) => Event::Died(e),
             Input::Killed(e) => Event::Killed(e),
             Input::Release {

@@ -18,3 +18,28 @@ pub use state::{
     ProjectState, ProtectState, Protection, Release, Settling, SnapshotRun, parse_version,
     percentiles, same_version,
 };
+
+/// The containers `protection.json` in `data_dir` says protection holds paused or stopped:
+/// frozen, held, or paused by someone else (never unpaused without `release`). Read at start,
+/// before the driver, so what an interrupted snapshot paused can be resumed without touching
+/// them (snapshot/pause.rs). An unreadable file is an error: nothing may then be resumed.
+pub fn gated_containers(
+    data_dir: &std::path::Path,
+    project: Option<&str>,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let path = data_dir.join(persist::STATE_FILE);
+    let states = persist::load(&path, project).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(states
+        .projects
+        .values()
+        .chain(states.unattributed.as_ref())
+        .flat_map(|p| {
+            [
+                p.frozen.as_ref().map(|f| f.container.clone()),
+                p.hold.as_ref().map(|h| h.container.clone()),
+                p.paused_server.as_ref().map(|s| s.container.clone()),
+            ]
+        })
+        .flatten()
+        .collect())
+}

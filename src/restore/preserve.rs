@@ -140,6 +140,7 @@ pub async fn take_files(
         hashes: None,
         db_image: None,
         drill: None,
+        pause: None,
     };
     let sealed = partial.seal(&meta).map_err(store_err)?;
     // After the seal: a partial dir is removed by the next daemon start, and these files must

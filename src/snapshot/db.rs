@@ -1,7 +1,9 @@
 //! The database half of a snapshot: `pg_dumpall --clean --if-exists` run inside the database
 //! container through the Docker exec API, streamed through zstd and SHA-256 straight to disk
-//! (never held whole in memory), and the facts read over SQL before the dump: applied
-//! migrations (TypeORM's and Kysely's tables), asset and user counts, database size.
+//! (never held whole in memory), and the facts read over SQL: applied migrations (TypeORM's
+//! and Kysely's tables), asset and user counts, database size. A [`Point`] fixes the moment:
+//! its exported snapshot is what the Immich database's dump and the facts are read from, so
+//! they agree with the storage tree taken while the writers were paused (snapshot/pause.rs).
 //! It only reads the database.
 
 use std::io::Write;
@@ -30,11 +32,12 @@ pub enum DbError {
     NotRunning { name: String, state: String },
     #[error("database container {name} does not exist")]
     NoContainer { name: String },
-    #[error("Docker exec of pg_dumpall in {name} failed: {detail}")]
+    #[error("Docker exec in {name} failed: {detail}")]
     Exec { name: String, detail: String },
-    #[error("pg_dumpall in {name} exited with code {code}: {stderr}")]
+    #[error("{program} in {name} exited with code {code}: {stderr}")]
     DumpFailed {
         name: String,
+        program: String,
         code: i64,
         stderr: String,
     },
@@ -100,30 +103,103 @@ pub fn exec_env(access: &DbAccess) -> Option<Vec<String>> {
         .then(|| vec![format!("PGPASSWORD={}", access.password)])
 }
 
-/// Streams `pg_dumpall` from `container` into `dest` (zstd). `dest` is fsynced before return.
+/// Streams the dump of the cluster from `container` into `dest` (zstd). `dest` is fsynced
+/// before return. Without a point, `pg_dumpall --clean --if-exists`. With one, the same dump
+/// in two parts: `pg_dumpall --clean --if-exists --exclude-database=<immich>` (roles and the
+/// other databases, which Immich does not write), then the Immich database as pg_dumpall
+/// would have written it (`pg_dump --clean --if-exists --create`) of the point's snapshot
+/// (`--snapshot`): one SQL script that the restore replays the same way.
 pub async fn dump(
     docker: &Docker,
     host: &str,
     container: &str,
     access: &DbAccess,
+    point: Option<&Point>,
     dest: &Path,
 ) -> Result<DumpFile, DbError> {
     let started = Instant::now();
-    let exec_err = |detail: String| DbError::Exec {
-        name: container.to_string(),
-        detail,
-    };
     ensure_running(docker, host, container).await?;
 
-    let cmd = [
-        "pg_dumpall",
-        "--clean",
-        "--if-exists",
-        "--username",
-        &access.user,
-    ]
-    .map(String::from)
-    .to_vec();
+    // Compression and hashing run on a blocking thread; the async side only moves bytes.
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
+    let path = dest.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_compressed(rx, &path));
+    let user = ["--username", &access.user].map(String::from);
+    let streamed = async {
+        let Some(point) = point else {
+            let cmd = ["pg_dumpall", "--clean", "--if-exists"].map(String::from);
+            return stream_exec(docker, host, container, access, [&cmd[..], &user].concat(), &tx)
+                .await;
+        };
+        let others = [
+            "pg_dumpall".to_string(),
+            "--clean".into(),
+            "--if-exists".into(),
+            format!("--exclude-database={}", exact_pattern(&access.database)),
+        ];
+        stream_exec(docker, host, container, access, [&others[..], &user].concat(), &tx).await?;
+        // The header pg_dumpall writes before each database.
+        let header = format!(
+            "--\n-- Database \"{}\" dump (immich-guard: pg_dump of the snapshot's point in time)\n--\n\n",
+            access.database
+        );
+        if tx.send(bytes::Bytes::from(header)).await.is_err() {
+            return Ok(()); // the writer failed; its error is reported below
+        }
+        let immich = [
+            "pg_dump".to_string(),
+            "--clean".into(),
+            "--if-exists".into(),
+            "--create".into(),
+            format!("--snapshot={}", point.snapshot),
+            "--dbname".into(),
+            access.database.clone(),
+        ];
+        stream_exec(docker, host, container, access, [&immich[..], &user].concat(), &tx).await
+    }
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| DbError::Exec {
+            name: container.to_string(),
+            detail: format!("compressor thread: {e}"),
+        })?
+        .map_err(|source| DbError::Write {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+    streamed?;
+    let (sql_bytes, bytes, sha256) = written;
+    Ok(DumpFile {
+        sql_bytes,
+        bytes,
+        sha256,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// `name` as a pg_dumpall pattern matching exactly that name (quoted: no wildcards).
+fn exact_pattern(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Runs `cmd` in `container` and sends its stdout to `tx`; an exit code other than 0 is an
+/// error with the end of its stderr. A writer gone away ends the stream early (its own error
+/// is what the caller reports).
+async fn stream_exec(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+    access: &DbAccess,
+    cmd: Vec<String>,
+    tx: &mpsc::Sender<bytes::Bytes>,
+) -> Result<(), DbError> {
+    let program = cmd[0].clone();
+    let exec_err = |detail: String| DbError::Exec {
+        name: container.to_string(),
+        detail: format!("{program}: {detail}"),
+    };
     let (exec_id, mut output) = crate::docker::exec_attached(
         docker,
         host,
@@ -134,19 +210,12 @@ pub async fn dump(
     )
     .await
     .map_err(|e| exec_err(e.to_string()))?;
-
-    // Compression and hashing run on a blocking thread; the async side only moves bytes.
-    let (tx, rx) = mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
-    let path = dest.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || write_compressed(rx, &path));
-
     let mut stderr = Vec::new();
-    let mut stream_error = None;
     while let Some(item) = output.next().await {
         match item {
             Ok(bollard::container::LogOutput::StdOut { message }) => {
                 if tx.send(message).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                    return Ok(());
                 }
             }
             Ok(bollard::container::LogOutput::StdErr { message }) => {
@@ -156,22 +225,8 @@ pub async fn dump(
                 }
             }
             Ok(_) => {}
-            Err(e) => {
-                stream_error = Some(classify(host, e).to_string());
-                break;
-            }
+            Err(e) => return Err(exec_err(classify(host, e).to_string())),
         }
-    }
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| exec_err(format!("compressor thread: {e}")))?
-        .map_err(|source| DbError::Write {
-            path: dest.to_path_buf(),
-            source,
-        })?;
-    if let Some(detail) = stream_error {
-        return Err(exec_err(detail));
     }
     let code = crate::docker::exec_exit_code(docker, host, &exec_id)
         .await
@@ -182,17 +237,12 @@ pub async fn dump(
             .to_string();
         return Err(DbError::DumpFailed {
             name: container.to_string(),
+            program,
             code,
             stderr: tail,
         });
     }
-    let (sql_bytes, bytes, sha256) = written;
-    Ok(DumpFile {
-        sql_bytes,
-        bytes,
-        sha256,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok(())
 }
 
 /// Fails with a message naming the container unless it is running (and not paused).
@@ -393,11 +443,59 @@ pub async fn connect(
 /// Connects with the discovered credentials and reads migrations, counts and size. An error
 /// names what was being done and what PostgreSQL said, never the password.
 pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
-    let db = connect(access, std::time::Duration::from_secs(10), "").await?;
-    let client = &db.client;
-    let sql = |operation: String| db.sql(operation);
+    let session = connect(access, std::time::Duration::from_secs(10), "").await?;
+    let facts = read_facts(&session).await;
+    session.close().await;
+    facts
+}
 
-    // First: a write after this is a write after the snapshot's state.
+/// The database's point in time for a snapshot: a `REPEATABLE READ, READ ONLY` transaction
+/// whose snapshot is exported (`pg_export_snapshot()`). The dump of the Immich database
+/// imports it (`pg_dump --snapshot`) and the facts are read inside it, so both are of the
+/// moment it was taken, however long after it they run. Held open until the dump has
+/// finished (an exported snapshot can be imported only while its transaction lives); dropping
+/// it ends the transaction.
+pub struct Point {
+    session: Connection,
+    /// The exported snapshot's name, for `pg_dump --snapshot`.
+    pub snapshot: String,
+}
+
+impl Point {
+    /// Begins the transaction and exports its snapshot: the moment the snapshot holds. Fast
+    /// (one round trip each); taken while the writers are paused.
+    pub async fn take(access: &DbAccess) -> Result<Point, DbError> {
+        let session = connect(access, std::time::Duration::from_secs(10), "").await?;
+        session
+            .client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(session.sql("beginning the snapshot's transaction"))?;
+        let snapshot: String = session
+            .client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(session.sql("exporting the snapshot's point in time (pg_export_snapshot)"))?
+            .get(0);
+        Ok(Point { session, snapshot })
+    }
+
+    /// Migrations, counts and size as of the point (the transaction's snapshot).
+    pub async fn facts(&self) -> Result<DbFacts, DbError> {
+        read_facts(&self.session).await
+    }
+
+    /// Ends the transaction (once the dump that imported it has finished).
+    pub async fn end(self) {
+        let _ = self.session.client.batch_execute("COMMIT").await;
+        self.session.close().await;
+    }
+}
+
+async fn read_facts(session: &Connection) -> Result<DbFacts, DbError> {
+    let client = &session.client;
+    // First: a write after this is a write after the snapshot's state. Inside a point's
+    // transaction it is the transaction's own snapshot.
     let xid_snapshot = client
         .query_one("SELECT txid_current_snapshot()::text", &[])
         .await
@@ -408,12 +506,12 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     for table in ["migrations", "kysely_migrations"] {
         let found = exists(client, table)
             .await
-            .map_err(sql(format!("looking for the migrations table {table}")))?;
+            .map_err(session.sql(format!("looking for the migrations table {table}")))?;
         let mut names: Vec<String> = if found {
             client
                 .query(&format!("SELECT name::text FROM {table}"), &[])
                 .await
-                .map_err(sql(format!("reading the applied migrations in {table}")))?
+                .map_err(session.sql(format!("reading the applied migrations in {table}")))?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
@@ -427,16 +525,15 @@ pub async fn facts(access: &DbAccess) -> Result<DbFacts, DbError> {
     // StandardizeNames (~v1.137) renamed assets→asset and users→user.
     let assets = count_first(client, &["asset", "assets"])
         .await
-        .map_err(sql("counting assets".into()))?;
+        .map_err(session.sql("counting assets"))?;
     let users = count_first(client, &["\"user\"", "users"])
         .await
-        .map_err(sql("counting users".into()))?;
+        .map_err(session.sql("counting users"))?;
     let database_bytes: i64 = client
         .query_one("SELECT pg_database_size(current_database())", &[])
         .await
-        .map_err(sql("reading the database size".into()))?
+        .map_err(session.sql("reading the database size"))?
         .get(0);
-    db.close().await;
     Ok(DbFacts {
         migrations,
         typeorm_migrations: counts[0],

@@ -7,6 +7,7 @@ pub mod db;
 pub mod dump_rows;
 pub mod hash_queue;
 pub mod hashes;
+pub mod pause;
 pub mod queue;
 pub mod retention;
 pub mod storage;
@@ -37,6 +38,8 @@ pub enum SnapshotError {
     Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Pause(#[from] pause::PauseError),
     #[error(
         "not enough free space in {dir}: a snapshot needs about {need_mb} MB (database {db_mb} MB{copy}), {free_mb} MB are free; free some space or move snapshots.dir"
     )]
@@ -132,8 +135,11 @@ impl Request {
 pub enum Stage {
     /// Migrations, counts and size of the database.
     Facts = 1,
-    Dump,
+    /// The point in time: writers paused, the database's snapshot exported, the storage
+    /// tree built, writers resumed.
     Storage,
+    /// The dump of the database as of the point.
+    Dump,
     Config,
     Seal,
 }
@@ -141,8 +147,8 @@ pub enum Stage {
 impl Stage {
     pub const ALL: [Stage; 5] = [
         Stage::Facts,
-        Stage::Dump,
         Stage::Storage,
+        Stage::Dump,
         Stage::Config,
         Stage::Seal,
     ];
@@ -157,7 +163,7 @@ impl Stage {
     }
 }
 
-/// The number of steps of one snapshot (facts, dump, storage, config, seal).
+/// The number of steps of one snapshot (facts, storage, dump, config, seal).
 pub const STEPS: u64 = Stage::ALL.len() as u64;
 
 /// Receives the steps and notes of a snapshot, for the admin watching it.
@@ -234,32 +240,38 @@ pub async fn take(
     check_space(store.root(), &upload, &plan, facts.database_bytes).await?;
     let partial = store.begin(&id)?;
     let id = partial.id().to_string();
-    progress(Stage::Dump.begins(format!(
-        "database: {} migrations, {} assets, {} MB; dumping with pg_dumpall",
-        facts.migrations.len(),
-        facts.assets.map_or("?".to_string(), |n| n.to_string()),
-        facts.database_bytes / 1_000_000
-    )));
-    let dump = db::dump(
-        docker,
-        docker_host,
-        &database.container_name,
-        access,
-        &partial.path().join(DUMP_FILE),
-    )
-    .await?;
 
+    // One point in time: the writers stop, the database's snapshot is exported and the
+    // storage tree built, the writers go on. The dump and the facts are read from the
+    // exported snapshot afterwards, so database and files are of the same moment.
     progress(Stage::Storage.begins(format!(
-        "dump: {} MB of SQL, {} MB on disk in {:.1} s; storage by {}",
-        dump.sql_bytes / 1_000_000,
-        dump.bytes / 1_000_000,
-        dump.duration_ms as f64 / 1000.0,
+        "point in time: pausing {}; then the database's snapshot and the storage tree by {}",
+        writer_names(stack),
         plan.method
     )));
-    let tree = storage_tree(&upload, partial.path(), plan, config, &id).await?;
+    let paused = pause::pause_writers(docker, docker_host, stack, store.root(), &id).await?;
+    let (taken, pause) = match db::Point::take(access).await {
+        Ok(point) => {
+            let (frozen, tree) = storage_tree_frozen(&upload, partial.path(), plan, config, &id);
+            // Until the tree's moment is fixed (or the tree failed); the rest of it (the
+            // manifest, a native snapshot's listing) runs with the writers going on.
+            let _ = frozen.await;
+            let pause = paused.resume().await;
+            let tree = tree.await.expect("storage snapshot thread");
+            (
+                tree.map(|tree| (point, tree)).map_err(SnapshotError::from),
+                pause,
+            )
+        }
+        // Whatever happened: the writers go on (an early return would too, by the guard's Drop).
+        Err(e) => (Err(e.into()), paused.resume().await),
+    };
+    progress(Progress::Note(format!("resumed: {}", pause.describe())));
+    let (point, tree) = taken?;
 
-    progress(Stage::Config.begins(format!(
-        "storage: {} files, {} MB in {:.1} s by {}{}",
+    let facts = point.facts().await?;
+    progress(Stage::Dump.begins(format!(
+        "storage: {} files, {} MB in {:.1} s by {}{}; database: {} migrations, {} assets, {} MB; dumping with pg_dumpall, {} by pg_dump of the point",
         tree.files,
         tree.bytes / 1_000_000,
         tree.duration_ms as f64 / 1000.0,
@@ -268,7 +280,29 @@ pub async fn take(
             String::new()
         } else {
             format!("; {} unreadable entries skipped", tree.skipped.len())
-        }
+        },
+        facts.migrations.len(),
+        facts.assets.map_or("?".to_string(), |n| n.to_string()),
+        facts.database_bytes / 1_000_000,
+        access.database
+    )));
+    let dump = db::dump(
+        docker,
+        docker_host,
+        &database.container_name,
+        access,
+        Some(&point),
+        &partial.path().join(DUMP_FILE),
+    )
+    .await;
+    point.end().await;
+    let dump = dump?;
+
+    progress(Stage::Config.begins(format!(
+        "dump: {} MB of SQL, {} MB on disk in {:.1} s; compose config",
+        dump.sql_bytes / 1_000_000,
+        dump.bytes / 1_000_000,
+        dump.duration_ms as f64 / 1000.0,
     )));
     let copied_config = copy_config(
         &stack.compose_files,
@@ -324,6 +358,7 @@ pub async fn take(
             id: database.image_id.clone(),
         }),
         drill: None,
+        pause: Some(pause),
     };
     partial.seal(&meta)?;
     progress(Stage::Seal.begins(format!("sealed {}", meta.id)));
@@ -353,6 +388,20 @@ pub async fn take(
     })
 }
 
+/// The writers a snapshot pauses, for its first line.
+fn writer_names(stack: &Stack) -> String {
+    let names: Vec<&str> = [&stack.server, &stack.machine_learning]
+        .into_iter()
+        .flatten()
+        .map(|s| s.container_name.as_str())
+        .collect();
+    if names.is_empty() {
+        "nothing (no server or machine learning found)".to_string()
+    } else {
+        format!("the writers ({})", names.join(", "))
+    }
+}
+
 /// Retention on a blocking thread: deleting a snapshot of many files takes a while.
 async fn run_retention(store: Store, config: &Config) -> retention::RetentionOutcome {
     let config = config.clone();
@@ -373,24 +422,51 @@ pub async fn storage_tree(
     config: &Config,
     id: &str,
 ) -> Result<storage::StorageTree, storage::StorageError> {
+    let (_, tree) = storage_tree_frozen(upload, snap_dir, plan, config, id);
+    tree.await.expect("storage snapshot thread")
+}
+
+/// [`storage_tree`] started on a blocking thread: a signal once the tree's moment is fixed
+/// (`storage::snapshot_tree_frozen`; dropped unsent when the tree fails first), and the tree.
+fn storage_tree_frozen(
+    upload: &Path,
+    snap_dir: &Path,
+    plan: storage::Plan,
+    config: &Config,
+    id: &str,
+) -> (
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<Result<storage::StorageTree, storage::StorageError>>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let (upload, dir) = (upload.to_path_buf(), snap_dir.to_path_buf());
-    let options = storage::Options {
-        exclude: config.snapshots.exclude.clone(),
-        skip_unreadable: config.snapshots.skip_unreadable,
-        id: id.to_string(),
-    };
-    tokio::task::spawn_blocking(move || {
-        storage::snapshot_tree(
+    let options = storage_options(config, id);
+    let task = tokio::task::spawn_blocking(move || {
+        let tx = std::sync::Mutex::new(Some(tx));
+        let frozen = || {
+            if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = tx.send(());
+            }
+        };
+        storage::snapshot_tree_frozen(
             &upload,
             &dir,
             STORAGE_DIR,
             &dir.join(MANIFEST_FILE),
             &plan,
             &options,
+            &frozen,
         )
-    })
-    .await
-    .expect("storage snapshot thread")
+    });
+    (rx, task)
+}
+
+fn storage_options(config: &Config, id: &str) -> storage::Options {
+    storage::Options {
+        exclude: config.snapshots.exclude.clone(),
+        skip_unreadable: config.snapshots.skip_unreadable,
+        id: id.to_string(),
+    }
 }
 
 /// A pg_dumpall compressed with zstd is far smaller than the database on disk; half of it is

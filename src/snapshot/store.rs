@@ -86,6 +86,10 @@ pub struct Meta {
     /// snapshot whose drill passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill: Option<DrillResult>,
+    /// How the writers were stopped for the snapshot's point in time (snapshot/pause.rs):
+    /// what was paused and how long, or why nothing was. None in snapshots of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<super::pause::Pause>,
 }
 
 /// The database container's image, as the snapshot saw it.
@@ -506,6 +510,7 @@ pub(crate) mod tests {
             hashes: None,
             db_image: None,
             drill: None,
+            pause: None,
         }
     }
 

@@ -275,6 +275,30 @@ pub fn snapshot_tree(
     plan: &Plan,
     options: &Options,
 ) -> Result<StorageTree, StorageError> {
+    snapshot_tree_frozen(
+        upload,
+        snap_dir,
+        storage_name,
+        manifest,
+        plan,
+        options,
+        &|| {},
+    )
+}
+
+/// [`snapshot_tree`], calling `frozen` once the tree's moment is fixed: right after a native
+/// snapshot (btrfs, ZFS: its manifest is listed from the snapshot afterwards), after the walk
+/// for the methods that link or copy (the manifest is written afterwards). A snapshot's
+/// writers may go on from then (snapshot/pause.rs).
+pub fn snapshot_tree_frozen(
+    upload: &Path,
+    snap_dir: &Path,
+    storage_name: &str,
+    manifest: &Path,
+    plan: &Plan,
+    options: &Options,
+    frozen: &dyn Fn(),
+) -> Result<StorageTree, StorageError> {
     let started = std::time::Instant::now();
     let dest = snap_dir.join(storage_name);
     let mut notes = Vec::new();
@@ -313,6 +337,8 @@ pub fn snapshot_tree(
             source,
         })?;
         method = fallback;
+    } else if matches!(method, StorageMethod::Btrfs | StorageMethod::Zfs) {
+        frozen();
     }
 
     let mode = match method {
@@ -348,6 +374,9 @@ pub fn snapshot_tree(
         },
         options.skip_unreadable,
     )?;
+    if mode != WalkMode::List {
+        frozen();
+    }
     if mode.writes() {
         // Data and names are durable before the seal can point at them.
         let root = std::fs::File::open(&dest).map_err(|source| StorageError::Write {
