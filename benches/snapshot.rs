@@ -139,7 +139,10 @@ fn bench_pause(runs: u64, rows: u64, files: u64) -> (Duration, Duration, Vec<u64
 fn bench_btrfs_freeze(runs: u64, files: u64) -> Option<(Duration, Duration)> {
     let fs_ = harness::loopfs::LoopFs::new("mkfs.btrfs", &["-q"], 2048)?;
     let upload = fs_.mnt.join("upload");
-    sh(&format!("btrfs subvolume create -q {}", upload.display()));
+    sh(&format!(
+        "btrfs subvolume create {} > /dev/null",
+        upload.display()
+    ));
     make_library(&upload, files);
     let snapshots = fs_.mnt.join("snapshots");
     std::fs::create_dir(&snapshots).unwrap();
