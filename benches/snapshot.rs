@@ -90,7 +90,16 @@ fn bench_dump(runs: u64, rows: u64) -> (Duration, Duration, u64) {
 }
 
 /// The pause of real snapshots: (median pause, median storage step, runs' pauses in ms).
-fn bench_pause(runs: u64, rows: u64, files: u64) -> (Duration, Duration, Vec<u64>) {
+fn bench_pause(
+    runs: u64,
+    rows: u64,
+    files: u64,
+) -> (
+    Duration,
+    Duration,
+    Vec<u64>,
+    immich_guard::snapshot::store::DrillResult,
+) {
     let stack = Stack::up(StackSpec::default().env("STANDIN_UPLOAD_EVERY_MS", "50"));
     stack.psql(&format!(
         "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS a, \
@@ -130,7 +139,21 @@ fn bench_pause(runs: u64, rows: u64, files: u64) -> (Duration, Duration, Vec<u64
         steps.push(Duration::from_millis(taken.meta.storage.duration_ms));
     }
     let all = pauses.iter().map(|d| d.as_millis() as u64).collect();
-    (median(pauses), median(steps), all)
+    // The newest snapshot's restore drill, as the daemon runs it after a seal (src/drill/):
+    // a scratch database from the live image, the replay, the counts and the originals.
+    let newest = immich_guard::drill::newest(snapshots.path()).unwrap();
+    let live = immich_guard::drill::Live::of(Some(&found));
+    let ctx = immich_guard::drill::Context {
+        docker: &docker,
+        host,
+        config: &config,
+        live: &live,
+    };
+    let drill = runtime
+        .block_on(immich_guard::drill::run(&ctx, &newest, None, &|_| {}))
+        .unwrap();
+    assert!(drill.passed, "{:?}", drill.first_error);
+    (median(pauses), median(steps), all, drill)
 }
 
 /// On a loop-mounted btrfs with the upload location a subvolume of `files` files: the time
@@ -377,7 +400,7 @@ fn main() {
             0.8,
         );
     }
-    if let Some((pause, step, all)) = &pause {
+    if let Some((pause, step, all, drill)) = &pause {
         println!(
             "| {:<34} | {:>9.2} s | {:>11} | {:<36} | {:>5} | < 5 s {} |",
             format!("writers' pause, {} rows, {files} files", rows),
@@ -394,6 +417,15 @@ fn main() {
         println!(
             "\nthe pause of each run (ms): {all:?}; the storage step inside it (median): {:.2} s",
             step.as_secs_f64()
+        );
+        println!(
+            "restore drill of the newest of those snapshots ({rows} filler rows, {files} files): {:.1} s in all, of which the replay {:.1} s; {} originals checked, {} hashed ({}); scratch: {}",
+            drill.duration_ms as f64 / 1000.0,
+            drill.replay_ms as f64 / 1000.0,
+            drill.files_checked,
+            drill.sample_hashed,
+            drill.sample_against,
+            drill.scratch
         );
     }
     if let Some((frozen, whole)) = btrfs {
