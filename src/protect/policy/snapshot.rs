@@ -79,38 +79,21 @@ impl Policy {
                 return;
             }
         }
-        match self.state.phase.frozen().cloned() {
-            Some(frozen) if self.state.fail_open => {
-                tracing::warn!("protect.fail_open = true: releasing the server without a snapshot");
-                self.state.phase.open();
-                let name = frozen.container_name.clone();
-                out.push(Effect::Thaw {
-                    server: frozen,
-                    why: Thaw::FailOpen {
-                        name,
-                        cause: format!("the snapshot failed: {message}"),
-                    },
-                });
-            }
-            Some(frozen) => {
-                let reason = snapshot_failed_reason(&frozen.version, &message);
-                self.hold_frozen(
-                    HoldKind::SnapshotFailed,
-                    &frozen,
-                    reason,
-                    "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
-                    "snapshot failed",
-                    now,
-                    out,
-                );
-            }
-            None => out.push(self.notify(
-                EventKind::SnapshotFailed,
-                "Protective snapshot failed".into(),
-                format!("{message}. A server that starts on the new version will be frozen and snapshotted again."),
-                now,
-            )),
-        }
+        let cover = Uncovered {
+            kind: HoldKind::SnapshotFailed,
+            cause: format!("the snapshot failed: {message}"),
+            reason: snapshot_failed_reason,
+            message: &message,
+            hint: "fix the cause, then `immich-guard release` (retries the snapshot), or `immich-guard release --force` to start without one",
+            title: "snapshot failed",
+            unheld: (
+                "Protective snapshot failed",
+                format!(
+                    "{message}. A server that starts on the new version will be frozen and snapshotted again."
+                ),
+            ),
+        };
+        self.frozen_uncovered(cover, now, out);
         out.push(Effect::Publish);
     }
 
@@ -228,39 +211,79 @@ impl Policy {
             out.push(Effect::Publish);
             return;
         }
+        let cover = Uncovered {
+            kind: HoldKind::DrillFailed,
+            cause: message.clone(),
+            reason: drill_failed_reason,
+            message: &message,
+            hint: HINT,
+            title: "restore drill failed",
+            unheld: (
+                "Protective snapshot failed its restore drill",
+                format!(
+                    "{message}. The data of {version} is not covered: a server that starts on the new version will be frozen and snapshotted again."
+                ),
+            ),
+        };
+        self.frozen_uncovered(cover, now, out);
+        out.push(Effect::Publish);
+    }
+}
+
+/// A protective snapshot that does not cover the change (it failed, or its drill did).
+struct Uncovered<'a> {
+    kind: HoldKind,
+    /// What `protect.fail_open`'s release record says.
+    cause: String,
+    reason: fn(&str, &str) -> String,
+    message: &'a str,
+    hint: &'static str,
+    title: &'static str,
+    /// Title and text of the notice when no server waits on it.
+    unheld: (&'static str, String),
+}
+
+impl Policy {
+    /// A frozen server goes with `protect.fail_open` (recorded with the cause), else is held;
+    /// with none waiting, the admin is told the change is not covered.
+    fn frozen_uncovered(
+        &mut self,
+        cover: Uncovered<'_>,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
         match self.state.phase.frozen().cloned() {
             Some(frozen) if self.state.fail_open => {
-                tracing::warn!("protect.fail_open = true: releasing the server although its snapshot's drill failed");
+                tracing::warn!(cause = %cover.cause, "protect.fail_open = true: releasing the server without a proven snapshot");
                 self.state.phase.open();
                 let name = frozen.container_name.clone();
                 out.push(Effect::Thaw {
                     server: frozen,
                     why: Thaw::FailOpen {
                         name,
-                        cause: message.clone(),
+                        cause: cover.cause,
                     },
                 });
             }
             Some(frozen) => {
-                let reason = drill_failed_reason(&frozen.version, &message);
+                let reason = (cover.reason)(&frozen.version, cover.message);
                 self.hold_frozen(
-                    HoldKind::DrillFailed,
+                    cover.kind,
                     &frozen,
                     reason,
-                    HINT,
-                    "restore drill failed",
+                    cover.hint,
+                    cover.title,
                     now,
                     out,
                 );
             }
             None => out.push(self.notify(
                 EventKind::SnapshotFailed,
-                "Protective snapshot failed its restore drill".into(),
-                format!("{message}. The data of {version} is not covered: a server that starts on the new version will be frozen and snapshotted again."),
+                cover.unheld.0.into(),
+                cover.unheld.1,
                 now,
             )),
         }
-        out.push(Effect::Publish);
     }
 }
 
