@@ -419,12 +419,8 @@ fn main() {
             step.as_secs_f64()
         );
         println!(
-            "restore drill of the newest of those snapshots ({rows} filler rows, {files} files): {:.1} s in all, of which the replay {:.1} s; {} originals checked, {} hashed ({}); scratch: {}",
-            drill.duration_ms as f64 / 1000.0,
-            drill.replay_ms as f64 / 1000.0,
-            drill.files_checked,
-            drill.sample_hashed,
-            drill.sample_against,
+            "restore drill of the newest of those snapshots ({rows} filler rows, {files} files): {}; scratch: {}",
+            immich_guard::drill::summary(drill),
             drill.scratch
         );
     }
