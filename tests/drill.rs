@@ -6,13 +6,12 @@
 
 mod harness;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::guard::{Guard, cli, cli_config, snapshot_of, snapshot_with};
-use harness::images::{TEST_LABEL, ensure_images, postgres_image, tag};
+use harness::images::{TEST_LABEL, build_dockerfile, ensure_images, postgres_image, tag};
 use harness::{Stack, StackSpec, docker_available};
 use immich_guard::protect::HoldKind;
 use immich_guard::snapshot::store::{DUMP_FILE, DrillResult, META_FILE, Meta};
@@ -210,26 +209,7 @@ fn newer_dump_image() -> String {
         "FROM {base}\nLABEL {TEST_LABEL}=1\nRUN mkdir -p /opt/newer && printf '{wrapper}' > /opt/newer/pg_dumpall && chmod 755 /opt/newer/pg_dumpall\nENV PATH=/opt/newer:/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin\n",
         base = postgres_image()
     );
-    let mut child = Command::new("docker")
-        .args(["build", "-q", "-t", &name, "-"])
-        .env("DOCKER_BUILDKIT", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dockerfile.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_dockerfile(&name, &dockerfile);
     name
 }
 

@@ -428,27 +428,7 @@ fn build(recipe: Recipe) -> (String, bool) {
     let imported = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !direct {
         let dockerfile = format!("FROM {imported}\n{}\n", recipe.build_lines.join("\n"));
-        let mut child = Command::new("docker")
-            .args(["build", "-q", "-t", &recipe.tag, "-"])
-            .env("DOCKER_BUILDKIT", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run docker build");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(dockerfile.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "docker build for {} failed: {}",
-            recipe.tag,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_dockerfile(&recipe.tag, &dockerfile);
     }
     let id = image_id(&recipe.tag);
     eprintln!(
@@ -464,6 +444,31 @@ fn build(recipe: Recipe) -> (String, bool) {
 /// Removes our images (both labels) that lost their tag to a rebuild more than an hour ago
 /// and that no container uses (Docker refuses to remove those). `image prune` without `-a`
 /// only takes untagged images, so nobody's tag is touched.
+/// `docker build -t tag -` of `dockerfile` (no context; the classic builder, which needs no
+/// registry for a local base). Panics with docker's words when it fails.
+pub fn build_dockerfile(tag: &str, dockerfile: &str) {
+    let mut child = Command::new("docker")
+        .args(["build", "-q", "-t", tag, "-"])
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run docker build");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker build for {tag} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn prune_stale_images() {
     let _ = Command::new("docker")
         .args(["image", "prune", "-f", "--filter"])
