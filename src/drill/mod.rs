@@ -387,7 +387,7 @@ async fn facts(ctx: &Context<'_>, scratch: &Scratch) -> Result<Found, String> {
     };
     let mut migrations = Vec::new();
     // As snapshot::db::facts reads them: TypeORM's table, then Kysely's, each sorted.
-    for table in ["migrations", "kysely_migrations"] {
+    for table in crate::snapshot::db::MIGRATION_TABLES {
         if exists(table).await? {
             let names = query(format!("SELECT name::text FROM {table} ORDER BY 1")).await?;
             let mut names: Vec<String> = names
@@ -401,7 +401,10 @@ async fn facts(ctx: &Context<'_>, scratch: &Scratch) -> Result<Found, String> {
     }
     let mut counts = Vec::new();
     // StandardizeNames (~v1.137) renamed assets→asset and users→user.
-    for tables in [["asset", "assets"], ["\"user\"", "users"]] {
+    for tables in [
+        crate::snapshot::db::ASSET_TABLES,
+        crate::snapshot::db::USER_TABLES,
+    ] {
         let mut n = None;
         for table in tables {
             if exists(table).await? {

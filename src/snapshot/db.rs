@@ -361,6 +361,15 @@ pub struct DbFacts {
 
 /// A connection made with the discovered credentials, and how to quote PostgreSQL's errors
 /// without the password.
+/// Where Immich records applied migrations: TypeORM's table (up to v1.136), then Kysely's
+/// (from v1.133); both are read.
+pub const MIGRATION_TABLES: [&str; 2] = ["migrations", "kysely_migrations"];
+/// The asset table by its names, newest first: StandardizeNames (~v1.137) renamed
+/// `assets` to `asset`.
+pub const ASSET_TABLES: [&str; 2] = ["asset", "assets"];
+/// The user table by its names, newest first (`users` → `"user"` in the same rename).
+pub const USER_TABLES: [&str; 2] = ["\"user\"", "users"];
+
 pub struct Connection {
     pub client: tokio_postgres::Client,
     secrets: crate::redact::Secrets,
@@ -387,7 +396,7 @@ impl Connection {
     /// The asset table: `asset`, or `assets` before StandardizeNames (~v1.137) renamed it
     /// (the columns kept their names); None when there is neither.
     pub async fn asset_table(&self) -> Result<Option<&'static str>, tokio_postgres::Error> {
-        for name in ["asset", "assets"] {
+        for name in ASSET_TABLES {
             if exists(&self.client, name).await? {
                 return Ok(Some(name));
             }
@@ -503,7 +512,7 @@ async fn read_facts(session: &Connection) -> Result<DbFacts, DbError> {
         .map(|r| r.get::<_, String>(0));
     let mut counts = Vec::new();
     let mut migrations = Vec::new();
-    for table in ["migrations", "kysely_migrations"] {
+    for table in MIGRATION_TABLES {
         let found = exists(client, table)
             .await
             .map_err(session.sql(format!("looking for the migrations table {table}")))?;
@@ -523,10 +532,10 @@ async fn read_facts(session: &Connection) -> Result<DbFacts, DbError> {
         migrations.extend(names);
     }
     // StandardizeNames (~v1.137) renamed assets→asset and users→user.
-    let assets = count_first(client, &["asset", "assets"])
+    let assets = count_first(client, &ASSET_TABLES)
         .await
         .map_err(session.sql("counting assets"))?;
-    let users = count_first(client, &["\"user\"", "users"])
+    let users = count_first(client, &USER_TABLES)
         .await
         .map_err(session.sql("counting users"))?;
     let database_bytes: i64 = client
